@@ -1,0 +1,49 @@
+# Every target installs what it needs on a fresh machine: a venv with torch==2.13.0 and the
+# project, and the Debian packages zookeeper and redis-server when they are missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help setup sysdeps venv test demo protos bench clean
+
+help:
+	@echo "make test    install everything and run the test suite"
+	@echo "make demo    install everything, start a local cluster, serve sample requests, stop"
+	@echo "make protos  regenerate services/_proto from protos/"
+	@echo "make bench   run the Lookup micro-benchmark"
+
+setup: venv sysdeps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+sysdeps:
+	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1; then \
+		echo "installing zookeeper and redis-server (Debian packages)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server >/dev/null; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m services.admin.cli demo
+
+protos: venv
+	$(PY) tools/gen_protos.py
+
+bench: setup
+	$(PY) benchmarks/lookup_micro.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info var

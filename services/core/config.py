@@ -1,0 +1,60 @@
+"""Frozen configuration per process. The ONLY module that reads environment variables.
+
+Every value has a flag; an environment variable gives the flag's default (``SHARDREC_ZK``,
+``SHARDREC_CLUSTER``, ...), so containers can be configured without flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+def default_zk() -> str:
+    return env_str("SHARDREC_ZK", "127.0.0.1:2181")
+
+
+def default_cluster() -> str:
+    return env_str("SHARDREC_CLUSTER", "default")
+
+
+@dataclass(frozen=True)
+class ZkConfig:
+    hosts: str
+    cluster: str
+    session_timeout_s: float = 10.0
+    connect_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One embedding shard process."""
+
+    node_id: str
+    zk: ZkConfig
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Address other processes dial; default host:bound_port.
+    advertise_host: str = ""
+    torch_threads: int = 1
+    rpc_threads: int = 8
+    max_ids_per_request: int = 4_000_000
+    max_message_bytes: int = 256 * 1024 * 1024
+    grace_s: float = 5.0
+    verify_checksums: bool = True
+    # Load throttle (bytes/s, 0 = unthrottled), used to make moves observable in tests.
+    load_rate_bytes_s: int = 0

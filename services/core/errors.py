@@ -1,0 +1,61 @@
+"""One exception tree. Each class names its gRPC status code and whether a retry may help.
+
+Pure module: the code is a ``grpc.StatusCode`` *name*; ``services.core.rpc`` turns errors into
+statuses at the edge, in one place.
+"""
+
+from __future__ import annotations
+
+
+class ShardrecError(Exception):
+    """Base of every error shardrec raises on purpose."""
+
+    grpc_code: str = "INTERNAL"
+    retryable: bool = False
+
+
+class InvalidArgumentError(ShardrecError):
+    """The caller sent something malformed; the message names the field and value."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ResourceExhaustedError(ShardrecError):
+    """A request or queue is over a configured cap."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class FailedPreconditionError(ShardrecError):
+    """This node does not hold the partition, version or map version asked for; re-route."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    retryable = True
+
+
+class UnavailableError(ShardrecError):
+    """No live replica, or the service is not ready."""
+
+    grpc_code = "UNAVAILABLE"
+    retryable = True
+
+
+class DeadlineExceededError(ShardrecError):
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class NotFoundError(ShardrecError):
+    grpc_code = "NOT_FOUND"
+
+
+class CheckpointError(ShardrecError):
+    """A checkpoint is missing, partial, corrupt or inconsistent; it is refused as a whole."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ConfigError(ShardrecError):
+    """A configuration or spec file is invalid."""
+
+    grpc_code = "INVALID_ARGUMENT"
