@@ -1,0 +1,60 @@
+"""``shardrec model``: the demo model.
+
+``shardrec model synth --out DIR --preset small|demo|large [--seed N] [--version N]`` writes a
+synthetic base version and the stored feature rows (``services.core.synth``). Heavy modules are
+imported inside the handler so ``shardrec --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+# Spelled here so registering the parser imports nothing heavy; a test keeps it equal to
+# ``services.core.synth.PRESETS``.
+PRESET_NAMES = ("small", "demo", "large")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="the demo model: synthesize checkpoints and feature rows")
+    sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    synth = sub.add_parser(
+        "synth",
+        help="write a synthetic demo model (base version + features/) below a checkpoint root",
+        description="Write base version N of the demo model and features/users.npz, features/items.npz. "
+        "Deterministic per seed. Refuses to overwrite a complete version.",
+    )
+    synth.add_argument("--out", required=True, metavar="DIR", help="checkpoint root: a folder or file:// URI")
+    synth.add_argument("--preset", required=True, choices=PRESET_NAMES, help="sizes: small (tests), demo (~0.4 GiB), large (>4 GiB)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--version", type=int, default=1, help="version number to write (default 1)")
+    synth.set_defaults(func=_synth)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from services.core import synth
+    from services.core.checkpoint.storage import CheckpointStore
+
+    store = CheckpointStore(args.out)
+    progress = (lambda line: print(f"  ... {line}", file=sys.stderr, flush=True)) if args.preset == "large" else None
+    t0 = time.perf_counter()
+    manifest = synth.synthesize(store, args.preset, seed=args.seed, version=args.version, progress=progress)
+    elapsed = time.perf_counter() - t0
+    spec = manifest.model
+    print(f"model {spec.name!r} preset {args.preset} seed {args.seed}: version {manifest.version} written to {store.uri}")
+    width = max(len(t.name) for t in spec.tables)
+    for t in spec.tables:
+        print(f"  {t.name:<{width}}  {t.rows:>12,} x {t.dim}  {_mib(t.size_bytes):>12}")
+    features = sum(store.size_bytes(synth.feature_file(side)) for side in ("user", "item"))
+    version_bytes = sum(f.size_bytes for f in manifest.files)
+    print(
+        f"  {len(spec.tables)} tables, {sum(t.rows for t in spec.tables):,} rows; "
+        f"version {_mib(version_bytes)} + features {_mib(features)} in {elapsed:.1f} s"
+    )
+    print(f"  path: {store.local_path('versions')}/{manifest.version}")
+    return 0
