@@ -10,11 +10,14 @@ Pure module: no torch, no grpc.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 from services.core.errors import ConfigError
-from services.core.types import PartitionKey, ShardingType
+from services.core.types import PartitionKey, ShardingType, TableSpec
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,187 @@ class ShardMap:
             return cls.from_json(json.loads(data))
         except ValueError as e:
             raise ConfigError(f"shard map is not valid JSON: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Initial placement: a spec file (per table: sharding, partitions, replicas) -> ShardMap.
+# See docs/placement.md for the file format.
+# --------------------------------------------------------------------------------------------
+
+REPLICAS_ALL = "all"
+_SPEC_KEYS = frozenset({"sharding", "partitions", "replicas"})
+
+
+@dataclass(frozen=True)
+class TablePlacementSpec:
+    """How one table is placed: ``sharding``, ``partitions`` (row_wise only, >= 2) and
+    ``replicas`` (an int >= 1, or ``"all"``: every node; replicated defaults to "all", the
+    others to 1)."""
+
+    sharding: ShardingType
+    partitions: int = 1
+    replicas: int | str = 1
+
+    def resolve_replicas(self, num_nodes: int) -> int:
+        return num_nodes if self.replicas == REPLICAS_ALL else int(self.replicas)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"sharding": self.sharding.value, "replicas": self.replicas}
+        if self.sharding is ShardingType.ROW_WISE:
+            d["partitions"] = self.partitions
+        return d
+
+    @classmethod
+    def from_json(cls, where: str, d: Any) -> "TablePlacementSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"placement spec {where}: must be an object, got {d!r}")
+        unknown = set(d) - _SPEC_KEYS
+        if unknown:
+            raise ConfigError(f"placement spec {where}: unknown keys {sorted(unknown)} (known: {sorted(_SPEC_KEYS)})")
+        try:
+            sharding = ShardingType(d.get("sharding", ShardingType.TABLE_WISE.value))
+        except ValueError:
+            raise ConfigError(
+                f"placement spec {where}: sharding must be one of {[s.value for s in ShardingType]}, "
+                f"got {d.get('sharding')!r}"
+            ) from None
+        replicas = d.get("replicas", REPLICAS_ALL if sharding is ShardingType.REPLICATED else 1)
+        if replicas != REPLICAS_ALL and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+            raise ConfigError(f"placement spec {where}: replicas must be an integer >= 1 or \"all\", got {replicas!r}")
+        if sharding is ShardingType.REPLICATED and replicas != REPLICAS_ALL and replicas < 2:
+            raise ConfigError(f"placement spec {where}: replicated needs replicas >= 2 or \"all\" (use table_wise)")
+        partitions = d.get("partitions")
+        if sharding is ShardingType.ROW_WISE:
+            if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 2:
+                raise ConfigError(f"placement spec {where}: row_wise needs partitions >= 2, got {partitions!r}")
+        elif partitions not in (None, 1):
+            raise ConfigError(f"placement spec {where}: {sharding.value} has exactly 1 partition, got {partitions!r}")
+        return cls(sharding, partitions if sharding is ShardingType.ROW_WISE else 1, replicas)
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """Per table how it is placed; ``default`` covers tables not listed in ``tables``."""
+
+    default: TablePlacementSpec = TablePlacementSpec(ShardingType.TABLE_WISE)
+    tables: dict[str, TablePlacementSpec] = field(default_factory=dict)
+
+    def for_table(self, name: str) -> TablePlacementSpec:
+        return self.tables.get(name, self.default)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"default": self.default.to_json(), "tables": {n: e.to_json() for n, e in sorted(self.tables.items())}}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "PlacementSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"placement spec must be an object, got {type(d).__name__}")
+        unknown = set(d) - {"default", "tables"}
+        if unknown:
+            raise ConfigError(f"placement spec: unknown keys {sorted(unknown)} (known: ['default', 'tables'])")
+        default = TablePlacementSpec.from_json("default", d["default"]) if "default" in d else cls.default
+        tables_d = d.get("tables", {})
+        if not isinstance(tables_d, dict):
+            raise ConfigError("placement spec: tables must be an object of table name -> entry")
+        tables = {str(n): TablePlacementSpec.from_json(f"table {n!r}", e) for n, e in tables_d.items()}
+        return cls(default, tables)
+
+
+def load_placement_spec(path: str | os.PathLike[str]) -> PlacementSpec:
+    """Read a placement spec from a ``.json`` or ``.toml`` file (same structure)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read placement spec {p}: {e}") from e
+    try:
+        if p.suffix.lower() == ".toml":
+            d = tomllib.loads(raw.decode())
+        else:
+            d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"placement spec {p} is not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from e
+    try:
+        return PlacementSpec.from_json(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
+
+
+def node_ids(n: int) -> tuple[str, ...]:
+    """The shard node ids of an n-node cluster: ``shard-0 .. shard-{n-1}``."""
+    if n < 1:
+        raise ConfigError(f"a cluster needs at least 1 node, got {n}")
+    return tuple(f"shard-{i}" for i in range(n))
+
+
+def partition_rows(rows: int, num_partitions: int, partition: int) -> int:
+    """How many rows partition ``partition`` of a table holds (row r is in partition r % P)."""
+    return (rows - partition + num_partitions - 1) // num_partitions
+
+
+def partition_bytes(table: TableSpec, num_partitions: int, partition: int) -> int:
+    return partition_rows(table.rows, num_partitions, partition) * (table.size_bytes // max(table.rows, 1))
+
+
+def bytes_per_node(smap: ShardMap, tables: Sequence[TableSpec]) -> dict[str, int]:
+    """Embedding bytes each node of ``smap`` holds (every node listed, 0 when it holds nothing)."""
+    by_name = {t.name: t for t in tables}
+    out = {n: 0 for n in smap.nodes}
+    for name, tp in smap.tables.items():
+        table = by_name[name]
+        for p, replicas in enumerate(tp.partitions):
+            size = partition_bytes(table, tp.num_partitions, p)
+            for node in replicas:
+                out[node] = out.get(node, 0) + size
+    return out
+
+
+def initial_shard_map(
+    spec: PlacementSpec,
+    tables: Sequence[TableSpec],
+    node_ids: Sequence[str],
+    version: int = 1,
+) -> ShardMap:
+    """The first ShardMap of a cluster: pure and deterministic.
+
+    Tables are placed biggest first (ties by name); for each partition and each replica, the
+    node with the fewest bytes so far among the nodes not yet holding that partition gets it
+    (ties go to the earlier node in ``node_ids``). Raises ConfigError naming the table when
+    the spec names an unknown table, asks for more replicas than nodes, or row_wise partitions
+    outside ``[2, rows]``.
+    """
+    nodes = tuple(node_ids)
+    if not nodes:
+        raise ConfigError("initial placement needs at least 1 node")
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"node ids must be unique: {list(nodes)}")
+    by_name = {t.name: t for t in tables}
+    unknown = sorted(set(spec.tables) - set(by_name))
+    if unknown:
+        raise ConfigError(f"placement spec names tables the model does not have: {unknown} (model tables: {sorted(by_name)})")
+    order = {n: i for i, n in enumerate(nodes)}
+    load = {n: 0 for n in nodes}
+    placed: dict[str, TablePlacement] = {}
+    for table in sorted(tables, key=lambda t: (-t.size_bytes, t.name)):
+        entry = spec.for_table(table.name)
+        if table.rows < 1:
+            raise ConfigError(f"table {table.name!r}: has no rows")
+        replicas = entry.resolve_replicas(len(nodes))
+        if replicas > len(nodes):
+            raise ConfigError(f"table {table.name!r}: {replicas} replicas but only {len(nodes)} nodes")
+        num_parts = entry.partitions
+        if entry.sharding is ShardingType.ROW_WISE and not 2 <= num_parts <= table.rows:
+            raise ConfigError(f"table {table.name!r}: row_wise partitions must be in [2, rows={table.rows}], got {num_parts}")
+        parts: list[tuple[str, ...]] = []
+        for p in range(num_parts):
+            size = partition_bytes(table, num_parts, p)
+            holders: list[str] = []
+            for _ in range(replicas):
+                node = min((n for n in nodes if n not in holders), key=lambda n: (load[n], order[n]))
+                holders.append(node)
+                load[node] += size
+            parts.append(tuple(holders))
+        placed[table.name] = TablePlacement(entry.sharding, tuple(parts))
+    smap = ShardMap(version=version, tables=placed, nodes=nodes)
+    smap.validate({t.name: t.rows for t in tables})
+    return smap

@@ -1,0 +1,67 @@
+"""The one place shardrec creates its ZooKeeper, Redis (and, later, gRPC channel) clients.
+
+Security goes here and nowhere else: ZooKeeper TLS (``use_ssl``, ``certfile``, ``keyfile``,
+``ca``), ZooKeeper ACLs (``auth_data`` + ``default_acl``), Redis AUTH / TLS (``username``,
+``password``, ``rediss://``) and gRPC channel credentials are added to these factories, from
+fields of the process's frozen config, so every process gets them at once.
+
+Libraries are imported inside the factories, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.core.config import ZkConfig
+from services.core.errors import UnavailableError
+
+if TYPE_CHECKING:
+    import redis
+    from kazoo.client import KazooClient
+
+
+def make_kazoo(zk: ZkConfig, *, read_only: bool = False) -> "KazooClient":
+    """A started kazoo client for ``zk.hosts``; the caller owns it (``stop()`` then ``close()``).
+
+    The session timeout is ``zk.session_timeout_s``. After a connection loss the client
+    reconnects forever (``KazooRetry(max_tries=-1)``, backoff capped at a third of the session
+    timeout so it comes back before the session can expire). ``read_only=True`` lets it attach
+    to a read-only server during a quorum loss.
+
+    Raises UnavailableError naming the hosts when no server answers within
+    ``zk.connect_timeout_s``. Call from any thread except a kazoo callback thread.
+    """
+    from kazoo.client import KazooClient
+    from kazoo.handlers.threading import KazooTimeoutError
+    from kazoo.retry import KazooRetry
+
+    max_delay_s = min(2.0, max(0.1, zk.session_timeout_s / 3))
+    client = KazooClient(
+        hosts=zk.hosts,
+        timeout=zk.session_timeout_s,
+        read_only=read_only,
+        connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
+        command_retry=KazooRetry(max_tries=5, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
+        # TLS: use_ssl=..., certfile=..., keyfile=..., ca=..., verify_certs=...
+        # ACLs: auth_data=[("digest", "user:password")], default_acl=[...]
+    )
+    try:
+        client.start(timeout=zk.connect_timeout_s)
+    except KazooTimeoutError as e:
+        client.stop()
+        client.close()
+        raise UnavailableError(
+            f"cannot connect to ZooKeeper at {zk.hosts!r} within {zk.connect_timeout_s:g}s"
+        ) from e
+    return client
+
+
+def make_redis(url: str) -> "redis.Redis":
+    """A Redis client for ``url`` (``redis://host:port/db``) that speaks bytes
+    (``decode_responses=False``). Connections are made lazily, on the first command, from the
+    client's pool; it is thread-safe. AUTH comes from the URL (``redis://user:pass@host``) or,
+    later, from config fields passed here; ``rediss://`` selects TLS.
+    """
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5.0, health_check_interval=30)

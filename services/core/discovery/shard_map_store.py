@@ -1,0 +1,335 @@
+"""The cluster's coordination state in ZooKeeper: shard maps, model pointer, versions, members.
+
+``ShardMapStore`` reads and writes the persistent znodes of one cluster (paths from ZkPaths,
+JSON everywhere, see docs/zookeeper.md). Shard maps are written with compare-and-set on the
+znode version, so two writers (two rebalances, a rebalance and an operator) can never both win:
+the loser gets FailedPreconditionError and must re-read.
+
+Threads: every method except the watch callbacks blocks on ZooKeeper round trips; call them
+from any thread but a kazoo callback thread (in asyncio code: from an executor). Watch
+callbacks run on a kazoo thread and must only hand off (``loop.call_soon_threadsafe``).
+
+Deadlines: while the connection is down, kazoo queues requests until it reconnects. Every call
+here waits at most ``timeout_s`` and then raises UnavailableError; a write that timed out may
+still be applied when the connection returns, so re-read before retrying (the compare-and-set
+on shard maps makes that safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
+
+from services.core.discovery.zk_paths import ZkPaths
+from services.core.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from services.core.placement import ShardMap
+
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
+
+ShardMapCallback = Callable[["ShardMap | None"], None]
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load(path: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise ConfigError(f"znode {path} does not hold valid JSON: {e}") from e
+
+
+@contextmanager
+def _zk(what: str) -> Iterator[None]:
+    """Turn "ZooKeeper unreachable" kazoo errors into UnavailableError naming the operation."""
+    try:
+        yield
+    except _CONNECTION_ERRORS as e:
+        raise UnavailableError(f"{what}: ZooKeeper unreachable ({e!r})") from e
+
+
+class MapWatch:
+    """Handle of a shard-map watch. ``cancel()`` stops callbacks; kazoo drops the underlying
+    watch at the next change of the znode. Thread-safe."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class ShardMapStore:
+    """Reads and writes one cluster's persistent coordination znodes over an injected client.
+
+    The client is owned by the caller (``services.core.clients.make_kazoo``). Thread-safe: it
+    holds no state beyond the client and the paths.
+    """
+
+    def __init__(self, client: "KazooClient", paths: ZkPaths, *, timeout_s: float = 10.0) -> None:
+        self._client = client
+        self._paths = paths
+        self._timeout_s = timeout_s
+
+    @property
+    def paths(self) -> ZkPaths:
+        return self._paths
+
+    # -- shard maps ---------------------------------------------------------------------------
+    def read_active(self) -> tuple[ShardMap, int]:
+        """The active ShardMap and its znode version. NotFoundError if none was written."""
+        found = self._read_map(self._paths.shardmap_active, "active")
+        if found is None:
+            raise NotFoundError(
+                f"cluster {self._paths.cluster!r} has no active shard map ({self._paths.shardmap_active}); "
+                "run `shardrec placement init`"
+            )
+        return found
+
+    def write_active(self, smap: ShardMap, expected_znode_version: int | None) -> int:
+        """Compare-and-set the active map; returns the new znode version.
+
+        ``expected_znode_version`` is the znode version read with the map being replaced, or
+        None to create the first map. Raises FailedPreconditionError when the znode changed
+        (or exists, or vanished) since then: re-read and decide again.
+        """
+        return self._write_map(self._paths.shardmap_active, "active", smap, expected_znode_version)
+
+    def read_target(self) -> tuple[ShardMap, int] | None:
+        """The target ShardMap of a rebalance in progress and its znode version, or None."""
+        return self._read_map(self._paths.shardmap_target, "target")
+
+    def write_target(self, smap: ShardMap, expected_znode_version: int | None) -> int:
+        """Compare-and-set the target map (same contract as ``write_active``)."""
+        return self._write_map(self._paths.shardmap_target, "target", smap, expected_znode_version)
+
+    def clear_target(self, expected_znode_version: int | None = None) -> None:
+        """Delete the target map (rebalance finished or aborted). Idempotent when absent.
+
+        With ``expected_znode_version``, raise FailedPreconditionError if it changed since.
+        """
+        path = self._paths.shardmap_target
+        what = f"clear target shard map of {self._paths.cluster!r}"
+        with _zk(what):
+            try:
+                self._wait(
+                    what,
+                    self._client.delete_async(path, version=-1 if expected_znode_version is None else expected_znode_version),
+                    write=True,
+                )
+            except NoNodeError:
+                pass
+            except BadVersionError as e:
+                raise FailedPreconditionError(
+                    f"target shard map changed since znode version {expected_znode_version}"
+                ) from e
+
+    def watch_active(self, callback: ShardMapCallback) -> MapWatch:
+        """Call ``callback(ShardMap | None)`` now and after every change of the active map.
+
+        The first call happens in the calling thread, before this returns; later calls run on
+        a kazoo thread and must only hand off (e.g. ``loop.call_soon_threadsafe``), never block
+        or call ZooKeeper. None means the znode does not exist. A malformed map is logged and
+        not delivered (the caller keeps its last good map). Calls for one watch never overlap,
+        and the watch survives session losses (kazoo re-reads on reconnection). Setting the
+        watch blocks until ZooKeeper answers the first read (no ``timeout_s`` here).
+        """
+        return self._watch_map(self._paths.shardmap_active, callback)
+
+    def watch_target(self, callback: ShardMapCallback) -> MapWatch:
+        """Same as ``watch_active`` for the target map (None: no rebalance in progress)."""
+        return self._watch_map(self._paths.shardmap_target, callback)
+
+    # -- model pointer and versions -----------------------------------------------------------
+    def read_model(self) -> dict[str, Any]:
+        """``{"uri": ..., "name": ...}``: where shards read checkpoint versions from."""
+        return self._read_json(self._paths.model_checkpoint, "model checkpoint")
+
+    def write_model(self, uri: str, name: str) -> None:
+        if not uri:
+            raise InvalidArgumentError("model checkpoint uri must be non-empty")
+        self._put(self._paths.model_checkpoint, {"uri": uri, "name": name})
+
+    def read_serving_version(self) -> int:
+        """The model version frontends serve. NotFoundError if never written."""
+        return self._read_version(self._paths.serving_version, "serving version")
+
+    def write_serving_version(self, version: int) -> None:
+        self._put(self._paths.serving_version, {"version": self._check_version(version)})
+
+    def read_target_version(self) -> int:
+        """The model version shards should load next. NotFoundError if never written."""
+        return self._read_version(self._paths.target_version, "target version")
+
+    def write_target_version(self, version: int) -> None:
+        self._put(self._paths.target_version, {"version": self._check_version(version)})
+
+    # -- membership ---------------------------------------------------------------------------
+    def live_nodes(self) -> dict[str, dict[str, Any]]:
+        """Every registered shard node: node id -> its znode's JSON (see registry)."""
+        return self._live_children(self._paths.nodes)
+
+    def live_frontends(self) -> dict[str, dict[str, Any]]:
+        """Every registered frontend: frontend id -> its znode's JSON."""
+        return self._live_children(self._paths.frontends)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _wait(self, what: str, result: Any, *, write: bool = False) -> Any:
+        """The value of a kazoo async result, waiting at most ``timeout_s``."""
+        try:
+            return result.get(timeout=self._timeout_s)
+        except self._client.handler.timeout_exception as e:
+            hint = "; the write may still be applied when the connection returns: re-read before retrying" if write else ""
+            raise UnavailableError(
+                f"{what}: no answer from ZooKeeper within {self._timeout_s:g}s (connection {self._client.state}){hint}"
+            ) from e
+
+    def _read_map(self, path: str, which: str) -> tuple[ShardMap, int] | None:
+        what = f"read {which} shard map of {self._paths.cluster!r}"
+        with _zk(what):
+            try:
+                data, stat = self._wait(what, self._client.get_async(path))
+            except NoNodeError:
+                return None
+        return ShardMap.from_bytes(data), stat.version
+
+    def _write_map(self, path: str, which: str, smap: ShardMap, expected: int | None) -> int:
+        smap.validate()
+        payload = smap.to_bytes()
+        what = f"write {which} shard map of {self._paths.cluster!r}"
+        with _zk(what):
+            if expected is None:
+                try:
+                    self._wait(what, self._client.create_async(path, payload, makepath=True), write=True)
+                except NodeExistsError as e:
+                    raise FailedPreconditionError(
+                        f"{which} shard map changed since version none: it already exists "
+                        f"(writing map version {smap.version})"
+                    ) from e
+                return 0
+            try:
+                stat = self._wait(what, self._client.set_async(path, payload, version=expected), write=True)
+            except BadVersionError as e:
+                raise FailedPreconditionError(
+                    f"{which} shard map changed since version {expected} (writing map version {smap.version})"
+                ) from e
+            except NoNodeError as e:
+                raise FailedPreconditionError(
+                    f"{which} shard map changed since version {expected}: it was deleted"
+                ) from e
+        return stat.version
+
+    def _watch_map(self, path: str, callback: ShardMapCallback) -> MapWatch:
+        watch = MapWatch(path)
+
+        def on_data(data: bytes | None, stat: Any, event: Any = None) -> bool | None:
+            # Kazoo thread (the caller's thread for the first call). Never raises: kazoo would
+            # retry a TypeError with fewer arguments.
+            if watch.cancelled:
+                return False  # tells kazoo to drop the watch
+            try:
+                smap = None if stat is None else ShardMap.from_bytes(data or b"")
+            except ConfigError as e:
+                log.error("ignoring malformed shard map at %s: %s", path, e)
+                return None
+            try:
+                callback(smap)
+            except Exception:
+                log.exception("shard map watch callback for %s raised", path)
+            return None
+
+        with _zk(f"watch {path}"):
+            self._client.DataWatch(path, on_data)
+        return watch
+
+    def _read_json(self, path: str, what: str) -> dict[str, Any]:
+        with _zk(f"read {what} of {self._paths.cluster!r}"):
+            try:
+                data, _stat = self._wait(f"read {what}", self._client.get_async(path))
+            except NoNodeError as e:
+                raise NotFoundError(f"cluster {self._paths.cluster!r} has no {what} ({path})") from e
+        value = _load(path, data)
+        if not isinstance(value, dict):
+            raise ConfigError(f"znode {path} must hold a JSON object, got {value!r}")
+        return value
+
+    def _read_version(self, path: str, what: str) -> int:
+        value = self._read_json(path, what)
+        try:
+            return int(value["version"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"znode {path} must hold {{\"version\": N}}, got {value!r}") from e
+
+    @staticmethod
+    def _check_version(version: int) -> int:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidArgumentError(f"a model version must be an integer >= 1, got {version!r}")
+        return version
+
+    def _put(self, path: str, value: dict[str, Any]) -> None:
+        """Set or create (with parents) a persistent znode, last writer wins."""
+        payload = _dump(value)
+        what = f"write {path}"
+        with _zk(what):
+            while True:
+                try:
+                    self._wait(what, self._client.set_async(path, payload), write=True)
+                    return
+                except NoNodeError:
+                    pass
+                try:
+                    self._wait(what, self._client.create_async(path, payload, makepath=True), write=True)
+                    return
+                except NodeExistsError:
+                    continue  # created in between: set it
+
+    def _live_children(self, parent: str) -> dict[str, dict[str, Any]]:
+        what = f"list {parent}"
+        with _zk(what):
+            try:
+                children = self._wait(what, self._client.get_children_async(parent))
+            except NoNodeError:
+                return {}
+            pending = [(name, self._client.get_async(f"{parent}/{name}")) for name in sorted(children)]
+            out: dict[str, dict[str, Any]] = {}
+            for name, result in pending:
+                try:
+                    data, _stat = self._wait(what, result)
+                except NoNodeError:
+                    continue  # left in between
+                try:
+                    value = _load(f"{parent}/{name}", data)
+                except ConfigError as e:
+                    log.warning("skipping %s/%s: %s", parent, name, e)
+                    continue
+                out[name] = value if isinstance(value, dict) else {"value": value}
+        return out
