@@ -1,0 +1,52 @@
+"""``shardrec shard serve``: run one embedding shard node."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from services.core.config import default_cluster, default_zk
+
+    p = sub.add_parser("shard", help="embedding shard service")
+    s = p.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", required=True)
+    serve = s.add_parser("serve", help="serve the partitions the shard map assigns to NODE_ID")
+    serve.add_argument("--node-id", required=True, help="stable node id, e.g. shard-0")
+    serve.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
+    serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port)")
+    serve.add_argument("--advertise-host", default="", help="host other processes dial (default: --host)")
+    serve.add_argument("--torch-threads", type=int, default=1)
+    serve.add_argument("--rpc-threads", type=int, default=8)
+    serve.add_argument("--max-ids", type=int, default=4_000_000, help="cap on ids per Lookup (RESOURCE_EXHAUSTED above)")
+    serve.add_argument("--grace-s", type=float, default=5.0, help="drain period for in-flight calls on SIGTERM")
+    serve.add_argument("--session-timeout-s", type=float, default=10.0)
+    serve.add_argument("--load-rate-bytes-s", type=int, default=0, help="throttle loading (0 = as fast as the disk)")
+    serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from services.core.config import ShardConfig, ZkConfig
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ShardConfig(
+        node_id=args.node_id,
+        zk=ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        torch_threads=args.torch_threads,
+        rpc_threads=args.rpc_threads,
+        max_ids_per_request=args.max_ids,
+        grace_s=args.grace_s,
+        verify_checksums=not args.no_verify,
+        load_rate_bytes_s=args.load_rate_bytes_s,
+    )
+    from services.embedding_shard.main import run
+
+    return run(config)

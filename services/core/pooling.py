@@ -1,0 +1,60 @@
+"""Bag pooling over one table partition with torch ``embedding_bag`` (vectorized, GIL released).
+
+Used by the embedding shard and by the in-process lookup (the monolith); the reference path
+(``services.core.reference``) deliberately pools with its own plain code instead.
+
+Shapes, for ``bags`` bags holding ``n`` ids in total over a ``[rows, dim]`` partition::
+
+    local_ids int64 [n]   lengths int32 [bags]   weights float32 [n] | None
+    -> pooled float32 [bags, dim]   (an empty bag pools to zeros in every mode)
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from services.core.errors import InvalidArgumentError
+from services.core.types import PoolingType
+
+# Arrays decoded from the wire are read-only views of message bytes; torch only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean", PoolingType.MAX: "max"}
+
+
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Start offset of every bag: ``[0, l0, l0+l1, ...]`` without the total (int64 [bags])."""
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return offsets
+
+
+def pool(
+    weight: torch.Tensor,
+    local_ids: np.ndarray,
+    lengths: np.ndarray,
+    pooling: PoolingType,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pool bags of ``local_ids`` (rows of ``weight``) into float32 ``[bags, dim]``.
+
+    The caller has validated ids (in range) and lengths (non-negative, sum == n). Per-id
+    ``weights`` are only defined for SUM pooling.
+    """
+    if weights is not None and pooling is not PoolingType.SUM:
+        raise InvalidArgumentError(f"per-id weights need sum pooling, got {pooling.value}")
+    bags = len(lengths)
+    if bags == 0:
+        return np.zeros((0, weight.shape[1]), dtype=np.float32)
+    out = F.embedding_bag(
+        torch.from_numpy(local_ids),
+        weight,
+        torch.from_numpy(offsets_from_lengths(lengths)),
+        mode=_MODES[pooling],
+        per_sample_weights=None if weights is None else torch.from_numpy(weights),
+    )
+    return out.numpy()

@@ -1,0 +1,99 @@
+"""``shardrec.v1.EmbeddingShard``: decode, call the TableStore, encode. Nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+from services.core import wire
+from services.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from services.core.rpc.errors import handle_errors
+from services.core.types import PoolingType
+from services.embedding_shard.store import TableStore
+
+_POOLING = {
+    embedding_pb2.POOLING_SUM: PoolingType.SUM,
+    embedding_pb2.POOLING_MEAN: PoolingType.MEAN,
+    embedding_pb2.POOLING_MAX: PoolingType.MAX,
+}
+
+
+def decode_group(group: embedding_pb2.BagGroup, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, PoolingType]:
+    """Validate one bag group's arrays; errors name the group's table and the bad value."""
+    where = f"groups[{index}] (table {group.table!r} partition {group.partition})"
+    pooling = _POOLING.get(group.pooling)
+    if pooling is None:
+        raise InvalidArgumentError(f"{where}: pooling must be SUM, MEAN or MAX, got {group.pooling}")
+    ids = wire.decode(group.ids, f"{where}.ids", dtype="int64", ndim=1)
+    lengths = wire.decode(group.lengths, f"{where}.lengths", dtype="int32", ndim=1)
+    if len(lengths) and int(lengths.min()) < 0:
+        raise InvalidArgumentError(f"{where}.lengths: negative bag length {int(lengths.min())}")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != len(ids):
+        raise InvalidArgumentError(f"{where}: lengths add up to {total} but {len(ids)} ids were sent")
+    weights = None
+    if wire.is_set(group.weights):
+        weights = wire.decode(group.weights, f"{where}.weights", dtype="float32", ndim=1)
+        if len(weights) != len(ids):
+            raise InvalidArgumentError(f"{where}.weights: {len(weights)} weights for {len(ids)} ids")
+        if not np.isfinite(weights).all():
+            raise InvalidArgumentError(f"{where}.weights: non-finite weight")
+        if pooling is not PoolingType.SUM:
+            raise InvalidArgumentError(f"{where}: per-id weights need SUM pooling, got {pooling.value}")
+    return ids, lengths, weights, pooling
+
+
+class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
+    """Thin handler over one TableStore. Called from the server's thread pool."""
+
+    def __init__(self, node_id: str, store: TableStore, *, max_ids_per_request: int, map_version: "callable") -> None:
+        self._node_id = node_id
+        self._store = store
+        self._max_ids = max_ids_per_request
+        self._map_version = map_version
+
+    @handle_errors
+    def Lookup(self, request: embedding_pb2.LookupRequest, context) -> embedding_pb2.LookupResponse:
+        total_ids = sum(g.ids.dims[0].size if len(g.ids.dims) == 1 else 0 for g in request.groups)
+        if total_ids > self._max_ids:
+            raise ResourceExhaustedError(f"request carries {total_ids} ids, over this node's cap of {self._max_ids}")
+        if request.output_dtype not in (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
+            raise InvalidArgumentError(f"output_dtype must be FLOAT32 or FLOAT16, got {request.output_dtype}")
+        out_dtype = np.float16 if request.output_dtype == tensor_pb2.DTYPE_FLOAT16 else np.float32
+        map_version = self._map_version()
+        if request.shard_map_version and request.shard_map_version != map_version:
+            raise FailedPreconditionError(
+                f"node {self._node_id} routes with shard map version {map_version}, request expects {request.shard_map_version}"
+            )
+        version = request.version or self._store.serving_version
+        decoded = []
+        for i, group in enumerate(request.groups):
+            part = self._store.resolve(version, group.table, group.partition)
+            decoded.append((part, *decode_group(group, i)))
+        response = embedding_pb2.LookupResponse(version=version, shard_map_version=map_version)
+        for part, ids, lengths, weights, pooling in decoded:
+            pooled = part.pool(ids, lengths, pooling, weights)
+            result = response.results.add()
+            wire.encode(pooled.astype(out_dtype, copy=False), result.pooled)
+            wire.encode(lengths, result.counts)
+        return response
+
+    @handle_errors
+    def Describe(self, request: embedding_pb2.DescribeRequest, context) -> embedding_pb2.DescribeResponse:
+        resp = embedding_pb2.DescribeResponse(
+            node_id=self._node_id,
+            versions_ready=self._store.versions_ready,
+            serving_version=self._store.serving_version,
+            shard_map_version=self._map_version(),
+        )
+        for key, part in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
+            resp.partitions.add(
+                table=key.table,
+                partition=key.partition,
+                num_partitions=part.num_partitions,
+                rows=part.weight.shape[0],
+                size_bytes=part.size_bytes,
+                lookups=part.lookups,
+                ids=part.ids,
+            )
+        return resp

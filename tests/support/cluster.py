@@ -1,0 +1,68 @@
+"""Start a real shard cluster for tests: a checkpoint, a shard map in ZooKeeper, shard processes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.zk_paths import ZkPaths
+from services.core.placement import PlacementSpec, ShardMap, initial_shard_map, node_ids
+from tests.support.processes import ProcessFactory, ServiceProcess
+from tests.support.waiting import wait_for
+
+SHARD_START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ShardCluster:
+    zk_hosts: str
+    cluster: str
+    checkpoint: str
+    smap: ShardMap
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+def publish_cluster(zk, paths: ZkPaths, checkpoint: str, spec: dict, num_nodes: int) -> ShardMap:
+    """Write what ``shardrec placement init`` writes: the shard map, the model, the versions."""
+    reader = CheckpointReader(checkpoint)
+    version = reader.latest_version()
+    model = reader.manifest(version).model
+    smap = initial_shard_map(PlacementSpec.from_json(spec), model.tables, node_ids(num_nodes))
+    store = ShardMapStore(zk, paths)
+    store.write_model(checkpoint, model.name)
+    store.write_serving_version(version)
+    store.write_target_version(version)
+    store.write_active(smap, None)
+    return smap
+
+
+def start_shard(spawn: ProcessFactory, zk_hosts: str, cluster: str, node_id: str, *extra: str) -> ServiceProcess:
+    return spawn(
+        "shard", "serve", "--node-id", node_id, "--zk", zk_hosts, "--cluster", cluster,
+        "--session-timeout-s", "1.0", "--grace-s", "2", *extra,
+        name=node_id,
+    )
+
+
+def wait_registered(zk, paths: ZkPaths, node_id: str, timeout_s: float = SHARD_START_TIMEOUT_S) -> dict:
+    """Wait for the node's znode; return its data."""
+
+    def data():
+        raw, _ = zk.get(paths.node(node_id))
+        return json.loads(raw)
+
+    return wait_for(data, timeout_s, f"{node_id} to register in ZooKeeper")
+
+
+def start_cluster(zk, paths: ZkPaths, spawn: ProcessFactory, zk_hosts: str, checkpoint: str, spec: dict,
+                  num_nodes: int, *extra: str) -> ShardCluster:
+    smap = publish_cluster(zk, paths, checkpoint, spec, num_nodes)
+    cluster = ShardCluster(zk_hosts, paths.cluster, checkpoint, smap)
+    for node in smap.nodes:
+        cluster.processes[node] = start_shard(spawn, zk_hosts, paths.cluster, node, *extra)
+    for node in smap.nodes:
+        cluster.addresses[node] = wait_registered(zk, paths, node)["address"]
+    return cluster
