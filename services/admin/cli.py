@@ -13,6 +13,8 @@ GROUPS = (
     "services.admin.cmd_checkpoint",
     "services.admin.cmd_placement",
     "services.admin.cmd_shard",
+    "services.admin.cmd_features",
+    "services.admin.cmd_frontend",
 )
 
 
