@@ -58,3 +58,28 @@ class ShardConfig:
     verify_checksums: bool = True
     # Load throttle (bytes/s, 0 = unthrottled), used to make moves observable in tests.
     load_rate_bytes_s: int = 0
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """One frontend process."""
+
+    frontend_id: str
+    zk: ZkConfig | None  # None with ``inproc``
+    redis_url: str = ""  # "" = no stored features (every user and item gets defaults)
+    redis_prefix: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str = ""
+    inproc_checkpoint: str = ""  # set = the monolith: every table in this process, no shards
+    max_batch: int = 64
+    max_wait_s: float = 0.002
+    max_queue: int = 1024
+    max_in_flight_batches: int = 2
+    max_candidates: int = 1000
+    default_timeout_s: float = 1.0
+    device: str = "auto"
+    torch_threads: int = 1
+    max_message_bytes: int = 256 * 1024 * 1024
+    grace_s: float = 5.0
+    ready_timeout_s: float = 120.0

@@ -71,3 +71,49 @@ def start_sync_server(
     s = SyncServer(server, bound, health_servicer, names)
     s.set_serving(False)
     return s
+
+
+@dataclass
+class AioServer:
+    """A started grpc.aio server with its bound port and health servicer (event loop only)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: "aio_health.HealthServicer"
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_aio_server(
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    add_servicers: Iterable[Callable[[grpc.aio.Server], None]],
+    service_names: Iterable[str],
+) -> AioServer:
+    """The asyncio twin of ``start_sync_server`` (health NOT_SERVING until ``set_serving``)."""
+    from grpc_health.v1 import _async as aio_health
+
+    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    for add in add_servicers:
+        add(server)
+    names = tuple(service_names)
+    health_servicer = aio_health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    s = AioServer(server, bound, health_servicer, names)
+    await s.set_serving(False)
+    return s

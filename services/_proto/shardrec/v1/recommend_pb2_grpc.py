@@ -99,3 +99,78 @@ class Recommender:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FrontendAdminStub:
+    """Operator view of one frontend: its counters (batching, dedup, fan-out, bytes on the wire).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetStats = channel.unary_unary(
+                '/shardrec.v1.FrontendAdmin/GetStats',
+                request_serializer=shardrec_dot_v1_dot_recommend__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=shardrec_dot_v1_dot_recommend__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+
+
+class FrontendAdminServicer:
+    """Operator view of one frontend: its counters (batching, dedup, fan-out, bytes on the wire).
+    """
+
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FrontendAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=shardrec_dot_v1_dot_recommend__pb2.GetStatsRequest.FromString,
+                    response_serializer=shardrec_dot_v1_dot_recommend__pb2.GetStatsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shardrec.v1.FrontendAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shardrec.v1.FrontendAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FrontendAdmin:
+    """Operator view of one frontend: its counters (batching, dedup, fan-out, bytes on the wire).
+    """
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardrec.v1.FrontendAdmin/GetStats',
+            shardrec_dot_v1_dot_recommend__pb2.GetStatsRequest.SerializeToString,
+            shardrec_dot_v1_dot_recommend__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

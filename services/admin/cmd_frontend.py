@@ -1,0 +1,68 @@
+"""``shardrec frontend serve``: run one Recommend frontend."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from services.core.config import default_cluster, default_zk
+
+    p = sub.add_parser("frontend", help="Recommend frontend service")
+    s = p.add_subparsers(dest="frontend_command", metavar="SUBCOMMAND", required=True)
+    serve = s.add_parser("serve", help="serve Recommend over the cluster's shards (or --inproc)")
+    serve.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
+    serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+    serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0")
+    serve.add_argument("--redis-prefix", default="", help="key prefix of the stored features")
+    serve.add_argument("--frontend-id", default="", help="id in ZooKeeper (default frontend-<host>-<pid>)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="0 = any free port")
+    serve.add_argument("--advertise-host", default="")
+    serve.add_argument("--inproc", action="store_true", help="the monolith: every table in this process, no shards")
+    serve.add_argument("--checkpoint", default="", help="checkpoint URI (with --inproc)")
+    serve.add_argument("--max-batch", type=int, default=64, help="requests per micro-batch at most")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch may wait for more requests while another is in flight")
+    serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-candidates", type=int, default=1000)
+    serve.add_argument("--default-timeout-ms", type=float, default=1000.0, help="deadline of a call that has none")
+    serve.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    serve.add_argument("--torch-threads", type=int, default=1)
+    serve.add_argument("--grace-s", type=float, default=5.0)
+    serve.add_argument("--session-timeout-s", type=float, default=10.0)
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import socket
+
+    from services.core.config import FrontendConfig, ZkConfig
+    from services.core.errors import ConfigError
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.inproc and not args.checkpoint:
+        raise ConfigError("--inproc needs --checkpoint URI")
+    config = FrontendConfig(
+        frontend_id=args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}",
+        zk=None if args.inproc else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        inproc_checkpoint=args.checkpoint if args.inproc else "",
+        max_batch=args.max_batch,
+        max_wait_s=args.max_wait_ms / 1000.0,
+        max_queue=args.max_queue,
+        max_candidates=args.max_candidates,
+        default_timeout_s=args.default_timeout_ms / 1000.0,
+        device=args.device,
+        torch_threads=args.torch_threads,
+        grace_s=args.grace_s,
+    )
+    from services.frontend.main import run
+
+    return run(config)

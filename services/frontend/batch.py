@@ -1,0 +1,60 @@
+"""What feature prep hands the lookup and ranking stages: validated requests and the bags of a
+micro-batch, deduplicated by entity.
+
+For a batch of R requests with C_r candidates each (S = sum C_r samples)::
+
+    requests            R validated Recommend calls
+    sample_offsets      int64 [R+1]: request r owns samples sample_offsets[r]:sample_offsets[r+1]
+    user_of_sample      int32 [S]: which of the U user contexts a sample uses
+    item_of_sample      int32 [S]: which of the I unique items a sample scores
+    user_bags[f]        Bags with U bags, for every user-side sparse feature f
+    item_bags[f]        Bags with I bags, for every item-side sparse feature f
+    dense               float32 [S, num_dense], manifest order, request overrides applied
+
+A user context is a user id without request-time sparse overrides (shared by every request of
+that user in the batch) or one request's own overridden features: user-side bags are looked up
+once per request at most, never once per candidate. Items are unique per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    """One validated Recommend call (raw ids; rows are mapped in prep)."""
+
+    request_id: str
+    user_id: int
+    candidates: np.ndarray  # int64 [C], raw item ids
+    top_k: int
+    dense_overrides: dict[str, float] = field(default_factory=dict)
+    # user-side sparse feature name -> (raw values int64 [n], weights float32 [n] | None)
+    sparse_overrides: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bags:
+    """One bag per entity of one sparse feature, values already mapped to table rows."""
+
+    rows: np.ndarray  # int64 [n]
+    lengths: np.ndarray  # int32 [entities]
+    weights: np.ndarray | None = None  # float32 [n]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    requests: tuple[RecRequest, ...]
+    sample_offsets: np.ndarray
+    user_of_sample: np.ndarray
+    item_of_sample: np.ndarray
+    user_bags: dict[str, Bags]
+    item_bags: dict[str, Bags]
+    dense: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample_offsets[-1])

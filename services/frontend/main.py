@@ -1,0 +1,132 @@
+"""Frontend process: the Recommend API over a shard cluster (or, ``--inproc``, the monolith).
+
+Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
+partition has a live replica -> load the dense model of the serving version -> gRPC server
+SERVING -> register the ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING -> finish
+in-flight calls within the grace period -> exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import torch
+
+from services._proto.shardrec.v1 import recommend_pb2_grpc
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.config import FrontendConfig
+from services.core.discovery.zk_paths import ZkPaths
+from services.core.rpc.server import start_aio_server
+from services.frontend.batcher import MicroBatcher
+from services.frontend.features import FeatureLimits, FeaturePrep
+from services.frontend.lookup import InprocLookupClient, LookupClient
+from services.frontend.pipeline import RecommendPipeline
+from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
+from services.ranker.ranker import Ranker
+
+log = logging.getLogger("shardrec.frontend")
+SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
+
+
+async def _connect_cluster(config: FrontendConfig, loop):
+    """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
+    the gRPC lookup client."""
+    from services.core.clients import make_kazoo
+    from services.frontend.fanout import ChannelPool, GrpcLookupClient
+    from services.frontend.view import ClusterView
+
+    zk = await loop.run_in_executor(None, make_kazoo, config.zk)
+    paths = ZkPaths(config.zk.cluster)
+    view = ClusterView(zk, paths, loop)
+    await loop.run_in_executor(None, view.start_blocking)
+    await view.wait_for(
+        lambda v: v.shard_map is not None and v.serving_version > 0 and not v.missing_partitions(),
+        config.ready_timeout_s,
+        "a shard map, a serving version and a live replica of every partition",
+    )
+    reader = CheckpointReader(view.model["uri"])
+    spec = reader.manifest(view.serving_version).model
+    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim)
+    return zk, paths, view, reader, lookup
+
+
+async def serve(config: FrontendConfig) -> int:
+    torch.set_num_threads(config.torch_threads)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    zk = view = paths = None
+    lookup: LookupClient
+    if config.inproc_checkpoint:
+        reader = CheckpointReader(config.inproc_checkpoint)
+        version = reader.latest_version()
+        lookup = InprocLookupClient(reader, version)
+    else:
+        zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
+        version = view.serving_version
+    spec = reader.manifest(version).model
+    ranker = await loop.run_in_executor(None, lambda: Ranker(spec.dense_arch, reader.dense_state(version), config.device))
+    redis = None
+    if config.redis_url:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(config.redis_url)
+    prep = FeaturePrep(spec, redis, config.redis_prefix, FeatureLimits(max_candidates=config.max_candidates))
+    pipeline = RecommendPipeline(spec, prep, lookup, ranker, version)
+    batcher = MicroBatcher(
+        pipeline.process,
+        max_batch=config.max_batch,
+        max_wait_s=config.max_wait_s,
+        max_queue=config.max_queue,
+        max_in_flight=config.max_in_flight_batches,
+    )
+    batcher.start()
+    recommender = RecommenderServicer(pipeline, batcher, default_timeout_s=config.default_timeout_s)
+    admin = FrontendAdminServicer(pipeline, batcher)
+    server = await start_aio_server(
+        config.host,
+        config.port,
+        max_message_bytes=config.max_message_bytes,
+        add_servicers=[
+            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(recommender, s),
+            lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
+        ],
+        service_names=SERVICES,
+    )
+    address = f"{config.advertise_host or config.host}:{server.port}"
+    print(f"LISTENING frontend {address}", flush=True)
+    await server.set_serving(True)
+    registration = None
+    if zk is not None:
+        from services.core.discovery.registry import NodeRegistration
+
+        data = {"frontend_id": config.frontend_id, "address": address, "version": version, "pid": os.getpid()}
+        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), data)
+        await loop.run_in_executor(None, registration.register)
+    log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
+             version, address, ranker.device, "in-process" if config.inproc_checkpoint else "sharded")
+    print(f"READY frontend {address}", flush=True)
+
+    await stop.wait()
+    log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
+    if registration is not None:
+        await loop.run_in_executor(None, registration.deregister)
+    await server.stop(config.grace_s)
+    await batcher.stop()
+    await lookup.close()
+    ranker.close()
+    if redis is not None:
+        await redis.aclose()
+    if zk is not None:
+        await loop.run_in_executor(None, zk.stop)
+        zk.close()
+    return 0
+
+
+def run(config: FrontendConfig) -> int:
+    return asyncio.run(serve(config))

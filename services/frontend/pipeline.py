@@ -1,0 +1,82 @@
+"""One micro-batch, end to end: feature prep -> lookup -> dense model -> top-k per request.
+
+Every request of a batch is computed at one version with one shard map, and its response
+names them. Runs on the event loop; the forward pass runs in the ranker's executor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.checkpoint.manifest import ModelSpec
+from services.core.errors import DeadlineExceededError
+from services.core.types import FeatureSide, Version
+from services.frontend.batch import RecRequest
+from services.frontend.features import FeaturePrep
+from services.frontend.lookup import FeatureLookup, LookupClient
+from services.ranker.ranker import Ranker, top_k
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    request_id: str
+    positions: np.ndarray  # int64 [k], candidate positions, best first
+    item_ids: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k]
+    version: Version
+    shard_map_version: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request waiting in the batcher, with its absolute deadline (time.monotonic())."""
+
+    request: RecRequest
+    deadline: float
+
+
+class RecommendPipeline:
+    def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, ranker: Ranker, version: Version) -> None:
+        self.spec = spec
+        self.prep = prep
+        self.lookup = lookup
+        self.ranker = ranker
+        self.version = version
+        self._batch_ids = itertools.count(1)
+
+    async def process(self, items: list[Pending]) -> list[Recommendation | BaseException]:
+        now = time.monotonic()
+        live = [p for p in items if p.deadline > now]
+        results: dict[int, Recommendation | BaseException] = {
+            id(p): DeadlineExceededError(f"request {p.request.request_id!r} expired while queued") for p in items if p.deadline <= now
+        }
+        if live:
+            for p, r in zip(live, await self._run([p.request for p in live], max(p.deadline for p in live)), strict=True):
+                results[id(p)] = r
+        return [results[id(p)] for p in items]
+
+    async def _run(self, requests: list[RecRequest], deadline: float) -> list[Recommendation]:
+        batch = await self.prep.prepare(requests)
+        features = [
+            FeatureLookup(f.name, f.table, f.pooling, (batch.user_bags if f.side is FeatureSide.USER else batch.item_bags)[f.name])
+            for f in self.spec.sparse_features
+        ]
+        tag = f"batch-{next(self._batch_ids)}:{requests[0].request_id}"
+        result = await self.lookup.lookup(features, version=self.version, timeout_s=deadline - time.monotonic(), request_id=tag)
+        dim = self.spec.dense_arch.embedding_dim
+        sparse = np.empty((batch.num_samples, len(features), dim), dtype=np.float32)
+        for fi, f in enumerate(self.spec.sparse_features):
+            index = batch.user_of_sample if f.side is FeatureSide.USER else batch.item_of_sample
+            np.take(result.pooled[f.name], index, axis=0, out=sparse[:, fi, :])
+        scores = await self.ranker.score_async(batch.dense, sparse)
+        out = []
+        for r, req in enumerate(requests):
+            lo, hi = int(batch.sample_offsets[r]), int(batch.sample_offsets[r + 1])
+            s = scores[lo:hi]
+            best = top_k(s, req.top_k)
+            out.append(Recommendation(req.request_id, best, req.candidates[best], s[best], result.version, result.shard_map_version))
+        return out

@@ -1,0 +1,140 @@
+"""The frontend's view of its cluster, fed only by ZooKeeper watches (no polling).
+
+``ClusterView`` holds the active ShardMap, the live shard nodes (address, partitions and
+versions ready, from their ephemeral znodes), the serving version and the model's checkpoint.
+It is owned by the event loop: kazoo watch callbacks only hand their event to the loop with
+``call_soon_threadsafe``. During a ZooKeeper outage no callback fires, so the last good view
+keeps serving; kazoo re-arms the watches when the session comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.zk_paths import ZkPaths
+from services.core.errors import UnavailableError
+from services.core.placement import ShardMap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    partitions: frozenset[str]
+    versions_ready: frozenset[int]
+
+
+def parse_node(node_id: str, data: bytes) -> NodeInfo | None:
+    try:
+        d = json.loads(data)
+        return NodeInfo(node_id, str(d["address"]), frozenset(d.get("partitions", ())), frozenset(int(v) for v in d.get("versions_ready", ())))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring node %s: malformed znode data %r", node_id, data[:200])
+        return None
+
+
+class ClusterView:
+    """Snapshot getters are cheap and return immutable objects; call them on the loop."""
+
+    def __init__(self, zk, paths: ZkPaths, loop: asyncio.AbstractEventLoop) -> None:
+        self._zk = zk
+        self._paths = paths
+        self._loop = loop
+        self._store = ShardMapStore(zk, paths)
+        self._watched: set[str] = set()
+        self.shard_map: ShardMap | None = None
+        self.nodes: dict[str, NodeInfo] = {}
+        # Last address each node registered with, kept after it leaves: when the view says a
+        # partition has no live replica (a ZooKeeper hiccup, a session being re-established),
+        # the fan-out still tries these before giving up. An RPC, not a watch, is the verdict.
+        self.last_addresses: dict[str, str] = {}
+        self.serving_version: int = 0
+        self.model: dict = {}
+        self._changed = asyncio.Event()
+
+    # -- start (blocking ZooKeeper reads: call from an executor thread) -----------------------
+    def start_blocking(self) -> None:
+        self.model = self._store.read_model()
+        self._zk.ensure_path(self._paths.nodes)
+        self._store.watch_active(lambda smap: self._hop(self._set_map, smap))
+        self._zk.DataWatch(self._paths.serving_version, lambda data, stat, *_: self._hop(self._set_version, data))
+        self._zk.ChildrenWatch(self._paths.nodes, lambda children: self._hop(self._children, list(children)))
+
+    # -- kazoo threads -> loop ----------------------------------------------------------------
+    def _hop(self, fn, *args) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _watch_node(self, node_id: str) -> None:
+        # Runs in an executor thread: DataWatch reads the znode once when created.
+        def on_data(data, stat, *_):
+            self._hop(self._node_data, node_id, data)
+
+        self._zk.DataWatch(self._paths.node(node_id), on_data)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _set_map(self, smap: ShardMap | None) -> None:
+        if smap is not None:
+            self.shard_map = smap
+            log.info("shard map version %d", smap.version)
+            self._notify()
+
+    def _set_version(self, data: bytes | None) -> None:
+        if data:
+            try:
+                self.serving_version = int(json.loads(data)["version"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed serving version %r", data[:200])
+                return
+            self._notify()
+
+    def _children(self, children: list[str]) -> None:
+        for node_id in children:
+            if node_id not in self._watched:
+                self._watched.add(node_id)  # one DataWatch per node id, for its whole life
+                self._loop.run_in_executor(None, self._watch_node, node_id)
+
+    def _node_data(self, node_id: str, data: bytes | None) -> None:
+        info = parse_node(node_id, data) if data else None
+        if info is None:
+            if self.nodes.pop(node_id, None) is not None:
+                log.info("node %s left", node_id)
+        else:
+            if node_id not in self.nodes:
+                log.info("node %s joined at %s", node_id, info.address)
+            self.nodes[node_id] = info
+            self.last_addresses[node_id] = info.address
+        self._notify()
+
+    async def wait_for(self, predicate, timeout_s: float, what: str) -> None:
+        """Wait until ``predicate(self)`` holds, woken by watch events (no polling)."""
+        async def loop():
+            while not predicate(self):
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(loop(), timeout_s)
+        except TimeoutError:
+            raise UnavailableError(f"timed out after {timeout_s:g}s waiting for {what}") from None
+
+    def missing_partitions(self) -> list[str]:
+        """Partitions of the active map with no live replica (empty when fully served)."""
+        smap = self.shard_map
+        if smap is None:
+            return ["<no shard map>"]
+        missing = []
+        for table, tp in smap.tables.items():
+            for p, replicas in enumerate(tp.partitions):
+                if not any(r in self.nodes for r in replicas):
+                    missing.append(f"{table}/{p}")
+        return missing
