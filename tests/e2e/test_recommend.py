@@ -159,10 +159,9 @@ def test_concurrent_requests_match_reference(served, reference):
     assert delta["lookup_rpcs"] <= 3 * delta["batches"], "more than one Lookup per node per batch"
 
 
+@pytest.mark.parametrize("served", ["mixed"], indirect=True)
 def test_zookeeper_restart_while_requests_flow(served, reference, zk_server):
     name, address, _, _ = served
-    if name != "mixed":
-        pytest.skip("one placement is enough for the outage test")
     requests = random_requests(40, seed=99)
     stop, done, errors = threading.Event(), [0], []
 
@@ -194,3 +193,76 @@ def test_zookeeper_restart_while_requests_flow(served, reference, zk_server):
         t.join()
         zk_server.ensure_running()
     assert not errors, errors[:3]
+
+
+def _bad_recommends():
+    def req(**kw):
+        base = dict(request_id="bad", user_id=3, candidate_item_ids=[1, 2, 3], top_k=2)
+        base.update(kw)
+        return recommend_pb2.RecommendRequest(**base)
+
+    IA, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    nan = req()
+    nan.dense_features["user_activity"] = float("nan")
+    unknown_dense = req()
+    unknown_dense.dense_features["nope"] = 1.0
+    unknown_sparse = req()
+    unknown_sparse.sparse_features["nope"].values.append(1)
+    too_long = req()
+    too_long.sparse_features["user_history"].values.extend(range(51))
+    negative = req()
+    negative.sparse_features["user_history"].values.append(-4)
+    oov = req()
+    oov.sparse_features["user_country"].values.append(10_000)
+    return [
+        ("no candidates", req(candidate_item_ids=[]), IA, "candidate_item_ids"),
+        ("top_k zero", req(top_k=0), IA, "top_k"),
+        ("top_k over candidates", req(top_k=4), IA, "top_k"),
+        ("unknown model", req(model="other"), IA, "unknown model 'other'"),
+        ("unknown dense feature", unknown_dense, IA, "nope"),
+        ("unknown sparse feature", unknown_sparse, IA, "nope"),
+        ("NaN dense value", nan, IA, "user_activity"),
+        ("bag too long", too_long, IA, "user_history"),
+        ("negative id", negative, IA, "user_history"),
+        ("out-of-vocabulary id", oov, IA, "user_country"),
+        ("candidate out of range", req(candidate_item_ids=[1, 99_999]), IA, "candidate_item_ids[1]"),
+        ("too many candidates", req(candidate_item_ids=list(range(1001))), RE, "1000"),
+    ]
+
+
+@pytest.mark.parametrize("served", ["mixed"], indirect=True)
+def test_bad_input_is_refused_without_calling_shards(served):
+    name, address, _, _ = served
+    before = stats(address)
+    with grpc.insecure_channel(address) as ch:
+        stub = recommend_pb2_grpc.RecommenderStub(ch)
+        for what, req, code, fragment in _bad_recommends():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Recommend(req, timeout=5)
+            assert info.value.code() == code, f"{what}: {info.value.code()} {info.value.details()}"
+            assert fragment in info.value.details(), f"{what}: {info.value.details()!r}"
+        after = stats(address)
+        assert after["lookup_rpcs"] == before["lookup_rpcs"], "a shard was called for a bad request"
+        ok = stub.Recommend(recommend_pb2.RecommendRequest(user_id=3, candidate_item_ids=[1, 2, 3], top_k=2), timeout=5)
+        assert len(ok.items) == 2
+
+
+@pytest.mark.parametrize("served", ["row_wise"], indirect=True)
+def test_partition_without_live_replica_is_unavailable(served, zk_server):
+    """Runs last for its placement: it kills a node that alone holds partitions."""
+    name, address, zk, paths = served
+    import json
+
+    node = "shard-0"
+    pid = json.loads(zk.get(paths.node(node))[0])["pid"]
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+    req = recommend_pb2.RecommendRequest(user_id=3, candidate_item_ids=list(range(60)), top_k=5)
+    with grpc.insecure_channel(address) as ch:
+        stub = recommend_pb2_grpc.RecommenderStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Recommend(req, timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "partition" in info.value.details() and "no live replica" in info.value.details(), info.value.details()

@@ -1,0 +1,83 @@
+"""The micro-batcher on a real event loop: idle requests go at once, concurrent ones share
+batches, a full queue answers RESOURCE_EXHAUSTED, per-item errors reach only their caller."""
+
+import asyncio
+
+import pytest
+
+from services.core.errors import ResourceExhaustedError
+from services.frontend.batcher import MicroBatcher
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_lone_request_is_not_delayed_and_concurrent_ones_batch():
+    async def main():
+        release = asyncio.Event()
+        seen = []
+
+        async def process(items):
+            seen.append(list(items))
+            if len(seen) == 1:
+                await release.wait()  # hold the first batch in flight
+            return [x * 10 for x in items]
+
+        b = MicroBatcher(process, max_batch=8, max_wait_s=10.0, max_queue=100, max_in_flight=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit(1))
+        while not seen:  # the lone request is dispatched without waiting for max_wait_s
+            await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
+        await asyncio.sleep(0)
+        release.set()
+        assert await first == 10
+        assert await asyncio.gather(*rest) == [20, 30, 40, 50]
+        await b.stop()
+        return seen, b.stats
+
+    seen, stats = run(main())
+    assert seen == [[1], [2, 3, 4, 5]]
+    assert stats.multi_item_batches == 1 and stats.largest_batch == 4
+
+
+def test_full_queue_is_resource_exhausted():
+    async def main():
+        block = asyncio.Event()
+
+        async def process(items):
+            await block.wait()
+            return items
+
+        b = MicroBatcher(process, max_batch=1, max_wait_s=0, max_queue=2, max_in_flight=1)
+        b.start()
+        waiting = [asyncio.ensure_future(b.submit(0))]
+        while b.stats.batches == 0:  # the first request is in flight, holding the only slot
+            await asyncio.sleep(0)
+        waiting += [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]  # fill the queue
+        while b._queue.qsize() < 2:
+            await asyncio.sleep(0)
+        with pytest.raises(ResourceExhaustedError, match="queue is full"):
+            await b.submit(99)
+        block.set()
+        assert await asyncio.gather(*waiting) == [0, 1, 2]
+        await b.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_per_item_error_reaches_only_its_caller():
+    async def main():
+        async def process(items):
+            return [ValueError(f"bad {x}") if x < 0 else x for x in items]
+
+        b = MicroBatcher(process, max_batch=4, max_wait_s=0, max_queue=10)
+        b.start()
+        good, bad = b.submit(1), b.submit(-1)
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+        await b.stop()
+        return results
+
+    good, bad = run(main())
+    assert good == 1 and isinstance(bad, ValueError)
