@@ -71,10 +71,11 @@ def serve(kind: str, port_file: str) -> None:
 
     from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
     from services.core import wire
-    from services.core.rpc.server import start_sync_server
+    from services.core.rpc.server import start_sync_server, tune_allocator
     from services.core.types import PartitionKey, TableSpec
 
     torch.set_num_threads(1)
+    tune_allocator()  # as the shard process does
     if kind == "echo":
         resp = embedding_pb2.LookupResponse(version=1)
         pooled = np.zeros((SAMPLES, DIM), dtype=np.float32)
@@ -167,7 +168,10 @@ def main() -> int:
     from services.core import pooling
     from services.core.types import PoolingType
 
+    from services.core.rpc.server import tune_allocator
+
     torch.set_num_threads(1)
+    tune_allocator()
     request = make_request()
     request_bytes = request.SerializeToString()
     groups = make_groups()

@@ -25,7 +25,7 @@ from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
-from services.core.rpc.server import start_sync_server
+from services.core.rpc.server import start_sync_server, tune_allocator
 from services.embedding_shard.servicer import EmbeddingShardServicer
 from services.embedding_shard.store import TableStore, load_partitions
 
@@ -72,6 +72,7 @@ def node_data(config: ShardConfig, address: str, store: TableStore, map_version:
 
 def run(config: ShardConfig) -> int:
     torch.set_num_threads(config.torch_threads)
+    tune_allocator()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -19,7 +19,7 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.rpc.server import start_aio_server
+from services.core.rpc.server import start_aio_server, tune_allocator
 from services.frontend.batcher import MicroBatcher
 from services.frontend.features import FeatureLimits, FeaturePrep
 from services.frontend.lookup import InprocLookupClient, LookupClient
@@ -55,6 +55,7 @@ async def _connect_cluster(config: FrontendConfig, loop):
 
 async def serve(config: FrontendConfig) -> int:
     torch.set_num_threads(config.torch_threads)
+    tune_allocator()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
