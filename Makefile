@@ -6,12 +6,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Extra flags for demo / cluster-up, e.g. make demo DEMO_ARGS="--preset small --requests 10"
+DEMO_ARGS ?=
+WORKDIR ?= var/demo
 
-.PHONY: help setup sysdeps venv test demo protos bench clean
+.PHONY: help setup sysdeps venv test demo cluster-up cluster-status cluster-down protos bench clean
 
 help:
 	@echo "make test    install everything and run the test suite"
 	@echo "make demo    install everything, start a local cluster, serve sample requests, stop"
+	@echo "make cluster-up / cluster-status / cluster-down   the same cluster, left running (WORKDIR=$(WORKDIR))"
 	@echo "make protos  regenerate services/_proto from protos/"
 	@echo "make bench   run the Lookup micro-benchmark"
 
@@ -37,7 +41,16 @@ test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m services.admin.cli demo
+	$(PY) -m services.admin.cli demo --workdir $(WORKDIR) $(DEMO_ARGS)
+
+cluster-up: setup
+	$(PY) -m services.admin.cli cluster up --workdir $(WORKDIR) $(DEMO_ARGS)
+
+cluster-status: venv
+	$(PY) -m services.admin.cli cluster status --workdir $(WORKDIR)
+
+cluster-down: venv
+	$(PY) -m services.admin.cli cluster down --workdir $(WORKDIR)
 
 protos: venv
 	$(PY) tools/gen_protos.py
@@ -46,4 +59,5 @@ bench: setup
 	$(PY) benchmarks/lookup_micro.py
 
 clean:
+	@if [ -x $(PY) ] && [ -f $(WORKDIR)/cluster.json ]; then $(PY) -m services.admin.cli cluster down --workdir $(WORKDIR); fi
 	rm -rf $(VENV) .pytest_cache build *.egg-info var

@@ -15,6 +15,7 @@ GROUPS = (
     "services.admin.cmd_shard",
     "services.admin.cmd_features",
     "services.admin.cmd_frontend",
+    "services.admin.cmd_cluster",
 )
 
 

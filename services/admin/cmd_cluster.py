@@ -1,0 +1,152 @@
+"""``shardrec demo`` and ``shardrec cluster up|status|down``: the local cluster.
+
+- ``demo``: generate (or reuse) the demo model, start ZooKeeper, Redis, N shards and a
+  frontend on loopback, send sample Recommend calls and print them, then stop everything.
+  Exit 0 when every call succeeded; 1 on a failed step or call; 128 + N on signal N.
+- ``cluster up``: the same cluster, left running; writes ``<workdir>/cluster.json`` and prints
+  how to call and stop it. ``--shards-only`` stops after the shards registered (no features,
+  no frontend): for developing a frontend against real shards.
+- ``cluster status``: the processes of the state file and what ZooKeeper says.
+- ``cluster down``: stop everything in the state file (SIGTERM, then SIGKILL), remove it.
+
+The work is in ``services.admin.local_cluster``; this module only parses and wires. No process
+this command starts outlives it, except those ``cluster up`` leaves for ``cluster down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from services.admin.cmd_model import PRESET_NAMES
+
+_DEFAULT_WORKDIR = "var/demo"  # == local_cluster.DEFAULT_WORKDIR (kept light: no import here)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="start a local cluster, serve sample requests, print them, stop everything",
+        description="Start a real ZooKeeper, Redis, N shard processes and a frontend on loopback ports, "
+        "send sample Recommend calls, print them, then stop everything (also on Ctrl-C or error).",
+    )
+    _cluster_args(demo, requests_default=5)
+    demo.set_defaults(func=_demo)
+
+    cluster = subparsers.add_parser("cluster", help="a local cluster left running: up, status, down")
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster and leave it running",
+        description="Start the same cluster as `shardrec demo` and leave it running; its state file "
+        "<workdir>/cluster.json lists every process. Stop it with `shardrec cluster down`.",
+    )
+    _cluster_args(up, requests_default=0)
+    up.add_argument(
+        "--shards-only", action="store_true", help="start ZooKeeper, Redis and the shards only (no features, no frontend)"
+    )
+    up.set_defaults(func=_up)
+
+    status = sub.add_parser("status", help="show the processes and the ZooKeeper view of a local cluster")
+    status.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"the cluster's work directory (default {_DEFAULT_WORKDIR})")
+    status.set_defaults(func=_status)
+
+    down = sub.add_parser("down", help="stop every process of a local cluster and remove its state file")
+    down.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"the cluster's work directory (default {_DEFAULT_WORKDIR})")
+    down.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL")
+    down.set_defaults(func=_down)
+
+
+def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
+    p.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="demo model sizes (default demo, ~0.4 GiB; small for tests)")
+    p.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"model, logs, server data and state file (default {_DEFAULT_WORKDIR})")
+    p.add_argument("--nodes", type=int, default=3, help="number of shard processes (default 3)")
+    p.add_argument("--spec", default="deploy/placement/mixed.json", help="placement spec file (default deploy/placement/mixed.json)")
+    p.add_argument("--requests", type=int, default=requests_default, help=f"sample Recommend calls to send and print (default {requests_default})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo model and of the sample requests (default 0)")
+    p.add_argument("--cluster", default="local", help="cluster name in ZooKeeper (default local)")
+    p.add_argument("--port", type=int, default=0, help="frontend port (default 0: any free port)")
+    p.add_argument("--start-timeout-s", type=float, default=300.0, help="deadline of each start step (default 300)")
+    p.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL (default 15)")
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202
+    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+
+    return LocalClusterConfig(
+        workdir=Path(args.workdir).resolve(),
+        spec=resolve_spec(args.spec),
+        preset=args.preset,
+        nodes=args.nodes,
+        seed=args.seed,
+        cluster=args.cluster,
+        frontend_port=args.port,
+        start_timeout_s=args.start_timeout_s,
+        stop_grace_s=args.stop_grace_s,
+        shards_only=getattr(args, "shards_only", False),
+    )
+
+
+def _run(args: argparse.Namespace, *, mode: str) -> int:
+    """Bring the cluster up, send the sample requests, and stop it (``demo``) or leave it
+    running (``up``, on success only). Signals and errors always end in a full stop."""
+    import time
+
+    from services.admin.local_cluster import Interrupted, LocalCluster, SignalGuard, call_instructions
+    from services.core.errors import ShardrecError
+
+    config = _config(args)
+    out = sys.stdout
+    t0 = time.monotonic()
+    code = 1
+    keep = False
+    with SignalGuard() as guard:
+        cluster = LocalCluster(config, out, guard, mode=mode)
+        try:
+            cluster.start()
+            failures = cluster.send_sample_requests(args.requests, args.seed)
+            if failures:
+                cluster.progress.line(f"{failures} of {args.requests} requests failed")
+            code = 1 if failures else 0
+            keep = mode == "up" and code == 0
+        except Interrupted as e:
+            cluster.progress.line(f"interrupted ({e}): stopping the cluster")
+            code = e.exit_code
+        except ShardrecError as e:
+            cluster.progress.line(f"FAILED: {e}")
+            code = 1
+        finally:
+            if keep:
+                cluster.detach()
+            else:
+                stopped = cluster.stop()
+                if not stopped:
+                    code = code or 1
+    if keep:
+        print(f"\ncluster {config.cluster!r} is up ({time.monotonic() - t0:.1f}s); state in {config.workdir / 'cluster.json'}\n")
+        print(call_instructions(cluster.state, args.workdir))
+    elif code == 0:
+        print(f"demo done in {time.monotonic() - t0:.1f}s: {args.requests} requests served; every process stopped; logs in {config.logs_dir}")
+    return code
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return _run(args, mode="demo")
+
+
+def _up(args: argparse.Namespace) -> int:
+    return _run(args, mode="up")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from services.admin.local_cluster import cluster_status
+
+    return cluster_status(Path(args.workdir).resolve(), args.workdir, sys.stdout)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from services.admin.local_cluster import SignalGuard, cluster_down
+
+    with SignalGuard() as guard, guard.shielded():
+        return cluster_down(Path(args.workdir).resolve(), args.stop_grace_s, sys.stdout)
