@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from services.core.config import child_env
 from services.core.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -906,8 +907,7 @@ class LocalCluster:
         """Start ``shardrec <cli_args>`` as ``name`` (own session, log file) and record it
         before any signal can interrupt. Returns its pid."""
         log_path = self._fresh_log(name)
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
+        env = child_env(PYTHONUNBUFFERED="1")
         with self.guard.deferred():
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(

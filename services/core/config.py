@@ -83,3 +83,10 @@ class FrontendConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     grace_s: float = 5.0
     ready_timeout_s: float = 120.0
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment a launched service process inherits, plus ``overrides``."""
+    env = dict(os.environ)
+    env.update(overrides)
+    return env
