@@ -26,7 +26,7 @@ from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core import sharding, wire
 from services.core.errors import DeadlineExceededError, ShardrecError, UnavailableError
 from services.core.rpc.server import channel_options
-from services.core.types import PoolingType, Version
+from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.lookup import FeatureLookup, LookupResult, LookupStats
 from services.frontend.view import ClusterView
 
@@ -53,6 +53,12 @@ class _Unit:
     partition: int
     sub: sharding.SubBags
     pooling: PoolingType
+    side: FeatureSide
+
+    @property
+    def request_bytes(self) -> int:
+        w = 0 if self.sub.weights is None else self.sub.weights.nbytes
+        return self.sub.ids.nbytes + self.sub.lengths.nbytes + w
 
 
 class ChannelPool:
@@ -155,6 +161,7 @@ class GrpcLookupClient:
             pooled = wire.decode(r.pooled, "pooled", dtype="float32", ndim=2)
             counts = wire.decode(r.counts, "counts", dtype="int32", ndim=1)
             self.stats.response_bytes += pooled.nbytes + counts.nbytes
+            self.stats.add_wire_bytes(u.side, u.request_bytes + pooled.nbytes + counts.nbytes)
             out.append((u, pooled, counts))
         return out
 
@@ -171,7 +178,7 @@ class GrpcLookupClient:
             for sub in sharding.split_bags(f.bags.rows, f.bags.lengths, n, f.bags.weights):
                 if len(sub.ids):  # an all-empty share pools to zeros with count 0: nothing to ask
                     mode = f.pooling if n == 1 else sharding.partial_pooling(f.pooling)
-                    units.append(_Unit(fi, f.table, sub.partition, sub, mode))
+                    units.append(_Unit(fi, f.table, sub.partition, sub, mode, f.side))
         self.stats.ids_sent += sum(len(u.sub.ids) for u in units)
         partials: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in range(len(features))}
         pending, excluded = units, set()

@@ -19,7 +19,7 @@ import torch
 
 from services.core import pooling
 from services.core.checkpoint.reader import CheckpointReader
-from services.core.types import PoolingType, Version
+from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.batch import Bags
 
 
@@ -31,6 +31,7 @@ class FeatureLookup:
     table: str
     pooling: PoolingType
     bags: Bags
+    side: FeatureSide = FeatureSide.ITEM
 
 
 @dataclass
@@ -42,6 +43,12 @@ class LookupStats:
     response_bytes: int = 0
     ids_sent: int = 0
     per_node_rpcs: dict[str, int] = field(default_factory=dict)
+    # Embedding payload bytes on the wire (ids, lengths, weights out; pooled vectors, counts
+    # back), by feature side: "user" / "item".
+    wire_bytes_by_side: dict[str, int] = field(default_factory=dict)
+
+    def add_wire_bytes(self, side: FeatureSide, n: int) -> None:
+        self.wire_bytes_by_side[side.value] = self.wire_bytes_by_side.get(side.value, 0) + n
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class RecommendPipeline:
     async def _run(self, requests: list[RecRequest], deadline: float) -> list[Recommendation]:
         batch = await self.prep.prepare(requests)
         features = [
-            FeatureLookup(f.name, f.table, f.pooling, (batch.user_bags if f.side is FeatureSide.USER else batch.item_bags)[f.name])
+            FeatureLookup(f.name, f.table, f.pooling, (batch.user_bags if f.side is FeatureSide.USER else batch.item_bags)[f.name], f.side)
             for f in self.spec.sparse_features
         ]
         tag = f"batch-{next(self._batch_ids)}:{requests[0].request_id}"

@@ -68,5 +68,6 @@ class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
             "lookup_ids_sent": lk.ids_sent,
             "lookup_request_bytes": lk.request_bytes,
             "lookup_response_bytes": lk.response_bytes,
+            **{f"wire_bytes_{side}": n for side, n in lk.wire_bytes_by_side.items()},
         }
         return recommend_pb2.GetStatsResponse(counters=counters, version=self._pipeline.version)
