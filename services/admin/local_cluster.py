@@ -864,30 +864,47 @@ class LocalCluster:
                     time.sleep(_POLL_S)  # step of the polling loop
 
     def _start_frontend(self, zk_hosts: str, redis_url: str) -> None:
+        address = self.start_frontend("frontend")
+        self.state.frontend = address
+        self._save()
+
+    def start_frontend(self, name: str, extra_args: Sequence[str] = (), port: int | None = None) -> str:
+        """Start one more frontend process ``name`` over this cluster's ZooKeeper and Redis
+        (``extra_args`` are further ``frontend serve`` flags, e.g. ``--lookup inproc``); it is
+        recorded like every child and stopped by ``stop()``. Returns its address once READY."""
         cfg = self.config
-        with self.progress.step("starting frontend") as note:
+        with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
-                "frontend", ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", zk_hosts, "--cluster", cfg.cluster, "--redis", redis_url,
-                 "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1", "--port", str(cfg.frontend_port),
-                 "--torch-threads", "1"],
+                name, ROLE_FRONTEND,
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
+                 "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
+                 "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
+                 "--frontend-id", name, *extra_args],
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
-            log = cfg.logs_dir / "frontend.log"
+            log = cfg.logs_dir / f"{name}.log"
             while True:
                 address = parse_ready(_read(log), "frontend")
                 if address:
                     break
-                self._check_alive("frontend", "the frontend exited before it was READY")
+                self._check_alive(name, f"{name} exited before it was READY")
                 if time.monotonic() >= deadline:
                     raise DeadlineExceededError(
-                        f"the frontend did not print READY within {cfg.start_timeout_s:.0f}s (--start-timeout-s)\n"
-                        + self._tail("frontend")
+                        f"{name} did not print READY within {cfg.start_timeout_s:.0f}s (--start-timeout-s)\n"
+                        + self._tail(name)
                     )
                 time.sleep(_POLL_S)  # step of the polling loop
-            self._set_address("frontend", address)
-            self.state.frontend = address
+            self._set_address(name, address)
             note["detail"] = f"READY at {address} (pid {pid})"
+        return address
+
+    def run_job(self, name: str, head: str, cli_args: Sequence[str]) -> None:
+        """Run a one-shot ``shardrec`` command against this cluster (see ``_run_job``)."""
+        self._run_job(name, head, cli_args)
+
+    def pids(self, *roles: str) -> dict[str, int]:
+        """name -> pid of the recorded processes with one of ``roles`` (all when none given)."""
+        return {p.name: p.pid for p in self.state.processes if not roles or p.role in roles}
 
     def _require_command(self, *words: str) -> None:
         if not cli_has_command(*words):
