@@ -69,7 +69,7 @@ def serve(kind: str, port_file: str) -> None:
     import grpc
     import torch
 
-    from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
+    from services._proto.shardrec.v1 import embedding_pb2
     from services.core import wire
     from services.core.rpc.server import start_sync_server, tune_allocator
     from services.core.types import PartitionKey, TableSpec
@@ -91,7 +91,7 @@ def serve(kind: str, port_file: str) -> None:
         )
         add = [lambda s: s.add_generic_rpc_handlers((handler,))]
     else:
-        from services.embedding_shard.servicer import EmbeddingShardServicer
+        from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
         from services.embedding_shard.store import PartitionTable, TableStore, VersionSlot
 
         spec = TableSpec("t", ROWS, DIM)
@@ -99,7 +99,7 @@ def serve(kind: str, port_file: str) -> None:
         key = PartitionKey("t", 0)
         store.install(VersionSlot(1, {key: PartitionTable(key, spec, 1, torch.from_numpy(make_table()))}))
         servicer = EmbeddingShardServicer("bench", store, max_ids_per_request=10_000_000, map_version=lambda: 1)
-        add = [lambda s: embedding_pb2_grpc.add_EmbeddingShardServicer_to_server(servicer, s)]
+        add = [lambda s: add_to_server(servicer, s)]
     server = start_sync_server("127.0.0.1", 0, threads=8, max_message_bytes=MAX_MSG, add_servicers=add, service_names=[])
     pathlib.Path(port_file).write_text(str(server.port))
     threading.Event().wait()

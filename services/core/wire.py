@@ -62,3 +62,51 @@ def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.nda
 def is_set(t: tensor_pb2.Tensor) -> bool:
     """True when the optional tensor field carries a value (a dtype was given)."""
     return t.dtype != tensor_pb2.DTYPE_UNSPECIFIED
+
+
+# -- hand-encoded LookupResponse -------------------------------------------------------------
+# A Lookup answer is megabytes of pooled vectors. Building it as a message and serializing it
+# copies every byte three times (tobytes, into the message, out of it); writing the protobuf
+# wire format directly copies them once. Byte-for-byte what upb writes (tests/unit/test_wire.py).
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _tensor_parts(array: np.ndarray) -> list:
+    arr = np.ascontiguousarray(array)
+    dt = _FROM_NP[arr.dtype.newbyteorder("<")]
+    head = bytearray(b"\x08" + _varint(dt))
+    for n in arr.shape:
+        dim = b"\x08" + _varint(n) if n else b""
+        head += b"\x12" + _varint(len(dim)) + dim
+    parts = [bytes(head)]
+    if arr.nbytes:
+        parts += [b"\x1a" + _varint(arr.nbytes), memoryview(arr).cast("B")]
+    return parts
+
+
+def _message(tag: int, parts: list) -> list:
+    size = sum(len(p) for p in parts)
+    return [bytes([tag]) + _varint(size), *parts]
+
+
+def encode_lookup_response(version: int, shard_map_version: int, results: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Serialized ``LookupResponse`` with one PooledGroup per ``(pooled, counts)``."""
+    parts: list = []
+    if version:
+        parts.append(b"\x08" + _varint(version))
+    if shard_map_version:
+        parts.append(b"\x10" + _varint(shard_map_version))
+    for pooled, counts in results:
+        group = _message(0x0A, _tensor_parts(pooled)) + _message(0x12, _tensor_parts(counts))
+        parts += _message(0x1A, group)
+    return b"".join(parts)

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from services._proto.shardrec.v1 import embedding_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ShardConfig
@@ -26,7 +25,7 @@ from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
-from services.embedding_shard.servicer import EmbeddingShardServicer
+from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
 from services.embedding_shard.store import TableStore, load_partitions
 
 log = logging.getLogger("shardrec.shard")
@@ -103,7 +102,7 @@ def run(config: ShardConfig) -> int:
         config.port,
         threads=config.rpc_threads,
         max_message_bytes=config.max_message_bytes,
-        add_servicers=[lambda s: embedding_pb2_grpc.add_EmbeddingShardServicer_to_server(servicer, s)],
+        add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
     )
     address = f"{config.advertise_host or config.host}:{server.port}"

@@ -53,7 +53,8 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
         self._map_version = map_version
 
     @handle_errors
-    def Lookup(self, request: embedding_pb2.LookupRequest, context) -> embedding_pb2.LookupResponse:
+    def Lookup(self, request: embedding_pb2.LookupRequest, context) -> bytes:
+        """Answers the serialized LookupResponse (written by ``wire.encode_lookup_response``)."""
         total_ids = sum(g.ids.dims[0].size if len(g.ids.dims) == 1 else 0 for g in request.groups)
         if total_ids > self._max_ids:
             raise ResourceExhaustedError(f"request carries {total_ids} ids, over this node's cap of {self._max_ids}")
@@ -70,13 +71,11 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
         for i, group in enumerate(request.groups):
             part = self._store.resolve(version, group.table, group.partition)
             decoded.append((part, *decode_group(group, i)))
-        response = embedding_pb2.LookupResponse(version=version, shard_map_version=map_version)
-        for part, ids, lengths, weights, pooling in decoded:
-            pooled = part.pool(ids, lengths, pooling, weights)
-            result = response.results.add()
-            wire.encode(pooled.astype(out_dtype, copy=False), result.pooled)
-            wire.encode(lengths, result.counts)
-        return response
+        results = [
+            (part.pool(ids, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
+            for part, ids, lengths, weights, pooling in decoded
+        ]
+        return wire.encode_lookup_response(version, map_version, results)
 
     @handle_errors
     def Describe(self, request: embedding_pb2.DescribeRequest, context) -> embedding_pb2.DescribeResponse:
@@ -97,3 +96,27 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
                 ids=part.ids,
             )
         return resp
+
+
+def _passthrough(payload: bytes) -> bytes:
+    return payload
+
+
+def add_to_server(servicer: EmbeddingShardServicer, server) -> None:
+    """Register ``servicer`` like the generated ``add_EmbeddingShardServicer_to_server``, except
+    that Lookup answers bytes it serialized itself (one copy of the pooled vectors, not three)."""
+    import grpc
+
+    handlers = {
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup,
+            request_deserializer=embedding_pb2.LookupRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=embedding_pb2.DescribeRequest.FromString,
+            response_serializer=embedding_pb2.DescribeResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("shardrec.v1.EmbeddingShard", handlers),))

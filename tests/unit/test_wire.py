@@ -26,3 +26,24 @@ def test_wrong_dtype_and_rank_are_refused():
         wire.decode(t, "lengths", dtype="int64", ndim=1)
     with pytest.raises(InvalidArgumentError, match="expected 2 dimension"):
         wire.decode(t, "lengths", dtype="int32", ndim=2)
+
+
+@pytest.mark.parametrize("bags", [0, 1, 3, 200])
+def test_hand_encoded_lookup_response_is_what_protobuf_writes(bags):
+    from services._proto.shardrec.v1 import embedding_pb2
+
+    rng = np.random.default_rng(bags)
+    results = [
+        (rng.standard_normal((bags, 16)).astype(np.float32), rng.integers(0, 9, bags).astype(np.int32)),
+        (rng.standard_normal((bags, 16)).astype(np.float16), np.zeros(bags, np.int32)),
+    ]
+    for version, map_version in ((0, 0), (7, 300)):
+        want = embedding_pb2.LookupResponse(version=version, shard_map_version=map_version)
+        for pooled, counts in results:
+            r = want.results.add()
+            wire.encode(pooled, r.pooled)
+            wire.encode(counts, r.counts)
+        got = wire.encode_lookup_response(version, map_version, results)
+        assert got == want.SerializeToString(deterministic=True)
+        parsed = embedding_pb2.LookupResponse.FromString(got)
+        np.testing.assert_array_equal(wire.decode(parsed.results[0].pooled, "p", dtype="float32", ndim=2), results[0][0])
