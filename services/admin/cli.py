@@ -16,6 +16,7 @@ GROUPS = (
     "services.admin.cmd_features",
     "services.admin.cmd_frontend",
     "services.admin.cmd_cluster",
+    "services.admin.cmd_kv",
 )
 
 

@@ -6,11 +6,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import default_cluster, default_zk
+    from services.core.config import LOOKUP_MODES, default_cluster, default_zk
 
     p = sub.add_parser("frontend", help="Recommend frontend service")
     s = p.add_subparsers(dest="frontend_command", metavar="SUBCOMMAND", required=True)
-    serve = s.add_parser("serve", help="serve Recommend over the cluster's shards (or --inproc)")
+    serve = s.add_parser("serve", help="serve Recommend over the cluster's shards (or a baseline: --lookup)")
     serve.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
     serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
     serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0")
@@ -19,8 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0, help="0 = any free port")
     serve.add_argument("--advertise-host", default="")
-    serve.add_argument("--inproc", action="store_true", help="the monolith: every table in this process, no shards")
-    serve.add_argument("--checkpoint", default="", help="checkpoint URI (with --inproc)")
+    serve.add_argument("--inproc", action="store_true", help="the monolith: every table in this process, no shards (= --lookup inproc)")
+    serve.add_argument(
+        "--lookup",
+        choices=LOOKUP_MODES,
+        default=None,
+        help="the lookup step: shards (default: the cluster in ZooKeeper) or a comparison baseline that "
+        "takes the model from --checkpoint: inproc (the monolith), redis-kv (rows in Redis, pipelined MGET, "
+        "pooled here; load them with 'shardrec bench load-kv'), torchrec (EmbeddingBagCollection; optional install)",
+    )
+    serve.add_argument("--checkpoint", default="", help="checkpoint URI (with --lookup inproc, redis-kv or torchrec)")
+    serve.add_argument("--kv-redis", default="", metavar="URL", help="redis-kv: Redis holding the rows (default: --redis)")
+    serve.add_argument("--kv-prefix", default="kv:", help="redis-kv: key prefix of the rows (default 'kv:')")
     serve.add_argument("--max-batch", type=int, default=64, help="requests per micro-batch at most")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch may wait for more requests while another is in flight")
     serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
@@ -43,17 +53,25 @@ def _serve(args: argparse.Namespace) -> int:
     from services.core.errors import ConfigError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.inproc and args.lookup not in (None, "inproc"):
+        raise ConfigError(f"--inproc means --lookup inproc; it cannot go with --lookup {args.lookup}")
+    lookup = "inproc" if args.inproc else (args.lookup or "shards")
     if args.inproc and not args.checkpoint:
         raise ConfigError("--inproc needs --checkpoint URI")
+    if lookup != "shards" and not args.checkpoint:
+        raise ConfigError(f"--lookup {lookup} needs --checkpoint URI")
+    kv_redis = args.kv_redis or args.redis
+    if lookup == "redis-kv" and not kv_redis:
+        raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
     config = FrontendConfig(
         frontend_id=args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}",
-        zk=None if args.inproc else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
+        zk=None if lookup != "shards" else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,
-        inproc_checkpoint=args.checkpoint if args.inproc else "",
+        inproc_checkpoint=args.checkpoint if lookup == "inproc" else "",
         max_batch=args.max_batch,
         max_wait_s=args.max_wait_ms / 1000.0,
         max_queue=args.max_queue,
@@ -62,6 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=args.torch_threads,
         grace_s=args.grace_s,
+        lookup=lookup,
+        checkpoint=args.checkpoint if lookup != "shards" else "",
+        kv_redis_url=kv_redis if lookup == "redis-kv" else "",
+        kv_prefix=args.kv_prefix,
     )
     from services.frontend.main import run
 

@@ -83,6 +83,17 @@ class FrontendConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     grace_s: float = 5.0
     ready_timeout_s: float = 120.0
+    # The lookup step: "shards" (the cluster), or a comparison baseline that takes its model from
+    # ``checkpoint``: "inproc" (the monolith, also selected by ``inproc_checkpoint``),
+    # "redis-kv" (rows in Redis, pipelined MGET, pooled here), "torchrec" (an
+    # EmbeddingBagCollection in this process; needs the optional torchrec install).
+    lookup: str = "shards"
+    checkpoint: str = ""  # checkpoint URI of the inproc / redis-kv / torchrec lookups
+    kv_redis_url: str = ""  # redis-kv: Redis holding the rows ("" = ``redis_url``)
+    kv_prefix: str = "kv:"  # redis-kv: key prefix of the rows (as given to ``bench load-kv``)
+
+
+LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")
 
 
 def child_env(**overrides: str) -> dict[str, str]:

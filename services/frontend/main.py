@@ -1,4 +1,6 @@
-"""Frontend process: the Recommend API over a shard cluster (or, ``--inproc``, the monolith).
+"""Frontend process: the Recommend API over a shard cluster (or, ``--lookup inproc`` / ``--inproc``,
+the monolith; ``--lookup redis-kv`` / ``torchrec``, the other comparison baselines, which take
+the model from ``--checkpoint`` like the monolith and share everything but the lookup step).
 
 Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
 partition has a live replica -> load the dense model of the serving version -> gRPC server
@@ -53,6 +55,34 @@ async def _connect_cluster(config: FrontendConfig, loop):
     return zk, paths, view, reader, lookup
 
 
+async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, version: int):
+    """The redis-kv or torchrec lookup client over ``version`` of the checkpoint, and the Redis
+    client it uses (None for torchrec; the caller closes it after the lookup client)."""
+    spec = reader.manifest(version).model
+    if config.lookup == "redis-kv":
+        import redis.asyncio as aioredis
+
+        from services.frontend.redis_kv import RedisKvLookupClient
+
+        kv_redis = aioredis.from_url(config.kv_redis_url or config.redis_url)
+        lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
+        try:
+            await lookup.verify_loaded(version)
+        except BaseException:
+            await lookup.close()
+            await kv_redis.aclose()
+            raise
+        return lookup, kv_redis
+    if config.lookup == "torchrec":
+        from services.frontend.torchrec_lookup import TorchrecLookupClient
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, TorchrecLookupClient, reader, version), None
+    from services.core.errors import ConfigError
+
+    raise ConfigError(f"unknown lookup {config.lookup!r} (choose shards, inproc, redis-kv or torchrec)")
+
+
 async def serve(config: FrontendConfig) -> int:
     torch.set_num_threads(config.torch_threads)
     tune_allocator()
@@ -61,12 +91,16 @@ async def serve(config: FrontendConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    zk = view = paths = None
+    zk = view = paths = kv_redis = None
     lookup: LookupClient
-    if config.inproc_checkpoint:
-        reader = CheckpointReader(config.inproc_checkpoint)
+    if config.inproc_checkpoint or config.lookup == "inproc":
+        reader = CheckpointReader(config.inproc_checkpoint or config.checkpoint)
         version = reader.latest_version()
         lookup = InprocLookupClient(reader, version)
+    elif config.lookup != "shards":
+        reader = CheckpointReader(config.checkpoint)
+        version = reader.latest_version()
+        lookup, kv_redis = await _baseline_lookup(config, reader, version)
     else:
         zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
         version = view.serving_version
@@ -110,7 +144,7 @@ async def serve(config: FrontendConfig) -> int:
         registration = NodeRegistration(zk, paths.frontend(config.frontend_id), data)
         await loop.run_in_executor(None, registration.register)
     log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
-             version, address, ranker.device, "in-process" if config.inproc_checkpoint else "sharded")
+             version, address, ranker.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
@@ -120,6 +154,8 @@ async def serve(config: FrontendConfig) -> int:
     await server.stop(config.grace_s)
     await batcher.stop()
     await lookup.close()
+    if kv_redis is not None:
+        await kv_redis.aclose()
     ranker.close()
     if redis is not None:
         await redis.aclose()
