@@ -17,7 +17,7 @@ help:
 	@echo "make demo    install everything, start a local cluster, serve sample requests, stop"
 	@echo "make cluster-up / cluster-status / cluster-down   the same cluster, left running (WORKDIR=$(WORKDIR))"
 	@echo "make protos  regenerate services/_proto from protos/"
-	@echo "make bench   run the Lookup micro-benchmark"
+	@echo "make bench   the Lookup micro-benchmark and a short system comparison (bench-results/)"
 
 setup: venv sysdeps
 
@@ -55,8 +55,12 @@ cluster-down: venv
 protos: venv
 	$(PY) tools/gen_protos.py
 
+# A short comparison (under 5 minutes on 2 cores): the Lookup micro-benchmark, then every
+# system on the demo model (bench-results/: JSON and PNG plots; docs/benchmarks.md explains).
+BENCH_ARGS ?= --duration-s 5 --warmup-s 1 --sweep-duration-s 3 --sweep-steps 6
 bench: setup
-	$(PY) benchmarks/lookup_micro.py
+	$(PY) benchmarks/lookup_micro.py --out bench-results/lookup_micro.json
+	$(PY) -m services.admin.cli bench compare --out bench-results/compare $(BENCH_ARGS)
 
 clean:
 	@if [ -x $(PY) ] && [ -f $(WORKDIR)/cluster.json ]; then $(PY) -m services.admin.cli cluster down --workdir $(WORKDIR); fi

@@ -1,0 +1,133 @@
+"""``shardrec bench``: the load harness (``benchmarks/harness``) from the command line.
+
+- ``bench compare``: starts a local cluster and measures each system in turn (``benchmarks/compare.py``);
+- ``bench run``: drives a running frontend (e.g. one from ``shardrec cluster up``) at a fixed
+  rate, with N closed-loop clients, or as a sweep to the saturation point.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from services.admin.cmd_kv import bench_subcommands
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = bench_subcommands(sub)
+
+    cmp_ = bench.add_parser("compare", help="start a local cluster and compare systems on one workload")
+    cmp_.add_argument("--systems", default="monolith,redis-kv,shardrec,shardrec-nobatch",
+                      help="comma-separated: monolith, redis-kv, shardrec, shardrec-nobatch, torchrec")
+    cmp_.add_argument("--preset", default="demo", help="model size: small, demo or large")
+    cmp_.add_argument("--spec", default="deploy/placement/mixed.json", help="placement of the shardrec systems")
+    cmp_.add_argument("--nodes", type=int, default=3)
+    cmp_.add_argument("--workdir", default="var/bench", help="model, logs and state of the benchmark cluster")
+    cmp_.add_argument("--out", default="bench-results/compare", help="folder for compare.json and the plots")
+    cmp_.add_argument("--candidates", type=int, default=100)
+    cmp_.add_argument("--low-rate", type=float, default=50.0, help="open-loop rate of the latency run (req/s)")
+    cmp_.add_argument("--cpu-rate", type=float, default=150.0, help="open-loop rate of the CPU and bytes run (req/s)")
+    cmp_.add_argument("--duration-s", type=float, default=8.0)
+    cmp_.add_argument("--warmup-s", type=float, default=2.0)
+    cmp_.add_argument("--no-sweep", action="store_true", help="skip the saturation sweeps")
+    cmp_.add_argument("--sweep-start", type=float, default=100.0, help="first rate of a sweep (req/s)")
+    cmp_.add_argument("--sweep-factor", type=float, default=1.5)
+    cmp_.add_argument("--sweep-steps", type=int, default=8)
+    cmp_.add_argument("--sweep-duration-s", type=float, default=5.0)
+    cmp_.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO that defines saturation")
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.set_defaults(func=_compare)
+
+    run = bench.add_parser("run", help="drive a running frontend")
+    run.add_argument("--address", default="", help="frontend host:port (default: the cluster in --workdir)")
+    run.add_argument("--workdir", default="var/demo", help="a `shardrec cluster up` workdir: its frontend and pids")
+    run.add_argument("--preset", default="demo", help="the model's size, for the request mix")
+    run.add_argument("--candidates", type=int, default=100)
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop at this many requests/s (Poisson)")
+    mode.add_argument("--concurrency", type=int, help="closed loop with this many clients")
+    mode.add_argument("--sweep", action="store_true", help="raise the rate until p99 passes --slo-ms")
+    run.add_argument("--duration-s", type=float, default=10.0)
+    run.add_argument("--warmup-s", type=float, default=2.0)
+    run.add_argument("--slo-ms", type=float, default=50.0)
+    run.add_argument("--sweep-start", type=float, default=100.0)
+    run.add_argument("--deadline-ms", type=float, default=1000.0)
+    run.add_argument("--label", default="shardrec")
+    run.add_argument("--out", default="bench-results/run", help="folder for run.json and the plots")
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=_run)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmarks.compare import CompareConfig, compare
+    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+
+    cfg = CompareConfig(
+        cluster=LocalClusterConfig(
+            workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
+            nodes=args.nodes, seed=args.seed, cluster="bench",
+        ),
+        systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+        out_dir=Path(args.out), candidates=args.candidates, low_rate_rps=args.low_rate, cpu_rate_rps=args.cpu_rate,
+        duration_s=args.duration_s, warmup_s=args.warmup_s, sweep=not args.no_sweep, sweep_start_rps=args.sweep_start,
+        sweep_factor=args.sweep_factor, sweep_max_steps=args.sweep_steps, sweep_duration_s=args.sweep_duration_s,
+        slo_p99_ms=args.slo_ms, seed=args.seed,
+    )  # fmt: skip
+    compare(cfg)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from benchmarks.harness import (
+        BenchResult, ClosedLoop, CounterMeter, CpuMeter, OpenLoop, RequestMix, format_table, plots, run,
+        run_recommender, run_record,
+    )  # fmt: skip
+    from benchmarks.harness.sweep import sweep_async
+    from services.admin.local_cluster import read_state
+    from services.core.errors import ConfigError
+
+    address, pids = args.address, {}
+    state = read_state(Path(args.workdir))
+    if state is not None:
+        address = address or state.frontend
+        pids = {p.pid: p.name for p in state.processes if p.role in ("shard", "frontend", "redis")}
+    if not address:
+        raise ConfigError(f"no --address and no running cluster in {args.workdir} (start one with `shardrec cluster up`)")
+    mix = RequestMix(args.preset, candidates=args.candidates, seed=args.seed)
+
+    def progress(p) -> None:
+        sys.stdout.write(f"\r  {p.line()[:120]:<120}")
+        sys.stdout.flush()
+
+    async def once(load, label):
+        cpu, counters = CpuMeter(pids), CounterMeter(address)
+        stats = await run_recommender(address, mix, load, deadline_s=args.deadline_ms / 1000, progress=progress,
+                                      meters=[cpu, counters])  # fmt: skip
+        sys.stdout.write("\n")
+        return run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
+
+    result = BenchResult(workload=mix.params(), notes=f"shardrec bench run against {address}")
+    result.system(args.label, description={"address": address, "processes": sorted(set(pids.values()))})
+    if args.sweep:
+        sw = run(sweep_async(lambda r: once(OpenLoop(r, args.duration_s, args.warmup_s, seed=args.seed), f"sweep {r:.0f}/s"),
+                             args.sweep_start, slo_p99_ms=args.slo_ms))  # fmt: skip
+        result.add_sweep(args.label, sw)
+    elif args.concurrency:
+        result.add_run(args.label, run(once(ClosedLoop(args.concurrency, args.duration_s, args.warmup_s), "closed")))
+    else:
+        rate = args.rate or 100.0
+        result.add_run(args.label, run(once(OpenLoop(rate, args.duration_s, args.warmup_s, seed=args.seed), "open")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.write_json(out / "run.json")
+    doc = result.to_dict()
+    plots.latency_cdf(doc, out / "latency_cdf.png")
+    if args.sweep:
+        plots.sweep_plot(doc, out / "sweep.png", slo_p99_ms=args.slo_ms)
+    print(format_table(doc))
+    print(f"wrote {out / 'run.json'} and plots in {out}")
+    return 0
