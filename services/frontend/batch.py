@@ -58,3 +58,37 @@ class PreparedBatch:
     @property
     def num_samples(self) -> int:
         return int(self.sample_offsets[-1])
+
+
+# Bags longer than this are not compared for repeats (long history bags almost never repeat).
+DEDUP_MAX_BAG_LEN = 8
+
+
+def unique_bags(bags: Bags) -> tuple[Bags, np.ndarray | None]:
+    """Identical bags (same rows in the same order, unweighted) pooled once per batch.
+
+    Returns the unique bags and, for every original bag, the index of its unique twin; the
+    inverse is None when nothing repeats (or the feature is weighted or has long bags), and the
+    bags are returned as they are. Vectorized: bags are padded to a [B, max_len] matrix and
+    compared with ``np.unique(axis=0)``.
+    """
+    lengths = bags.lengths
+    if bags.weights is not None or len(lengths) < 2:
+        return bags, None
+    max_len = int(lengths.max())
+    if max_len > DEDUP_MAX_BAG_LEN:
+        return bags, None
+    if max_len == 0:
+        return Bags(bags.rows[:0], lengths[:1]), np.zeros(len(lengths), dtype=np.int64)
+    if max_len == 1 and int(lengths.min()) == 1:
+        uniq, inverse = np.unique(bags.rows, return_inverse=True)
+        if len(uniq) == len(lengths):
+            return bags, None
+        return Bags(uniq.astype(np.int64), np.ones(len(uniq), dtype=np.int32)), inverse.ravel()
+    mat = np.full((len(lengths), max_len), -1, dtype=np.int64)  # rows are >= 0: -1 pads
+    mat[np.arange(max_len)[None, :] < lengths[:, None]] = bags.rows
+    _, first, inverse = np.unique(mat, axis=0, return_index=True, return_inverse=True)
+    if len(first) == len(lengths):
+        return bags, None
+    kept = mat[first]
+    return Bags(kept[kept >= 0], lengths[first]), inverse.ravel()

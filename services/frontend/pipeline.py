@@ -15,7 +15,7 @@ import numpy as np
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import DeadlineExceededError
 from services.core.types import FeatureSide, Version
-from services.frontend.batch import RecRequest
+from services.frontend.batch import RecRequest, unique_bags
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import FeatureLookup, LookupClient
 from services.ranker.ranker import Ranker, top_k
@@ -47,6 +47,8 @@ class RecommendPipeline:
         self.ranker = ranker
         self.version = version
         self._batch_ids = itertools.count(1)
+        self.bags_requested = 0  # bags the batches needed, per feature
+        self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
 
     async def process(self, items: list[Pending]) -> list[Recommendation | BaseException]:
         now = time.monotonic()
@@ -61,16 +63,21 @@ class RecommendPipeline:
 
     async def _run(self, requests: list[RecRequest], deadline: float) -> list[Recommendation]:
         batch = await self.prep.prepare(requests)
-        features = [
-            FeatureLookup(f.name, f.table, f.pooling, (batch.user_bags if f.side is FeatureSide.USER else batch.item_bags)[f.name], f.side)
-            for f in self.spec.sparse_features
-        ]
+        features, twins = [], {}
+        for f in self.spec.sparse_features:
+            bags = (batch.user_bags if f.side is FeatureSide.USER else batch.item_bags)[f.name]
+            unique, twins[f.name] = unique_bags(bags)
+            self.bags_requested += len(bags.lengths)
+            self.bags_looked_up += len(unique.lengths)
+            features.append(FeatureLookup(f.name, f.table, f.pooling, unique, f.side))
         tag = f"batch-{next(self._batch_ids)}:{requests[0].request_id}"
         result = await self.lookup.lookup(features, version=self.version, timeout_s=deadline - time.monotonic(), request_id=tag)
         dim = self.spec.dense_arch.embedding_dim
         sparse = np.empty((batch.num_samples, len(features), dim), dtype=np.float32)
         for fi, f in enumerate(self.spec.sparse_features):
             index = batch.user_of_sample if f.side is FeatureSide.USER else batch.item_of_sample
+            if twins[f.name] is not None:
+                index = twins[f.name][index]
             np.take(result.pooled[f.name], index, axis=0, out=sparse[:, fi, :])
         scores = await self.ranker.score_async(batch.dense, sparse)
         out = []

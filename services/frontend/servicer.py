@@ -62,6 +62,8 @@ class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
             "item_ids_requested": prep.item_ids_requested,
             "item_ids_unique": prep.item_ids_unique,
             "redis_round_trips": prep.redis_round_trips,
+            "bags_requested": self._pipeline.bags_requested,
+            "bags_looked_up": self._pipeline.bags_looked_up,
             "lookup_batches": lk.batches,
             "lookup_rpcs": lk.rpcs,
             "lookup_failovers": lk.failovers,

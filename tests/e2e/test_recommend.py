@@ -156,6 +156,7 @@ def test_concurrent_requests_match_reference(served, reference):
     assert delta["requests_batched"] == REQUESTS
     assert delta["multi_request_batches"] > 0, f"no request shared a batch: {delta}"
     assert delta["item_ids_unique"] < delta["item_ids_requested"], f"no id was deduplicated: {delta}"
+    assert delta["bags_looked_up"] < delta["bags_requested"], f"no identical bag was pooled once: {delta}"
     assert delta["lookup_rpcs"] <= 3 * delta["batches"], "more than one Lookup per node per batch"
     assert delta["wire_bytes_user"] > 0 and delta["wire_bytes_item"] > delta["wire_bytes_user"], delta
 

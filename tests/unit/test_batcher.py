@@ -81,3 +81,28 @@ def test_per_item_error_reaches_only_its_caller():
 
     good, bad = run(main())
     assert good == 1 and isinstance(bad, ValueError)
+
+
+def test_unique_bags_pool_each_distinct_bag_once():
+    import numpy as np
+
+    from services.frontend.batch import Bags, unique_bags
+
+    single = Bags(np.array([5, 3, 5, 5, 3], np.int64), np.ones(5, np.int32))
+    u, inv = unique_bags(single)
+    assert u.rows.tolist() == [3, 5] and u.lengths.tolist() == [1, 1] and inv.tolist() == [1, 0, 1, 1, 0]
+
+    multi = Bags(np.array([1, 2, 7, 1, 2, 2, 1], np.int64), np.array([2, 1, 0, 2, 2, 0], np.int32))
+    u, inv = unique_bags(multi)
+    # every original bag equals its unique twin, element by element
+    offs = np.concatenate(([0], np.cumsum(multi.lengths)))
+    uoffs = np.concatenate(([0], np.cumsum(u.lengths)))
+    for b in range(len(multi.lengths)):
+        j = inv[b]
+        assert multi.rows[offs[b]:offs[b + 1]].tolist() == u.rows[uoffs[j]:uoffs[j + 1]].tolist()
+    assert len(u.lengths) == 4  # [1,2], [7], [], [2,1] (order matters: [2,1] != [1,2])
+
+    distinct = Bags(np.array([1, 2, 3], np.int64), np.ones(3, np.int32))
+    assert unique_bags(distinct) == (distinct, None)
+    weighted = Bags(np.array([1, 1], np.int64), np.ones(2, np.int32), np.ones(2, np.float32))
+    assert unique_bags(weighted)[1] is None
