@@ -46,6 +46,7 @@ class CompareConfig:
     slo_p99_ms: float = 50.0
     deadline_s: float = 1.0
     seed: int = 0
+    prime_s: float = 5.0
 
 
 def start_systems(cluster: LocalCluster, systems: tuple[str, ...]) -> dict[str, dict]:
@@ -100,6 +101,11 @@ async def measure_system(cfg: CompareConfig, system: str, address: str, pids: di
         return run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
 
     result.system(system, description={"address": address, "processes": sorted(set(pids.values()))})
+    if cfg.prime_s > 0:  # touch the memory-mapped tables and warm caches; not recorded
+        from benchmarks.harness import ClosedLoop
+
+        await run_recommender(address, mix, ClosedLoop(8, cfg.prime_s), deadline_s=cfg.deadline_s, progress=progress)
+        out.write("\n")
     result.add_run(system, await at_rate(cfg.low_rate_rps, cfg.duration_s, "low-load"))
     result.add_run(system, await at_rate(cfg.cpu_rate_rps, cfg.duration_s, "cpu"))
     if cfg.sweep:

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--cpu-rate", type=float, default=150.0, help="open-loop rate of the CPU and bytes run (req/s)")
     cmp_.add_argument("--duration-s", type=float, default=8.0)
     cmp_.add_argument("--warmup-s", type=float, default=2.0)
+    cmp_.add_argument("--prime-s", type=float, default=5.0, help="unrecorded closed-loop load per system first (cold caches)")
     cmp_.add_argument("--no-sweep", action="store_true", help="skip the saturation sweeps")
     cmp_.add_argument("--sweep-start", type=float, default=100.0, help="first rate of a sweep (req/s)")
     cmp_.add_argument("--sweep-factor", type=float, default=1.5)
@@ -72,7 +73,7 @@ def _compare(args: argparse.Namespace) -> int:
         out_dir=Path(args.out), candidates=args.candidates, low_rate_rps=args.low_rate, cpu_rate_rps=args.cpu_rate,
         duration_s=args.duration_s, warmup_s=args.warmup_s, sweep=not args.no_sweep, sweep_start_rps=args.sweep_start,
         sweep_factor=args.sweep_factor, sweep_max_steps=args.sweep_steps, sweep_duration_s=args.sweep_duration_s,
-        slo_p99_ms=args.slo_ms, seed=args.seed,
+        slo_p99_ms=args.slo_ms, seed=args.seed, prime_s=args.prime_s,
     )  # fmt: skip
     compare(cfg)
     return 0
