@@ -38,6 +38,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.set_defaults(func=_compare)
 
+    sc = bench.add_parser("scaling", help="cost versus candidates, shard nodes or table size (shardrec vs monolith)")
+    sc.add_argument("dimension", choices=["candidates", "nodes", "table-size"])
+    sc.add_argument("--values", default="", help="comma-separated points (default: candidates 10,100,1000; nodes 1,2,4; table-size demo,large)")
+    sc.add_argument("--systems", default="monolith,shardrec")
+    sc.add_argument("--preset", default="demo")
+    sc.add_argument("--spec", default="deploy/placement/mixed.json")
+    sc.add_argument("--nodes", type=int, default=3)
+    sc.add_argument("--workdir", default="var/bench")
+    sc.add_argument("--out", default="bench-results/scaling")
+    sc.add_argument("--candidates", type=int, default=100)
+    sc.add_argument("--low-rate", type=float, default=50.0)
+    sc.add_argument("--cpu-rate", type=float, default=150.0)
+    sc.add_argument("--duration-s", type=float, default=6.0)
+    sc.add_argument("--warmup-s", type=float, default=1.0)
+    sc.add_argument("--prime-s", type=float, default=3.0)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.set_defaults(func=_scaling)
+
     run = bench.add_parser("run", help="drive a running frontend")
     run.add_argument("--address", default="", help="frontend host:port (default: the cluster in --workdir)")
     run.add_argument("--workdir", default="var/demo", help="a `shardrec cluster up` workdir: its frontend and pids")
@@ -76,6 +94,27 @@ def _compare(args: argparse.Namespace) -> int:
         slo_p99_ms=args.slo_ms, seed=args.seed, prime_s=args.prime_s,
     )  # fmt: skip
     compare(cfg)
+    return 0
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmarks.compare import CompareConfig
+    from benchmarks.scaling import scaling
+    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+
+    base = CompareConfig(
+        cluster=LocalClusterConfig(
+            workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
+            nodes=args.nodes, seed=args.seed, cluster="bench",
+        ),
+        systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+        out_dir=Path(args.out), candidates=args.candidates, low_rate_rps=args.low_rate, cpu_rate_rps=args.cpu_rate,
+        duration_s=args.duration_s, warmup_s=args.warmup_s, sweep=False, seed=args.seed, prime_s=args.prime_s,
+    )  # fmt: skip
+    values = [v.strip() for v in args.values.split(",") if v.strip()] or None
+    scaling(base, args.dimension, values)
     return 0
 
 
