@@ -74,6 +74,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.R
         server.close()
 
 
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The ``small`` demo model (seed 9), generated once per session; tests only read it."""
+    from services.core.synth import synthesize
+
+    root = tmp_path_factory.mktemp("small-checkpoint")
+    synthesize(root, "small", seed=9)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def small_reference(small_checkpoint: str):
+    """The reference recommender (the oracle) over ``small_checkpoint``."""
+    from services.core.reference import ReferenceRecommender
+
+    return ReferenceRecommender(small_checkpoint)
+
+
 @pytest.fixture
 def cluster_name() -> str:
     """A cluster name unique to this test, e.g. ``t-3f2a9c1b0d``."""

@@ -11,8 +11,6 @@ import uuid
 
 import pytest
 
-from services.core.reference import ReferenceRecommender
-from services.core.synth import synthesize
 from tests.e2e.test_recommend import check_response, random_requests, send_all, stats
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for
@@ -23,15 +21,13 @@ LOOKUPS = ("inproc", "redis-kv", "torchrec")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    synthesize(root, "small", seed=9)
-    return str(root)
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return ReferenceRecommender(checkpoint)
+def reference(small_reference):
+    return small_reference
 
 
 @pytest.fixture(scope="module")

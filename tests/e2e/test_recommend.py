@@ -16,7 +16,7 @@ from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.reference import ReferenceRecommender
-from services.core.synth import power_law_ids, synthesize
+from services.core.synth import power_law_ids
 from services.ranker.ranker import top_k
 from tests.support.cluster import start_cluster
 from tests.support.processes import ProcessFactory
@@ -43,15 +43,13 @@ PLACEMENTS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    synthesize(root, "small", seed=9)
-    return str(root)
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return ReferenceRecommender(checkpoint)
+def reference(small_reference):
+    return small_reference
 
 
 @pytest.fixture(scope="module")

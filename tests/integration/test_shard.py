@@ -15,8 +15,6 @@ from services.core import sharding, wire
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.reference import ReferenceModel
-from services.core.synth import synthesize
 from services.core.types import PoolingType
 from tests.support.cluster import start_cluster, start_shard, wait_registered
 from tests.support.processes import ProcessFactory
@@ -37,15 +35,13 @@ POOLING = {PoolingType.SUM: embedding_pb2.POOLING_SUM, PoolingType.MEAN: embeddi
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    synthesize(root, "small", seed=3)
-    return str(root)
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return ReferenceModel(checkpoint)
+def reference(small_reference):
+    return small_reference.model
 
 
 @pytest.fixture(scope="module")
