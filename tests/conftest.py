@@ -33,21 +33,27 @@ def _docker_or_none() -> bool:
     return ok
 
 
+def _session_server(local_cls, docker_cls, work_dir_factory):
+    """A started server of ``local_cls`` in a fresh folder (or ``docker_cls`` where Docker is
+    opted in); a missing binary fails the session with the install hint, not a skip."""
+    if _docker_or_none():
+        return docker_cls()
+    missing = None
+    try:
+        server = local_cls(work_dir_factory())
+    except servers.MissingServerError as e:
+        missing = str(e)
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="session")
 def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.ZkServer]:
     """A real ZooKeeper for the whole session: ``.hosts``, ``.port``, ``.stop()``, ``.start()``
     (same port and data), ``.kill()``, ``.pause()``, ``.resume()``. Killed at session end."""
-    if _docker_or_none():
-        server = servers.DockerZkServer()
-    else:
-        missing = None
-        try:
-            server = servers.ZkServer(tmp_path_factory.mktemp("zookeeper"))
-        except servers.MissingServerError as e:
-            missing = str(e)
-        if missing:
-            pytest.fail(missing, pytrace=False)
-        server.start()
+    server = _session_server(servers.ZkServer, servers.DockerZkServer, lambda: tmp_path_factory.mktemp("zookeeper"))
     try:
         yield server  # type: ignore[misc]
     finally:
@@ -57,17 +63,7 @@ def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.ZkSe
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.RedisServer]:
     """A real Redis for the whole session: ``.port``, ``.url``, same lifecycle methods."""
-    if _docker_or_none():
-        server = servers.DockerRedisServer()
-    else:
-        missing = None
-        try:
-            server = servers.RedisServer(tmp_path_factory.mktemp("redis"))
-        except servers.MissingServerError as e:
-            missing = str(e)
-        if missing:
-            pytest.fail(missing, pytrace=False)
-        server.start()
+    server = _session_server(servers.RedisServer, servers.DockerRedisServer, lambda: tmp_path_factory.mktemp("redis"))
     try:
         yield server  # type: ignore[misc]
     finally:

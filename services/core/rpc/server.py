@@ -23,6 +23,23 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _register(server, add_servicers, service_names, health_servicer) -> tuple[str, ...]:
+    """Servicers, health and reflection on ``server`` (sync or asyncio alike)."""
+    for add in add_servicers:
+        add(server)
+    names = tuple(service_names)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return names
+
+
+def _bind(server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    return bound
+
+
 @dataclass
 class SyncServer:
     """A started thread-pool gRPC server with its bound port and health servicer."""
@@ -58,15 +75,9 @@ def start_sync_server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=channel_options(max_message_bytes),
     )
-    for add in add_servicers:
-        add(server)
-    names = tuple(service_names)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    names = _register(server, add_servicers, service_names, health_servicer)
+    bound = _bind(server, host, port)
     server.start()
     s = SyncServer(server, bound, health_servicer, names)
     s.set_serving(False)
@@ -104,15 +115,9 @@ async def start_aio_server(
     from grpc_health.v1 import _async as aio_health
 
     server = grpc.aio.server(options=channel_options(max_message_bytes))
-    for add in add_servicers:
-        add(server)
-    names = tuple(service_names)
     health_servicer = aio_health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    names = _register(server, add_servicers, service_names, health_servicer)
+    bound = _bind(server, host, port)
     await server.start()
     s = AioServer(server, bound, health_servicer, names)
     await s.set_serving(False)
