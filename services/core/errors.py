@@ -59,3 +59,9 @@ class ConfigError(ShardrecError):
     """A configuration or spec file is invalid."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class PlanError(ConfigError):
+    """No placement satisfies the planner's inputs: the tables do not fit the nodes' memory, or a
+    pin asks for more than the cluster has. The message names the table and what is short; a
+    retry does not help until nodes, memory, pins or tables change."""
