@@ -264,44 +264,13 @@ def initial_shard_map(
 ) -> ShardMap:
     """The first ShardMap of a cluster: pure and deterministic.
 
-    Tables are placed biggest first (ties by name); for each partition and each replica, the
-    node with the fewest bytes so far among the nodes not yet holding that partition gets it
+    Partitions are placed biggest first (ties: table name, then partition); each replica goes
+    to the node with the fewest bytes so far among the nodes not yet holding that partition
     (ties go to the earlier node in ``node_ids``). Raises ConfigError naming the table when
     the spec names an unknown table, asks for more replicas than nodes, or row_wise partitions
-    outside ``[2, rows]``.
+    outside ``[2, rows]``. This is the planner with every table pinned by ``spec``
+    (``services.core.planner.plan_from_spec``).
     """
-    nodes = tuple(node_ids)
-    if not nodes:
-        raise ConfigError("initial placement needs at least 1 node")
-    if len(set(nodes)) != len(nodes):
-        raise ConfigError(f"node ids must be unique: {list(nodes)}")
-    by_name = {t.name: t for t in tables}
-    unknown = sorted(set(spec.tables) - set(by_name))
-    if unknown:
-        raise ConfigError(f"placement spec names tables the model does not have: {unknown} (model tables: {sorted(by_name)})")
-    order = {n: i for i, n in enumerate(nodes)}
-    load = {n: 0 for n in nodes}
-    placed: dict[str, TablePlacement] = {}
-    for table in sorted(tables, key=lambda t: (-t.size_bytes, t.name)):
-        entry = spec.for_table(table.name)
-        if table.rows < 1:
-            raise ConfigError(f"table {table.name!r}: has no rows")
-        replicas = entry.resolve_replicas(len(nodes))
-        if replicas > len(nodes):
-            raise ConfigError(f"table {table.name!r}: {replicas} replicas but only {len(nodes)} nodes")
-        num_parts = entry.partitions
-        if entry.sharding is ShardingType.ROW_WISE and not 2 <= num_parts <= table.rows:
-            raise ConfigError(f"table {table.name!r}: row_wise partitions must be in [2, rows={table.rows}], got {num_parts}")
-        parts: list[tuple[str, ...]] = []
-        for p in range(num_parts):
-            size = partition_bytes(table, num_parts, p)
-            holders: list[str] = []
-            for _ in range(replicas):
-                node = min((n for n in nodes if n not in holders), key=lambda n: (load[n], order[n]))
-                holders.append(node)
-                load[node] += size
-            parts.append(tuple(holders))
-        placed[table.name] = TablePlacement(entry.sharding, tuple(parts))
-    smap = ShardMap(version=version, tables=placed, nodes=nodes)
-    smap.validate({t.name: t.rows for t in tables})
-    return smap
+    from services.core.planner import plan_from_spec  # the planner imports this module
+
+    return plan_from_spec(spec, tables, node_ids, version)
