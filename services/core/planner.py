@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,7 +75,9 @@ class PlannerConfig:
       carries at most ``tol x`` the mean node load, so a greedy packing can meet the aim.
     - ``keep_shape_load_factor``: an unpinned table keeps its current partition count while
       that still fits ``max_partition_bytes`` and its units carry at most this many times the
-      split target (hysteresis: a small change of load does not reshape a table).
+      split target (hysteresis: a small change of load does not reshape a table); a
+      replicated table keeps its replicas too (within ``[min_replicas, nodes]``), others go
+      back to ``min_replicas``.
     """
 
     replicate_max_bytes: int
@@ -285,8 +288,7 @@ class _Limits:
 
 
 def _check_tables(tables: Sequence[TableLoad]) -> list[TableLoad]:
-    names = [t.spec.name for t in tables]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(t.spec.name for t in tables).items() if count > 1)
     if dupes:
         raise PlanError(f"table names must be unique, repeated: {dupes}")
     for t in tables:
@@ -324,22 +326,23 @@ def _shape(t: TableLoad, limits: _Limits, config: PlannerConfig, current: TableP
     if current is None:
         return ideal
     num_parts = current.num_partitions
-    replicas = min(max(max(len(r) for r in current.partitions), limits.min_replicas), limits.num_nodes)
     keep_load = limits.split_load * config.keep_shape_load_factor
     if ideal.sharding is ShardingType.REPLICATED:
         if num_parts != 1:
             return ideal
+        # Extra replicas of a small table cost little and moving them costs loads: keep them.
+        replicas = min(max(max(len(r) for r in current.partitions), limits.min_replicas), limits.num_nodes)
         if _unit_load(t.lookups_per_s, 1, replicas) > keep_load:
             replicas = max(replicas, ideal.replicas)
         return _Shape(ShardingType.REPLICATED, 1, replicas)
     acceptable = num_parts == ideal.partitions or (
         num_parts <= t.spec.rows
         and partition_bytes(t.spec, num_parts, 0) <= limits.max_partition_bytes
-        and _unit_load(t.lookups_per_s, num_parts, replicas) <= keep_load
+        and _unit_load(t.lookups_per_s, num_parts, ideal.replicas) <= keep_load
     )
     if not acceptable:
         return ideal
-    return _Shape(ShardingType.ROW_WISE if num_parts > 1 else ShardingType.TABLE_WISE, num_parts, replicas)
+    return _Shape(ShardingType.ROW_WISE if num_parts > 1 else ShardingType.TABLE_WISE, num_parts, ideal.replicas)
 
 
 def _pinned_shape(table: TableSpec, pin: TablePlacementSpec, num_nodes: int) -> _Shape:

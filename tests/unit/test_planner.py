@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -77,8 +78,11 @@ LOADS = {SMALL_HOT: 400.0, SMALL_COLD: 10.0, MID: 40.0, MID_HOT: 300.0, BIG: 250
 CONFIG = PlannerConfig(replicate_max_bytes=1 * MIB, max_partition_bytes=4 * MIB)
 
 
-def _mix(pins: dict[str, TablePlacementSpec] | None = None, scale: float = 1.0) -> list[TableLoad]:
-    return [TableLoad(spec, load * scale, (pins or {}).get(spec.name)) for spec, load in LOADS.items()]
+def _mix(
+    pins: dict[str, TablePlacementSpec] | None = None, scale: float = 1.0, lookups: dict[TableSpec, float] | None = None
+) -> list[TableLoad]:
+    """LOADS x scale, with ``lookups`` replacing some tables' loads and ``pins`` by table name."""
+    return [TableLoad(spec, (lookups or {}).get(spec, load * scale), (pins or {}).get(spec.name)) for spec, load in LOADS.items()]
 
 
 SHAPE_CASES = [
@@ -153,6 +157,57 @@ def test_shapes(tables: list[TableLoad], nodes: list[NodeCapacity], config: Plan
         table = next(t for t in tables if t.spec.name == name)
         if sharding is RW and table.pinned is None:
             assert -(-table.spec.rows // parts) * table.spec.dim * 4 <= limit, name  # the biggest partition fits
+
+
+KEEP_CASES = [
+    # (id, changed tables, changed config, table, its new (sharding, P, R), its moves as {kind: count})
+    (
+        "a cooled replicated table keeps its replicas",
+        _mix(lookups={SMALL_HOT: 10.0}),
+        CONFIG,
+        "small_hot",
+        (REP, 1, 4),
+        {},
+    ),
+    (
+        "a cooled row_wise table keeps its partitions",
+        _mix(lookups={MID_HOT: 50.0}),
+        CONFIG,
+        "mid_hot",
+        (RW, 3, 2),
+        {},
+    ),
+    (
+        "replicated over replicate_max_bytes: table_wise, extra replicas dropped",
+        _mix(lookups={SMALL_HOT: 40.0}),
+        dataclasses.replace(CONFIG, replicate_max_bytes=32 * KIB),
+        "small_hot",
+        (TW, 1, 2),
+        {MoveKind.DROP: 2},
+    ),
+    (
+        "partitions over a lowered max_partition_bytes: cut again",
+        _mix(),
+        dataclasses.replace(CONFIG, max_partition_bytes=2 * MIB),
+        "big",
+        (RW, 7, 2),
+        {MoveKind.DROP: 8, MoveKind.ADD: 14},
+    ),
+]
+
+
+@pytest.mark.parametrize("tables,config,name,shape,moves", [c[1:] for c in KEEP_CASES], ids=[c[0] for c in KEEP_CASES])
+def test_current_shape_kept_while_acceptable(
+    tables: list[TableLoad], config: PlannerConfig, name: str, shape: tuple, moves: dict
+) -> None:
+    nodes = _nodes(4, 64 * MIB)
+    old = plan(_mix(), nodes, None, CONFIG, version=1)
+    new = plan(tables, nodes, old, config, version=2)
+    _check(new, tables, nodes, config)
+    tp = new.tables[name]
+    assert (tp.sharding, tp.num_partitions, {len(r) for r in tp.partitions}) == (shape[0], shape[1], {shape[2]})
+    kinds = Counter(m.kind for m in diff(old, new, list(LOADS)) if m.table == name)
+    assert kinds == moves
 
 
 # ---- errors name the table and the shortfall --------------------------------------------------
