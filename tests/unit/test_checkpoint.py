@@ -13,41 +13,19 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.storage import CheckpointStore
 from services.core.checkpoint.writer import VersionWriter, write_base
 from services.core.errors import CheckpointError
-from services.core.types import (
-    DenseArch,
-    DenseFeatureSpec,
-    FeatureSide,
-    FeatureSource,
-    MappingKind,
-    PoolingType,
-    SparseFeatureSpec,
-    TableSpec,
-)
-
-DIM = 4
+from tests.support.tiny_checkpoint import DIM, republish, tiny_dense, tiny_spec, tiny_tables
 
 
 def _spec() -> ModelSpec:
-    return ModelSpec(
-        name="tiny",
-        tables=(TableSpec("users", 10, DIM), TableSpec("items", 7, DIM)),
-        sparse_features=(
-            SparseFeatureSpec("user_id", "users", FeatureSide.USER, PoolingType.SUM, 1, MappingKind.MODULO, FeatureSource.ENTITY_ID),
-            SparseFeatureSpec("item_id", "items", FeatureSide.ITEM, PoolingType.SUM, 1, MappingKind.IDENTITY, FeatureSource.ENTITY_ID),
-        ),
-        dense_features=(DenseFeatureSpec("age", FeatureSide.USER),),
-        dense_arch=DenseArch(num_dense=1, embedding_dim=DIM, num_sparse=2, bottom_mlp=(3, DIM), top_mlp=(5, 1)),
-    )
+    return tiny_spec()
 
 
 def _tables(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {t.name: rng.standard_normal((t.rows, t.dim), dtype=np.float32) for t in _spec().tables}
+    return tiny_tables(_spec(), seed)
 
 
 def _dense(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed + 100)
-    return {n: rng.standard_normal(s).astype(np.float32) for n, s in _spec().dense_arch.param_shapes().items()}
+    return tiny_dense(_spec(), seed)
 
 
 @pytest.fixture
@@ -55,13 +33,6 @@ def root(tmp_path):
     """A checkpoint root holding complete base version 1."""
     write_base(tmp_path, 1, _spec(), _tables(), _dense())
     return tmp_path
-
-
-def _republish(root, version: int, manifest: Manifest) -> None:
-    """Rewrite manifest.json and a matching COMPLETE, as a (buggy) hand-written trainer would."""
-    data = manifest.to_bytes()
-    (root / f"versions/{version}/manifest.json").write_bytes(data)
-    (root / f"versions/{version}/COMPLETE").write_text(hashlib.sha256(data).hexdigest())
 
 
 # ---------------------------------------------------------------- round trip
@@ -157,7 +128,7 @@ def test_wrong_shape_table_is_refused_naming_table_expected_and_actual(root):
     files = tuple(
         type(f)(f.path, store.size_bytes(f"versions/1/{f.path}"), store.sha256(f"versions/1/{f.path}")) for f in m.files
     )
-    _republish(root, 1, Manifest(1, m.kind, None, m.model, files, m.created_at))
+    republish(root, 1, Manifest(1, m.kind, None, m.model, files, m.created_at))
     reader.verify(1)
     with pytest.raises(CheckpointError, match=r"table 'users'.*expected float32 \[10, 4\] C order, got float32 \[4, 10\]"):
         reader.open_table(1, "users")
@@ -179,19 +150,21 @@ def test_manifest_version_must_match_its_folder(root):
 def test_manifest_may_not_name_files_outside_the_checkpoint(root):
     m = CheckpointReader(root).manifest(1)
     evil = m.files + (type(m.files[0])("../../etc/passwd", 1, "0" * 64),)
-    _republish(root, 1, Manifest(1, m.kind, None, m.model, evil, m.created_at))
+    republish(root, 1, Manifest(1, m.kind, None, m.model, evil, m.created_at))
     with pytest.raises(CheckpointError, match="lists '../../etc/passwd'; paths must be relative to the version folder"):
         CheckpointReader(root).manifest(1)
 
 
-def test_delta_versions_are_refused_for_now(root):
+def test_a_delta_without_files_reads_as_its_parent(root):
     m = CheckpointReader(root).manifest(1)
     (root / "versions/2").mkdir()
-    _republish(root, 2, Manifest(2, KIND_DELTA, 1, m.model, (), m.created_at))
+    republish(root, 2, Manifest(2, KIND_DELTA, 1, m.model, (), m.created_at))
     reader = CheckpointReader(root)
-    assert reader.manifest(2).parent == 1
-    with pytest.raises(CheckpointError, match="deltas are not supported yet"):
-        reader.open_table(2, "users")
+    assert reader.manifest(2).parent == 1 and [c.version for c in reader.chain(2)] == [1, 2]
+    table = reader.open_table(2, "users")
+    assert isinstance(table, np.memmap)  # nothing changed: the base's own memory map
+    np.testing.assert_array_equal(table, _tables()["users"])
+    assert reader.dense_state(2).keys() == _dense().keys()
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/ckpt", "gs://bucket/ckpt", "http://host/ckpt", "file://otherhost/ckpt"])
@@ -263,7 +236,7 @@ def test_failed_write_leaves_nothing_published(tmp_path):
         ("users", np.zeros((10, DIM), np.float64), "table 'users': expected dtype float32, got float64"),
         ("users", np.zeros((10, DIM + 1), np.float32), r"table 'users': expected chunks of shape \[k, 4\], got \[10, 5\]"),
         ("users", np.zeros((9, DIM), np.float32), "table 'users': expected 10 rows, got 9"),
-        ("users", [np.zeros((6, DIM), np.float32)] * 2, "table 'users': more than the spec's 10 rows"),
+        ("users", [np.zeros((6, DIM), np.float32)] * 2, "table 'users': more than the expected 10 rows"),
         ("users", np.zeros(10 * DIM, np.float32), r"table 'users': expected chunks of shape \[k, 4\], got \[40\]"),
     ],
 )

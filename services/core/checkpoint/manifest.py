@@ -4,8 +4,8 @@ A checkpoint root (a URI; ``file://`` or a plain path today) holds::
 
     versions/<N>/manifest.json   this version: kind, parent, model spec, files + sha256
     versions/<N>/tables/<table>.npy        base: the whole table, float32 [rows, dim], C order
-    versions/<N>/tables/<table>.ids.npy    delta: int64 [k] changed global row ids (later)
-    versions/<N>/tables/<table>.rows.npy   delta: float32 [k, dim] their new values (later)
+    versions/<N>/tables/<table>.ids.npy    delta: int64 [k] changed global row ids, strictly increasing
+    versions/<N>/tables/<table>.rows.npy   delta: float32 [k, dim] their new values, same order
     versions/<N>/dense.safetensors         dense weights (no pickle); optional in a delta
     versions/<N>/COMPLETE                  written last: sha256 of manifest.json
     features/users.npz, features/items.npz stored user / item feature rows (for Redis)
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from services.core.errors import CheckpointError
 from services.core.types import (
@@ -38,6 +40,9 @@ COMPLETE_FILE = "COMPLETE"
 DENSE_FILE = "dense.safetensors"
 KIND_BASE = "base"
 KIND_DELTA = "delta"
+# On-disk dtypes: table rows (base tables and delta rows) and delta row ids.
+TABLE_DTYPE = np.dtype("<f4")
+ID_DTYPE = np.dtype("<i8")
 
 
 def table_file(table: str) -> str:
@@ -55,6 +60,61 @@ def delta_rows_file(table: str) -> str:
 
 def version_dir(version: Version) -> str:
     return f"versions/{version}"
+
+
+def delta_ids_problem(ids: np.ndarray, num_rows: int) -> str | None:
+    """What is wrong with a delta's row ids (1-D int), or None when they are strictly
+    increasing and in ``[0, num_rows)``: the one rule the writer and the reader both enforce.
+
+    Vectorized: one pass over ``ids``, no per-id Python loop.
+    """
+    if len(ids) == 0:
+        return None
+    steps = np.diff(ids)
+    bad = np.flatnonzero(steps <= 0)
+    if bad.size:
+        i = int(bad[0])
+        if steps[i] == 0:
+            return f"id {int(ids[i])} is listed twice (ids must be unique)"
+        return f"ids[{i + 1}] = {int(ids[i + 1])} follows ids[{i}] = {int(ids[i])} (ids must be sorted strictly increasing)"
+    if ids[0] < 0:
+        return f"id {int(ids[0])} is outside [0, {num_rows})"
+    if ids[-1] >= num_rows:
+        return f"id {int(ids[-1])} is outside [0, {num_rows})"
+    return None
+
+
+def spec_differences(expected: "ModelSpec", actual: "ModelSpec") -> list[str]:
+    """How ``actual`` differs from ``expected``, one readable line per difference ([] when equal).
+
+    A delta must have exactly its parent's spec; this names what differs (table rows, a feature,
+    the dense architecture, ...) so a refusal can say why.
+    """
+    if expected == actual:
+        return []
+    out: list[str] = []
+    if expected.name != actual.name:
+        out.append(f"model name {actual.name!r}, expected {expected.name!r}")
+    want = {t.name: t for t in expected.tables}
+    got = {t.name: t for t in actual.tables}
+    for name in [n for n in want if n not in got]:
+        out.append(f"table {name!r} is missing")
+    for name in [n for n in got if n not in want]:
+        out.append(f"table {name!r} is not in the expected spec")
+    for name in [n for n in want if n in got and want[n] != got[n]]:
+        w, g = want[name], got[name]
+        out.append(f"table {name!r}: [{g.rows}, {g.dim}] {g.dtype}, expected [{w.rows}, {w.dim}] {w.dtype}")
+    if not out and [t.name for t in expected.tables] != [t.name for t in actual.tables]:
+        out.append(f"table order {list(actual.table_names)}, expected {list(expected.table_names)}")
+    for what, w_items, g_items in (
+        ("sparse features", expected.sparse_features, actual.sparse_features),
+        ("dense features", expected.dense_features, actual.dense_features),
+    ):
+        if w_items != g_items:
+            out.append(f"{what} {[f.name for f in g_items]} differ from the expected {[f.name for f in w_items]}")
+    if expected.dense_arch != actual.dense_arch:
+        out.append(f"dense_arch {actual.dense_arch}, expected {expected.dense_arch}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -208,6 +268,23 @@ class Manifest:
             if f.path == path:
                 return f
         raise CheckpointError(f"version {self.version}: manifest lists no file {path!r}")
+
+    def lists(self, path: str) -> bool:
+        """True when the manifest lists ``path``."""
+        return any(f.path == path for f in self.files)
+
+    @property
+    def delta_tables(self) -> tuple[str, ...]:
+        """The tables a delta changes (those whose ``tables/<t>.ids.npy`` it lists), in model
+        order; ``()`` for a base."""
+        if self.kind != KIND_DELTA:
+            return ()
+        return tuple(t for t in self.model.table_names if self.lists(delta_ids_file(t)))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of every listed file (manifest.json and COMPLETE not counted)."""
+        return sum(f.size_bytes for f in self.files)
 
     def to_bytes(self) -> bytes:
         d = {

@@ -1,23 +1,32 @@
-"""CheckpointReader: finds, checks and opens versions of a checkpoint (format v1).
+"""CheckpointReader: finds, checks and opens versions of a checkpoint (format v1), bases and
+deltas.
 
 A version is accepted only as a whole. ``manifest(N)`` refuses a version when:
 
 - ``versions/N/COMPLETE`` is missing (a partial write, or a writer still busy);
 - COMPLETE does not hold the sha256 hex of ``manifest.json`` (the manifest was changed or torn);
-- the manifest is malformed, names a version other than N, or a base lacks a table or
-  ``dense.safetensors`` of its model spec.
+- the manifest is malformed, names a version other than N, a base lacks a table or
+  ``dense.safetensors`` of its model spec, or a delta lists a table file other than a
+  ``tables/<t>.ids.npy`` + ``tables/<t>.rows.npy`` pair of a table of its spec.
 
-``verify(N)`` then checks every listed file: present, the listed size and (``full=True``) the
-listed sha256. ``open_table`` memory-maps a table read-only after checking its size (and, with
-``verify=True``, its sha256) and its .npy header against the spec.
+A delta version N stands for its **chain** ``[base, delta, ..., delta N]`` (``chain(N)``,
+following ``parent`` links down to a base): the base's rows, then each delta's rows in order,
+and the dense weights of the newest version in the chain that has them. ``chain`` refuses a
+parent that is missing or incomplete, a spec that differs from the base's, and a cycle.
+
+``verify(N)`` checks every listed file: present, the listed size and (``full=True``) the listed
+sha256; for a delta also its ids and rows files (see ``delta_rows``). ``open_table`` memory-maps a
+base table read-only after checking its size (and, with ``verify=True``, its sha256) and its .npy
+header against the spec; on a delta version it gives the table materialized at that version.
+
+Row access for loaders (the shard applies a delta in memory proportional to the delta):
+``delta_rows`` (one delta's own ids and rows, memory-mapped), ``changed_ids`` (which rows may
+differ between two versions), ``rows_at`` (some rows at a version), ``partition_rows`` (one
+row-wise partition at a version) and ``table_chunks`` (a whole table at a version, in chunks).
 
 Every refusal is a CheckpointError whose message names the version, file or table and the
-expected and actual values.
-
-Deltas (``kind: delta`` with a parent, ``tables/<t>.ids.npy`` + ``.rows.npy``) are the next
-format step: ``_resolve_chain`` is where ``base + deltas`` will be resolved; today it refuses a
-delta. The reader holds no mutable state: any thread may call it (it does blocking file I/O, so
-not from an event loop).
+expected and actual values. The reader holds no mutable state: any thread may call it (it does
+blocking file I/O, so not from an event loop).
 
 Pure module: numpy and safetensors only (no torch, no grpc).
 """
@@ -26,22 +35,53 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from services.core.checkpoint.manifest import (
     COMPLETE_FILE,
     DENSE_FILE,
+    ID_DTYPE,
     KIND_BASE,
+    KIND_DELTA,
     MANIFEST_FILE,
+    TABLE_DTYPE,
     Manifest,
+    delta_ids_file,
+    delta_ids_problem,
+    delta_rows_file,
+    spec_differences,
     table_file,
     version_dir,
 )
 from services.core.checkpoint.storage import CheckpointStore
-from services.core.checkpoint.writer import TABLE_DTYPE
-from services.core.errors import CheckpointError
-from services.core.types import Version
+from services.core.errors import CheckpointError, InvalidArgumentError
+from services.core.types import TableSpec, Version
+
+# table_chunks hands out this many bytes of rows at a time.
+CHUNK_BYTES = 64 << 20
+
+# One delta's changes to one table: (ids int64 [k] strictly increasing, rows float32 [k, dim]).
+DeltaRows = tuple[np.ndarray, np.ndarray]
+
+
+def _materialize(base: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop: int, step: int) -> np.ndarray:
+    """Rows ``start:stop:step`` of a table at a version, as a new writable C-contiguous float32
+    array: the base rows (a memory-map slice: only those pages are read), then every delta in
+    chain order, restricted to the ids in that range (``searchsorted`` on the sorted ids)."""
+    out = np.array(base[start:stop:step], dtype=TABLE_DTYPE, order="C", copy=True)
+    for ids, rows in deltas:
+        lo, hi = (int(i) for i in np.searchsorted(ids, [start, stop]))
+        if lo == hi:
+            continue
+        offset = np.asarray(ids[lo:hi]) - start
+        if step == 1:
+            out[offset] = rows[lo:hi]
+            continue
+        hit = np.flatnonzero(offset % step == 0)
+        out[offset[hit] // step] = rows[lo + hit]
+    return out
 
 
 class CheckpointReader:
@@ -113,17 +153,59 @@ class CheckpointReader:
             absent = [p for p in needed if p not in listed]
             if absent:
                 raise CheckpointError(f"{where}: base manifest does not list {absent}")
+        else:
+            pairs: dict[str, tuple[str, str]] = {}  # a delta table file -> (its table, the other file of the pair)
+            for t in m.model.table_names:
+                pairs[delta_ids_file(t)] = (t, delta_rows_file(t))
+                pairs[delta_rows_file(t)] = (t, delta_ids_file(t))
+            for path in listed:
+                if not path.startswith("tables/"):
+                    continue
+                if path not in pairs:
+                    raise CheckpointError(
+                        f"{where}: delta lists {path!r}; a delta's table files are tables/<t>.ids.npy and "
+                        f"tables/<t>.rows.npy of a table of its model ({list(m.model.table_names)})"
+                    )
+                table, other = pairs[path]
+                if other not in listed:
+                    raise CheckpointError(f"{where}: delta lists {path!r} but not {other!r} (table {table!r} needs both)")
         return m
 
-    def _resolve_chain(self, version: Version) -> list[Manifest]:
-        """The manifests that make up ``version``: ``[base]`` today. With deltas this becomes
-        ``[base, delta, ..., delta(version)]`` following ``parent`` links down to a base."""
-        m = self.manifest(version)
-        if m.kind != KIND_BASE:
-            raise CheckpointError(
-                f"{self._where(version)} is a {m.kind} (parent {m.parent}); deltas are not supported yet"
-            )
-        return [m]
+    def chain(self, version: Version) -> list[Manifest]:
+        """The manifests that make up ``version``: ``[base, delta, ..., delta(version)]``,
+        following ``parent`` links down to a base (``[base]`` for a base). Each manifest is
+        checked as ``manifest()`` does; CheckpointError naming the broken link when a parent is
+        missing or incomplete, a version's model spec differs from the base's, or the links
+        form a cycle."""
+        newest_first = [self.manifest(version)]
+        seen = {version}
+        while newest_first[-1].kind == KIND_DELTA:
+            child = newest_first[-1]
+            parent = child.parent
+            assert parent is not None  # Manifest.from_bytes gives every delta a parent
+            if parent in seen:
+                raise CheckpointError(f"{self._where(version)}: the parent links form a cycle at delta {child.version} -> {parent}")
+            try:
+                newest_first.append(self.manifest(parent))
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{self._where(version)}: broken chain: delta {child.version} has parent {parent}, which is unusable: {e}"
+                ) from e
+            seen.add(parent)
+        chain = newest_first[::-1]
+        base = chain[0]
+        for m in chain[1:]:
+            differences = spec_differences(base.model, m.model)
+            if differences:
+                raise CheckpointError(
+                    f"{self._where(version)}: broken chain: delta {m.version} (parent {m.parent}) has a model spec that "
+                    f"differs from its base {base.version}'s: {'; '.join(differences)}"
+                )
+        return chain
+
+    def base_version(self, version: Version) -> Version:
+        """The base ``version`` resolves to (itself for a base)."""
+        return self.chain(version)[0].version
 
     # ---------------------------------------------------------------- checks
     def _check_file(self, m: Manifest, path: str, *, full: bool) -> None:
@@ -142,63 +224,194 @@ class CheckpointReader:
 
     def verify(self, version: Version, *, full: bool = True) -> Manifest:
         """Check every file the manifest lists: present with the listed size and, when ``full``,
-        the listed sha256 (reads every byte). Returns the manifest; CheckpointError on the first
-        mismatch, naming the file and the expected and actual values."""
-        m = self.manifest(version)
+        the listed sha256 (reads every byte); for a delta also every listed table's ids and rows
+        (headers, ids sorted and in range) and the manifests of its whole chain. Returns the
+        manifest; CheckpointError on the first mismatch, naming the file and the expected and
+        actual values."""
+        m = self.chain(version)[-1]
         for f in m.files:
             self._check_file(m, f.path, full=full)
+        for table in m.delta_tables:
+            self._delta_rows(m, self._table_spec(m, table), verify=False)  # sizes and sha256 done above
         return m
 
-    # ---------------------------------------------------------------- data
-    def open_table(self, version: Version, table: str, *, verify: bool = True) -> np.ndarray:
-        """A read-only memory map of ``table`` at ``version``: float32 ``[rows, dim]``, C order.
-
-        The file's size is always checked against the manifest and its .npy header against the
-        spec; ``verify=True`` also checks its sha256 (reads the whole file once).
-        """
-        (m,) = self._resolve_chain(version)
+    # ---------------------------------------------------------------- files
+    def _table_spec(self, m: Manifest, table: str) -> TableSpec:
         try:
-            spec = m.model.table(table)
+            return m.model.table(table)
         except KeyError:
-            raise CheckpointError(f"{self._where(version)}: model has no table {table!r} (tables: {list(m.model.table_names)})") from None
-        path = table_file(table)
+            raise CheckpointError(f"{self._where(m.version)}: model has no table {table!r} (tables: {list(m.model.table_names)})") from None
+
+    def _open_npy(self, m: Manifest, path: str, table: str, dtype: np.dtype, shape: tuple[int, ...] | None, *, verify: bool) -> np.ndarray:
+        """A read-only memory map of the listed .npy ``path`` of version ``m`` after checking its
+        size (sha256 with ``verify``) and that its header is ``dtype``, C order and ``shape``
+        (``shape`` None: any 1-D)."""
         self._check_file(m, path, full=verify)
-        local = self._store.local_path(self._rel(version, path))
-        where = f"{self._where(version)}: table {table!r} ({path})"
+        local = self._store.local_path(self._rel(m.version, path))
+        where = f"{self._where(m.version)}: table {table!r} ({path})"
         try:
             with open(local, "rb") as f:
                 npy_version = np.lib.format.read_magic(f)
                 if npy_version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
                 elif npy_version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ValueError(f".npy format version {npy_version} (expected 1.0 or 2.0)")
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{where}: not a readable .npy file: {e}") from e
-        expected = (spec.rows, spec.dim)
-        if tuple(shape) != expected or dtype != TABLE_DTYPE or fortran:
+        shape_ok = len(got_shape) == 1 if shape is None else tuple(got_shape) == shape
+        if not shape_ok or got_dtype != dtype or (fortran and len(got_shape) > 1):
+            want = "[k]" if shape is None else list(shape)
             raise CheckpointError(
-                f"{where}: expected float32 {list(expected)} C order, got {dtype} {list(shape)}"
-                f"{' Fortran order' if fortran else ''}"
+                f"{where}: expected {dtype.name} {want} C order, got {got_dtype} {list(got_shape)}"
+                f"{' Fortran order' if fortran and len(got_shape) > 1 else ''}"
             )
         try:
-            arr = np.load(local, mmap_mode="r", allow_pickle=False)
+            return np.load(local, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{where}: cannot memory-map: {e}") from e
-        return arr
+
+    def _base_table(self, base: Manifest, spec: TableSpec, *, verify: bool) -> np.ndarray:
+        return self._open_npy(base, table_file(spec.name), spec.name, TABLE_DTYPE, (spec.rows, spec.dim), verify=verify)
+
+    def _delta_rows(self, m: Manifest, spec: TableSpec, *, verify: bool) -> DeltaRows | None:
+        if not m.lists(delta_ids_file(spec.name)):
+            return None
+        ids_path = delta_ids_file(spec.name)
+        ids = self._open_npy(m, ids_path, spec.name, ID_DTYPE, None, verify=verify)
+        problem = delta_ids_problem(ids, spec.rows)
+        if problem:
+            raise CheckpointError(f"{self._where(m.version)}: table {spec.name!r} ({ids_path}): {problem}")
+        rows = self._open_npy(m, delta_rows_file(spec.name), spec.name, TABLE_DTYPE, (len(ids), spec.dim), verify=verify)
+        return ids, rows
+
+    def _layers(self, version: Version, table: str, *, verify: bool) -> tuple[TableSpec, np.ndarray, list[DeltaRows]]:
+        """The table's spec, its base memory map and the (ids, rows) of every delta of the chain
+        that changes it, oldest first."""
+        chain = self.chain(version)
+        spec = self._table_spec(chain[-1], table)
+        deltas = [d for d in (self._delta_rows(m, spec, verify=verify) for m in chain[1:]) if d is not None]
+        return spec, self._base_table(chain[0], spec, verify=verify), deltas
+
+    # ---------------------------------------------------------------- data
+    def delta_rows(self, version: Version, table: str, *, verify: bool = False) -> DeltaRows | None:
+        """This DELTA's own changes to ``table``: ``(ids int64 [k], rows float32 [k, dim])`` as
+        read-only memory maps, ids strictly increasing, ``rows[i]`` the new value of row
+        ``ids[i]``; None when this delta does not change ``table``.
+
+        Always checks the files' sizes against the manifest, their .npy headers (int64 1-D,
+        float32 ``[k, dim]``, the same k) and the ids (strictly increasing, in ``[0, rows)``;
+        this reads the ids file); ``verify=True`` also checks both sha256. CheckpointError
+        naming the version, table, file and bad value, or when ``version`` is a base.
+        """
+        m = self.manifest(version)
+        if m.kind != KIND_DELTA:
+            raise CheckpointError(f"{self._where(version)} is a {m.kind}, not a delta: it has no delta rows")
+        return self._delta_rows(m, self._table_spec(m, table), verify=verify)
+
+    def changed_ids(self, a: Version, b: Version, table: str) -> np.ndarray | None:
+        """Sorted unique int64 GLOBAL ids of ``table`` whose rows may differ between versions
+        ``a`` and ``b``: the union of the ids of every delta on the path ``a`` -> their common
+        ancestor -> ``b``. Works forward, backward (rollback, ``a > b``) and across branches (a
+        delta chain that branched after a rollback). None when ``a`` and ``b`` resolve to
+        different bases (the whole table may differ); ``a == b`` gives an empty array.
+
+        Example: 1 base, 2 (parent 1) changes [3, 5], 3 (parent 2) changes [5, 8], 4 (parent 2)
+        changes [1]: ``changed_ids(3, 4, t)`` is ``[1, 5, 8]``, ``changed_ids(3, 1, t)`` is
+        ``[3, 5, 8]``.
+        """
+        chain_a, chain_b = self.chain(a), self.chain(b)
+        spec = self._table_spec(chain_b[-1], table)
+        if chain_a[0].version != chain_b[0].version:
+            return None
+        common = 0
+        for ma, mb in zip(chain_a, chain_b):
+            if ma.version != mb.version:
+                break
+            common += 1
+        path = chain_a[common:] + chain_b[common:]
+        ids = [np.asarray(d[0]) for d in (self._delta_rows(m, spec, verify=False) for m in path) if d is not None]
+        if not ids:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate(ids)).astype(np.int64, copy=False)
+
+    def rows_at(self, version: Version, table: str, ids: np.ndarray) -> np.ndarray:
+        """Rows of GLOBAL ``ids`` (1-D int, any order, duplicates allowed) at ``version``: a new
+        float32 ``[len(ids), dim]`` array. Reads only those rows: the base memory map
+        fancy-indexed, then each delta of the chain in order (``searchsorted`` into its sorted
+        ids). InvalidArgumentError naming the table and the id when an id is outside
+        ``[0, rows)``."""
+        spec, base, deltas = self._layers(version, table, verify=False)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):
+            raise InvalidArgumentError(f"table {table!r}: ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
+        outside = ids[(ids < 0) | (ids >= spec.rows)]
+        if outside.size:
+            raise InvalidArgumentError(f"table {table!r}: id {int(outside[0])} is outside [0, {spec.rows})")
+        ids = ids.astype(np.int64, copy=False)
+        out = np.asarray(base[ids], dtype=TABLE_DTYPE)
+        for delta_ids, delta_rows in deltas:
+            if not len(delta_ids):
+                continue
+            pos = np.searchsorted(delta_ids, ids)
+            np.minimum(pos, len(delta_ids) - 1, out=pos)
+            hit = np.flatnonzero(delta_ids[pos] == ids)
+            if hit.size:
+                out[hit] = delta_rows[pos[hit]]
+        return out
+
+    def partition_rows(self, version: Version, table: str, partition: int, num_partitions: int) -> np.ndarray:
+        """Row-wise partition ``partition`` of ``num_partitions`` (P) of ``table`` at ``version``:
+        a writable float32 C-contiguous copy of the rows ``r`` with ``r % P == partition``,
+        local row ``r // P``. The base's strided rows, then every delta of the chain restricted
+        to that partition. ``P == 1`` gives a copy of the whole table.
+
+        Example: rows 10, P 3, partition 1 -> global rows [1, 4, 7] as local rows [0, 1, 2].
+        """
+        if num_partitions < 1 or not 0 <= partition < num_partitions:
+            raise InvalidArgumentError(f"table {table!r}: partition {partition} of {num_partitions} (need 0 <= partition < num_partitions)")
+        spec, base, deltas = self._layers(version, table, verify=False)
+        return _materialize(base, deltas, partition, spec.rows, num_partitions)
+
+    def table_chunks(self, version: Version, table: str, *, chunk_bytes: int = CHUNK_BYTES, verify: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """The whole of ``table`` at ``version`` as ``(start, rows)`` pieces in row order, each a
+        new float32 ``[k, dim]`` array of about ``chunk_bytes`` (base rows + the deltas' rows in
+        that range), so a multi-GiB table is never whole in memory. ``verify`` checks the sha256
+        of every file used first."""
+        spec, base, deltas = self._layers(version, table, verify=verify)
+        step = max(1, chunk_bytes // (spec.dim * TABLE_DTYPE.itemsize))
+        for start in range(0, spec.rows, step):
+            yield start, _materialize(base, deltas, start, min(start + step, spec.rows), 1)
+
+    def open_table(self, version: Version, table: str, *, verify: bool = True) -> np.ndarray:
+        """``table`` at ``version``: float32 ``[rows, dim]``, C order, read-only.
+
+        For a base, and for a delta whose chain does not change ``table``, the base's memory map;
+        otherwise a materialized in-memory array (base + every delta of the chain), so it costs
+        the table's size in memory: meant for the reference oracle and in-process baselines,
+        not for shards (they use ``partition_rows`` / ``rows_at``). Sizes and .npy headers are
+        always checked; ``verify=True`` also checks the sha256 of every file used.
+        """
+        spec, base, deltas = self._layers(version, table, verify=verify)
+        if not deltas:
+            return base
+        out = _materialize(base, deltas, 0, spec.rows, 1)
+        out.flags.writeable = False
+        return out
 
     def dense_state(self, version: Version, *, verify: bool = True) -> dict[str, np.ndarray]:
-        """The dense weights of ``version``: name -> float32 array, exactly the names and shapes
-        of ``dense_arch.param_shapes()``. ``verify=True`` checks the file's sha256 first."""
-        (m,) = self._resolve_chain(version)
+        """The dense weights at ``version`` (those of the newest version of its chain that has
+        ``dense.safetensors``): name -> float32 array, exactly the names and shapes of
+        ``dense_arch.param_shapes()``. ``verify=True`` checks the file's sha256 first."""
+        m = next(m for m in reversed(self.chain(version)) if m.lists(DENSE_FILE))
         self._check_file(m, DENSE_FILE, full=verify)
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        where = f"{self._where(version)}: {DENSE_FILE}"
+        where = f"{self._where(m.version)}: {DENSE_FILE}"
         try:
-            state = load_file(str(self._store.local_path(self._rel(version, DENSE_FILE))))
+            state = load_file(str(self._store.local_path(self._rel(m.version, DENSE_FILE))))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{where}: not a readable safetensors file: {e}") from e
         expected = m.model.dense_arch.param_shapes()

@@ -1,6 +1,8 @@
-"""VersionWriter: writes one BASE version of a checkpoint (format v1, see docs/checkpoint.md).
+"""Writers of checkpoint versions (format v1, see docs/checkpoint.md): ``VersionWriter`` for a
+BASE version, ``DeltaWriter`` for a DELTA on top of a parent version.
 
-Publishing scheme (files first, ``COMPLETE`` last, never overwrite a complete version):
+Both publish the same way, through one piece of code (``_StagedWriter``): files first,
+``COMPLETE`` last, never overwrite a complete version.
 
 1. Everything is written into a private staging folder ``versions/<N>.tmp-<random>/``, which
    readers ignore (not a canonical version name).
@@ -18,8 +20,9 @@ An existing complete ``versions/<N>/`` is never overwritten. A ``versions/<N>/``
 same N cannot both win. If anything fails, or the writer is used as a context manager and the
 block raises, the staging folder is removed (``abort()``).
 
-One writer is used by one thread. Tables are validated against the ModelSpec (name, shape,
-float32) and dense weights against ``spec.dense_arch.param_shapes()`` (names and shapes, exactly).
+One writer is used by one thread. Tables and delta rows are validated against the ModelSpec
+(name, shape, float32, ids) and dense weights against ``spec.dense_arch.param_shapes()``
+(names and shapes, exactly).
 
 Pure module: numpy and safetensors only (no torch, no grpc).
 """
@@ -40,21 +43,32 @@ import numpy as np
 from services.core.checkpoint.manifest import (
     COMPLETE_FILE,
     DENSE_FILE,
+    ID_DTYPE,
     KIND_BASE,
+    KIND_DELTA,
     MANIFEST_FILE,
+    TABLE_DTYPE,
     FileEntry,
     Manifest,
     ModelSpec,
+    delta_ids_file,
+    delta_ids_problem,
+    delta_rows_file,
+    spec_differences,
     table_file,
     version_dir,
 )
+from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.storage import CheckpointStore
 from services.core.errors import CheckpointError
-from services.core.types import Version
+from services.core.types import TableSpec, Version
+
+__all__ = ["TABLE_DTYPE", "DeltaWriter", "VersionWriter", "next_version", "write_base", "write_delta"]
 
 # Rows copied per step when a whole (possibly memory-mapped) array is given to write_table.
 _COPY_CHUNK_BYTES = 64 << 20
-TABLE_DTYPE = np.dtype("<f4")
+
+StoreOrUri = CheckpointStore | str | os.PathLike[str]
 
 
 def _fsync_file(path: pathlib.Path) -> None:
@@ -77,8 +91,14 @@ def _write_synced(path: pathlib.Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _as_store(store_or_uri: CheckpointStore | str | os.PathLike[str]) -> CheckpointStore:
+def _as_store(store_or_uri: StoreOrUri) -> CheckpointStore:
     return store_or_uri if isinstance(store_or_uri, CheckpointStore) else CheckpointStore(store_or_uri)
+
+
+def _check_version_number(what: str, version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise CheckpointError(f"{what} must be a positive int, got {version!r}")
+    return int(version)
 
 
 def _iter_chunks(data: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
@@ -94,39 +114,72 @@ def _iter_chunks(data: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray
     yield from data
 
 
-class VersionWriter:
-    """Writes base version ``version`` of ``spec`` below a checkpoint root.
+def _write_rows_npy(path: pathlib.Path, table: TableSpec, rows: int, data: np.ndarray | Iterable[np.ndarray]) -> None:
+    """Write a float32 ``[rows, table.dim]`` C-order .npy at ``path`` from one array or an
+    iterable of ``[k, dim]`` chunks (only one chunk is ever resident). CheckpointError naming
+    the table when a chunk is not float32 ``[k, dim]`` or the row count is not ``rows``; the
+    partial file is then removed. Serves base tables and delta rows alike."""
+    name = table.name
+    # open_memmap writes numpy's own header and sizes the file; the rows are then streamed
+    # through a plain file handle, so only one chunk is ever resident (a mapping of the
+    # whole table would keep every written page in this process's RSS).
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=TABLE_DTYPE, shape=(rows, table.dim), fortran_order=False)
+    data_offset = header.offset
+    del header
+    try:
+        filled = 0
+        with open(path, "r+b") as f:
+            f.seek(data_offset)
+            for chunk in _iter_chunks(data):
+                chunk = np.asarray(chunk)
+                if chunk.ndim != 2 or chunk.shape[1] != table.dim:
+                    raise CheckpointError(f"table {name!r}: expected chunks of shape [k, {table.dim}], got {list(chunk.shape)}")
+                if chunk.dtype.kind != "f" or chunk.dtype.itemsize != 4:
+                    raise CheckpointError(f"table {name!r}: expected dtype float32, got {chunk.dtype} (cast with .astype(np.float32))")
+                if filled + chunk.shape[0] > rows:
+                    raise CheckpointError(f"table {name!r}: more than the expected {rows} rows were given")
+                f.write(np.ascontiguousarray(chunk, dtype=TABLE_DTYPE).data)
+                filled += chunk.shape[0]
+        if filled != rows:
+            raise CheckpointError(f"table {name!r}: expected {rows} rows, got {filled}")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
-    Usage::
 
-        with VersionWriter("file:///ckpt", 1, spec) as w:
-            w.write_table("items", items_f32)              # [rows, dim] float32
-            w.write_table("users", chunks_of_users())      # or an iterable of [k, dim] chunks
-            w.write_dense(state)                           # name -> float32 array
-            manifest = w.commit()
+def next_version(store_or_uri: StoreOrUri) -> Version:
+    """The version number a trainer should write next: 1 + the highest ``versions/<N>`` folder,
+    complete or not (a partial folder's number is never reused), 1 for an empty root."""
+    versions = _as_store(store_or_uri).list_versions()
+    return versions[-1] + 1 if versions else 1
 
-    Every table of the spec and the dense weights must be written before ``commit()``.
-    """
+
+class _StagedWriter:
+    """Owns one staging folder and publishes it as ``versions/<N>``: the checks of the target,
+    dense weights, hashing, manifest, COMPLETE last and the atomic rename. ``VersionWriter`` and
+    ``DeltaWriter`` add what a base or a delta holds; the publishing code is this one."""
+
+    _kind = KIND_BASE
 
     def __init__(
         self,
-        store_or_uri: CheckpointStore | str | os.PathLike[str],
+        store: CheckpointStore,
         version: Version,
+        parent: Version | None,
         spec: ModelSpec,
         *,
-        created_at: str | None = None,
-        replace_partial: bool = False,
+        created_at: str | None,
+        replace_partial: bool,
     ) -> None:
-        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
-            raise CheckpointError(f"version must be a positive int, got {version!r}")
         spec.validate()
         for t in spec.tables:
             if t.dtype != "float32":
                 raise CheckpointError(f"table {t.name!r}: format v1 stores float32, spec says {t.dtype!r}")
             if t.rows < 1 or t.dim < 1:
                 raise CheckpointError(f"table {t.name!r}: rows and dim must be >= 1, got [{t.rows}, {t.dim}]")
-        self._store = _as_store(store_or_uri)
-        self._version = int(version)
+        self._store = store
+        self._version = version
+        self._parent = parent
         self._spec = spec
         self._created_at = created_at
         self._replace_partial = replace_partial
@@ -136,7 +189,6 @@ class VersionWriter:
         versions.mkdir(parents=True, exist_ok=True)
         self._staging = versions / f"{self._version}.tmp-{secrets.token_hex(6)}"
         self._staging.mkdir()
-        (self._staging / "tables").mkdir()
         self._written: list[str] = []  # relpaths inside the version folder, in write order
         self._state = "open"  # open -> committed | aborted
 
@@ -149,7 +201,7 @@ class VersionWriter:
         """The private folder files are written to before the commit renames it."""
         return self._staging
 
-    def __enter__(self) -> "VersionWriter":
+    def __enter__(self):
         return self
 
     def __exit__(
@@ -175,54 +227,23 @@ class VersionWriter:
         if self._state != "open":
             raise CheckpointError(f"version {self._version}: writer is already {self._state}")
 
-    # ---------------------------------------------------------------- writes
-    def write_table(self, name: str, data: np.ndarray | Iterable[np.ndarray]) -> None:
-        """Write ``tables/<name>.npy``: float32 ``[rows, dim]``, C order.
-
-        ``data`` is one array (a memory map is fine: it is copied 64 MiB at a time) or an
-        iterable of ``[k, dim]`` float32 chunks whose rows add up to the table's rows, so a
-        multi-GiB table never needs to be in memory: only the current chunk is. Raises
-        CheckpointError naming the table when the name is not in the spec, a chunk is not
-        float32 ``[k, dim]``, or the row count is wrong; the partial file is then removed.
-        """
-        self._check_open()
+    def _table(self, name: str) -> TableSpec:
         try:
-            t = self._spec.table(name)
+            return self._spec.table(name)
         except KeyError:
             raise CheckpointError(f"table {name!r} is not in model {self._spec.name!r} (tables: {list(self._spec.table_names)})") from None
-        rel = table_file(name)
-        if rel in self._written:
-            raise CheckpointError(f"table {name!r} was already written to version {self._version}")
-        path = self._staging / rel
-        # open_memmap writes numpy's own header and sizes the file; the rows are then streamed
-        # through a plain file handle, so only one chunk is ever resident (a mapping of the
-        # whole table would keep every written page in this process's RSS).
-        header = np.lib.format.open_memmap(path, mode="w+", dtype=TABLE_DTYPE, shape=(t.rows, t.dim), fortran_order=False)
-        data_offset = header.offset
-        del header
-        try:
-            filled = 0
-            with open(path, "r+b") as f:
-                f.seek(data_offset)
-                for chunk in _iter_chunks(data):
-                    chunk = np.asarray(chunk)
-                    if chunk.ndim != 2 or chunk.shape[1] != t.dim:
-                        raise CheckpointError(f"table {name!r}: expected chunks of shape [k, {t.dim}], got {list(chunk.shape)}")
-                    if chunk.dtype.kind != "f" or chunk.dtype.itemsize != 4:
-                        raise CheckpointError(
-                            f"table {name!r}: expected dtype float32, got {chunk.dtype} (cast with .astype(np.float32))"
-                        )
-                    if filled + chunk.shape[0] > t.rows:
-                        raise CheckpointError(f"table {name!r}: more than the spec's {t.rows} rows were given")
-                    f.write(np.ascontiguousarray(chunk, dtype=TABLE_DTYPE).data)
-                    filled += chunk.shape[0]
-            if filled != t.rows:
-                raise CheckpointError(f"table {name!r}: expected {t.rows} rows, got {filled}")
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        self._written.append(rel)
 
+    def _staged(self, rel: str) -> pathlib.Path:
+        """Where ``rel`` is written in the staging folder (its parent folder created)."""
+        path = self._staging / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _missing(self) -> list[str]:
+        """Files this kind of version needs before it may be committed."""
+        return []
+
+    # ---------------------------------------------------------------- writes
     def write_dense(self, state: Mapping[str, np.ndarray]) -> None:
         """Write ``dense.safetensors`` (no pickle): exactly the names and shapes of
         ``spec.dense_arch.param_shapes()``, each float32."""
@@ -245,7 +266,7 @@ class VersionWriter:
         from safetensors.numpy import save
 
         # save() + our own write (not save_file): the file gets the usual umask permissions.
-        _write_synced(self._staging / DENSE_FILE, save(tensors))
+        _write_synced(self._staged(DENSE_FILE), save(tensors))
         self._written.append(DENSE_FILE)
 
     # ---------------------------------------------------------------- publish
@@ -253,11 +274,9 @@ class VersionWriter:
         """Hash and fsync every file, write manifest.json, then COMPLETE last, and publish the
         version with an atomic rename. Returns the manifest written."""
         self._check_open()
-        missing = [table_file(t) for t in self._spec.table_names if table_file(t) not in self._written]
-        if DENSE_FILE not in self._written:
-            missing.append(DENSE_FILE)
+        missing = self._missing()
         if missing:
-            raise CheckpointError(f"version {self._version}: cannot commit a base without {missing}")
+            raise CheckpointError(f"version {self._version}: cannot commit a {self._kind} without {missing}")
         try:
             entries = []
             staging_rel = f"versions/{self._staging.name}"
@@ -269,9 +288,10 @@ class VersionWriter:
             created_at = self._created_at
             if created_at is None:
                 created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            manifest = Manifest(self._version, KIND_BASE, None, self._spec, tuple(entries), created_at)
+            manifest = Manifest(self._version, self._kind, self._parent, self._spec, tuple(entries), created_at)
             data = manifest.to_bytes()
-            _fsync_dir(self._staging / "tables")
+            if (self._staging / "tables").exists():
+                _fsync_dir(self._staging / "tables")
             _write_synced(self._staging / MANIFEST_FILE, data)
             _write_synced(self._staging / COMPLETE_FILE, (hashlib.sha256(data).hexdigest() + "\n").encode())
             _fsync_dir(self._staging)
@@ -303,8 +323,178 @@ class VersionWriter:
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
+class VersionWriter(_StagedWriter):
+    """Writes base version ``version`` of ``spec`` below a checkpoint root.
+
+    Usage::
+
+        with VersionWriter("file:///ckpt", 1, spec) as w:
+            w.write_table("items", items_f32)              # [rows, dim] float32
+            w.write_table("users", chunks_of_users())      # or an iterable of [k, dim] chunks
+            w.write_dense(state)                           # name -> float32 array
+            manifest = w.commit()
+
+    Every table of the spec and the dense weights must be written before ``commit()``.
+    """
+
+    _kind = KIND_BASE
+
+    def __init__(
+        self,
+        store_or_uri: StoreOrUri,
+        version: Version,
+        spec: ModelSpec,
+        *,
+        created_at: str | None = None,
+        replace_partial: bool = False,
+    ) -> None:
+        version = _check_version_number("version", version)
+        super().__init__(_as_store(store_or_uri), version, None, spec, created_at=created_at, replace_partial=replace_partial)
+
+    def write_table(self, name: str, data: np.ndarray | Iterable[np.ndarray]) -> None:
+        """Write ``tables/<name>.npy``: float32 ``[rows, dim]``, C order.
+
+        ``data`` is one array (a memory map is fine: it is copied 64 MiB at a time) or an
+        iterable of ``[k, dim]`` float32 chunks whose rows add up to the table's rows, so a
+        multi-GiB table never needs to be in memory: only the current chunk is. Raises
+        CheckpointError naming the table when the name is not in the spec, a chunk is not
+        float32 ``[k, dim]``, or the row count is wrong; the partial file is then removed.
+        """
+        self._check_open()
+        t = self._table(name)
+        rel = table_file(name)
+        if rel in self._written:
+            raise CheckpointError(f"table {name!r} was already written to version {self._version}")
+        _write_rows_npy(self._staged(rel), t, t.rows, data)
+        self._written.append(rel)
+
+    def _missing(self) -> list[str]:
+        missing = [table_file(t) for t in self._spec.table_names if table_file(t) not in self._written]
+        if DENSE_FILE not in self._written:
+            missing.append(DENSE_FILE)
+        return missing
+
+
+class DeltaWriter(_StagedWriter):
+    """Writes delta ``version`` on top of ``parent``: only the changed rows of some tables and,
+    optionally, new dense weights. Tables not written are unchanged from the parent.
+
+    Usage::
+
+        with DeltaWriter("file:///ckpt", 4, 3, spec) as w:
+            w.write_rows("items", ids, rows)     # ids int [k] (any order), rows float32 [k, dim]
+            w.write_dense(state)                 # optional: replaces the dense weights
+            manifest = w.commit()                # kind "delta", parent 3
+
+    The constructor refuses (before anything is written) a parent that is not below
+    ``version``, that is not a complete, readable version of this root (its whole chain down to
+    a base), or whose model spec differs from ``spec`` (the message names what differs).
+    """
+
+    _kind = KIND_DELTA
+
+    def __init__(
+        self,
+        store_or_uri: StoreOrUri,
+        version: Version,
+        parent: Version,
+        spec: ModelSpec,
+        *,
+        created_at: str | None = None,
+        replace_partial: bool = False,
+    ) -> None:
+        version = _check_version_number("version", version)
+        parent = _check_version_number(f"delta {version}: parent", parent)
+        if parent >= version:
+            raise CheckpointError(f"delta {version}: parent must be a lower version, got {parent}")
+        store = _as_store(store_or_uri)
+        try:
+            parent_spec = CheckpointReader(store).chain(parent)[-1].model
+        except CheckpointError as e:
+            raise CheckpointError(f"delta {version}: parent {parent} is not a complete readable version: {e}") from e
+        differences = spec_differences(parent_spec, spec)
+        if differences:
+            raise CheckpointError(f"delta {version}: model spec differs from parent {parent}'s: {'; '.join(differences)}")
+        super().__init__(store, version, parent, spec, created_at=created_at, replace_partial=replace_partial)
+        self._tables_given: set[str] = set()
+
+    @property
+    def parent(self) -> Version:
+        return self._parent  # type: ignore[return-value]
+
+    def _claim(self, table: str) -> TableSpec:
+        self._check_open()
+        t = self._table(table)
+        if table in self._tables_given:
+            raise CheckpointError(f"rows of table {table!r} were already written to delta {self._version}")
+        return t
+
+    def write_rows(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Write the new values of rows ``ids`` of ``table``.
+
+        ``ids``: 1-D integer array of GLOBAL row ids, unique, in ``[0, rows)``, any order;
+        ``rows``: float32 ``[len(ids), dim]``, row ``i`` the new value of ``ids[i]``. They are
+        stored sorted by id (rows permuted with them). ``k == 0`` is allowed and leaves the
+        table out of the delta. CheckpointError naming the table and the bad value otherwise;
+        one call per table.
+
+        Example: ``write_rows("items", np.array([7, 2]), np.ones((2, dim), np.float32))``
+        stores ids ``[2, 7]``.
+        """
+        t = self._claim(table)
+        ids = self._checked_ids(t, ids)
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape != (len(ids), t.dim):
+            raise CheckpointError(
+                f"table {table!r}: rows must be [k, dim] = {[len(ids), t.dim]} (one row per id), got {list(rows.shape)}"
+            )
+        if rows.dtype.kind != "f" or rows.dtype.itemsize != 4:
+            raise CheckpointError(f"table {table!r}: rows must be float32, got {rows.dtype} (cast with .astype(np.float32))")
+        order = np.argsort(ids, kind="stable")
+        self._write_sorted(t, ids[order], [rows[order]])
+
+    def write_sorted_rows(self, table: str, ids: np.ndarray, row_chunks: Iterable[np.ndarray]) -> None:
+        """Like ``write_rows`` for a delta too big to hold: ``ids`` already strictly increasing
+        (int, in range), their rows given as float32 ``[k_i, dim]`` chunks in id order that add
+        up to ``len(ids)`` rows; only one chunk is resident at a time."""
+        t = self._claim(table)
+        self._write_sorted(t, self._checked_ids(t, ids), row_chunks)
+
+    @staticmethod
+    def _checked_ids(t: TableSpec, ids: np.ndarray) -> np.ndarray:
+        """``ids`` as int64 after checking they are a 1-D integer array within ``[0, rows)``."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise CheckpointError(f"table {t.name!r}: ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
+        outside = ids[(ids < 0) | (ids >= t.rows)]  # before the int64 cast: a huge uint64 stays huge
+        if outside.size:
+            raise CheckpointError(f"table {t.name!r}: id {int(outside[0])} is outside [0, {t.rows})")
+        return ids.astype(ID_DTYPE)
+
+    def _write_sorted(self, t: TableSpec, ids: np.ndarray, row_chunks: Iterable[np.ndarray]) -> None:
+        """Write ``tables/<t>.ids.npy`` and ``.rows.npy`` (nothing when ``ids`` is empty) after
+        checking ``ids`` (int64) are strictly increasing and in range."""
+        problem = delta_ids_problem(ids, t.rows)
+        if problem:
+            raise CheckpointError(f"table {t.name!r}: {problem}")
+        if not len(ids):
+            self._tables_given.add(t.name)
+            return
+        ids_path = self._staged(delta_ids_file(t.name))
+        rows_path = self._staged(delta_rows_file(t.name))
+        try:
+            np.save(ids_path, np.ascontiguousarray(ids, dtype=ID_DTYPE), allow_pickle=False)
+            _write_rows_npy(rows_path, t, len(ids), row_chunks)
+        except BaseException:
+            ids_path.unlink(missing_ok=True)
+            rows_path.unlink(missing_ok=True)
+            raise
+        self._written += [delta_ids_file(t.name), delta_rows_file(t.name)]
+        self._tables_given.add(t.name)
+
+
 def write_base(
-    store_or_uri: CheckpointStore | str | os.PathLike[str],
+    store_or_uri: StoreOrUri,
     version: Version,
     spec: ModelSpec,
     tables: Mapping[str, np.ndarray | Iterable[np.ndarray]],
@@ -322,4 +512,25 @@ def write_base(
         for name in spec.table_names:
             w.write_table(name, tables[name])
         w.write_dense(dense)
+        return w.commit()
+
+
+def write_delta(
+    store_or_uri: StoreOrUri,
+    version: Version,
+    parent: Version,
+    spec: ModelSpec,
+    rows: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    dense: Mapping[str, np.ndarray] | None = None,
+    *,
+    created_at: str | None = None,
+) -> Manifest:
+    """Write and publish delta ``version`` on ``parent``: ``rows`` maps a table to its
+    ``(ids, rows)`` (as ``DeltaWriter.write_rows`` takes them); ``dense``, when given, replaces
+    the dense weights. Returns the manifest (kind ``delta``, parent set)."""
+    with DeltaWriter(store_or_uri, version, parent, spec, created_at=created_at) as w:
+        for name, (ids, values) in rows.items():
+            w.write_rows(name, ids, values)
+        if dense is not None:
+            w.write_dense(dense)
         return w.commit()
