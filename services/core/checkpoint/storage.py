@@ -62,6 +62,12 @@ def _local_root(uri: str) -> pathlib.Path:
     return pathlib.Path(text)
 
 
+def is_version_name(name: str) -> bool:
+    """True when ``name`` is a version folder's name: a positive decimal int written
+    canonically (``3``, not ``03``, ``+3``, ``3.tmp-1a2b``)."""
+    return _VERSION_NAME.fullmatch(name) is not None
+
+
 def _check_relpath(relpath: str) -> pathlib.PurePosixPath:
     p = pathlib.PurePosixPath(relpath)
     if not relpath or p.is_absolute() or ".." in p.parts or "\\" in relpath:
@@ -140,4 +146,4 @@ class CheckpointStore:
             return []
         except OSError as e:
             raise CheckpointError(f"{self._uri}: cannot list versions/: {e}") from e
-        return sorted(int(e.name) for e in entries if _VERSION_NAME.fullmatch(e.name) and e.is_dir())
+        return sorted(int(e.name) for e in entries if is_version_name(e.name) and e.is_dir())
