@@ -1,8 +1,9 @@
 """``shardrec model``: the demo model.
 
-``shardrec model synth --out DIR --preset small|demo|large [--seed N] [--version N]`` writes a
-synthetic base version and the stored feature rows (``services.core.synth``). Heavy modules are
-imported inside the handler so ``shardrec --help`` stays light.
+``shardrec model synth --out DIR --preset small|demo|large [--seed N] [--version N]
+[--deltas K [--drift F]]`` writes a synthetic base version and the stored feature rows, then K
+drift deltas on top of it (``services.core.synth``). Heavy modules are imported inside the
+handler so ``shardrec --help`` stays light.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.core.checkpoint.storage import CheckpointStore
 
 # Spelled here so registering the parser imports nothing heavy; a test keeps it equal to
 # ``services.core.synth.PRESETS``.
@@ -29,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--preset", required=True, choices=PRESET_NAMES, help="sizes: small (tests), demo (~0.4 GiB), large (>4 GiB)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--version", type=int, default=1, help="version number to write (default 1)")
+    synth.add_argument(
+        "--deltas", type=int, default=0, metavar="K",
+        help="then write K drift deltas, each on the previous version (default 0)",
+    )
+    synth.add_argument(
+        "--drift", type=float, default=0.01, metavar="F",
+        help="fraction of every table's rows each delta changes, hot rows more often (default 0.01)",
+    )
     synth.set_defaults(func=_synth)
 
 
@@ -57,4 +71,24 @@ def _synth(args: argparse.Namespace) -> int:
         f"version {_mib(version_bytes)} + features {_mib(features)} in {elapsed:.1f} s"
     )
     print(f"  path: {store.local_path('versions')}/{manifest.version}")
+    if args.deltas:
+        _synth_deltas(args, store, manifest.version, progress)
     return 0
+
+
+def _synth_deltas(
+    args: argparse.Namespace, store: CheckpointStore, parent: int, progress: Callable[[str], None] | None
+) -> None:
+    from services.core import synth
+    from services.core.checkpoint.manifest import DENSE_FILE
+    from services.core.checkpoint.reader import CheckpointReader
+
+    t0 = time.perf_counter()
+    versions = synth.synthesize_deltas(store, args.preset, args.deltas, args.drift, args.seed, parent, progress=progress)
+    reader = CheckpointReader(store)
+    print(f"{len(versions)} drift deltas (drift {args.drift}) in {time.perf_counter() - t0:.1f} s:")
+    for v in versions:
+        m = reader.manifest(v)
+        changed = sum(len(reader.delta_rows(v, t)[0]) for t in m.delta_tables)
+        dense = ", dense weights replaced" if m.lists(DENSE_FILE) else ""
+        print(f"  version {v} (delta of {m.parent}): {changed:,} rows in {len(m.delta_tables)} tables, {_mib(m.size_bytes)}{dense}")

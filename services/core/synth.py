@@ -26,6 +26,12 @@ table, the dense weights and every feature array draw from their own generator,
 of generation nor on the chunk size. Tables are generated and written ``TABLE_CHUNK_BYTES`` at a
 time: the large preset (> 4 GiB) never holds a table in memory.
 
+Drift deltas: ``synthesize_deltas(root, "demo", 3)`` writes deltas on top of the latest version,
+each parent = the previous one, each changing a ``drift`` fraction of the rows of every table
+(ids drawn with ``power_law_ids``, so hot rows change more often) to new normal(0, TABLE_STD)
+values; the deltas of even versions also replace the dense weights with a small perturbation.
+Their streams are keyed by the version written, so they are deterministic per seed too.
+
 Feature rows: users ``0 .. U-1`` and items ``0 .. I-1`` have stored rows (low ids are the hot
 ids of ``power_law_ids``, so hot entities have features). Identity features store row numbers
 in ``[0, rows)``; modulo features store raw int64 values (negative ones included) whose
@@ -47,7 +53,8 @@ import numpy as np
 
 from services.core.checkpoint.manifest import Manifest, ModelSpec
 from services.core.checkpoint.storage import CheckpointStore
-from services.core.checkpoint.writer import VersionWriter
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.checkpoint.writer import VersionWriter, next_version, write_delta
 from services.core.errors import CheckpointError, ConfigError
 from services.core.types import (
     DenseArch,
@@ -78,6 +85,14 @@ _STREAM_TABLE = 1
 _STREAM_DENSE = 2
 _STREAM_USERS = 3
 _STREAM_ITEMS = 4
+_STREAM_DELTA_IDS = 5
+_STREAM_DELTA_ROWS = 6
+_STREAM_DELTA_DENSE = 7
+# A drift delta that replaces the dense weights multiplies each by (1 + DENSE_DRIFT * normal).
+DENSE_DRIFT = 0.01
+# Rounds of power-law draws a drift delta makes to find its unique ids before it fills the rest
+# uniformly from the rows not drawn yet (only a large drift on a heavy-tailed table gets there).
+_DRIFT_DRAW_ROUNDS = 8
 
 _S = FeatureSide
 SPARSE_FEATURES: tuple[SparseFeatureSpec, ...] = (
@@ -216,9 +231,9 @@ def power_law_ids(rng: np.random.Generator, size: int, num_rows: int, alpha: flo
     return ids
 
 
-def _stream(seed: int, stream: int, index: int) -> np.random.Generator:
+def _stream(seed: int, stream: int, *index: int) -> np.random.Generator:
     """The generator of one stream: every table, array and weight set has its own."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, index)))
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, *index)))
 
 
 def _table_chunks(seed: int, table_index: int, rows: int, dim: int) -> Iterator[np.ndarray]:
@@ -382,3 +397,83 @@ def synthesize(
         _save_npz(store.local_path(feature_file(side)), feature_rows(p, side, seed))
         say(f"{feature_file(side)} written in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def drift_ids(rng: np.random.Generator, k: int, num_rows: int) -> np.ndarray:
+    """``k`` unique int64 ids in ``[0, num_rows)``, sorted, drawn with ``power_law_ids``: the
+    first ``k`` distinct ids of the draws in draw order (sampling without replacement, so hot
+    ids are over-represented). After a few rounds, any still missing come uniformly from the
+    ids not drawn yet."""
+    if not 0 <= k <= num_rows:
+        raise ValueError(f"k must be in [0, {num_rows}], got {k}")
+    chosen = np.empty(0, dtype=np.int64)
+    for _ in range(_DRIFT_DRAW_ROUNDS):
+        if len(chosen) == k:
+            break
+        drawn = np.concatenate([chosen, power_law_ids(rng, 2 * (k - len(chosen)) + 16, num_rows)])
+        _, first = np.unique(drawn, return_index=True)
+        chosen = drawn[np.sort(first)][:k]
+    if len(chosen) < k:
+        rest = np.setdiff1d(np.arange(num_rows, dtype=np.int64), chosen, assume_unique=True)
+        chosen = np.concatenate([chosen, rng.choice(rest, k - len(chosen), replace=False)])
+    return np.sort(chosen)
+
+
+def drift_rows(num_rows: int, drift: float) -> int:
+    """How many rows of a table of ``num_rows`` a drift delta changes: ``round(drift * rows)``,
+    at least 1 (so every table changes), at most ``num_rows``."""
+    return min(num_rows, max(1, round(drift * num_rows)))
+
+
+def synthesize_deltas(
+    root: CheckpointStore | str | os.PathLike[str],
+    preset: str | Preset,
+    count: int,
+    drift: float = 0.01,
+    seed: int = 0,
+    first_parent: Version | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[Version]:
+    """Write ``count`` drift deltas of the demo model at ``preset`` below ``root``, numbered from
+    ``next_version(root)``: the first on ``first_parent`` (default: the latest complete
+    version), each next one on the previous. Returns their versions.
+
+    Each changes ``drift_rows(rows, drift)`` rows of every table (``drift_ids``: power-law, hot
+    ids more often) to new normal(0, TABLE_STD) rows; a delta of an even version also replaces
+    the dense weights (the parent's, each multiplied by ``1 + DENSE_DRIFT * normal``). Every
+    draw comes from a stream keyed by (seed, the version written, the table), so the same root,
+    seed and arguments give byte-identical deltas. ``progress`` receives one line per delta.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"count must be an int >= 0, got {count!r}")
+    if not 0.0 < drift <= 1.0:
+        raise ConfigError(f"drift must be in (0, 1], got {drift!r}")
+    spec = model_spec(preset)
+    store = root if isinstance(root, CheckpointStore) else CheckpointStore(root)
+    reader = CheckpointReader(store)
+    parent = reader.latest_version() if first_parent is None else first_parent
+    say = progress or (lambda _line: None)
+    written: list[Version] = []
+    version = next_version(store)
+    for _ in range(count):
+        t0 = time.perf_counter()
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for i, t in enumerate(spec.tables):
+            k = drift_rows(t.rows, drift)
+            ids = drift_ids(_stream(seed, _STREAM_DELTA_IDS, version, i), k, t.rows)
+            values = _stream(seed, _STREAM_DELTA_ROWS, version, i).standard_normal((k, t.dim), dtype=np.float32)
+            values *= np.float32(TABLE_STD)
+            rows[t.name] = (ids, values)
+        dense = None
+        if version % 2 == 0:
+            rng = _stream(seed, _STREAM_DELTA_DENSE, version, 0)
+            dense = {
+                name: (w * (1.0 + DENSE_DRIFT * rng.standard_normal(w.shape))).astype(np.float32)
+                for name, w in sorted(reader.dense_state(parent, verify=False).items())
+            }
+        write_delta(store, version, parent, spec, rows, dense)
+        say(f"delta {version} (parent {parent}): {sum(len(ids) for ids, _ in rows.values()):,} rows in {time.perf_counter() - t0:.1f} s")
+        written.append(version)
+        parent, version = version, version + 1
+    return written

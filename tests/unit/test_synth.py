@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,75 @@ def test_existing_version_is_refused_and_features_untouched(small_root):
     with pytest.raises(CheckpointError, match="already complete"):
         synth.synthesize(small_root, "small", seed=5)
     assert (small_root / "features/users.npz").read_bytes() == before
+
+
+# ---------------------------------------------------------------- drift deltas
+
+
+@pytest.fixture(scope="module")
+def drift_root(tmp_path_factory):
+    """The small model (seed 0) with 4 drift deltas of 2% (versions 2..5)."""
+    root = tmp_path_factory.mktemp("drift")
+    synth.synthesize(root, "small", seed=0)
+    assert synth.synthesize_deltas(root, "small", 4, drift=0.02, seed=0) == [2, 3, 4, 5]
+    return root
+
+
+def test_drift_deltas_chain_and_change_the_drift_fraction_of_every_table(drift_root):
+    reader = CheckpointReader(drift_root)
+    assert [m.version for m in reader.chain(5)] == [1, 2, 3, 4, 5]
+    for v in (2, 3, 4, 5):
+        m = reader.verify(v)
+        assert m.parent == v - 1 and m.delta_tables == synth.model_spec("small").table_names
+        assert m.lists("dense.safetensors") == (v % 2 == 0), "every other delta replaces the dense weights"
+        for name, rows in SMALL.table_rows:
+            ids, values = reader.delta_rows(v, name)
+            assert len(ids) == synth.drift_rows(rows, 0.02) == max(1, round(0.02 * rows))
+            assert len(np.unique(ids)) == len(ids) and np.all(np.diff(ids) > 0) and 0 <= ids[0] and ids[-1] < rows
+            assert values.dtype == np.float32 and values.shape == (len(ids), SMALL.dim)
+    changed = reader.rows_at(3, "items", reader.delta_rows(3, "items")[0])
+    assert 1.5 < float(changed.std()) < 2.5, "new rows are normal(0, TABLE_STD)"
+    base, drifted = reader.dense_state(1), reader.dense_state(3)  # 3 keeps 2's weights
+    for name, w in base.items():
+        assert not np.array_equal(w, drifted[name]) and np.allclose(w, drifted[name], rtol=0.1, atol=1e-6), name
+
+
+def test_drift_ids_prefer_hot_rows(drift_root):
+    reader = CheckpointReader(drift_root)
+    ids = np.concatenate([reader.delta_rows(v, "items")[0] for v in (2, 3, 4, 5)])
+    assert np.mean(ids < 50) > 0.1  # the hottest 1% of 5000 items: ~10x their uniform share
+    assert np.mean(ids >= 2500) > 0.05  # the tail changes too
+
+
+def test_drift_deltas_are_deterministic_per_seed(drift_root, tmp_path):
+    for seed, same in ((0, True), (1, False)):
+        root = tmp_path / f"seed{seed}"
+        synth.synthesize(root, "small", seed=0)
+        synth.synthesize_deltas(root, "small", 4, drift=0.02, seed=seed)
+        for v in (2, 3, 4, 5):
+            want = {f.path: f.sha256 for f in CheckpointReader(drift_root).manifest(v).files}
+            got = {f.path: f.sha256 for f in CheckpointReader(root).manifest(v).files}
+            assert (got == want) is same, (seed, v)
+
+
+def test_drift_deltas_on_an_existing_root_can_branch(drift_root, tmp_path):
+    root = tmp_path / "branch"
+    shutil.copytree(drift_root, root)
+    assert synth.synthesize_deltas(root, "small", 2, first_parent=3) == [6, 7]
+    reader = CheckpointReader(root)
+    assert [m.version for m in reader.chain(7)] == [1, 2, 3, 6, 7]
+    assert reader.changed_ids(5, 7, "users") is not None
+    with pytest.raises(ConfigError, match="drift must be in"):
+        synth.synthesize_deltas(root, "small", 1, drift=0.0)
+    with pytest.raises(CheckpointError, match="model spec differs from parent 7's"):
+        synth.synthesize_deltas(root, "demo", 1)
+
+
+@pytest.mark.parametrize("k, rows", [(0, 10), (1, 1), (4900, 5000), (5000, 5000)])
+def test_drift_ids_edges(k, rows):
+    ids = synth.drift_ids(np.random.default_rng(0), k, rows)
+    assert ids.dtype == np.int64 and len(ids) == k and len(np.unique(ids)) == k and np.all(np.diff(ids) > 0)
+    assert k == 0 or (ids[0] >= 0 and ids[-1] < rows)
 
 
 # ---------------------------------------------------------------- feature rows
@@ -292,6 +362,17 @@ def test_cli_model_synth_then_checkpoint_verify_and_show(tmp_path, capsys):
     path.write_bytes(bytes(data))
     assert _run(["checkpoint", "verify", "--checkpoint", str(out), "--version", "1"]) == 1
     assert "FAILED" in (err := capsys.readouterr().err) and "tables/tags.npy: sha256" in err
+
+
+def test_cli_model_synth_with_deltas(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _run(["model", "synth", "--out", str(out), "--preset", "small", "--deltas", "2", "--drift", "0.05"]) == 0
+    text = capsys.readouterr().out
+    assert "2 drift deltas (drift 0.05)" in text
+    assert "version 2 (delta of 1): 370 rows in 7 tables" in text and "dense weights replaced" in text
+    assert "version 3 (delta of 2): 370 rows in 7 tables" in text
+    assert _run(["checkpoint", "verify", "--checkpoint", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK {out} version 3 (delta of 2)")
 
 
 def test_cli_main_dispatches_to_model_synth(tmp_path, capsys):
