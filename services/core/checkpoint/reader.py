@@ -71,6 +71,13 @@ def _materialize(base: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop
     array: the base rows (a memory-map slice: only those pages are read), then every delta in
     chain order, restricted to the ids in that range (``searchsorted`` on the sorted ids)."""
     out = np.array(base[start:stop:step], dtype=TABLE_DTYPE, order="C", copy=True)
+    _apply_deltas(out, deltas, start, stop, step)
+    return out
+
+
+def _apply_deltas(out: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop: int, step: int) -> None:
+    """Write into ``out`` (rows ``start:stop:step`` of a table) every delta's rows in that range,
+    in chain order."""
     for ids, rows in deltas:
         lo, hi = (int(i) for i in np.searchsorted(ids, [start, stop]))
         if lo == hi:
@@ -81,7 +88,6 @@ def _materialize(base: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop
             continue
         hit = np.flatnonzero(offset % step == 0)
         out[offset[hit] // step] = rows[lo + hit]
-    return out
 
 
 class CheckpointReader:
@@ -380,9 +386,21 @@ class CheckpointReader:
         that range), so a multi-GiB table is never whole in memory. ``verify`` checks the sha256
         of every file used first."""
         spec, base, deltas = self._layers(version, table, verify=verify)
+        # Base rows are read with plain file reads, not through the memory map: pages of a map
+        # stay in this process's RSS for as long as the map lives, i.e. the whole table would.
+        path, offset = base.filename, base.offset
+        del base
         step = max(1, chunk_bytes // (spec.dim * TABLE_DTYPE.itemsize))
-        for start in range(0, spec.rows, step):
-            yield start, _materialize(base, deltas, start, min(start + step, spec.rows), 1)
+        with open(path, "rb") as f:
+            for start in range(0, spec.rows, step):
+                stop = min(start + step, spec.rows)
+                f.seek(offset + start * spec.dim * TABLE_DTYPE.itemsize)
+                rows = np.fromfile(f, dtype=TABLE_DTYPE, count=(stop - start) * spec.dim)
+                if rows.size != (stop - start) * spec.dim:
+                    raise CheckpointError(f"{self._where(version)}: table {table!r}: base file {path} ends before row {stop}")
+                rows = rows.reshape(stop - start, spec.dim)
+                _apply_deltas(rows, deltas, start, stop, 1)
+                yield start, rows
 
     def open_table(self, version: Version, table: str, *, verify: bool = True) -> np.ndarray:
         """``table`` at ``version``: float32 ``[rows, dim]``, C order, read-only.
