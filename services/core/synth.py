@@ -52,7 +52,7 @@ from types import MappingProxyType
 import numpy as np
 
 from services.core.checkpoint.manifest import Manifest, ModelSpec
-from services.core.checkpoint.storage import CheckpointStore
+from services.core.checkpoint.storage import CheckpointStore, as_store
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import VersionWriter, next_version, write_delta
 from services.core.errors import CheckpointError, ConfigError
@@ -450,7 +450,7 @@ def synthesize_deltas(
     if not 0.0 < drift <= 1.0:
         raise ConfigError(f"drift must be in (0, 1], got {drift!r}")
     spec = model_spec(preset)
-    store = root if isinstance(root, CheckpointStore) else CheckpointStore(root)
+    store = as_store(root)
     reader = CheckpointReader(store)
     parent = reader.latest_version() if first_parent is None else first_parent
     say = progress or (lambda _line: None)

@@ -386,7 +386,7 @@ def test_cli_main_dispatches_to_model_synth(tmp_path, capsys):
 
 def test_pure_modules_do_not_import_torch():
     code = (
-        "import sys, services.core.synth, services.core.checkpoint.reader, services.admin.cmd_model, "
+        "import sys, services.core.synth, services.core.checkpoint.reader, services.core.checkpoint.delta, services.admin.cmd_model, "
         "services.admin.cmd_checkpoint; bad = {'torch', 'grpc'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,9 +1,9 @@
 """Producing and retiring deltas: ``diff_versions`` (a delta from two versions), ``compact_version``
 (a new base equal to a delta version) and ``collect_garbage`` (delete versions no chain needs).
 
-All three stream tables ``CHUNK_BYTES`` of rows at a time (base chunk + the deltas' rows in its
-range), so a multi-GiB table is never whole in memory, and read their inputs with sha256 checks:
-a corrupt input is refused, never baked into a new version with fresh checksums.
+Diff and compact stream tables ``CHUNK_BYTES`` of rows at a time (base chunk + the deltas' rows
+in its range), so a multi-GiB table is never whole in memory, and read their inputs with sha256
+checks: a corrupt input is refused, never baked into a new version with fresh checksums.
 
 Pure module: numpy and safetensors only (no torch, no grpc).
 """
@@ -21,16 +21,10 @@ import numpy as np
 
 from services.core.checkpoint.manifest import TABLE_DTYPE, Manifest, spec_differences, version_dir
 from services.core.checkpoint.reader import CHUNK_BYTES, CheckpointReader
-from services.core.checkpoint.storage import CheckpointStore, is_version_name
+from services.core.checkpoint.storage import CheckpointStore, StoreOrUri, as_store, is_version_name
 from services.core.checkpoint.writer import DeltaWriter, VersionWriter, next_version
 from services.core.errors import CheckpointError, ConfigError
 from services.core.types import Version
-
-StoreOrUri = CheckpointStore | str | os.PathLike[str]
-
-
-def _as_store(store_or_uri: StoreOrUri) -> CheckpointStore:
-    return store_or_uri if isinstance(store_or_uri, CheckpointStore) else CheckpointStore(store_or_uri)
 
 
 def split_version_path(path: str | os.PathLike[str]) -> tuple[CheckpointStore, Version]:
@@ -94,7 +88,7 @@ def diff_versions(
 
     Example: ``diff_versions("/ckpt", 3, "/export", 1)`` -> delta 4 (parent 3) of ``/ckpt``.
     """
-    out_store = _as_store(out)
+    out_store = as_store(out)
     source = CheckpointReader(to_root)
     base = CheckpointReader(out_store)
     spec = base.chain(parent)[-1].model
@@ -141,7 +135,7 @@ def compact_version(
     delta): every table streamed in chunks (base chunk + the chain's deltas in its range) and
     the chain's dense weights. Its inputs are checked against their sha256. Returns the
     manifest of the new base."""
-    store = _as_store(store_or_uri)
+    store = as_store(store_or_uri)
     reader = CheckpointReader(store)
     spec = reader.chain(version)[-1].model
     as_version = next_version(store) if as_version is None else as_version
@@ -169,7 +163,7 @@ def collect_garbage(store_or_uri: StoreOrUri, keep: int, protect: Iterable[Versi
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ConfigError(f"keep must be a positive int (how many newest complete versions stay), got {keep!r}")
-    store = _as_store(store_or_uri)
+    store = as_store(store_or_uri)
     reader = CheckpointReader(store)
     folders = store.list_versions()
     complete = [v for v in folders if reader.is_complete(v)]
@@ -193,6 +187,9 @@ def collect_garbage(store_or_uri: StoreOrUri, keep: int, protect: Iterable[Versi
     for v in doomed:
         folder = store.local_path(version_dir(v))
         trash = folder.with_name(f"{v}.gc-{secrets.token_hex(6)}")
-        os.rename(folder, trash)
+        try:
+            os.rename(folder, trash)
+        except OSError as e:
+            raise CheckpointError(f"{store.uri}: cannot delete {version_dir(v)} (deleted so far: {doomed[: doomed.index(v)]}): {e}") from e
         shutil.rmtree(trash)
     return doomed

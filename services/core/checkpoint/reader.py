@@ -34,7 +34,6 @@ Pure module: numpy and safetensors only (no torch, no grpc).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -55,7 +54,7 @@ from services.core.checkpoint.manifest import (
     table_file,
     version_dir,
 )
-from services.core.checkpoint.storage import CheckpointStore
+from services.core.checkpoint.storage import CheckpointStore, StoreOrUri, as_store
 from services.core.errors import CheckpointError, InvalidArgumentError
 from services.core.types import TableSpec, Version
 
@@ -93,8 +92,8 @@ def _apply_deltas(out: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop
 class CheckpointReader:
     """Read-only view of one checkpoint root. See the module docstring for what is refused."""
 
-    def __init__(self, store_or_uri: CheckpointStore | str | os.PathLike[str]) -> None:
-        self._store = store_or_uri if isinstance(store_or_uri, CheckpointStore) else CheckpointStore(store_or_uri)
+    def __init__(self, store_or_uri: StoreOrUri) -> None:
+        self._store = as_store(store_or_uri)
 
     @property
     def store(self) -> CheckpointStore:

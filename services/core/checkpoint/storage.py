@@ -147,3 +147,12 @@ class CheckpointStore:
         except OSError as e:
             raise CheckpointError(f"{self._uri}: cannot list versions/: {e}") from e
         return sorted(int(e.name) for e in entries if is_version_name(e.name) and e.is_dir())
+
+
+# What the checkpoint APIs take as a root: a store, or a URI / path to open one on.
+StoreOrUri = CheckpointStore | str | os.PathLike[str]
+
+
+def as_store(store_or_uri: StoreOrUri) -> CheckpointStore:
+    """``store_or_uri`` itself when it is a CheckpointStore, else a store on that URI."""
+    return store_or_uri if isinstance(store_or_uri, CheckpointStore) else CheckpointStore(store_or_uri)

@@ -59,7 +59,7 @@ from services.core.checkpoint.manifest import (
     version_dir,
 )
 from services.core.checkpoint.reader import CheckpointReader
-from services.core.checkpoint.storage import CheckpointStore
+from services.core.checkpoint.storage import CheckpointStore, StoreOrUri, as_store
 from services.core.errors import CheckpointError
 from services.core.types import TableSpec, Version
 
@@ -67,8 +67,6 @@ __all__ = ["TABLE_DTYPE", "DeltaWriter", "VersionWriter", "next_version", "write
 
 # Rows copied per step when a whole (possibly memory-mapped) array is given to write_table.
 _COPY_CHUNK_BYTES = 64 << 20
-
-StoreOrUri = CheckpointStore | str | os.PathLike[str]
 
 
 def _fsync_file(path: pathlib.Path) -> None:
@@ -89,10 +87,6 @@ def _write_synced(path: pathlib.Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _as_store(store_or_uri: StoreOrUri) -> CheckpointStore:
-    return store_or_uri if isinstance(store_or_uri, CheckpointStore) else CheckpointStore(store_or_uri)
 
 
 def _check_version_number(what: str, version: object) -> int:
@@ -150,7 +144,7 @@ def _write_rows_npy(path: pathlib.Path, table: TableSpec, rows: int, data: np.nd
 def next_version(store_or_uri: StoreOrUri) -> Version:
     """The version number a trainer should write next: 1 + the highest ``versions/<N>`` folder,
     complete or not (a partial folder's number is never reused), 1 for an empty root."""
-    versions = _as_store(store_or_uri).list_versions()
+    versions = as_store(store_or_uri).list_versions()
     return versions[-1] + 1 if versions else 1
 
 
@@ -349,7 +343,7 @@ class VersionWriter(_StagedWriter):
         replace_partial: bool = False,
     ) -> None:
         version = _check_version_number("version", version)
-        super().__init__(_as_store(store_or_uri), version, None, spec, created_at=created_at, replace_partial=replace_partial)
+        super().__init__(as_store(store_or_uri), version, None, spec, created_at=created_at, replace_partial=replace_partial)
 
     def write_table(self, name: str, data: np.ndarray | Iterable[np.ndarray]) -> None:
         """Write ``tables/<name>.npy``: float32 ``[rows, dim]``, C order.
@@ -407,7 +401,7 @@ class DeltaWriter(_StagedWriter):
         parent = _check_version_number(f"delta {version}: parent", parent)
         if parent >= version:
             raise CheckpointError(f"delta {version}: parent must be a lower version, got {parent}")
-        store = _as_store(store_or_uri)
+        store = as_store(store_or_uri)
         try:
             parent_spec = CheckpointReader(store).chain(parent)[-1].model
         except CheckpointError as e:
