@@ -37,6 +37,7 @@ import secrets
 import shutil
 from collections.abc import Iterable, Mapping
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -195,7 +196,7 @@ class _StagedWriter:
         """The private folder files are written to before the commit renames it."""
         return self._staging
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
