@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gc.add_argument("--keep", type=int, required=True, metavar="K", help="how many newest complete versions to keep (>= 1)")
     gc.add_argument("--protect", type=int, nargs="*", default=[], metavar="V", help="versions to keep too (e.g. the one being served)")
     gc.set_defaults(func=_gc)
+    from services.admin import cmd_publish
+
+    cmd_publish.register(sub)  # publish, rollback, status: the cluster side of versions
 
 
 def _mib(n: int) -> str:

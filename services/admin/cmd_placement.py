@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--checkpoint", required=True, help="checkpoint root URI (a path or file:///path)")
     init.add_argument("--nodes", type=int, required=True, help="number of shard nodes N")
     init.add_argument("--spec", required=True, help="placement spec file (.json or .toml), e.g. deploy/placement/mixed.json")
+    init.add_argument("--version", type=int, default=None, help="model version to serve first (default: the latest complete one)")
     init.add_argument("--force", action="store_true", help="replace an existing active shard map (compare-and-set, version + 1)")
     zk_args(init)
     init.set_defaults(func=_init)
@@ -55,12 +56,11 @@ def _connect(args: argparse.Namespace):  # noqa: ANN202
     return make_kazoo(ZkConfig(hosts=args.zk, cluster=args.cluster))
 
 
-def _latest_manifest(uri: str):  # noqa: ANN202
+def _manifest(uri: str, version: int | None):  # noqa: ANN202
     from services.core.checkpoint.reader import CheckpointReader
 
     reader = CheckpointReader(uri)
-    version = reader.latest_version()
-    return reader.manifest(version)
+    return reader.manifest(reader.latest_version() if version is None else version)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def _init(args: argparse.Namespace) -> int:
     from services.core.errors import NotFoundError
     from services.core.placement import initial_shard_map, load_placement_spec, node_ids
 
-    manifest = _latest_manifest(args.checkpoint)
+    manifest = _manifest(args.checkpoint, args.version)
     model = manifest.model
     spec = load_placement_spec(args.spec)
     smap = initial_shard_map(spec, model.tables, node_ids(args.nodes), version=1)

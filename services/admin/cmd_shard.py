@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grace-s", type=float, default=5.0, help="drain period for in-flight calls on SIGTERM")
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--load-rate-bytes-s", type=int, default=0, help="throttle loading (0 = as fast as the disk)")
+    serve.add_argument("--version-drain-s", type=float, default=2.0, help="drop a version this long after no frontend serves it")
     serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
@@ -46,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         verify_checksums=not args.no_verify,
         load_rate_bytes_s=args.load_rate_bytes_s,
+        version_drain_s=args.version_drain_s,
     )
     from services.embedding_shard.main import run
 

@@ -58,6 +58,8 @@ class ShardConfig:
     verify_checksums: bool = True
     # Load throttle (bytes/s, 0 = unthrottled), used to make moves observable in tests.
     load_rate_bytes_s: int = 0
+    # A version no live frontend serves any more is dropped this long after it became unused.
+    version_drain_s: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,22 @@ def split_bags(
     lengths = np.asarray(lengths, dtype=np.int32)
     if num_partitions == 1:
         return [SubBags(0, ids, lengths, weights)]
+    return split_bags_by(ids % num_partitions, num_partitions, ids, lengths, weights)
+
+
+def split_bags_by(
+    part: np.ndarray, num_parts: int, ids: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None
+) -> list[SubBags]:
+    """Split bags by ``part`` (int [n], the part of each id in ``[0, num_parts)``); bag order is
+    kept in every part. ``split_bags`` splits by partition; the shard also splits a bag into the
+    rows it reads from its table and the rows a version overlay replaces."""
+    lengths = np.asarray(lengths, dtype=np.int32)
     bag_of = np.repeat(np.arange(len(lengths)), lengths)
-    part = ids % num_partitions
-    order = np.argsort(part, kind="stable")  # ids of each partition, bag order kept
-    counts = np.bincount(part, minlength=num_partitions)
+    order = np.argsort(part, kind="stable")  # ids of each part, bag order kept
+    counts = np.bincount(part, minlength=num_parts)
     bounds = np.concatenate(([0], np.cumsum(counts)))
     out = []
-    for p in range(num_partitions):
+    for p in range(num_parts):
         sel = order[bounds[p] : bounds[p + 1]]
         out.append(
             SubBags(

@@ -1,10 +1,12 @@
-"""Embedding shard process: load assigned partitions, serve Lookup, register, stop gracefully.
+"""Embedding shard process: load assigned partitions, serve Lookup, register, follow versions.
 
 Lifecycle (docs/zookeeper.md): read the active ShardMap and the model's serving version from
 ZooKeeper -> start the gRPC server NOT_SERVING -> load the partitions the map assigns to this
-node id -> SERVING -> register the ephemeral znode (address, partitions, versions ready).
-SIGTERM/SIGINT: deregister -> NOT_SERVING -> finish in-flight calls within the grace period ->
-exit 0. Never registers before it is ready.
+node id at the serving version (base + deltas) -> SERVING -> register the ephemeral znode
+(address, partitions, versions ready) -> the version manager follows ``target_version`` in the
+background (``versions.VersionManager``) and the znode reports every change. SIGTERM/SIGINT:
+deregister -> NOT_SERVING -> finish in-flight calls within the grace period -> exit 0. Never
+registers before it is ready.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
 from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
 from services.embedding_shard.store import TableStore, load_partitions
+from services.embedding_shard.versions import VersionManager
 
 log = logging.getLogger("shardrec.shard")
 
@@ -57,15 +60,17 @@ class MapView:
             return self._map
 
 
-def node_data(config: ShardConfig, address: str, store: TableStore, map_version: int) -> dict:
+def node_data(config: ShardConfig, address: str, store: TableStore, map_version: int, manager: VersionManager | None = None) -> dict:
     return {
         "node_id": config.node_id,
         "address": address,
         "partitions": sorted(str(k) for k in store.partitions()),
         "versions_ready": store.versions_ready,
-        "serving_version": store.serving_version,
+        "serving_version": store.primary,
         "map_version": map_version,
+        "overlay_bytes": store.overlay_bytes(),
         "pid": os.getpid(),
+        **(manager.status() if manager is not None else {}),
     }
 
 
@@ -94,6 +99,10 @@ def run(config: ShardConfig) -> int:
     num_partitions = {t: smap.num_partitions(t) for t in smap.tables}
 
     store = TableStore({t.name: t for t in manifest.model.tables}, num_partitions)
+    manager = VersionManager(
+        store, reader, keys, num_partitions,
+        stop=stop, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.version_drain_s,
+    )
     servicer = EmbeddingShardServicer(
         config.node_id, store, max_ids_per_request=config.max_ids_per_request, map_version=view.version
     )
@@ -110,10 +119,11 @@ def run(config: ShardConfig) -> int:
     print(f"LISTENING {config.node_id} {address}", flush=True)
     t0 = time.monotonic()
     store.install(
+        version,
         load_partitions(
             reader, version, keys, num_partitions,
             verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, stop=stop,
-        )
+        ),
     )
     log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
     if stop.is_set():  # asked to stop while loading: never register
@@ -122,12 +132,20 @@ def run(config: ShardConfig) -> int:
         zk.close()
         return 0
     server.set_serving(True)
-    registration = NodeRegistration(zk, paths.node(config.node_id), node_data(config, address, store, smap.version))
+    registration = NodeRegistration(zk, paths.node(config.node_id), node_data(config, address, store, smap.version, manager))
     registration.register()
     log.info("node %s registered at %s", config.node_id, paths.node(config.node_id))
     print(f"READY {config.node_id} {address}", flush=True)
 
+    manager.on_change = lambda: registration.update(node_data(config, address, store, view.version(), manager))
+    maps.watch_serving_version(manager.set_serving)
+    maps.watch_frontend_versions(lambda served: manager.set_frontend_versions(served.values()))
+    maps.watch_target_version(manager.set_target)
+    reconciler = threading.Thread(target=manager.run, name="version-manager", daemon=True)
+    reconciler.start()
+
     stop.wait()
+    manager.stop_wake()
     log.info("node %s stopping: deregister, NOT_SERVING, drain %.1fs", config.node_id, config.grace_s)
     registration.deregister()
     server.stop(config.grace_s)

@@ -7,6 +7,7 @@ import numpy as np
 from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
 from services.core import wire
 from services.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
 from services.embedding_shard.store import TableStore
@@ -66,15 +67,16 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
             raise FailedPreconditionError(
                 f"node {self._node_id} routes with shard map version {map_version}, request expects {request.shard_map_version}"
             )
-        version = request.version or self._store.serving_version
-        decoded = []
-        for i, group in enumerate(request.groups):
-            part = self._store.resolve(version, group.table, group.partition)
-            decoded.append((part, *decode_group(group, i)))
-        results = [
-            (part.pool(ids, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
-            for part, ids, lengths, weights, pooling in decoded
-        ]
+        with self._store.reading() as view:  # one snapshot: one version for the whole request
+            version = request.version or view.primary
+            decoded = []
+            for i, group in enumerate(request.groups):
+                part = view.resolve(version, group.table, group.partition)
+                decoded.append((part, *decode_group(group, i)))
+            results = [
+                (part.pool(ids, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
+                for part, ids, lengths, weights, pooling in decoded
+            ]
         return wire.encode_lookup_response(version, map_version, results)
 
     @handle_errors
@@ -90,8 +92,8 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
                 table=key.table,
                 partition=key.partition,
                 num_partitions=part.num_partitions,
-                rows=part.weight.shape[0],
-                size_bytes=part.size_bytes,
+                rows=partition_rows(part.spec.rows, part.num_partitions, key.partition),
+                size_bytes=self._store.size_bytes(key),
                 lookups=part.lookups,
                 ids=part.ids,
             )

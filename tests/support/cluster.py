@@ -25,10 +25,11 @@ class ShardCluster:
     addresses: dict[str, str] = field(default_factory=dict)
 
 
-def publish_cluster(zk, paths: ZkPaths, checkpoint: str, spec: dict, num_nodes: int) -> ShardMap:
-    """Write what ``shardrec placement init`` writes: the shard map, the model, the versions."""
+def publish_cluster(zk, paths: ZkPaths, checkpoint: str, spec: dict, num_nodes: int, version: int | None = None) -> ShardMap:
+    """Write what ``shardrec placement init`` writes: the shard map, the model, the versions
+    (``version``, default the latest complete one, is both serving and target)."""
     reader = CheckpointReader(checkpoint)
-    version = reader.latest_version()
+    version = reader.latest_version() if version is None else version
     model = reader.manifest(version).model
     smap = initial_shard_map(PlacementSpec.from_json(spec), model.tables, node_ids(num_nodes))
     store = ShardMapStore(zk, paths)
@@ -58,8 +59,8 @@ def wait_registered(zk, paths: ZkPaths, node_id: str, timeout_s: float = SHARD_S
 
 
 def start_cluster(zk, paths: ZkPaths, spawn: ProcessFactory, zk_hosts: str, checkpoint: str, spec: dict,
-                  num_nodes: int, *extra: str) -> ShardCluster:
-    smap = publish_cluster(zk, paths, checkpoint, spec, num_nodes)
+                  num_nodes: int, *extra: str, version: int | None = None) -> ShardCluster:
+    smap = publish_cluster(zk, paths, checkpoint, spec, num_nodes, version)
     cluster = ShardCluster(zk_hosts, paths.cluster, checkpoint, smap)
     for node in smap.nodes:
         cluster.processes[node] = start_shard(spawn, zk_hosts, paths.cluster, node, *extra)

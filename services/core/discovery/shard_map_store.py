@@ -193,6 +193,38 @@ class ShardMapStore:
     def write_target_version(self, version: int) -> None:
         self._put(self._paths.target_version, {"version": self._check_version(version)})
 
+    def watch_serving_version(self, callback: Callable[[int | None], None]) -> MapWatch:
+        """Call ``callback(version | None)`` now and after every change of the serving version
+        (same threading rules as ``watch_active``; a malformed value is logged, not delivered)."""
+        return self._watch_version(self._paths.serving_version, callback)
+
+    def watch_target_version(self, callback: Callable[[int | None], None]) -> MapWatch:
+        """Same as ``watch_serving_version`` for the target version."""
+        return self._watch_version(self._paths.target_version, callback)
+
+    def _watch_version(self, path: str, callback: Callable[[int | None], None]) -> MapWatch:
+        def parse(data: bytes) -> int:
+            try:
+                return int(_load(path, data)["version"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"znode {path} must hold {{\"version\": N}}: {e!r}") from e
+
+        return self._watch(path, parse, callback)
+
+    def watch_frontend_versions(self, callback: Callable[[dict[str, int]], None]) -> "MembersWatch":
+        """Call ``callback({frontend_id: version served})`` whenever a frontend joins, leaves or
+        switches version. Calls come from the watch's own thread, never overlap, and must not
+        block for long; the first arrives once ZooKeeper answered."""
+
+        def version_of(data: dict[str, Any]) -> int | None:
+            v = data.get("version")
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        def deliver(members: dict[str, dict[str, Any]]) -> None:
+            callback({fid: v for fid, d in members.items() if (v := version_of(d)) is not None})
+
+        return MembersWatch(self._client, self._paths.frontends, deliver)
+
     # -- membership ---------------------------------------------------------------------------
     def live_nodes(self) -> dict[str, dict[str, Any]]:
         """Every registered shard node: node id -> its znode's JSON (see registry)."""
@@ -249,6 +281,11 @@ class ShardMapStore:
         return stat.version
 
     def _watch_map(self, path: str, callback: ShardMapCallback) -> MapWatch:
+        return self._watch(path, lambda data: ShardMap.from_bytes(data or b""), callback)
+
+    def _watch(self, path: str, parse: Callable[[bytes], Any], callback: Callable[[Any], None]) -> MapWatch:
+        """DataWatch ``path``: ``callback(parse(data))``, or ``callback(None)`` when the znode
+        does not exist; a value ``parse`` refuses (ConfigError) is logged and not delivered."""
         watch = MapWatch(path)
 
         def on_data(data: bytes | None, stat: Any, event: Any = None) -> bool | None:
@@ -257,14 +294,14 @@ class ShardMapStore:
             if watch.cancelled:
                 return False  # tells kazoo to drop the watch
             try:
-                smap = None if stat is None else ShardMap.from_bytes(data or b"")
+                value = None if stat is None else parse(data or b"")
             except ConfigError as e:
-                log.error("ignoring malformed shard map at %s: %s", path, e)
+                log.error("ignoring malformed value at %s: %s", path, e)
                 return None
             try:
-                callback(smap)
+                callback(value)
             except Exception:
-                log.exception("shard map watch callback for %s raised", path)
+                log.exception("watch callback for %s raised", path)
             return None
 
         with _zk(f"watch {path}"):
@@ -333,3 +370,80 @@ class ShardMapStore:
                     continue
                 out[name] = value if isinstance(value, dict) else {"value": value}
         return out
+
+
+class MembersWatch:
+    """The children of ``path`` and each child's JSON, delivered whole to ``callback`` on every
+    change (a child joins, leaves or rewrites its data).
+
+    Kazoo watch callbacks only enqueue events; a private daemon thread sets the per-child data
+    watches (a ZooKeeper read, never done on a kazoo callback thread) and calls ``callback``,
+    so calls never overlap. Each child id gets one DataWatch for the process's life (a child
+    that leaves and comes back is picked up by the same watch).
+    """
+
+    def __init__(self, client: "KazooClient", path: str, callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+        import queue
+
+        self._client = client
+        self._path = path
+        self._callback = callback
+        self._events: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+        self._members: dict[str, dict[str, Any]] = {}
+        self._watched: set[str] = set()
+        self._cancelled = False
+        with _zk(f"watch {path}"):
+            client.ensure_path(path)
+        threading.Thread(target=self._run, name=f"members-watch {path}", daemon=True).start()
+        client.ChildrenWatch(path, self._on_children)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._events.put(("stop", None))
+
+    def _on_children(self, children: list[str]) -> bool | None:
+        if self._cancelled:
+            return False
+        self._events.put(("children", list(children)))
+        return None
+
+    def _run(self) -> None:
+        while True:
+            kind, value = self._events.get()
+            if kind == "stop":
+                return
+            if kind == "children":
+                for child in value:
+                    if child not in self._watched:
+                        self._watched.add(child)
+                        self._watch_child(child)
+                continue
+            child, data = value
+            if data is None:
+                changed = self._members.pop(child, None) is not None
+            else:
+                try:
+                    parsed = _load(f"{self._path}/{child}", data)
+                except ConfigError as e:
+                    log.warning("ignoring %s/%s: %s", self._path, child, e)
+                    continue
+                changed = self._members.get(child) != parsed
+                self._members[child] = parsed if isinstance(parsed, dict) else {"value": parsed}
+            if changed:
+                try:
+                    self._callback(dict(self._members))
+                except Exception:
+                    log.exception("members watch callback for %s raised", self._path)
+
+    def _watch_child(self, child: str) -> None:
+        def on_data(data: bytes | None, stat: Any, event: Any = None) -> bool | None:
+            if self._cancelled:
+                return False
+            self._events.put(("data", (child, None if stat is None else data)))
+            return None
+
+        try:
+            self._client.DataWatch(f"{self._path}/{child}", on_data)
+        except _CONNECTION_ERRORS as e:  # the session comes back with the watch re-armed by kazoo
+            log.warning("members watch %s: cannot watch %s yet (%r)", self._path, child, e)
+            self._watched.discard(child)

@@ -1,0 +1,200 @@
+"""The shard's version manager: makes the node hold what ZooKeeper says should be served.
+
+ZooKeeper publishes desired state; this one reconciler acts on it (STYLE #2):
+
+- ``model/target_version`` T: load T in the background while serving (only the changed rows of
+  this node's partitions when T shares a base with the primary; a full load for a new base),
+  then report it ready. A target already held (a rollback to the previous version) is promoted
+  from the rows the node still holds, reading nothing.
+- ``model/serving_version`` S and the versions live frontends serve: a version no one serves
+  any more (not the primary, not T, not S) is dropped after ``drain_s``, freeing its overlay.
+
+A target is refused (and serving continues on the old version with no row changed) when its
+checkpoint is incomplete, corrupt or truncated, or when it is a delta that neither descends from
+S nor is an ancestor of S (a rollback): e.g. a delta built on a version that was rolled back
+away from. The refusal is logged and reported in the node's znode (``load_error``), which
+``shardrec checkpoint status`` shows. The same target is not retried until it is published
+again.
+
+Threads: the ``set_*`` methods are called from kazoo watch threads and only record the value
+and wake the manager; ``run`` is the manager's own thread; ``on_change`` is called from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from services.core.checkpoint.manifest import KIND_BASE
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.errors import ShardrecError
+from services.core.types import PartitionKey, Version
+from services.embedding_shard.store import TableStore, delta_changes, load_partitions
+
+log = logging.getLogger(__name__)
+
+
+class VersionManager:
+    def __init__(
+        self,
+        store: TableStore,
+        reader: CheckpointReader,
+        keys: list[PartitionKey],
+        num_partitions: Mapping[str, int],
+        *,
+        stop: threading.Event,
+        on_change: Callable[[], None] = lambda: None,
+        verify: bool = True,
+        load_rate_bytes_s: int = 0,
+        drain_s: float = 2.0,
+    ) -> None:
+        self._store = store
+        self.on_change = on_change
+        self._reader = reader
+        self._keys = list(keys)
+        self._num_partitions = dict(num_partitions)
+        self._stop = stop
+        self._verify = verify
+        self._load_rate = load_rate_bytes_s
+        self._drain_s = drain_s
+        self._cond = threading.Condition()
+        self._target: Version | None = None
+        self._serving: Version | None = None
+        self._frontend_versions: frozenset[Version] = frozenset()
+        self._unused_since: dict[Version, float] = {}
+        self._refused: Version | None = None  # the target last refused (not retried)
+        self.loading: Version | None = None
+        self.load_error: dict | None = None
+        self.last_load_s: float | None = None
+
+    # -- any thread (kazoo watches) -------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop_wake(self) -> None:
+        """Wake the manager thread so it sees ``stop`` (call after setting it)."""
+        self._wake()
+
+    def set_target(self, version: Version | None) -> None:
+        with self._cond:
+            self._target = version
+            self._refused = None  # published again: try again
+            self._cond.notify_all()
+
+    def set_serving(self, version: Version | None) -> None:
+        self._serving = version
+        self._wake()
+
+    def set_frontend_versions(self, versions: Iterable[Version]) -> None:
+        self._frontend_versions = frozenset(versions)
+        self._wake()
+
+    def status(self) -> dict:
+        """What the node's znode reports about versions, beyond ``versions_ready``."""
+        return {"loading": self.loading, "load_error": self.load_error}
+
+    # -- the manager thread ---------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                timeout = self.reconcile()
+            except Exception:  # a bug must not kill the node's only reconciler: log and go on
+                log.exception("version reconcile failed")
+                timeout = 1.0
+            with self._cond:
+                if not self._stop.is_set():
+                    self._cond.wait(timeout)
+
+    def reconcile(self) -> float | None:
+        """One pass: load or promote the target, drop unused versions. Returns how long the
+        thread may sleep before a drop falls due (None: until woken)."""
+        target = self._target
+        if target and target != self._store.primary and target != self._refused:
+            self._reach(target)
+        return self._drop_unused()
+
+    def _reach(self, target: Version) -> None:
+        if target in self._store.versions_ready:
+            log.info("promoting held version %d to primary", target)
+            self._store.promote(target)
+            self.on_change()
+            return
+        self.loading = target
+        self.on_change()
+        t0 = time.monotonic()
+        try:
+            self._load(target)
+        except (ShardrecError, OSError, ValueError) as e:
+            self._refused = target
+            self.load_error = {"version": target, "error": str(e)}
+            log.error("refused version %d, still serving %d: %s", target, self._store.primary, e)
+        else:
+            self.load_error = None
+            self.last_load_s = time.monotonic() - t0
+            log.info("version %d ready in %.2fs (primary was %s)", target, self.last_load_s, self._store.versions_ready)
+        finally:
+            self.loading = None
+            self.on_change()
+
+    def check_lineage(self, target: Version) -> None:
+        """Refuse a delta that neither descends from the serving version nor is one of its
+        ancestors (CheckpointError naming both chains)."""
+        from services.core.errors import CheckpointError
+
+        serving = self._serving or self._store.primary
+        chain = self._reader.chain(target)
+        if chain[-1].kind == KIND_BASE or not serving:
+            return
+        t_chain = [m.version for m in chain]
+        s_chain = [m.version for m in self._reader.chain(serving)]
+        if serving not in t_chain and target not in s_chain:
+            raise CheckpointError(
+                f"version {target} is a delta of {chain[-1].parent} (chain {t_chain}) but the serving version "
+                f"{serving} (chain {s_chain}) is not among its ancestors: publish a delta whose parent is {serving}"
+            )
+
+    def _load(self, target: Version) -> None:
+        reader = self._reader
+        self.check_lineage(target)
+        if self._verify:
+            reader.verify(target, full=True)
+        a = self._store.primary
+        changes = delta_changes(reader, a, target, self._keys, self._num_partitions)
+        if changes is None:
+            log.info("version %d has another base than %d: loading it whole", target, a)
+            weights = load_partitions(
+                reader, target, self._keys, self._num_partitions,
+                verify=self._verify, load_rate_bytes_s=self._load_rate, stop=self._stop,
+            )
+            if self._stop.is_set():
+                return
+            self._store.install(target, weights)
+            return
+        size = sum(rows.numel() * rows.element_size() for _, rows in changes.values())
+        if self._load_rate > 0 and self._stop.wait(size / self._load_rate):
+            return
+        rows = sum(len(ids) for ids, _ in changes.values())
+        log.info("applying version %d over %d: %d rows (%.1f MiB)", target, a, rows, size / 2**20)
+        self._store.apply(target, changes)
+
+    def _drop_unused(self) -> float | None:
+        keep = {self._store.primary, self._target, self._serving, *self._frontend_versions}
+        now = time.monotonic()
+        wait: float | None = None
+        for v in self._store.versions_ready:
+            if v in keep:
+                self._unused_since.pop(v, None)
+                continue
+            since = self._unused_since.setdefault(v, now)
+            left = since + self._drain_s - now
+            if left <= 0:
+                log.info("dropping version %d: no frontend serves it", v)
+                self._store.drop(v)
+                self._unused_since.pop(v, None)
+                self.on_change()
+            else:
+                wait = left if wait is None else min(wait, left)
+        return wait

@@ -1,0 +1,180 @@
+"""The shard's versioned table store against plain numpy tables pooled by ``core.reference``.
+
+Every version a store holds (its primary and the overlaid ones) must pool exactly like the
+table of that version, during and after in-place swaps, rollbacks and drops.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from services.core.errors import FailedPreconditionError, InvalidArgumentError
+from services.core.reference import reference_pool
+from services.core.types import PartitionKey, PoolingType, TableSpec
+from services.embedding_shard.store import TableStore
+
+RTOL, ATOL = 1e-5, 1e-6
+ROWS, DIM, P = 600, 8, 2
+SPEC = TableSpec("t", ROWS, DIM)
+KEYS = [PartitionKey("t", 0), PartitionKey("t", 1)]
+MODES = [PoolingType.SUM, PoolingType.MEAN, PoolingType.MAX]
+
+
+def _bags(rng, bags=40, max_len=12):
+    lengths = rng.integers(0, max_len + 1, size=bags).astype(np.int32)
+    ids = (rng.zipf(1.3, size=int(lengths.sum())) - 1) % ROWS  # hot low ids, as in serving
+    return ids.astype(np.int64), lengths
+
+
+def _drift(rng, table, k):
+    """A new version of ``table``: k distinct rows replaced (hot rows more likely)."""
+    ids = np.unique((rng.zipf(1.2, size=4 * k) - 1) % ROWS)[:k]
+    new = table.copy()
+    new[ids] = rng.standard_normal((len(ids), DIM)).astype(np.float32) * 3 - 1  # negatives exercise MAX
+    return ids, new
+
+
+def _changes(ids, table):
+    """Per partition: local ids and rows of ``table`` at those global ids (what the shard's
+    loader reads from a delta)."""
+    out = {}
+    for key in KEYS:
+        mine = ids[ids % P == key.partition]
+        out[key] = (mine // P, torch.from_numpy(table[mine].copy()))
+    return out
+
+
+def _store(table):
+    store = TableStore({"t": SPEC}, {"t": P})
+    store.install(1, {k: torch.from_numpy(table[k.partition :: P].copy()) for k in KEYS})
+    return store
+
+
+def _pool(store, version, ids, lengths, mode):
+    """Pool global ids through the store the way the frontend does for a row-wise table."""
+    parts = []
+    with store.reading() as view:
+        for key in KEYS:
+            sel = ids % P == key.partition
+            sub_lengths = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[sel], minlength=len(lengths)).astype(np.int32)
+            sub_mode = PoolingType.SUM if mode is PoolingType.MEAN else mode
+            pooled = view.resolve(version, "t", key.partition).pool(ids[sel], sub_lengths, sub_mode, None)
+            parts.append((pooled, sub_lengths))
+    from services.core.sharding import merge_partials
+
+    return merge_partials(parts, mode)
+
+
+def _check(store, version, table, rng):
+    ids, lengths = _bags(rng)
+    for mode in MODES:
+        np.testing.assert_allclose(_pool(store, version, ids, lengths, mode), reference_pool(table, ids, lengths, mode), rtol=RTOL, atol=ATOL)
+
+
+def test_apply_serves_both_versions_exactly():
+    rng = np.random.default_rng(1)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    store = _store(v1)
+    ids, v2 = _drift(rng, v1, 60)
+    store.apply(2, _changes(ids, v2))
+    assert store.primary == 2 and store.versions_ready == [1, 2]
+    _check(store, 2, v2, rng)
+    _check(store, 1, v1, rng)
+    _check(store, 0, v2, rng)  # version 0: the primary
+    # Extra memory is the overwritten rows, not a copy of the table.
+    assert store.overlay_bytes() == len(ids) * (DIM * 4 + 8)
+
+
+def test_chain_keeps_every_held_version_exact_then_drop_frees():
+    rng = np.random.default_rng(2)
+    tables = {1: rng.standard_normal((ROWS, DIM)).astype(np.float32)}
+    store = _store(tables[1])
+    for v in (2, 3, 4):
+        ids, tables[v] = _drift(rng, tables[v - 1], 40)
+        store.apply(v, _changes(ids, tables[v]))
+    assert store.versions_ready == [1, 2, 3, 4]
+    for v, t in tables.items():
+        _check(store, v, t, rng)
+    store.drop(1)
+    store.drop(2)
+    store.drop(4)  # the primary is never dropped
+    assert store.versions_ready == [3, 4]
+    _check(store, 3, tables[3], rng)
+    _check(store, 4, tables[4], rng)
+    with pytest.raises(FailedPreconditionError, match="version 1 is not ready"):
+        _pool(store, 1, *_bags(rng), PoolingType.SUM)
+
+
+def test_rollback_to_a_held_version_uses_its_rows():
+    rng = np.random.default_rng(3)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    store = _store(v1)
+    ids, v2 = _drift(rng, v1, 50)
+    store.apply(2, _changes(ids, v2))
+    store.promote(1)
+    assert store.primary == 1
+    _check(store, 1, v1, rng)
+    _check(store, 2, v2, rng)  # still held, now as the overlaid one
+    store.drop(2)
+    assert store.overlay_bytes() == 0
+    with store.reading() as view:
+        for key in KEYS:
+            np.testing.assert_array_equal(view.resolve(1, "t", key.partition).weight.numpy(), v1[key.partition :: P])
+
+
+def test_install_of_another_base_keeps_the_old_weights():
+    rng = np.random.default_rng(4)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    v2 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    store = _store(v1)
+    store.install(2, {k: torch.from_numpy(v2[k.partition :: P].copy()) for k in KEYS})
+    _check(store, 1, v1, rng)
+    _check(store, 2, v2, rng)
+    store.promote(1)
+    _check(store, 0, v1, rng)
+
+
+def test_lookups_during_a_swap_never_mix_versions():
+    """Readers hammer version 1 while the primary moves to 2 in place: every answer is
+    exactly version 1 (the quiescence before the in-place write)."""
+    rng = np.random.default_rng(5)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    ids, v2 = _drift(rng, v1, 200)
+    hot = np.repeat(ids[:50], 2)  # every bag hits rows the swap rewrites
+    lengths = np.full(50, 2, dtype=np.int32)
+    want = reference_pool(v1, hot, lengths, PoolingType.SUM)
+    store = _store(v1)
+    stop, bad, done = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            got = _pool(store, 1, hot, lengths, PoolingType.SUM)
+            if not np.allclose(got, want, rtol=RTOL, atol=ATOL):
+                bad.append(got)
+            done[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v, table in ((2, v2), (1, v1), (2, v2), (1, v1)):  # swap back and forth under load
+        store.promote(v) if v in store.versions_ready else store.apply(v, _changes(ids, table))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert done[0] > 0 and not bad
+
+
+def test_bad_requests_name_the_problem():
+    rng = np.random.default_rng(6)
+    store = _store(rng.standard_normal((ROWS, DIM)).astype(np.float32))
+    with store.reading() as view:
+        with pytest.raises(InvalidArgumentError, match="unknown table 'nope'"):
+            view.resolve(1, "nope", 0)
+        with pytest.raises(InvalidArgumentError, match="partition 5 out of range"):
+            view.resolve(1, "t", 5)
+        with pytest.raises(InvalidArgumentError, match="id 3 is not in partition 0"):
+            view.resolve(1, "t", 0).pool(np.array([3]), np.array([1], dtype=np.int32), PoolingType.SUM, None)
+        with pytest.raises(FailedPreconditionError, match="version 9 is not ready"):
+            view.resolve(9, "t", 0)
