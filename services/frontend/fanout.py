@@ -95,8 +95,11 @@ class GrpcLookupClient:
     def _alive(self, node: str, excluded: set[str]) -> bool:
         return node in self._view.nodes and node not in excluded and self._ejected_until.get(node, 0.0) <= time.monotonic()
 
-    def _choose(self, replicas: tuple[str, ...], chosen: set[str], excluded: set[str]) -> str | None:
+    def _choose(self, replicas: tuple[str, ...], chosen: set[str], excluded: set[str], version: Version) -> str | None:
         live = [r for r in replicas if self._alive(r, excluded)]
+        # Replicas that report the batch's version ready first (during a version swap some
+        # may not hold it yet; one that does not answers FAILED_PRECONDITION and we fail over).
+        live = [r for r in live if version in self._view.nodes[r].versions_ready] or live
         if not live:  # every replica ejected recently: an ejected one beats failing
             live = [r for r in replicas if r in self._view.nodes and r not in excluded]
         if not live:  # none registered right now: try where they last were before giving up
@@ -108,7 +111,7 @@ class GrpcLookupClient:
         least = min(self._outstanding.get(r, 0) for r in pool)
         return random.choice([r for r in pool if self._outstanding.get(r, 0) == least])
 
-    def _assign(self, units: list[_Unit], excluded: set[str]) -> dict[str, list[_Unit]]:
+    def _assign(self, units: list[_Unit], excluded: set[str], version: Version) -> dict[str, list[_Unit]]:
         smap = self._view.shard_map
         if smap is None:
             raise UnavailableError("no shard map yet (ZooKeeper has not answered)")
@@ -116,7 +119,7 @@ class GrpcLookupClient:
         chosen: set[str] = set()
         node_of: dict[tuple[str, int], str] = {}
         for table, p in keys:
-            node = self._choose(smap.tables[table].partitions[p], chosen, excluded)
+            node = self._choose(smap.tables[table].partitions[p], chosen, excluded, version)
             if node is None:
                 raise UnavailableError(
                     f"table {table!r} partition {p} has no live replica "
@@ -183,7 +186,7 @@ class GrpcLookupClient:
         partials: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in range(len(features))}
         pending, excluded = units, set()
         while pending:
-            by_node = self._assign(pending, excluded)
+            by_node = self._assign(pending, excluded, version)
             calls = {node: asyncio.ensure_future(self._call(node, us, version, deadline, request_id)) for node, us in by_node.items()}
             try:
                 await asyncio.wait(calls.values())

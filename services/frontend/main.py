@@ -83,6 +83,21 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
     raise ConfigError(f"unknown lookup {config.lookup!r} (choose shards, inproc, redis-kv or torchrec)")
 
 
+async def _follow_versions(view, pipeline: RecommendPipeline, reader: CheckpointReader, registration, loop) -> None:
+    """Switch to each target version once it is servable; report it in this frontend's znode
+    and as the cluster's serving version (``services.frontend.versions``)."""
+    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.frontend.versions import VersionFollower
+
+    maps = ShardMapStore(view.zk, view.paths)
+
+    async def on_switch(version: int) -> None:
+        await loop.run_in_executor(None, registration.update, {**registration.data, "version": version})
+        await loop.run_in_executor(None, maps.write_serving_version, version)
+
+    await VersionFollower(view, pipeline, reader, on_switch).run()
+
+
 async def serve(config: FrontendConfig) -> int:
     torch.set_num_threads(config.torch_threads)
     tune_allocator()
@@ -143,11 +158,16 @@ async def serve(config: FrontendConfig) -> int:
         data = {"frontend_id": config.frontend_id, "address": address, "version": version, "pid": os.getpid()}
         registration = NodeRegistration(zk, paths.frontend(config.frontend_id), data)
         await loop.run_in_executor(None, registration.register)
+    follower_task = None
+    if view is not None:
+        follower_task = asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop))
     log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
              version, address, ranker.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
+    if follower_task is not None:
+        follower_task.cancel()
     log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
@@ -156,7 +176,7 @@ async def serve(config: FrontendConfig) -> int:
     await lookup.close()
     if kv_redis is not None:
         await kv_redis.aclose()
-    ranker.close()
+    ranker.close()  # the first ranker owns the executor every later version shares
     if redis is not None:
         await redis.aclose()
     if zk is not None:

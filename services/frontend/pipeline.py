@@ -39,16 +39,32 @@ class Pending:
     deadline: float
 
 
+@dataclass(frozen=True)
+class ServingModel:
+    """The version a batch is computed at and the dense model of exactly that version."""
+
+    version: Version
+    ranker: Ranker
+
+
 class RecommendPipeline:
     def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, ranker: Ranker, version: Version) -> None:
         self.spec = spec
         self.prep = prep
         self.lookup = lookup
-        self.ranker = ranker
-        self.version = version
+        self.model = ServingModel(version, ranker)
         self._batch_ids = itertools.count(1)
         self.bags_requested = 0  # bags the batches needed, per feature
         self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
+
+    @property
+    def version(self) -> Version:
+        return self.model.version
+
+    def switch(self, version: Version, ranker: Ranker) -> None:
+        """Serve ``version`` from the next batch on; a batch already running finishes at the
+        version it started with (it holds its own ``ServingModel``)."""
+        self.model = ServingModel(version, ranker)
 
     async def process(self, items: list[Pending]) -> list[Recommendation | BaseException]:
         now = time.monotonic()
@@ -62,6 +78,7 @@ class RecommendPipeline:
         return [results[id(p)] for p in items]
 
     async def _run(self, requests: list[RecRequest], deadline: float) -> list[Recommendation]:
+        model = self.model  # one version for the whole batch: lookups and dense weights
         batch = await self.prep.prepare(requests)
         features, twins = [], {}
         for f in self.spec.sparse_features:
@@ -71,7 +88,7 @@ class RecommendPipeline:
             self.bags_looked_up += len(unique.lengths)
             features.append(FeatureLookup(f.name, f.table, f.pooling, unique, f.side))
         tag = f"batch-{next(self._batch_ids)}:{requests[0].request_id}"
-        result = await self.lookup.lookup(features, version=self.version, timeout_s=deadline - time.monotonic(), request_id=tag)
+        result = await self.lookup.lookup(features, version=model.version, timeout_s=deadline - time.monotonic(), request_id=tag)
         dim = self.spec.dense_arch.embedding_dim
         sparse = np.empty((batch.num_samples, len(features), dim), dtype=np.float32)
         for fi, f in enumerate(self.spec.sparse_features):
@@ -79,7 +96,7 @@ class RecommendPipeline:
             if twins[f.name] is not None:
                 index = twins[f.name][index]
             np.take(result.pooled[f.name], index, axis=0, out=sparse[:, fi, :])
-        scores = await self.ranker.score_async(batch.dense, sparse)
+        scores = await model.ranker.score_async(batch.dense, sparse)
         out = []
         for r, req in enumerate(requests):
             lo, hi = int(batch.sample_offsets[r]), int(batch.sample_offsets[r + 1])

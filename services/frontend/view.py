@@ -43,8 +43,8 @@ class ClusterView:
     """Snapshot getters are cheap and return immutable objects; call them on the loop."""
 
     def __init__(self, zk, paths: ZkPaths, loop: asyncio.AbstractEventLoop) -> None:
-        self._zk = zk
-        self._paths = paths
+        self.zk = self._zk = zk
+        self.paths = self._paths = paths
         self._loop = loop
         self._store = ShardMapStore(zk, paths)
         self._watched: set[str] = set()
@@ -55,6 +55,7 @@ class ClusterView:
         # the fan-out still tries these before giving up. An RPC, not a watch, is the verdict.
         self.last_addresses: dict[str, str] = {}
         self.serving_version: int = 0
+        self.target_version: int = 0
         self.model: dict = {}
         self._changed = asyncio.Event()
 
@@ -63,7 +64,8 @@ class ClusterView:
         self.model = self._store.read_model()
         self._zk.ensure_path(self._paths.nodes)
         self._store.watch_active(lambda smap: self._hop(self._set_map, smap))
-        self._zk.DataWatch(self._paths.serving_version, lambda data, stat, *_: self._hop(self._set_version, data))
+        self._store.watch_serving_version(lambda v: self._hop(self._set_version, "serving_version", v))
+        self._store.watch_target_version(lambda v: self._hop(self._set_version, "target_version", v))
         self._zk.ChildrenWatch(self._paths.nodes, lambda children: self._hop(self._children, list(children)))
 
     # -- kazoo threads -> loop ----------------------------------------------------------------
@@ -89,13 +91,9 @@ class ClusterView:
             log.info("shard map version %d", smap.version)
             self._notify()
 
-    def _set_version(self, data: bytes | None) -> None:
-        if data:
-            try:
-                self.serving_version = int(json.loads(data)["version"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring malformed serving version %r", data[:200])
-                return
+    def _set_version(self, which: str, version: int | None) -> None:
+        if version:
+            setattr(self, which, version)
             self._notify()
 
     def _children(self, children: list[str]) -> None:
@@ -115,6 +113,21 @@ class ClusterView:
             self.nodes[node_id] = info
             self.last_addresses[node_id] = info.address
         self._notify()
+
+    async def changed(self) -> None:
+        """Return at the next change of the view (a watch event)."""
+        await self._changed.wait()
+
+    def ready_everywhere(self, version: int) -> bool:
+        """True when every partition of the active map has a live replica ready at ``version``."""
+        smap = self.shard_map
+        if smap is None:
+            return False
+        return all(
+            any(r in self.nodes and version in self.nodes[r].versions_ready for r in replicas)
+            for tp in smap.tables.values()
+            for replicas in tp.partitions
+        )
 
     async def wait_for(self, predicate, timeout_s: float, what: str) -> None:
         """Wait until ``predicate(self)`` holds, woken by watch events (no polling)."""

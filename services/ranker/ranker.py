@@ -28,11 +28,20 @@ def pick_device(requested: str = "auto") -> torch.device:
 class Ranker:
     """One version of the dense model on one device."""
 
-    def __init__(self, arch: DenseArch, state: Mapping[str, np.ndarray], device: str = "auto") -> None:
+    def __init__(
+        self, arch: DenseArch, state: Mapping[str, np.ndarray], device: str = "auto", *, executor: ThreadPoolExecutor | None = None
+    ) -> None:
         self.device = pick_device(device)
         self.arch = arch
         self._model = build_dlrm(arch, state).to(self.device)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker")
+
+    def with_weights(self, state: Mapping[str, np.ndarray]) -> "Ranker":
+        """The same architecture and device with other weights (a new version), sharing this
+        ranker's executor: batches still running on this one finish. Closing the ranker that
+        created the executor shuts it down; closing the new one does nothing."""
+        return Ranker(self.arch, state, str(self.device), executor=self._executor)
 
     def score(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         """``dense`` float32 [B, num_dense], ``sparse`` float32 [B, F, D] -> scores float32 [B]."""
@@ -49,7 +58,8 @@ class Ranker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.score, dense, sparse)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

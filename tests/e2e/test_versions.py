@@ -1,0 +1,146 @@
+"""Incremental checkpoints on a live cluster: deltas published while a closed-loop client runs.
+
+Real ZooKeeper, Redis, three shard processes (mixed placement: row-wise, replicated and
+table-wise tables) and a frontend. Every response must equal ``core.reference`` at exactly the
+version it reports, versions must only move forward for each client, and nothing may fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+
+from services._proto.shardrec.v1 import recommend_pb2_grpc
+from services.admin.cli import main as cli
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.checkpoint.writer import write_delta
+from services.core.clients import make_kazoo
+from services.core.config import ZkConfig
+from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.zk_paths import ZkPaths
+from services.core.reference import ReferenceRecommender
+from services.core.synth import synthesize
+from tests.e2e.test_recommend import PLACEMENTS, check_response, random_requests
+from tests.support.cluster import start_cluster
+from tests.support.processes import ProcessFactory
+from tests.support.waiting import wait_for
+
+DELTAS = 5
+CLIENTS = 2
+CHECKS_PER_VERSION = 25
+
+
+def drift_delta(root: str, version: int, seed: int) -> None:
+    """Delta ``version`` over ``version - 1``: the 20 hottest rows of every table (which the
+    requests' power-law ids hit) plus 3% random rows; every other delta also moves the dense
+    weights."""
+    reader = CheckpointReader(root)
+    spec = reader.manifest(version - 1).model
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for t in spec.tables:
+        ids = np.unique(np.concatenate([np.arange(min(20, t.rows)), rng.choice(t.rows, size=max(1, t.rows * 3 // 100), replace=False)]))
+        rows[t.name] = (ids, rng.normal(0.0, 2.0, size=(len(ids), t.dim)).astype(np.float32))
+    dense = None
+    if version % 2 == 0:
+        dense = {k: (v + rng.normal(0.0, 0.05, size=v.shape)).astype(np.float32) for k, v in reader.dense_state(version - 1).items()}
+    write_delta(root, version, version - 1, spec, rows, dense)
+
+
+@pytest.fixture
+def live(zk_server, redis_server, tmp_path, spawn):
+    """A fresh small model (base version 1 only), its features in Redis, 3 shards, 1 frontend."""
+    root = str(tmp_path / "ckpt")
+    synthesize(root, "small", seed=9)
+    prefix = f"t:{uuid.uuid4().hex[:8]}:"
+    assert cli(["features", "load", "--checkpoint", root, "--redis", redis_server.url, "--prefix", prefix]) == 0
+    paths = ZkPaths("v-" + uuid.uuid4().hex[:10])
+    zk = make_kazoo(ZkConfig(hosts=zk_server.hosts, cluster=paths.cluster))
+    try:
+        start_cluster(zk, paths, spawn, zk_server.hosts, root, PLACEMENTS["mixed"], 3, "--version-drain-s", "1", version=1)
+        fe = spawn(
+            "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", redis_server.url,
+            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000",
+            name="frontend",
+        )
+        line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")
+        yield root, line.split()[2], zk, paths, zk_server.hosts
+    finally:
+        spawn.close()
+        zk.delete(paths.base, recursive=True)
+        zk.stop()
+        zk.close()
+
+
+class ClosedLoop:
+    """``CLIENTS`` threads, each sending one request at a time until stopped; every response
+    is kept with the request and the order it came back in."""
+
+    def __init__(self, address: str, requests) -> None:
+        self.address = address
+        self.requests = requests
+        self.stop = threading.Event()
+        self.seen: list[list[tuple[int, object]]] = [[] for _ in range(CLIENTS)]
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
+
+    def _run(self, i: int) -> None:
+        with grpc.insecure_channel(self.address) as ch:
+            stub = recommend_pb2_grpc.RecommenderStub(ch)
+            n = i
+            while not self.stop.is_set():
+                req = self.requests[n % len(self.requests)]
+                try:
+                    self.seen[i].append((n % len(self.requests), stub.Recommend(req, timeout=10)))
+                except grpc.RpcError as e:
+                    self.errors.append(e)
+                n += CLIENTS
+
+    def versions(self) -> set[int]:
+        return {resp.version for s in self.seen for _, resp in list(s)}
+
+    def count(self, version: int) -> int:
+        return sum(resp.version == version for s in self.seen for _, resp in list(s))
+
+    def __enter__(self) -> "ClosedLoop":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_five_deltas_under_load_every_response_matches_its_version(live):
+    root, address, zk, paths, hosts = live
+    requests = random_requests(60, seed=5)
+    store = ShardMapStore(zk, paths)
+    versions = list(range(1, 2 + DELTAS))
+    with ClosedLoop(address, requests) as load:
+        wait_for(lambda: 1 in load.versions(), 60, "responses at version 1")
+        for v in range(2, 2 + DELTAS):
+            drift_delta(root, v, seed=v)
+            assert cli(["checkpoint", "publish", str(v), "--zk", hosts, "--cluster", paths.cluster]) == 0
+            wait_for(lambda v=v: v in load.versions(), 60, f"responses at version {v}")
+        wait_for(lambda: load.count(versions[-1]) >= 20, 60, "traffic at the last version")
+    assert not load.errors, load.errors[:3]
+    assert load.versions() == set(versions)
+    for s in load.seen:  # each client sees versions in order
+        seq = [resp.version for _, resp in s]
+        assert seq == sorted(seq)
+    assert store.read_serving_version() == versions[-1]
+    print(f"responses per version: { {v: load.count(v) for v in versions} }")
+    rng = np.random.default_rng(0)
+    for v in versions:
+        reference = ReferenceRecommender(root, v)
+        at_v = [(i, resp) for s in load.seen for i, resp in s if resp.version == v]
+        for k in rng.choice(len(at_v), size=min(CHECKS_PER_VERSION, len(at_v)), replace=False):
+            i, resp = at_v[k]
+            check_response(reference, requests[i], resp)
+
