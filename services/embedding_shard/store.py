@@ -100,12 +100,14 @@ class Overlay:
     def extended(self, local_ids: np.ndarray, rows: torch.Tensor) -> "Overlay":
         """This overlay plus the entries of ``(local_ids, rows)`` it does not have yet (its own
         rows win: they are this version's values)."""
-        new = ~np.isin(local_ids, self.local_ids, assume_unique=True)
-        if not new.any():
+        mine = self.local_ids
+        pos = np.minimum(np.searchsorted(mine, local_ids), max(len(mine) - 1, 0))
+        new = np.flatnonzero(mine[pos] != local_ids) if len(mine) else np.arange(len(local_ids))
+        if not len(new):
             return self
-        ids = np.concatenate([self.local_ids, local_ids[new]])
-        order = np.argsort(ids, kind="stable")
-        stacked = torch.cat([self.rows, rows[torch.from_numpy(np.flatnonzero(new))]])
+        ids = np.concatenate([mine, local_ids[new]])
+        order = np.argsort(ids, kind="stable")  # two sorted runs: a linear merge
+        stacked = torch.cat([self.rows, rows[torch.from_numpy(new)]])
         return Overlay(ids[order], stacked[torch.from_numpy(order)])
 
 

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from benchmarks.delta_swap import uss_bytes
 from services._proto.shardrec.v1 import embedding_pb2_grpc
 from services.admin.cli import main as cli
 from services.core import wire
@@ -208,17 +209,6 @@ def test_bad_version_is_refused_and_nothing_changes(node, how, message, capsys):
     assert f"REFUSED version {bad}" in capsys.readouterr().out
 
 
-def _uss_bytes(pid: int) -> int:
-    """Unique set size (private clean + private dirty) from /proc/PID/smaps_rollup."""
-    fields = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                fields[parts[0][:-1]] = int(parts[1]) * 1024
-    return fields["Private_Clean"] + fields["Private_Dirty"]
-
-
 def test_applying_a_delta_grows_memory_by_the_delta_not_the_table(zk_server, spawn, tmp_path):
     """A shard holding a 150 MB table applies a delta of 4,000 rows (1 MB) and serves both
     versions: its USS grows by a few times the delta, far below one table copy."""
@@ -236,13 +226,13 @@ def test_applying_a_delta_grows_memory_by_the_delta_not_the_table(zk_server, spa
     assert table_bytes >= 10 * allowed
     with one_node(zk_server, spawn, root, {"default": {"sharding": "replicated", "replicas": "all"}}) as n:
         n.lookups(1)  # warm every code path once
-        before = _uss_bytes(n.process.pid)
+        before = uss_bytes(n.process.pid)
         _delta(root, 2, 1, seed=5, k=k, tables=["items"])
         n.store.write_target_version(2)
         n.wait(lambda d: d["versions_ready"] == [1, 2] and d["serving_version"] == 2, "version 2 applied beside 1")
         n.lookups(1)
         n.lookups(2)
-        growth = _uss_bytes(n.process.pid) - before
+        growth = uss_bytes(n.process.pid) - before
         print(f"USS growth {growth / 2**20:.1f} MiB for a {delta_bytes / 2**20:.1f} MiB delta of a {table_bytes / 2**20:.0f} MiB table")
         assert growth <= allowed, f"USS grew {growth} bytes; the delta is {delta_bytes} bytes, the table {table_bytes}"
         n.check(2)

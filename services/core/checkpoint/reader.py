@@ -25,8 +25,9 @@ differ between two versions), ``rows_at`` (some rows at a version), ``partition_
 row-wise partition at a version) and ``table_chunks`` (a whole table at a version, in chunks).
 
 Every refusal is a CheckpointError whose message names the version, file or table and the
-expected and actual values. The reader holds no mutable state: any thread may call it (it does
-blocking file I/O, so not from an event loop).
+expected and actual values. The reader's only state is a cache of checked manifests, keyed by
+their exact bytes (single dict operations): any thread may call it (it does blocking file I/O,
+so not from an event loop).
 
 Pure module: numpy and safetensors only (no torch, no grpc).
 """
@@ -94,6 +95,10 @@ class CheckpointReader:
 
     def __init__(self, store_or_uri: StoreOrUri) -> None:
         self._store = as_store(store_or_uri)
+        # version -> (manifest bytes, COMPLETE marker, the Manifest checked from them). A hit
+        # needs both files to be byte-identical to what was checked, so a rewritten or removed
+        # file is still caught; resolving a chain per table no longer re-parses every manifest.
+        self._checked: dict[Version, tuple[bytes, str, Manifest]] = {}
 
     @property
     def store(self) -> CheckpointStore:
@@ -131,6 +136,15 @@ class CheckpointReader:
             raise CheckpointError(f"{self._store.uri}: version {version} has no COMPLETE marker (partial write?)")
         data = self._store.read_bytes(self._rel(version, MANIFEST_FILE))
         marker = self._store.read_bytes(self._rel(version, COMPLETE_FILE)).decode("ascii", "replace").strip().lower()
+        cached = self._checked.get(version)
+        if cached is not None and cached[0] == data and cached[1] == marker:
+            return cached[2]  # the very bytes already checked: skip parsing and validating again
+        m = self._check_manifest(version, data, marker)
+        self._checked[version] = (data, marker, m)
+        return m
+
+    def _check_manifest(self, version: Version, data: bytes, marker: str) -> Manifest:
+        where = self._where(version)
         actual = hashlib.sha256(data).hexdigest()
         if marker != actual:
             raise CheckpointError(
@@ -343,11 +357,13 @@ class CheckpointReader:
 
     def rows_at(self, version: Version, table: str, ids: np.ndarray) -> np.ndarray:
         """Rows of GLOBAL ``ids`` (1-D int, any order, duplicates allowed) at ``version``: a new
-        float32 ``[len(ids), dim]`` array. Reads only those rows: the base memory map
-        fancy-indexed, then each delta of the chain in order (``searchsorted`` into its sorted
-        ids). InvalidArgumentError naming the table and the id when an id is outside
-        ``[0, rows)``."""
-        spec, base, deltas = self._layers(version, table, verify=False)
+        float32 ``[len(ids), dim]`` array. Reads only those rows: the deltas of the chain newest
+        first (``searchsorted`` into each one's sorted ids; the newest delta holding an id has
+        its value), stopping once every id is found, then the base memory map fancy-indexed for
+        the rest. Applying a delta to its parent thus reads that delta alone. InvalidArgumentError
+        naming the table and the id when an id is outside ``[0, rows)``."""
+        chain = self.chain(version)
+        spec = self._table_spec(chain[-1], table)
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):
             raise InvalidArgumentError(f"table {table!r}: ids must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
@@ -355,15 +371,24 @@ class CheckpointReader:
         if outside.size:
             raise InvalidArgumentError(f"table {table!r}: id {int(outside[0])} is outside [0, {spec.rows})")
         ids = ids.astype(np.int64, copy=False)
-        out = np.asarray(base[ids], dtype=TABLE_DTYPE)
-        for delta_ids, delta_rows in deltas:
-            if not len(delta_ids):
+        out = np.empty((len(ids), spec.dim), dtype=TABLE_DTYPE)
+        todo = np.arange(len(ids))  # positions of ids not found yet
+        for m in reversed(chain[1:]):
+            if not len(todo):
+                return out
+            d = self._delta_rows(m, spec, verify=False)
+            if d is None or not len(d[0]):
                 continue
-            pos = np.searchsorted(delta_ids, ids)
+            delta_ids, delta_rows = d
+            wanted = ids[todo]
+            pos = np.searchsorted(delta_ids, wanted)
             np.minimum(pos, len(delta_ids) - 1, out=pos)
-            hit = np.flatnonzero(delta_ids[pos] == ids)
-            if hit.size:
-                out[hit] = delta_rows[pos[hit]]
+            hit = delta_ids[pos] == wanted
+            if hit.any():
+                out[todo[hit]] = delta_rows[pos[hit]]
+                todo = todo[~hit]
+        if len(todo):
+            out[todo] = self._base_table(chain[0], spec, verify=False)[ids[todo]]
         return out
 
     def partition_rows(self, version: Version, table: str, partition: int, num_partitions: int) -> np.ndarray:

@@ -1,0 +1,271 @@
+"""Incremental checkpoints, measured: the cost of applying a delta, and latency during swaps.
+
+``apply``: the shard's own code path, in this process. Load one table (P = 1) of a checkpoint
+into a ``TableStore``, write a drift delta of ``--drift`` of its rows, then time reading the
+delta's rows (``delta_changes``) and the in-place swap (``TableStore.apply``), and measure this
+process's USS (``/proc/self/smaps_rollup``) before and after, while both versions are held::
+
+    python benchmarks/delta_swap.py apply --preset large --table users --drift 0.01
+
+``during``: a local cluster (``shardrec bench`` machinery), an open loop at ``--rate`` for
+``--duration-s`` with no publishing, then the same open loop while ``--deltas`` drift deltas are
+published one after another (each once the previous one is served). Prints p50/p99/p99.9/max
+and errors for both windows and writes JSON::
+
+    python benchmarks/delta_swap.py during --preset demo --rate 100 --deltas 3
+
+Deltas written to the cluster's checkpoint are removed at the end, so the next run starts from
+the base again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def uss_bytes(pid: int | str = "self") -> int:
+    """Private clean + private dirty bytes of a process, from /proc/PID/smaps_rollup."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                fields[parts[0][:-1]] = int(parts[1]) * 1024
+    return fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+def ensure_model(root: pathlib.Path, preset: str) -> None:
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.synth import synthesize
+
+    if not CheckpointReader(root).complete_versions():
+        print(f"synthesizing the {preset} preset at {root} ...", flush=True)
+        t0 = time.monotonic()
+        synthesize(root, preset)
+        print(f"  done in {time.monotonic() - t0:.1f}s", flush=True)
+
+
+def cmd_apply(args: argparse.Namespace) -> dict:
+    import torch
+
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.writer import next_version, write_delta
+    from services.core.synth import drift_ids, drift_rows
+    from services.core.types import PartitionKey
+    from services.embedding_shard.store import TableStore, delta_changes, load_partitions
+
+    torch.set_num_threads(1)
+    root = pathlib.Path(args.checkpoint or ROOT / "bench-results" / "models" / args.preset)
+    ensure_model(root, args.preset)
+    reader = CheckpointReader(root)
+    base = reader.complete_versions()[0]
+    spec = reader.manifest(base).model
+    table = spec.table(args.table)
+    key = PartitionKey(table.name, 0)
+    store = TableStore({table.name: table}, {table.name: 1})
+    t0 = time.monotonic()
+    store.install(base, load_partitions(reader, base, [key], {table.name: 1}, verify=False))
+    load_s = time.monotonic() - t0
+    k = drift_rows(table.rows, args.drift)
+    rng = np.random.default_rng(args.seed)
+    ids = drift_ids(rng, k, table.rows)
+    rows = rng.normal(0.0, 2.0, size=(k, table.dim)).astype(np.float32)
+    version = next_version(root)
+    write_delta(root, version, base, spec, {table.name: (ids, rows)})
+    try:
+        before = uss_bytes()
+        t0 = time.monotonic()
+        reader.verify(version, full=True)
+        verify_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        changes = delta_changes(reader, base, version, [key], {table.name: 1})
+        read_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        store.apply(version, changes)
+        swap_s = time.monotonic() - t0
+        del changes
+        after = uss_bytes()
+    finally:
+        shutil.rmtree(root / "versions" / str(version), ignore_errors=True)
+    delta_bytes = k * table.dim * 4
+    out = {
+        "benchmark": "delta_apply",
+        "preset": args.preset,
+        "table": table.name,
+        "rows": table.rows,
+        "dim": table.dim,
+        "table_bytes": table.rows * table.dim * 4,
+        "delta_rows": k,
+        "delta_bytes": delta_bytes,
+        "load_base_s": round(load_s, 3),
+        "verify_delta_s": round(verify_s, 3),
+        "read_rows_s": round(read_s, 3),
+        "swap_s": round(swap_s, 3),
+        "apply_total_s": round(verify_s + read_s + swap_s, 3),
+        "uss_growth_bytes": after - before,
+        "overlay_bytes": store.overlay_bytes(),
+        "versions_held": store.versions_ready,
+    }
+    print(
+        f"{table.name}: {table.rows:,} x {table.dim} ({out['table_bytes'] / 2**30:.2f} GiB), delta {k:,} rows "
+        f"({delta_bytes / 2**20:.1f} MiB)\n"
+        f"  apply: verify {verify_s:.2f}s + read rows {read_s:.2f}s + swap {swap_s:.3f}s = {out['apply_total_s']:.2f}s\n"
+        f"  memory while both versions are held: USS +{(after - before) / 2**20:.1f} MiB "
+        f"(overlay {store.overlay_bytes() / 2**20:.1f} MiB; one table copy would be {out['table_bytes'] / 2**20:.0f} MiB)"
+    )
+    return out
+
+
+def cmd_during(args: argparse.Namespace) -> dict:
+    from benchmarks.harness import OpenLoop, RequestMix, run, run_recommender
+    from services.admin.local_cluster import LocalCluster, LocalClusterConfig, SignalGuard, resolve_spec
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.clients import make_kazoo
+    from services.core.config import ZkConfig
+    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.zk_paths import ZkPaths
+    from services.core.synth import synthesize_deltas
+
+    workdir = pathlib.Path(args.workdir).resolve()
+    cfg = LocalClusterConfig(workdir=workdir, spec=resolve_spec(args.spec), preset=args.preset, nodes=args.nodes, cluster="delta-bench")
+    mix = RequestMix(args.preset, candidates=args.candidates, seed=0)
+    written: list[int] = []
+    result: dict = {"benchmark": "delta_swap", "preset": args.preset, "rate_rps": args.rate, "duration_s": args.duration_s}
+
+    def window(label: str) -> dict:
+        stats = run(run_recommender(cfg_address[0], mix, OpenLoop(args.rate, args.duration_s, 2.0, seed=0), deadline_s=1.0))
+        h = stats.histogram
+        row = {
+            "label": label,
+            "ok": stats.ok,
+            "errors": stats.errors_with_overload(),
+            **{f"p{p:g}_ms": round(h.percentile_ms(p), 2) for p in (50, 99, 99.9)},
+            "max_ms": round(h.max_ms(), 2),
+        }
+        print(f"  {label:<22} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "label"), flush=True)
+        return row
+
+    cfg_address: list[str] = []
+    with SignalGuard() as guard:
+        cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
+        try:
+            cluster.start()
+            cfg_address.append(cluster.state.frontend)
+            zk = make_kazoo(ZkConfig(hosts=cluster.state.zk, cluster=cfg.cluster))
+            store = ShardMapStore(zk, ZkPaths(cfg.cluster))
+            serving = store.read_serving_version()
+            print(f"writing {args.deltas} drift deltas of {args.drift:.1%} over version {serving} ...", flush=True)
+            written = synthesize_deltas(cfg.checkpoint, args.preset, args.deltas, drift=args.drift, seed=7, first_parent=serving)
+            result["steady"] = window("steady")
+            # The publisher is its own process (as an operator's CLI would be), so its work
+            # never competes with the load client's event loop for this process's GIL.
+            publisher = subprocess.Popen(
+                [sys.executable, __file__, "publish-chain", "--zk", cluster.state.zk, "--cluster", cfg.cluster,
+                 "--start-delay-s", "2", "--interval-s", str(args.interval_s), *map(str, written)],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            result["during"] = window(f"during {len(written)} swaps")
+            out, _ = publisher.communicate(timeout=120)
+            publish_log = json.loads(out.strip().splitlines()[-1])
+            result["swaps"] = publish_log
+            print(f"  swaps: {publish_log}")
+            zk.stop()
+            zk.close()
+        finally:
+            cluster.stop()
+            for v in written:
+                shutil.rmtree(cfg.checkpoint / "versions" / str(v), ignore_errors=True)
+    return result
+
+
+def cmd_publish_chain(args: argparse.Namespace) -> None:
+    """Publish each version once the previous one is served; print one JSON line of timings."""
+    from services.admin.cmd_publish import publish_version
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.clients import make_kazoo
+    from services.core.config import ZkConfig
+    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.zk_paths import ZkPaths
+
+    zk = make_kazoo(ZkConfig(hosts=args.zk, cluster=args.cluster))
+    store = ShardMapStore(zk, ZkPaths(args.cluster))
+    reader = CheckpointReader(store.read_model()["uri"])
+    served, latest = threading.Condition(), [0]
+
+    def on_served(v: int | None) -> None:  # kazoo thread: record and wake, nothing else
+        with served:
+            latest[0] = v or 0
+            served.notify_all()
+
+    store.watch_serving_version(on_served)
+    time.sleep(args.start_delay_s)  # a pause in the load generator's measured window, by design
+    log = []
+    for v in args.versions:
+        t0 = time.monotonic()
+        publish_version(store, reader, v)
+        with served:
+            if not served.wait_for(lambda v=v: latest[0] == v, 60):
+                raise SystemExit(f"version {v} was not served within 60 s")
+        log.append({"version": v, "publish_to_served_s": round(time.monotonic() - t0, 3)})
+        time.sleep(max(0.0, t0 + args.interval_s - time.monotonic()))
+    zk.stop()
+    print(json.dumps(log))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("apply", help="time and memory of applying one delta to one table, in process")
+    a.add_argument("--preset", default="large")
+    a.add_argument("--checkpoint", default=None, help="checkpoint root (default bench-results/models/<preset>, synthesized if empty)")
+    a.add_argument("--table", default="users")
+    a.add_argument("--drift", type=float, default=0.01)
+    a.add_argument("--seed", type=int, default=3)
+    a.set_defaults(func=cmd_apply)
+    d = sub.add_parser("during", help="latency of a local cluster before and during delta swaps")
+    d.add_argument("--preset", default="demo")
+    d.add_argument("--spec", default="deploy/placement/mixed.json")
+    d.add_argument("--nodes", type=int, default=3)
+    d.add_argument("--workdir", default=str(ROOT / "var" / "bench"))
+    d.add_argument("--rate", type=float, default=100.0)
+    d.add_argument("--duration-s", type=float, default=15.0)
+    d.add_argument("--candidates", type=int, default=100)
+    d.add_argument("--deltas", type=int, default=3)
+    d.add_argument("--drift", type=float, default=0.01)
+    d.add_argument("--interval-s", type=float, default=3.0, help="at least this long from one publish to the next (0: back to back)")
+    d.set_defaults(func=cmd_during)
+    pc = sub.add_parser("publish-chain", help=argparse.SUPPRESS)
+    pc.add_argument("--zk", required=True)
+    pc.add_argument("--cluster", required=True)
+    pc.add_argument("--start-delay-s", type=float, default=0.0)
+    pc.add_argument("--interval-s", type=float, default=0.0, help="at least this long from one publish to the next")
+    pc.add_argument("versions", type=int, nargs="+")
+    pc.set_defaults(func=cmd_publish_chain)
+    for q in (a, d):
+        q.add_argument("--out", default=None, help="write the result JSON here")
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    if getattr(args, "out", None):
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
