@@ -237,3 +237,22 @@ def test_applying_a_delta_grows_memory_by_the_delta_not_the_table(zk_server, spa
         assert growth <= allowed, f"USS grew {growth} bytes; the delta is {delta_bytes} bytes, the table {table_bytes}"
         n.check(2)
         n.check(1)
+
+
+def test_restarted_shard_rebuilds_the_serving_version_before_it_registers(node, spawn):
+    from tests.support.cluster import start_shard, wait_registered
+
+    for v in (2, 3):
+        _delta(node.root, v, v - 1, seed=v)
+        assert node.cli("publish", str(v)) == 0
+        node.wait(lambda d, v=v: d["serving_version"] == v, f"version {v} ready")
+        node.store.write_serving_version(v)  # what the frontends write once they switched
+    node.process.kill()
+    wait_for(lambda: not node.zk.exists(node.paths.node("shard-0")), 30, "the killed node's znode to expire")
+    node.process = start_shard(spawn, node.hosts, node.paths.cluster, "shard-0", "--version-drain-s", "0.5")
+    d = wait_registered(node.zk, node.paths, "shard-0")
+    assert d["versions_ready"] == [3] and d["serving_version"] == 3  # ready at registration, not later
+    node.channel.close()
+    node.channel = grpc.insecure_channel(d["address"])
+    node.stub = embedding_pb2_grpc.EmbeddingShardStub(node.channel)
+    node.check(3)
