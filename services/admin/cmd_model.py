@@ -2,7 +2,8 @@
 
 ``shardrec model synth --out DIR --preset small|demo|large [--seed N] [--version N]
 [--deltas K [--drift F]]`` writes a synthetic base version and the stored feature rows, then K
-drift deltas on top of it (``services.core.synth``). Heavy modules are imported inside the
+drift deltas on top of it (``services.core.synth``); ``shardrec model drift --out DIR --preset P
+--deltas K`` adds K more on top of the latest version of an existing root. Heavy modules are imported inside the
 handler so ``shardrec --help`` stays light.
 """
 
@@ -44,6 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fraction of every table's rows each delta changes, hot rows more often (default 0.01)",
     )
     synth.set_defaults(func=_synth)
+    drift = sub.add_parser(
+        "drift",
+        help="write K drift deltas on top of the latest version of an existing demo-model checkpoint",
+        description="What a trainer publishing small updates would write: each delta changes a fraction of "
+        "every table's rows (hot rows more often) and every other one the dense weights.",
+    )
+    drift.add_argument("--out", required=True, metavar="DIR", help="checkpoint root holding a demo model")
+    drift.add_argument("--preset", required=True, choices=PRESET_NAMES, help="the preset the root was synthesized with")
+    drift.add_argument("--deltas", type=int, default=1, metavar="K", help="how many deltas (default 1)")
+    drift.add_argument("--drift", type=float, default=0.01, metavar="F", help="fraction of rows each delta changes (default 0.01)")
+    drift.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    drift.set_defaults(func=_drift)
 
 
 def _mib(n: int) -> str:
@@ -73,6 +86,15 @@ def _synth(args: argparse.Namespace) -> int:
     print(f"  path: {store.local_path('versions')}/{manifest.version}")
     if args.deltas:
         _synth_deltas(args, store, manifest.version, progress)
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import CheckpointStore
+
+    store = CheckpointStore(args.out)
+    _synth_deltas(args, store, CheckpointReader(store).latest_version(), None)
     return 0
 
 
