@@ -1,0 +1,264 @@
+"""Replica choice, ejection and the hedge budget: the pure decisions of the fan-out.
+
+``ReplicaBoard`` owns one ``ReplicaStats`` per shard node: a peak latency EWMA, a window of
+recent latencies (for the p95 that delays hedges), outstanding calls, consecutive failures and
+the ejection / probe state. ``HedgeBudget`` caps hedges at a fraction of Lookup RPCs.
+
+Every method takes the time (``now``, seconds of ``time.monotonic()``) from the caller, so unit
+tests drive the state machines without a clock, gRPC or a cluster. No locks: the frontend's
+event loop is the only caller.
+
+A node's state::
+
+    HEALTHY --error/timeout, or N hedges lost in a row--> EJECTED (base * 2**k, capped)
+    EJECTED --time passes--> PROBING (one call at a time) --success--> HEALTHY
+                                                          --error-->   EJECTED (backoff doubled)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """How replicas are scored, ejected and hedged (built from ``FrontendConfig``)."""
+
+    eject_s: float = 1.0  # first ejection; doubles with each failure in a row
+    eject_max_s: float = 10.0
+    # Hedges lost in a row (no answer while another replica answered the same units) that
+    # count as one failure: a stalled node (SIGSTOP, GC, swap) is ejected like a dead one.
+    stall_after_hedges_lost: int = 3
+    ewma_decay_s: float = 1.0  # time constant of the latency EWMA (and of forgetting a peak)
+    latency_window: int = 128  # recent latencies kept per node for the p95
+    min_latency_samples: int = 8  # before this many answers a node has no p95 of its own
+    # Hedge delay: None = the node's recent p95 (at least ``hedge_min_delay_s``); 0 = no hedging.
+    hedge_delay_s: float | None = None
+    hedge_min_delay_s: float = 0.002
+    hedge_quantile: float = 0.95
+    hedge_budget: float = 0.05  # hedge RPCs per Lookup RPC, at most
+    hedge_burst: float = 10.0  # hedges that may be saved up for a burst
+
+
+class LatencyWindow:
+    """The last ``size`` latencies of one node and their quantiles.
+
+    ``quantile(q)`` sorts the window only when it changed since the last call, so asking once
+    per RPC costs one small sort per new sample at most.
+    """
+
+    def __init__(self, size: int = 128) -> None:
+        self._buf = np.zeros(size, dtype=np.float64)
+        self._n = 0  # samples ever added
+        self._sorted: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return min(self._n, len(self._buf))
+
+    def add(self, latency_s: float) -> None:
+        self._buf[self._n % len(self._buf)] = latency_s
+        self._n += 1
+        self._sorted = None
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (nearest rank) of the window, None when it is empty."""
+        n = len(self)
+        if n == 0:
+            return None
+        if self._sorted is None:
+            self._sorted = np.sort(self._buf[:n])
+        return float(self._sorted[min(n - 1, max(0, math.ceil(q * n) - 1))])
+
+
+class PeakEwma:
+    """Latency EWMA that jumps to a slower sample at once and forgets it over ``decay_s``.
+
+    Weights are by elapsed time (Finagle's and Linkerd's peak EWMA): with no samples the value
+    decays towards 0, so a node that was slow once and then left alone is tried again.
+    """
+
+    def __init__(self, decay_s: float) -> None:
+        self._decay_s = decay_s
+        self._cost = 0.0
+        self._stamp = 0.0
+        self.samples = 0
+
+    def value(self, now: float) -> float:
+        if self.samples == 0:
+            return 0.0
+        return self._cost * math.exp(-max(0.0, now - self._stamp) / self._decay_s)
+
+    def observe(self, latency_s: float, now: float) -> None:
+        decayed = self.value(now)
+        if self.samples == 0 or latency_s > decayed:
+            self._cost = latency_s
+        else:
+            w = math.exp(-max(0.0, now - self._stamp) / self._decay_s)
+            self._cost = decayed + latency_s * (1.0 - w)
+        self._stamp = now
+        self.samples += 1
+
+
+class ReplicaState(enum.Enum):
+    HEALTHY = "healthy"
+    EJECTED = "ejected"
+    PROBING = "probing"
+
+
+@dataclass
+class ReplicaStats:
+    ewma: PeakEwma
+    window: LatencyWindow
+    outstanding: int = 0
+    failures: int = 0  # failures in a row (errors, timeouts, stalls); 0 after a success
+    hedges_lost: int = 0  # hedges lost in a row; 0 after a success
+    ejected_until: float | None = None  # None: not ejected since its last success
+    probe_in_flight: bool = False
+
+    def state(self, now: float) -> ReplicaState:
+        if self.ejected_until is None:
+            return ReplicaState.HEALTHY
+        return ReplicaState.EJECTED if now < self.ejected_until else ReplicaState.PROBING
+
+
+@dataclass
+class ReplicaBoard:
+    """Per-node statistics and the decisions over them. Nodes appear on first use."""
+
+    policy: ReplicaPolicy = field(default_factory=ReplicaPolicy)
+    rng: random.Random = field(default_factory=random.Random)
+    nodes: dict[str, ReplicaStats] = field(default_factory=dict)
+
+    def stats(self, node: str) -> ReplicaStats:
+        s = self.nodes.get(node)
+        if s is None:
+            s = self.nodes[node] = ReplicaStats(PeakEwma(self.policy.ewma_decay_s), LatencyWindow(self.policy.latency_window))
+        return s
+
+    # -- choice -------------------------------------------------------------------------------
+    def usable(self, node: str, now: float) -> bool:
+        """HEALTHY, or PROBING with no probe in flight."""
+        s = self.stats(node)
+        state = s.state(now)
+        return state is ReplicaState.HEALTHY or (state is ReplicaState.PROBING and not s.probe_in_flight)
+
+    def score(self, node: str, now: float) -> float:
+        """Expected cost of one more call: latency EWMA x (outstanding + 1). A node without
+        answers yet is scored at the mean EWMA of the others (1 ms when none has any)."""
+        s = self.stats(node)
+        if s.ewma.samples:
+            latency = s.ewma.value(now)
+        else:
+            known = [o.ewma.value(now) for o in self.nodes.values() if o.ewma.samples]
+            latency = sum(known) / len(known) if known else 1e-3
+        return latency * (s.outstanding + 1)
+
+    def pick(self, pool: list[str], now: float) -> str:
+        """Power of two choices: two distinct nodes at random, the lower score wins."""
+        if len(pool) == 1:
+            return pool[0]
+        a, b = self.rng.sample(pool, 2)
+        return a if self.score(a, now) <= self.score(b, now) else b
+
+    # -- calls --------------------------------------------------------------------------------
+    def begin(self, node: str, now: float) -> bool:
+        """A call to ``node`` starts; returns True when it is the node's probe."""
+        s = self.stats(node)
+        s.outstanding += 1
+        probe = s.state(now) is ReplicaState.PROBING and not s.probe_in_flight
+        if probe:
+            s.probe_in_flight = True
+        return probe
+
+    def end(self, node: str, probe: bool) -> None:
+        """The call ``begin`` started is over (answered, failed or cancelled)."""
+        s = self.stats(node)
+        s.outstanding -= 1
+        if probe:
+            s.probe_in_flight = False
+
+    def succeeded(self, node: str, latency_s: float, now: float) -> None:
+        s = self.stats(node)
+        s.ewma.observe(latency_s, now)
+        s.window.add(latency_s)
+        s.failures = s.hedges_lost = 0
+        s.ejected_until = None
+
+    def failed(self, node: str, now: float) -> bool:
+        """An error or timeout that another replica may not have: eject for base * 2**k
+        (k = failures in a row before this one, capped). Failures of calls that were in flight
+        while the node was already ejected do not extend it. Returns True when it ejected."""
+        s = self.stats(node)
+        if s.state(now) is ReplicaState.EJECTED:
+            return False
+        s.failures += 1
+        s.hedges_lost = 0
+        p = self.policy
+        s.ejected_until = now + min(p.eject_max_s, p.eject_s * 2 ** (s.failures - 1))
+        return True
+
+    def lost_hedge(self, node: str, elapsed_s: float, now: float) -> bool:
+        """Another replica answered first and this call was cancelled after ``elapsed_s``: a
+        lower bound of its latency. ``stall_after_hedges_lost`` in a row count as a failure, one
+        is enough for a node not answered since its ejection. Returns True when it ejected."""
+        s = self.stats(node)
+        s.ewma.observe(elapsed_s, now)
+        s.hedges_lost += 1
+        if s.hedges_lost >= self.policy.stall_after_hedges_lost or s.ejected_until is not None:
+            return self.failed(node, now)
+        return False
+
+    # -- hedging ------------------------------------------------------------------------------
+    def hedge_delay(self, node: str) -> float | None:
+        """How long to wait for ``node`` before hedging; None = do not hedge.
+
+        A fixed ``hedge_delay_s`` wins; else the node's p95 over its recent answers (at least
+        ``hedge_min_delay_s``), or, before it has ``min_latency_samples`` answers, the largest
+        p95 among the nodes that have (None when no node has)."""
+        p = self.policy
+        if p.hedge_delay_s is not None:
+            return p.hedge_delay_s if p.hedge_delay_s > 0 else None
+        own = self._p95(self.stats(node))
+        if own is None:
+            known = [q for q in (self._p95(s) for s in self.nodes.values()) if q is not None]
+            own = max(known) if known else None
+        return None if own is None else max(p.hedge_min_delay_s, own)
+
+    def _p95(self, s: ReplicaStats) -> float | None:
+        if len(s.window) < self.policy.min_latency_samples:
+            return None
+        return s.window.quantile(self.policy.hedge_quantile)
+
+
+class HedgeBudget:
+    """Token bucket: each Lookup RPC earns ``ratio`` tokens (held up to ``burst``), a hedge RPC
+    spends one. It starts empty, so at any moment hedges <= ratio x RPCs so far; the burst cap
+    keeps a quiet hour from paying for a storm of hedges later."""
+
+    def __init__(self, ratio: float, burst: float = 10.0) -> None:
+        self.ratio = ratio
+        self.burst = max(1.0, burst)
+        self.tokens = 0.0
+
+    def earn(self, rpcs: int = 1) -> None:
+        self.tokens = min(self.burst, self.tokens + self.ratio * rpcs)
+
+    def take(self, hedges: int = 1) -> bool:
+        """Spend ``hedges`` tokens if there are that many; False (nothing spent) otherwise."""
+        if hedges <= 0 or self.tokens < hedges:
+            return False
+        self.tokens -= hedges
+        return True
+
+
+def choose_replica(board: ReplicaBoard, candidates: list[str], chosen: set[str], now: float) -> str:
+    """Among ``candidates`` (non-empty, already filtered to live and preferred ones): a node
+    already chosen for this batch if any (one RPC per node per batch), else power of two
+    choices over them all."""
+    reuse = [c for c in candidates if c in chosen]
+    return board.pick(reuse or candidates, now)
