@@ -18,7 +18,7 @@ import psutil
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 
 # Counters that are levels, not running totals: their delta is the later value.
-GAUGE_COUNTERS = frozenset({"largest_batch"})
+GAUGE_COUNTERS = frozenset({"largest_batch", "view_live_nodes"})
 # The counter of Recommend requests the frontend handled (the denominator of per-request figures).
 REQUESTS_COUNTER = "requests_batched"
 WIRE_BYTES_PREFIX = "wire_bytes_"

@@ -40,8 +40,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--torch-threads", type=int, default=1)
     serve.add_argument("--grace-s", type=float, default=5.0)
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
+    serve.add_argument("--eject-s", type=float, default=1.0, help="first ejection of a shard that errors or times out; doubles per failure in a row")
+    serve.add_argument("--eject-max-s", type=float, default=10.0, help="longest ejection")
+    serve.add_argument(
+        "--hedge-delay-ms",
+        type=_hedge_delay,
+        default=None,
+        metavar="MS|p95",
+        help="send a late shard call to another replica too after this long: p95 (default: the node's recent "
+        "p95, at least --hedge-min-delay-ms), a fixed delay, or 0 = no hedging",
+    )
+    serve.add_argument("--hedge-min-delay-ms", type=float, default=2.0, help="floor of the p95 hedge delay")
+    serve.add_argument("--hedge-budget", type=float, default=0.05, help="hedge RPCs per Lookup RPC at most (0 = no hedging)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
+
+
+def _hedge_delay(raw: str) -> float | None:
+    """'p95' (the node's recent p95) -> None; milliseconds -> seconds."""
+    if raw.strip().lower() == "p95":
+        return None
+    ms = float(raw)
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"hedge delay must be p95, 0 or a positive number of ms, got {raw!r}")
+    return ms / 1000.0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,6 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint if lookup != "shards" else "",
         kv_redis_url=kv_redis if lookup == "redis-kv" else "",
         kv_prefix=args.kv_prefix,
+        eject_s=args.eject_s,
+        eject_max_s=args.eject_max_s,
+        hedge_delay_s=args.hedge_delay_ms,
+        hedge_min_delay_s=args.hedge_min_delay_ms / 1000.0,
+        hedge_budget=args.hedge_budget,
     )
     from services.frontend.main import run
 

@@ -93,6 +93,16 @@ class FrontendConfig:
     checkpoint: str = ""  # checkpoint URI of the inproc / redis-kv / torchrec lookups
     kv_redis_url: str = ""  # redis-kv: Redis holding the rows ("" = ``redis_url``)
     kv_prefix: str = "kv:"  # redis-kv: key prefix of the rows (as given to ``bench load-kv``)
+    # Replica choice (shards): a node that errors or times out is ejected for eject_s, doubled
+    # for each failure in a row up to eject_max_s, then probed with one call at a time.
+    eject_s: float = 1.0
+    eject_max_s: float = 10.0
+    # Hedging: a shard call not answered after hedge_delay_s (None = that node's recent p95,
+    # at least hedge_min_delay_s; 0 = never) goes to other replicas too, first answer wins;
+    # hedge RPCs stay within hedge_budget of Lookup RPCs (0 = never).
+    hedge_delay_s: float | None = None
+    hedge_min_delay_s: float = 0.002
+    hedge_budget: float = 0.05
 
 
 LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")

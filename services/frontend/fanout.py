@@ -1,12 +1,20 @@
 """``GrpcLookupClient``: the bags of a micro-batch as ONE Lookup RPC per shard node, in parallel.
 
 Per batch: each feature's bags are split by partition (``core.sharding``); every partition
-gets one replica, preferring nodes already chosen for this batch (fewest RPCs), then the
-replica with the fewest outstanding calls; the groups of each node form one LookupRequest sent
-under the remaining deadline. A node that fails (unavailable, late, or no longer holding the
-rows) has its groups re-planned onto other replicas while time remains; a partition with no
-live replica left is UNAVAILABLE naming table and partition, never zeros passed off as an
-answer. Partial pools merge in ``core.sharding.merge_partials``.
+gets one replica: a node already chosen for this batch if one holds it (fewest RPCs), else among
+the usable replicas ready at the batch's version, power of two choices scored by latency EWMA x
+(outstanding + 1) (``services.frontend.replicas``). The groups of each node form one
+LookupRequest sent under the remaining deadline.
+
+- Hedging: a node that has not answered after its hedge delay (its recent p95, or a fixed
+  delay) while the hedge budget has a token gets the same units sent to other replicas; the
+  first complete answer wins and the loser is cancelled.
+- Failover: a node that fails (unavailable, late) is ejected for a while and its units are
+  re-planned onto other replicas while time remains; a node that no longer holds the rows or
+  the version (FAILED_PRECONDITION) is a re-route: re-planned with the view as it is now, which
+  may carry a newer shard map.
+- A partition with no live replica left is UNAVAILABLE naming table and partition, never zeros
+  passed off as an answer. Partial pools merge in ``core.sharding.merge_partials``.
 
 All methods run on the event loop.
 """
@@ -17,17 +25,18 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core import sharding, wire
-from services.core.errors import DeadlineExceededError, ShardrecError, UnavailableError
+from services.core.errors import DeadlineExceededError, FailedPreconditionError, ShardrecError, UnavailableError
 from services.core.rpc.server import channel_options
 from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.lookup import FeatureLookup, LookupResult, LookupStats
+from services.frontend.replicas import HedgeBudget, ReplicaBoard, ReplicaPolicy, choose_replica
 from services.frontend.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,8 @@ _RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
 }
+# Statuses that eject the node for a while (it is down, partitioned away or stalled).
+_EJECT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass(frozen=True)
@@ -81,49 +92,85 @@ class ChannelPool:
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
 
+class _Resplit(Exception):
+    """The active shard map changed a table's partition count: split the batch again."""
+
+
+@dataclass
+class _Avoid:
+    """The nodes one batch stops asking: ``failed`` (unavailable, late) for the rest of the
+    batch; ``refused`` (FAILED_PRECONDITION) only while the shard map they refused under is the
+    view's, since under a newer map they may be the right place again."""
+
+    failed: set[str] = field(default_factory=set)
+    refused: dict[str, int] = field(default_factory=dict)  # node -> shard map version refused at
+
+    def nodes(self, map_version: int) -> set[str]:
+        return self.failed | {n for n, v in self.refused.items() if v == map_version}
+
+    def note(self, node: str, exc: BaseException, map_version: int) -> bool:
+        """Record a retryable failure; True when it is a re-route (FAILED_PRECONDITION). Raises
+        ``exc`` (or UNAVAILABLE naming the node) when no other replica can help."""
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        if isinstance(exc, ShardrecError) and not exc.retryable:
+            raise exc
+        if code is not None and code not in _RETRYABLE:
+            raise UnavailableError(f"shard {node} refused a lookup: {code.name}: {exc.details()}") from exc
+        if code is grpc.StatusCode.FAILED_PRECONDITION or isinstance(exc, FailedPreconditionError):
+            self.refused[node] = map_version
+            return True
+        self.failed.add(node)
+        return False
+
+
 class GrpcLookupClient:
-    def __init__(self, view: ClusterView, channels: ChannelPool, *, dim: int, eject_s: float = 1.0) -> None:
+    def __init__(self, view: ClusterView, channels: ChannelPool, *, dim: int, policy: ReplicaPolicy | None = None,
+                 rng: random.Random | None = None) -> None:
         self._view = view
         self._channels = channels
         self._dim = dim
-        self._eject_s = eject_s
-        self._outstanding: dict[str, int] = {}
-        self._ejected_until: dict[str, float] = {}
+        policy = policy or ReplicaPolicy()
+        self.board = ReplicaBoard(policy, rng or random.Random())
+        self.budget = HedgeBudget(policy.hedge_budget, policy.hedge_burst)
+        self._hedging = policy.hedge_budget > 0 and policy.hedge_delay_s != 0
         self.stats = LookupStats()
 
     # -- planning -----------------------------------------------------------------------------
-    def _alive(self, node: str, excluded: set[str]) -> bool:
-        return node in self._view.nodes and node not in excluded and self._ejected_until.get(node, 0.0) <= time.monotonic()
-
-    def _choose(self, replicas: tuple[str, ...], chosen: set[str], excluded: set[str], version: Version) -> str | None:
-        live = [r for r in replicas if self._alive(r, excluded)]
+    def _choose(self, replicas: tuple[str, ...], chosen: set[str], avoid: set[str], version: Version, now: float,
+                *, fallback: bool) -> str | None:
+        nodes = self._view.nodes
+        present = [r for r in replicas if r in nodes and r not in avoid]
+        live = [r for r in present if self.board.usable(r, now)]
         # Replicas that report the batch's version ready first (during a version swap some
-        # may not hold it yet; one that does not answers FAILED_PRECONDITION and we fail over).
-        live = [r for r in live if version in self._view.nodes[r].versions_ready] or live
-        if not live:  # every replica ejected recently: an ejected one beats failing
-            live = [r for r in replicas if r in self._view.nodes and r not in excluded]
-        if not live:  # none registered right now: try where they last were before giving up
-            live = [r for r in replicas if r in self._view.last_addresses and r not in excluded]
-        if not live:
+        # may not hold it yet; one that does not answers FAILED_PRECONDITION and we re-route).
+        ready = [r for r in live if version in nodes[r].versions_ready] or live
+        if ready:
+            return choose_replica(self.board, ready, chosen, now)
+        if not fallback:
             return None
-        reuse = [r for r in live if r in chosen]
-        pool = reuse or live
-        least = min(self._outstanding.get(r, 0) for r in pool)
-        return random.choice([r for r in pool if self._outstanding.get(r, 0) == least])
+        # Every replica ejected (or being probed): an ejected one beats failing. None registered
+        # right now: try where they last were before giving up.
+        pool = present or [r for r in replicas if r in self._view.last_addresses and r not in avoid]
+        return choose_replica(self.board, pool, chosen, now) if pool else None
 
-    def _assign(self, units: list[_Unit], excluded: set[str], version: Version) -> dict[str, list[_Unit]]:
+    def _assign(self, units: list[_Unit], avoid: set[str], version: Version, *, fallback: bool = True) -> dict[str, list[_Unit]] | None:
+        """node -> its units. Without ``fallback`` (a hedge) only usable replicas count, and a
+        partition without one gives None; with it, no replica at all raises UNAVAILABLE."""
         smap = self._view.shard_map
         if smap is None:
             raise UnavailableError("no shard map yet (ZooKeeper has not answered)")
+        now = time.monotonic()
         keys = sorted({(u.table, u.partition) for u in units}, key=lambda k: len(smap.tables[k[0]].partitions[k[1]]))
         chosen: set[str] = set()
         node_of: dict[tuple[str, int], str] = {}
         for table, p in keys:
-            node = self._choose(smap.tables[table].partitions[p], chosen, excluded, version)
+            node = self._choose(smap.tables[table].partitions[p], chosen, avoid, version, now, fallback=fallback)
             if node is None:
+                if not fallback:
+                    return None
                 raise UnavailableError(
                     f"table {table!r} partition {p} has no live replica "
-                    f"(replicas {list(smap.tables[table].partitions[p])}, tried {sorted(excluded)})"
+                    f"(replicas {list(smap.tables[table].partitions[p])}, tried {sorted(avoid)})"
                 )
             chosen.add(node)
             node_of[(table, p)] = node
@@ -132,9 +179,9 @@ class GrpcLookupClient:
             by_node.setdefault(node_of[(u.table, u.partition)], []).append(u)
         return by_node
 
-    # -- one node -----------------------------------------------------------------------------
-    def _request(self, units: list[_Unit], version: Version, request_id: str) -> embedding_pb2.LookupRequest:
-        req = embedding_pb2.LookupRequest(request_id=request_id, version=version, shard_map_version=self._view.shard_map.version)
+    # -- one RPC ------------------------------------------------------------------------------
+    def _request(self, units: list[_Unit], version: Version, map_version: int, request_id: str) -> embedding_pb2.LookupRequest:
+        req = embedding_pb2.LookupRequest(request_id=request_id, version=version, shard_map_version=map_version)
         for u in units:
             g = req.groups.add(table=u.table, partition=u.partition, pooling=_POOLING[u.pooling])
             wire.encode(u.sub.ids, g.ids)
@@ -143,22 +190,40 @@ class GrpcLookupClient:
                 wire.encode(u.sub.weights, g.weights)
         return req
 
-    async def _call(self, node: str, units: list[_Unit], version: Version, deadline: float, request_id: str):
+    def _spawn(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool) -> asyncio.Task:
+        """Start the Lookup of ``units`` on ``node`` as a task; the board counts it outstanding
+        (and as the node's probe, when it is one) from now until the task is done, cancelled
+        before it ran included."""
+        probe = self.board.begin(node, time.monotonic())
+        if not hedge:
+            self.budget.earn()
+        task = asyncio.ensure_future(self._call(node, units, call, hedge=hedge))
+        task.add_done_callback(lambda _t: self.board.end(node, probe))
+        return task
+
+    async def _call(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool):
         address = self._view.last_addresses.get(node)
         if address is None:
             raise UnavailableError(f"node {node} has never registered")
-        req = self._request(units, version, request_id)
-        timeout = deadline - time.monotonic()
+        req = self._request(units, call.version, call.map_version, call.request_id)
+        start = time.monotonic()
+        timeout = call.deadline - start
         if timeout <= 0:
             raise DeadlineExceededError("deadline passed before the shard lookups were sent")
-        self._outstanding[node] = self._outstanding.get(node, 0) + 1
-        self.stats.rpcs += 1
+        if hedge:
+            self.stats.hedges += 1
+        else:
+            self.stats.rpcs += 1
         self.stats.per_node_rpcs[node] = self.stats.per_node_rpcs.get(node, 0) + 1
         self.stats.request_bytes += req.ByteSize()
         try:
-            resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=(("x-request-id", request_id),))
-        finally:
-            self._outstanding[node] -= 1
+            resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=(("x-request-id", call.request_id),))
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _EJECT and self.board.failed(node, time.monotonic()):
+                self._ejected(node, _describe(e))
+            raise
+        now = time.monotonic()
+        self.board.succeeded(node, now - start, now)
         out = []
         for u, r in zip(units, resp.results, strict=True):
             pooled = wire.decode(r.pooled, "pooled", dtype="float32", ndim=2)
@@ -168,13 +233,76 @@ class GrpcLookupClient:
             out.append((u, pooled, counts))
         return out
 
-    # -- the batch ----------------------------------------------------------------------------
-    async def lookup(self, features: list[FeatureLookup], *, version: Version, timeout_s: float, request_id: str) -> LookupResult:
+    def _ejected(self, node: str, why: str) -> None:
+        self.stats.ejections += 1
+        until = self.board.stats(node).ejected_until or 0.0
+        log.warning("ejected shard %s for %.2fs (%s)", node, until - time.monotonic(), why)
+
+    # -- one node, hedged ---------------------------------------------------------------------
+    async def _node_call(self, node: str, units: list[_Unit], call: _Call, avoid: _Avoid):
+        """The answer for the units planned on ``node``: its own, or, once it is later than its
+        hedge delay, the first complete one of it and a hedge to other replicas."""
+        primary = self._spawn(node, units, call, hedge=False)
+        try:
+            delay = self.board.hedge_delay(node) if self._hedging else None
+            started = time.monotonic()
+            if delay is not None and started + delay < call.deadline:
+                await asyncio.wait([primary], timeout=delay)
+                if not primary.done():
+                    hedge_call, hedges = self._hedge(node, units, call, avoid)
+                    if hedges:
+                        return await self._race(node, primary, hedges, started, hedge_call, avoid)
+            return await primary
+        finally:
+            primary.cancel()  # no-op when done; a cancelled batch cancels its RPC
+
+    def _hedge(self, node: str, units: list[_Unit], call: _Call, avoid: _Avoid) -> tuple[_Call, dict[str, asyncio.Task]]:
+        """Send ``units`` to replicas other than ``node`` when every unit has a usable one and
+        the budget has a token per RPC; no tasks otherwise."""
         smap = self._view.shard_map
-        if smap is None:
-            raise UnavailableError("no shard map yet (ZooKeeper has not answered)")
-        deadline = time.monotonic() + timeout_s
-        self.stats.batches += 1
+        hedge_call = _Call(call.version, smap.version, call.deadline, call.request_id)
+        plan = self._assign(units, avoid.nodes(smap.version) | {node}, call.version, fallback=False)
+        if plan is None or not self.budget.take(len(plan)):
+            return hedge_call, {}
+        return hedge_call, {alt: self._spawn(alt, us, hedge_call, hedge=True) for alt, us in plan.items()}
+
+    async def _race(self, node: str, primary: asyncio.Task, hedges: dict[str, asyncio.Task], started: float,
+                    hedge_call: _Call, avoid: _Avoid):
+        """First complete answer of ``primary`` and ``hedges`` (all of them together); the loser
+        is cancelled. A failed hedge leaves the primary alone in the race; a failed primary
+        leaves the hedges (they are its failover, already under way)."""
+        try:
+            while True:
+                await asyncio.wait([t for t in (primary, *hedges.values()) if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+                if primary.done() and not primary.cancelled() and primary.exception() is None:
+                    self.stats.hedges_cancelled += _cancel(hedges.values())
+                    return primary.result()
+                failed = {alt: t for alt, t in hedges.items() if t.done() and (t.cancelled() or t.exception() is not None)}
+                if failed:
+                    for alt, t in failed.items():
+                        exc = t.exception() if not t.cancelled() else UnavailableError("hedge cancelled")
+                        try:
+                            avoid.note(alt, exc, hedge_call.map_version)
+                        except ShardrecError:
+                            pass  # the primary's answer decides
+                        log.info("hedge of %s on %s failed (%s)", node, alt, _describe(exc))
+                    self.stats.hedges_cancelled += _cancel(hedges.values())
+                    hedges = {}
+                    return await primary
+                if all(t.done() for t in hedges.values()):
+                    if not primary.done():
+                        primary.cancel()
+                        self.stats.hedges_cancelled += 1
+                        if self.board.lost_hedge(node, time.monotonic() - started, time.monotonic()):
+                            self._ejected(node, "stalled: lost hedges in a row")
+                    self.stats.hedge_wins += len(hedges)
+                    return [r for t in hedges.values() for r in t.result()]
+                # else the primary failed and the hedges are still out: wait for them
+        finally:
+            _cancel(hedges.values())
+
+    # -- the batch ----------------------------------------------------------------------------
+    def _split(self, features: list[FeatureLookup], smap) -> list[_Unit]:
         units: list[_Unit] = []
         for fi, f in enumerate(features):
             n = smap.num_partitions(f.table)
@@ -183,33 +311,25 @@ class GrpcLookupClient:
                     mode = f.pooling if n == 1 else sharding.partial_pooling(f.pooling)
                     units.append(_Unit(fi, f.table, sub.partition, sub, mode, f.side))
         self.stats.ids_sent += sum(len(u.sub.ids) for u in units)
-        partials: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in range(len(features))}
-        pending, excluded = units, set()
-        while pending:
-            by_node = self._assign(pending, excluded, version)
-            calls = {node: asyncio.ensure_future(self._call(node, us, version, deadline, request_id)) for node, us in by_node.items()}
+        return units
+
+    async def lookup(self, features: list[FeatureLookup], *, version: Version, timeout_s: float, request_id: str) -> LookupResult:
+        deadline = time.monotonic() + timeout_s
+        self.stats.batches += 1
+        while True:
+            smap = self._view.shard_map
+            if smap is None:
+                raise UnavailableError("no shard map yet (ZooKeeper has not answered)")
             try:
-                await asyncio.wait(calls.values())
-            except asyncio.CancelledError:
-                for c in calls.values():
-                    c.cancel()
-                raise
-            pending = []
-            for node, call in calls.items():
-                exc = call.exception()
-                if exc is None:
-                    for u, pooled, counts in call.result():
-                        partials[u.feature].append((pooled, counts))
-                    continue
-                self._on_failure(node, exc)
+                partials = await self._fan_out(smap, self._split(features, smap), version, deadline, request_id)
+                break
+            except _Resplit:
                 if time.monotonic() >= deadline:
-                    raise DeadlineExceededError(f"shard lookups did not finish within the deadline (node {node}: {_describe(exc)})")
-                excluded.add(node)
-                self.stats.failovers += 1
-                pending.extend(by_node[node])
+                    raise DeadlineExceededError("shard lookups did not finish within the deadline (the shard map changed)") from None
+                log.info("shard map %d changed a partition count during a batch: splitting it again", smap.version)
         pooled = {}
         for fi, f in enumerate(features):
-            parts = partials[fi]
+            parts = partials.get(fi, [])
             bags = len(f.bags.lengths)
             if not parts:
                 pooled[f.feature] = np.zeros((bags, self._dim), dtype=np.float32)
@@ -219,19 +339,84 @@ class GrpcLookupClient:
                 pooled[f.feature] = sharding.merge_partials(parts, f.pooling)
         return LookupResult(pooled, version, smap.version)
 
-    def _on_failure(self, node: str, exc: BaseException) -> None:
-        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-        if isinstance(exc, ShardrecError) and not exc.retryable:
-            raise exc
-        if code is not None and code not in _RETRYABLE:
-            raise UnavailableError(f"shard {node} refused a lookup: {code.name}: {exc.details()}") from exc
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            self._ejected_until[node] = time.monotonic() + self._eject_s
-        log.warning("lookup on %s failed (%s); trying another replica", node, _describe(exc))
+    async def _fan_out(self, smap, units: list[_Unit], version: Version, deadline: float, request_id: str):
+        """feature index -> its partial pools. Failed nodes' units are re-planned as soon as
+        they fail, while the other nodes' calls go on."""
+        partials: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        avoid = _Avoid()
+        running: dict[asyncio.Task, tuple[str, list[_Unit], _Call]] = {}
+        try:
+            await self._launch(smap, units, version, deadline, request_id, avoid, running)
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    node, us, call = running.pop(task)
+                    exc = UnavailableError(f"lookup on {node} was cancelled") if task.cancelled() else task.exception()
+                    if exc is None:
+                        for u, pooled, counts in task.result():
+                            partials.setdefault(u.feature, []).append((pooled, counts))
+                        continue
+                    if avoid.note(node, exc, call.map_version):
+                        self.stats.reroutes += 1
+                        log.info("shard %s refused a lookup at shard map %d (%s); re-routing", node, call.map_version, _describe(exc))
+                    else:
+                        self.stats.failovers += 1
+                        log.warning("lookup on %s failed (%s); trying another replica", node, _describe(exc))
+                    if time.monotonic() >= deadline:
+                        raise DeadlineExceededError(f"shard lookups did not finish within the deadline (node {node}: {_describe(exc)})")
+                    await self._launch(smap, us, version, deadline, request_id, avoid, running)
+        finally:
+            _cancel(running)
+        return partials
+
+    async def _launch(self, smap, units: list[_Unit], version: Version, deadline: float, request_id: str, avoid: _Avoid,
+                      running: dict) -> None:
+        """Plan ``units`` on the view's current map and start one call per node. When only
+        refusing replicas are left, wait (within the deadline) for the view to change."""
+        while True:
+            current = self._view.shard_map
+            if any(current.num_partitions(t) != smap.num_partitions(t) for t in {u.table for u in units}):
+                raise _Resplit()
+            try:
+                plan = self._assign(units, avoid.nodes(current.version), version)
+                break
+            except UnavailableError:
+                remaining = deadline - time.monotonic()
+                if not avoid.refused or remaining <= 0:
+                    raise
+                changed = self._view.changed()
+                try:
+                    await asyncio.wait_for(changed, remaining)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"shard lookups did not finish within the deadline: every replica left refused at shard map {current.version}"
+                    ) from None
+        call = _Call(version, current.version, deadline, request_id)
+        for node, us in plan.items():
+            running[asyncio.ensure_future(self._node_call(node, us, call, avoid))] = (node, us, call)
 
     async def close(self) -> None:
         await self._channels.close()
 
+
+@dataclass(frozen=True)
+class _Call:
+    """What every RPC of one plan shares."""
+
+    version: Version
+    map_version: int
+    deadline: float
+    request_id: str
+
+
+def _cancel(tasks) -> int:
+    """Cancel the tasks not done yet; how many were."""
+    n = 0
+    for t in list(tasks):
+        if not t.done():
+            t.cancel()
+            n += 1
+    return n
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):

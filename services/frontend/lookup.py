@@ -37,8 +37,13 @@ class FeatureLookup:
 @dataclass
 class LookupStats:
     batches: int = 0
-    rpcs: int = 0
-    failovers: int = 0
+    rpcs: int = 0  # Lookup RPCs as planned, failovers and re-routes included; hedges apart
+    failovers: int = 0  # calls re-planned after an error or timeout
+    reroutes: int = 0  # calls re-planned after FAILED_PRECONDITION (rows or version not there)
+    hedges: int = 0  # hedge RPCs sent (a late call's units to other replicas)
+    hedge_wins: int = 0  # hedge RPCs whose answer was used (the late call was cancelled)
+    hedges_cancelled: int = 0  # losers cancelled: late calls a hedge beat, or hedges not needed
+    ejections: int = 0  # a node taken out of choice for a while (errors, timeouts, stalls)
     request_bytes: int = 0
     response_bytes: int = 0
     ids_sent: int = 0

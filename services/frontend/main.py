@@ -38,6 +38,7 @@ async def _connect_cluster(config: FrontendConfig, loop):
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
     from services.frontend.fanout import ChannelPool, GrpcLookupClient
+    from services.frontend.replicas import ReplicaPolicy
     from services.frontend.view import ClusterView
 
     zk = await loop.run_in_executor(None, make_kazoo, config.zk)
@@ -51,7 +52,14 @@ async def _connect_cluster(config: FrontendConfig, loop):
     )
     reader = CheckpointReader(view.model["uri"])
     spec = reader.manifest(view.serving_version).model
-    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim)
+    policy = ReplicaPolicy(
+        eject_s=config.eject_s,
+        eject_max_s=config.eject_max_s,
+        hedge_delay_s=config.hedge_delay_s,
+        hedge_min_delay_s=config.hedge_min_delay_s,
+        hedge_budget=config.hedge_budget,
+    )
+    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim, policy=policy)
     return zk, paths, view, reader, lookup
 
 
@@ -137,7 +145,7 @@ async def serve(config: FrontendConfig) -> int:
     )
     batcher.start()
     recommender = RecommenderServicer(pipeline, batcher, default_timeout_s=config.default_timeout_s)
-    admin = FrontendAdminServicer(pipeline, batcher)
+    admin = FrontendAdminServicer(pipeline, batcher, view)
     server = await start_aio_server(
         config.host,
         config.port,

@@ -46,9 +46,13 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
 
 
 class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
-    def __init__(self, pipeline: RecommendPipeline, batcher: MicroBatcher) -> None:
+    """Counters of the batcher, feature prep and lookup step; with a cluster ``view``, also
+    ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered right now)."""
+
+    def __init__(self, pipeline: RecommendPipeline, batcher: MicroBatcher, view=None) -> None:
         self._pipeline = pipeline
         self._batcher = batcher
+        self._view = view
 
     @handle_errors
     async def GetStats(self, request, context) -> recommend_pb2.GetStatsResponse:
@@ -67,9 +71,17 @@ class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
             "lookup_batches": lk.batches,
             "lookup_rpcs": lk.rpcs,
             "lookup_failovers": lk.failovers,
+            "lookup_reroutes": lk.reroutes,
+            "lookup_hedges": lk.hedges,
+            "lookup_hedge_wins": lk.hedge_wins,
+            "lookup_hedges_cancelled": lk.hedges_cancelled,
+            "lookup_ejections": lk.ejections,
             "lookup_ids_sent": lk.ids_sent,
             "lookup_request_bytes": lk.request_bytes,
             "lookup_response_bytes": lk.response_bytes,
             **{f"wire_bytes_{side}": n for side, n in lk.wire_bytes_by_side.items()},
+            **{f"node_rpcs_{node}": n for node, n in lk.per_node_rpcs.items()},  # hedges included
         }
+        if self._view is not None:
+            counters["view_live_nodes"] = len(self._view.nodes)
         return recommend_pb2.GetStatsResponse(counters=counters, version=self._pipeline.version)
