@@ -51,6 +51,8 @@ _RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
 }
+# Retrying replicas that all refused (FAILED_PRECONDITION) while the view does not change.
+_REFUSED_RETRY_S, _REFUSED_RETRY_MAX_S = 0.005, 0.1
 # Statuses that eject the node for a while (it is down, partitioned away or stalled).
 _EJECT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -371,8 +373,13 @@ class GrpcLookupClient:
 
     async def _launch(self, smap, units: list[_Unit], version: Version, deadline: float, request_id: str, avoid: _Avoid,
                       running: dict) -> None:
-        """Plan ``units`` on the view's current map and start one call per node. When only
-        refusing replicas are left, wait (within the deadline) for the view to change."""
+        """Plan ``units`` on the view's current map and start one call per node.
+
+        When the only replicas left refused (FAILED_PRECONDITION), the shard map is changing
+        under this batch: the view or the shards are behind. Wait for the view to change, or a
+        moment (5 ms, doubling to 100 ms) for the shards to catch up and ask them again, until
+        the deadline."""
+        backoff_s = _REFUSED_RETRY_S
         while True:
             current = self._view.shard_map
             if any(current.num_partitions(t) != smap.num_partitions(t) for t in {u.table for u in units}):
@@ -380,17 +387,19 @@ class GrpcLookupClient:
             try:
                 plan = self._assign(units, avoid.nodes(current.version), version)
                 break
-            except UnavailableError:
+            except UnavailableError as e:
                 remaining = deadline - time.monotonic()
-                if not avoid.refused or remaining <= 0:
+                if not avoid.refused:
                     raise
-                changed = self._view.changed()
-                try:
-                    await asyncio.wait_for(changed, remaining)
-                except TimeoutError:
+                if remaining <= 0:
                     raise DeadlineExceededError(
-                        f"shard lookups did not finish within the deadline: every replica left refused at shard map {current.version}"
+                        f"shard lookups did not finish within the deadline: {e}; refusals (node, shard map): {sorted(avoid.refused.items())}"
                     ) from None
+                try:
+                    await asyncio.wait_for(self._view.changed(), min(remaining, backoff_s))
+                except TimeoutError:
+                    avoid.refused.clear()
+                    backoff_s = min(2 * backoff_s, _REFUSED_RETRY_MAX_S)
         call = _Call(version, current.version, deadline, request_id)
         for node, us in plan.items():
             running[asyncio.ensure_future(self._node_call(node, us, call, avoid))] = (node, us, call)

@@ -8,18 +8,29 @@ frontend (hedging and ejection at their defaults). Every response is checked aga
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import pytest
 
 from services._proto.shardrec.v1 import recommend_pb2_grpc
+from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
+from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.types import PoolingType
+from services.frontend.batch import Bags
+from services.frontend.fanout import ChannelPool, GrpcLookupClient
+from services.frontend.lookup import FeatureLookup, InprocLookupClient
+from services.frontend.replicas import ReplicaPolicy
+from services.frontend.view import ClusterView
 from tests.e2e.test_recommend import check_response, checkpoint, features, random_requests, reference, stats  # noqa: F401
 from tests.support.cluster import start_cluster, start_shard
 from tests.support.processes import ProcessFactory, ServiceProcess
@@ -38,6 +49,7 @@ HEDGE_BUDGET, HEDGE_BURST = 0.05, 10  # the frontend's defaults (services.fronte
 @dataclass
 class Served:
     address: str
+    zk: object  # the test's KazooClient
     zk_hosts: str
     paths: ZkPaths
     spawn: ProcessFactory
@@ -60,7 +72,7 @@ def cluster(zk_server, tmp_path_factory, checkpoint, features):  # noqa: F811
             name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")
-        yield Served(line.split()[2], zk_server.hosts, paths, spawn, shards)
+        yield Served(line.split()[2], zk, zk_server.hosts, paths, spawn, shards)
     finally:
         spawn.close()
         zk.delete(paths.base, recursive=True)
@@ -188,3 +200,60 @@ def test_kill_one_replica_loses_no_request(served, reference):  # noqa: F811
     print(f"left the view after {left_after_s:.2f}s; {load.done} requests; {d}")
     assert d["lookup_failovers"] >= 1 and d["lookup_ejections"] >= 1, d
     assert d["lookup_hedges"] <= HEDGE_BUDGET * d["lookup_rpcs"] + HEDGE_BURST, d
+
+
+async def until(predicate, timeout_s: float, what: str) -> None:
+    """``wait_for`` for a test running on an event loop: poll without blocking the loop."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa: F811
+    """A lookup client whose view is one shard map ahead of every shard (it saw a map they have
+    not loaded yet): each replica answers FAILED_PRECONDITION, the batch is re-routed, and it
+    completes, equal to the in-process lookup, once the map reaches the shards."""
+    reader = CheckpointReader(checkpoint)
+    version = reader.latest_version()
+    rng = np.random.default_rng(4)
+
+    def bags(rows: int, n: int) -> Bags:
+        lengths = rng.integers(0, 6, size=n).astype(np.int32)
+        return Bags(rng.integers(0, rows, size=int(lengths.sum())).astype(np.int64), lengths)
+
+    features = [
+        FeatureLookup("item_id", "items", PoolingType.SUM, bags(5000, 64)),  # row-wise, 2 partitions
+        FeatureLookup("item_tags", "tags", PoolingType.MEAN, bags(300, 64)),  # replicated
+    ]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        view = ClusterView(served.zk, served.paths, loop)
+        await loop.run_in_executor(None, view.start_blocking)
+        await view.wait_for(lambda v: v.shard_map is not None and len(v.nodes) == NODES, 30, "the view")
+        dim = reader.manifest(version).model.dense_arch.embedding_dim
+        client = GrpcLookupClient(view, ChannelPool(64 << 20), dim=dim, policy=ReplicaPolicy(hedge_budget=0.0))
+        oracle = InprocLookupClient(reader, version)
+        try:
+            store = ShardMapStore(served.zk, served.paths)
+            smap, znode_version = await loop.run_in_executor(None, store.read_active)
+            ahead = dataclasses.replace(smap, version=smap.version + 1)
+            view.shard_map = ahead  # as if its watch fired before the shards' did
+            task = asyncio.ensure_future(client.lookup(features, version=version, timeout_s=10.0, request_id="reroute"))
+            await until(lambda: client.stats.reroutes >= 2, 10, "both replicas of a partition to refuse")
+            assert not task.done()
+            await loop.run_in_executor(None, store.write_active, ahead, znode_version)
+            got = await task
+            want = await oracle.lookup(features, version=version, timeout_s=10.0, request_id="oracle")
+            return got, want, client.stats
+        finally:
+            await client.close()
+            await oracle.close()
+
+    got, want, stats_ = asyncio.run(main())
+    assert got.version == version
+    for f in features:
+        np.testing.assert_allclose(got.pooled[f.feature], want.pooled[f.feature], rtol=1e-5, atol=1e-6, err_msg=f.feature)
+    assert stats_.reroutes >= 2 and stats_.failovers == 0 and stats_.ejections == 0, stats_
