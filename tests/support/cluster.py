@@ -1,11 +1,17 @@
-"""Start a real shard cluster for tests: a checkpoint, a shard map in ZooKeeper, shard processes."""
+"""Start a real shard cluster for tests: a checkpoint, a shard map in ZooKeeper, shard processes
+(and a frontend over them)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from services.core.checkpoint.reader import CheckpointReader
+from services.core.clients import make_kazoo
+from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import PlacementSpec, ShardMap, initial_shard_map, node_ids
@@ -67,3 +73,31 @@ def start_cluster(zk, paths: ZkPaths, spawn: ProcessFactory, zk_hosts: str, chec
     for node in smap.nodes:
         cluster.addresses[node] = wait_registered(zk, paths, node)["address"]
     return cluster
+
+
+@contextlib.contextmanager
+def zk_namespace(zk_hosts: str, prefix: str = "t-") -> Iterator[tuple[object, ZkPaths]]:
+    """A started kazoo client and a fresh cluster name (``<prefix><uuid>``); at exit the
+    cluster's whole tree is deleted and the client closed. Stop the processes first."""
+    paths = ZkPaths(prefix + uuid.uuid4().hex[:10])
+    zk = make_kazoo(ZkConfig(hosts=zk_hosts, cluster=paths.cluster))
+    try:
+        yield zk, paths
+    finally:
+        zk.delete(paths.base, recursive=True)
+        zk.stop()
+        zk.close()
+
+
+def start_frontend(spawn: ProcessFactory, zk_hosts: str, cluster: str, redis_url: str, redis_prefix: str, *extra: str,
+                   timeout_s: float = 90.0) -> str:
+    """``shardrec frontend serve`` over the cluster (1 s ZooKeeper session, 5 ms batching wait,
+    5 s default deadline, then ``extra`` flags); its address once it prints READY."""
+    fe = spawn(
+        "frontend", "serve", "--zk", zk_hosts, "--cluster", cluster, "--redis", redis_url, "--redis-prefix", redis_prefix,
+        "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *extra,
+        name="frontend",
+    )
+    line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None),
+                    timeout_s, "the frontend to be ready")
+    return line.split()[2]
