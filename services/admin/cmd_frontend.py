@@ -82,6 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--inproc needs --checkpoint URI")
     if lookup != "shards" and not args.checkpoint:
         raise ConfigError(f"--lookup {lookup} needs --checkpoint URI")
+    if not 0.0 <= args.hedge_budget <= 1.0:
+        raise ConfigError(f"--hedge-budget must be between 0 and 1 (hedge RPCs per Lookup RPC), got {args.hedge_budget}")
+    if args.eject_s <= 0 or args.eject_max_s < args.eject_s:
+        raise ConfigError(f"--eject-s must be > 0 and --eject-max-s at least --eject-s, got {args.eject_s} and {args.eject_max_s}")
     kv_redis = args.kv_redis or args.redis
     if lookup == "redis-kv" and not kv_redis:
         raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
