@@ -9,6 +9,9 @@ LookupRequest sent under the remaining deadline.
 - Hedging: a node that has not answered after its hedge delay (its recent p95, or a fixed
   delay) while the hedge budget has a token gets the same units sent to other replicas; the
   first complete answer wins and the loser is cancelled.
+- Stalls: a node still silent after ``stall_factor`` x its p95 (at least ``stall_min_s``) gets
+  one retry on other replicas even with the hedge budget empty (``lookup_stall_retries``), so a
+  paused or silently dead node never holds a batch until its deadline.
 - Failover: a node that fails (unavailable, late) is ejected for a while and its units are
   re-planned onto other replicas while time remains; a node that no longer holds the rows or
   the version (FAILED_PRECONDITION) is a re-route: re-planned with the view as it is now, which
@@ -192,18 +195,18 @@ class GrpcLookupClient:
                 wire.encode(u.sub.weights, g.weights)
         return req
 
-    def _spawn(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool) -> asyncio.Task:
+    def _spawn(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool, stall: bool = False) -> asyncio.Task:
         """Start the Lookup of ``units`` on ``node`` as a task; the board counts it outstanding
         (and as the node's probe, when it is one) from now until the task is done, cancelled
         before it ran included."""
         probe = self.board.begin(node, time.monotonic())
         if not hedge:
             self.budget.earn()
-        task = asyncio.ensure_future(self._call(node, units, call, hedge=hedge))
+        task = asyncio.ensure_future(self._call(node, units, call, hedge=hedge, stall=stall))
         task.add_done_callback(lambda _t: self.board.end(node, probe))
         return task
 
-    async def _call(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool):
+    async def _call(self, node: str, units: list[_Unit], call: _Call, *, hedge: bool, stall: bool = False):
         address = self._view.last_addresses.get(node)
         if address is None:
             raise UnavailableError(f"node {node} has never registered")
@@ -212,7 +215,9 @@ class GrpcLookupClient:
         timeout = call.deadline - start
         if timeout <= 0:
             raise DeadlineExceededError("deadline passed before the shard lookups were sent")
-        if hedge:
+        if stall:
+            self.stats.stall_retries += 1
+        elif hedge:
             self.stats.hedges += 1
         else:
             self.stats.rpcs += 1
@@ -246,27 +251,34 @@ class GrpcLookupClient:
         hedge delay, the first complete one of it and a hedge to other replicas."""
         primary = self._spawn(node, units, call, hedge=False)
         try:
-            delay = self.board.hedge_delay(node) if self._hedging else None
             started = time.monotonic()
+            delay = self.board.hedge_delay(node) if self._hedging else None
             if delay is not None and started + delay < call.deadline:
                 await asyncio.wait([primary], timeout=delay)
                 if not primary.done():
                     hedge_call, hedges = self._hedge(node, units, call, avoid)
                     if hedges:
                         return await self._race(node, primary, hedges, started, hedge_call, avoid)
+            stall_at = started + self.board.stall_delay(node)
+            if not primary.done() and stall_at < call.deadline:
+                await asyncio.wait([primary], timeout=max(0.0, stall_at - time.monotonic()))
+                if not primary.done():  # stalled: one retry elsewhere, whatever the budget
+                    hedge_call, hedges = self._hedge(node, units, call, avoid, budget=False)
+                    if hedges:
+                        return await self._race(node, primary, hedges, started, hedge_call, avoid)
             return await primary
         finally:
             primary.cancel()  # no-op when done; a cancelled batch cancels its RPC
 
-    def _hedge(self, node: str, units: list[_Unit], call: _Call, avoid: _Avoid) -> tuple[_Call, dict[str, asyncio.Task]]:
+    def _hedge(self, node: str, units: list[_Unit], call: _Call, avoid: _Avoid, *, budget: bool = True) -> tuple[_Call, dict[str, asyncio.Task]]:
         """Send ``units`` to replicas other than ``node`` when every unit has a usable one and
-        the budget has a token per RPC; no tasks otherwise."""
+        (``budget``) the budget has a token per RPC; no tasks otherwise."""
         smap = self._view.shard_map
         hedge_call = _Call(call.version, smap.version, call.deadline, call.request_id)
         plan = self._assign(units, avoid.nodes(smap.version) | {node}, call.version, fallback=False)
-        if plan is None or not self.budget.take(len(plan)):
+        if plan is None or (budget and not self.budget.take(len(plan))):
             return hedge_call, {}
-        return hedge_call, {alt: self._spawn(alt, us, hedge_call, hedge=True) for alt, us in plan.items()}
+        return hedge_call, {alt: self._spawn(alt, us, hedge_call, hedge=True, stall=not budget) for alt, us in plan.items()}
 
     async def _race(self, node: str, primary: asyncio.Task, hedges: dict[str, asyncio.Task], started: float,
                     hedge_call: _Call, avoid: _Avoid):

@@ -43,6 +43,7 @@ class LookupStats:
     hedges: int = 0  # hedge RPCs sent (a late call's units to other replicas)
     hedge_wins: int = 0  # hedge RPCs whose answer was used (the late call was cancelled)
     hedges_cancelled: int = 0  # losers cancelled: late calls a hedge beat, or hedges not needed
+    stall_retries: int = 0  # budget-free retries of calls unanswered after the stall delay
     ejections: int = 0  # a node taken out of choice for a while (errors, timeouts, stalls)
     request_bytes: int = 0
     response_bytes: int = 0

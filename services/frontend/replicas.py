@@ -43,6 +43,12 @@ class ReplicaPolicy:
     hedge_quantile: float = 0.95
     hedge_budget: float = 0.05  # hedge RPCs per Lookup RPC, at most
     hedge_burst: float = 10.0  # hedges that may be saved up for a burst
+    # A call still unanswered after stall_factor x the node's p95 (at least stall_min_s) is a
+    # stall (SIGSTOP, GC pause, dead peer not yet noticed): it gets one retry on other replicas
+    # even when the hedge budget is empty, so a stalled node never holds a batch to its
+    # deadline. Outliers that far out are rare by construction; they are counted apart.
+    stall_factor: float = 10.0
+    stall_min_s: float = 0.1
 
 
 class LatencyWindow:
@@ -228,6 +234,16 @@ class ReplicaBoard:
             known = [q for q in (self._p95(s) for s in self.nodes.values()) if q is not None]
             own = max(known) if known else None
         return None if own is None else max(p.hedge_min_delay_s, own)
+
+    def stall_delay(self, node: str) -> float:
+        """How long to wait for ``node`` before a budget-free retry elsewhere: ``stall_factor``
+        x its p95 (or the largest known p95), at least ``stall_min_s``."""
+        p = self.policy
+        own = self._p95(self.stats(node))
+        if own is None:
+            known = [q for q in (self._p95(s) for s in self.nodes.values()) if q is not None]
+            own = max(known) if known else 0.0
+        return max(p.stall_min_s, p.stall_factor * own)
 
     def _p95(self, s: ReplicaStats) -> float | None:
         if len(s.window) < self.policy.min_latency_samples:

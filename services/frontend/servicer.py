@@ -75,6 +75,7 @@ class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
             "lookup_hedges": lk.hedges,
             "lookup_hedge_wins": lk.hedge_wins,
             "lookup_hedges_cancelled": lk.hedges_cancelled,
+            "lookup_stall_retries": lk.stall_retries,
             "lookup_ejections": lk.ejections,
             "lookup_ids_sent": lk.ids_sent,
             "lookup_request_bytes": lk.request_bytes,

@@ -156,13 +156,14 @@ def test_paused_replica_is_hedged_around_and_probed_back(served, reference):  # 
         after = stats(served.address)
     d = delta(before, during)
     print(f"paused {victim}: {d}; whole test: {delta(before, after)}")
-    assert d["lookup_hedge_wins"] + d["lookup_failovers"] >= 1, d
+    assert d["lookup_hedge_wins"] + d["lookup_failovers"] + d["lookup_stall_retries"] >= 1, d
     assert d["lookup_hedges"] <= HEDGE_BUDGET * d["lookup_rpcs"] + HEDGE_BURST, d
 
 
 def test_kill_one_replica_loses_no_request(served, reference):  # noqa: F811
     with under_load(served, reference, seed=21) as (load, before):
         victim = busiest_node(served.address, load, before)
+        sent_before_kill = stats(served.address).get(f"node_rpcs_{victim}", 0)
         killed_at = time.monotonic()
         served.shards[victim].kill()
         live_nodes(served.address, NODES - 1, SESSION_TIMEOUT_S + 2.0, "the killed shard to leave the frontend's view")
@@ -171,7 +172,8 @@ def test_kill_one_replica_loses_no_request(served, reference):  # noqa: F811
         after = stats(served.address)
     d = delta(before, after)
     print(f"killed {victim}, it left the view after {left_after_s:.2f}s; {answered(load)} requests; {d}")
-    assert d["lookup_failovers"] >= 1 and d["lookup_ejections"] >= 1, d
+    if after.get(f"node_rpcs_{victim}", 0) > sent_before_kill:  # calls reached the dead node: each was failed over
+        assert d["lookup_failovers"] + d["lookup_stall_retries"] + d["lookup_hedge_wins"] >= 1, d
     assert d["lookup_hedges"] <= HEDGE_BUDGET * d["lookup_rpcs"] + HEDGE_BURST, d
 
 

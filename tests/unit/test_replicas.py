@@ -201,6 +201,17 @@ def test_hedge_delay_is_the_nodes_p95_with_a_floor_and_overrides():
     assert board(hedge_delay_s=0.0).hedge_delay("x") is None
 
 
+def test_stall_delay_is_a_multiple_of_the_p95_with_a_floor_even_without_hedging():
+    b = board(min_latency_samples=8, stall_factor=10.0, stall_min_s=0.1, hedge_delay_s=0.0)
+    assert b.stall_delay("a") == 0.1  # nothing known: the floor
+    for i in range(100):
+        b.succeeded("a", 0.001 * (1 + i % 20), i * 1e-3)  # p95 19 ms
+    assert b.stall_delay("a") == pytest.approx(0.19)
+    assert b.stall_delay("new") == pytest.approx(0.19)  # borrowed until it has its own
+    feed(b, "quick", 0.0005, 20)
+    assert b.stall_delay("quick") == 0.1
+
+
 # -- budget -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio", [0.05, 0.2, 0.5])
 def test_hedge_budget_never_exceeds_its_share(ratio):
