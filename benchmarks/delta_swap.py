@@ -65,7 +65,7 @@ def cmd_apply(args: argparse.Namespace) -> dict:
     from services.core.checkpoint.reader import CheckpointReader
     from services.core.checkpoint.writer import next_version, write_delta
     from services.core.synth import drift_ids, drift_rows
-    from services.core.types import PartitionKey
+    from services.core.types import PartitionId
     from services.embedding_shard.store import TableStore, delta_changes, load_partitions
 
     torch.set_num_threads(1)
@@ -75,10 +75,10 @@ def cmd_apply(args: argparse.Namespace) -> dict:
     base = reader.complete_versions()[0]
     spec = reader.manifest(base).model
     table = spec.table(args.table)
-    key = PartitionKey(table.name, 0)
+    key = PartitionId(table.name, 0, 1)
     store = TableStore({table.name: table}, {table.name: 1})
     t0 = time.monotonic()
-    store.install(base, load_partitions(reader, base, [key], {table.name: 1}, verify=False))
+    store.install(base, load_partitions(reader, base, [key], verify=False))
     load_s = time.monotonic() - t0
     k = drift_rows(table.rows, args.drift)
     rng = np.random.default_rng(args.seed)
@@ -92,7 +92,7 @@ def cmd_apply(args: argparse.Namespace) -> dict:
         reader.verify(version, full=True)
         verify_s = time.monotonic() - t0
         t0 = time.monotonic()
-        changes = delta_changes(reader, base, version, [key], {table.name: 1})
+        changes = delta_changes(reader, base, version, [key])
         read_s = time.monotonic() - t0
         t0 = time.monotonic()
         store.apply(version, changes)

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--load-rate-bytes-s", type=int, default=0, help="throttle loading (0 = as fast as the disk)")
     serve.add_argument("--version-drain-s", type=float, default=2.0, help="drop a version this long after no frontend serves it")
+    serve.add_argument(
+        "--partition-drain-s", type=float, default=5.0,
+        help="drop a partition this long after no shard map gives it to this node (requests on the old map are served meanwhile)",
+    )
+    serve.add_argument("--stats-interval-s", type=float, default=5.0, help="publish per-partition load counters in the znode this often")
     serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
@@ -48,6 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
         verify_checksums=not args.no_verify,
         load_rate_bytes_s=args.load_rate_bytes_s,
         version_drain_s=args.version_drain_s,
+        partition_drain_s=args.partition_drain_s,
+        stats_interval_s=args.stats_interval_s,
     )
     from services.embedding_shard.main import run
 

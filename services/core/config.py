@@ -60,6 +60,11 @@ class ShardConfig:
     load_rate_bytes_s: int = 0
     # A version no live frontend serves any more is dropped this long after it became unused.
     version_drain_s: float = 2.0
+    # A partition no shard map gives this node any more is dropped this long after that
+    # (requests routed with the previous map are served meanwhile).
+    partition_drain_s: float = 5.0
+    # How often the per-partition load counters are sampled and published in the znode.
+    stats_interval_s: float = 5.0
 
 
 @dataclass(frozen=True)

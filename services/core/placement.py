@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from services.core.errors import ConfigError
-from services.core.types import PartitionKey, ShardingType, TableSpec
+from services.core.types import PartitionId, PartitionKey, ShardingType, TableSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,18 @@ class ShardMap:
                 if node_id in replicas:
                     out.append(PartitionKey(table, p))
         return tuple(out)
+
+    def partition_ids_of(self, node_id: str) -> tuple[PartitionId, ...]:
+        """``partitions_of`` with each table's P: what the node must hold for this map."""
+        return tuple(PartitionId(k.table, k.partition, self.num_partitions(k.table)) for k in self.partitions_of(node_id))
+
+    def partition_ids(self) -> tuple[PartitionId, ...]:
+        """Every partition of the map, sorted by table then partition."""
+        return tuple(
+            PartitionId(name, p, self.tables[name].num_partitions)
+            for name in sorted(self.tables)
+            for p in range(self.tables[name].num_partitions)
+        )
 
     def replicas(self, key: PartitionKey) -> tuple[str, ...]:
         return self.tables[key.table].partitions[key.partition]
@@ -241,6 +253,12 @@ def partition_rows(rows: int, num_partitions: int, partition: int) -> int:
 
 def partition_bytes(table: TableSpec, num_partitions: int, partition: int) -> int:
     return partition_rows(table.rows, num_partitions, partition) * (table.size_bytes // max(table.rows, 1))
+
+
+def owned_partitions(node_id: str, *maps: "ShardMap | None") -> frozenset[PartitionId]:
+    """What a node must hold: its partitions in every map given (the active map and, during a
+    rebalance, the target map). None entries are skipped."""
+    return frozenset(pid for smap in maps if smap is not None for pid in smap.partition_ids_of(node_id))
 
 
 def bytes_per_node(smap: ShardMap, tables: Sequence[TableSpec]) -> dict[str, int]:

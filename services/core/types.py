@@ -152,3 +152,36 @@ class PartitionKey:
     def parse(cls, text: str) -> "PartitionKey":
         table, _, part = text.rpartition("/")
         return cls(table, int(part))
+
+
+@dataclass(frozen=True)
+class PartitionId:
+    """One partition of a table split in ``num_partitions`` (P): what a shard holds.
+
+    Within one ShardMap a PartitionKey is enough (the map fixes P); a shard following two maps
+    during a rebalance that changes a table's P may hold ``items/0of2`` and ``items/0of1`` at
+    once, different rows under the same key. Written ``table/<partition>of<P>``.
+    """
+
+    table: str
+    partition: int
+    num_partitions: int
+
+    @property
+    def key(self) -> PartitionKey:
+        return PartitionKey(self.table, self.partition)
+
+    def __str__(self) -> str:
+        return f"{self.table}/{self.partition}of{self.num_partitions}"
+
+    @classmethod
+    def parse(cls, text: str) -> "PartitionId":
+        """``"items/1of2"`` -> PartitionId("items", 1, 2); ValueError when malformed."""
+        table, _, rest = text.rpartition("/")
+        part, sep, num = rest.partition("of")
+        if not table or not sep:
+            raise ValueError(f"not a partition id (table/<partition>of<P>): {text!r}")
+        pid = cls(table, int(part), int(num))
+        if not 0 <= pid.partition < pid.num_partitions:
+            raise ValueError(f"partition {pid.partition} outside [0, {pid.num_partitions}) in {text!r}")
+        return pid

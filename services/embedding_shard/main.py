@@ -1,12 +1,15 @@
-"""Embedding shard process: load assigned partitions, serve Lookup, register, follow versions.
+"""Embedding shard process: load assigned partitions, serve Lookup, register, follow the maps.
 
 Lifecycle (docs/zookeeper.md): read the active ShardMap and the model's serving version from
-ZooKeeper -> start the gRPC server NOT_SERVING -> load the partitions the map assigns to this
-node id at the serving version (base + deltas) -> SERVING -> register the ephemeral znode
-(address, partitions, versions ready) -> the version manager follows ``target_version`` in the
-background (``versions.VersionManager``) and the znode reports every change. SIGTERM/SIGINT:
-deregister -> NOT_SERVING -> finish in-flight calls within the grace period -> exit 0. Never
-registers before it is ready.
+ZooKeeper -> start the gRPC server NOT_SERVING -> load the partitions the active map assigns to
+this node id at the serving version (base + deltas) -> SERVING -> register the ephemeral znode
+(address, partitions, versions ready, load) -> one reconciler thread (``reconciler.Reconciler``)
+follows ``target_version`` (``versions.VersionManager``), the active and target shard maps
+(``partitions.PartitionManager``: partitions gained in a rebalance load while serving, lost
+ones drop after ``--partition-drain-s``) and samples the load counters
+(``partitions.LoadMeter``); the znode reports every change. SIGTERM/SIGINT: deregister ->
+NOT_SERVING -> finish in-flight calls within the grace period -> exit 0. Never registers
+before it is ready.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
+from services.embedding_shard.partitions import LoadMeter, PartitionManager
+from services.embedding_shard.reconciler import Reconciler
 from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
 from services.embedding_shard.store import TableStore, load_partitions
 from services.embedding_shard.versions import VersionManager
@@ -60,18 +65,45 @@ class MapView:
             return self._map
 
 
-def node_data(config: ShardConfig, address: str, store: TableStore, map_version: int, manager: VersionManager | None = None) -> dict:
+def node_data(
+    config: ShardConfig, address: str, store: TableStore, map_version: int,
+    versions: VersionManager, partitions: PartitionManager, meter: LoadMeter,
+) -> dict:
+    """The node's znode (docs/zookeeper.md): ``partitions`` are the held partitions of the
+    active map's layout (``table/p``); ``held`` every partition held with its bytes and load."""
+    held = meter.report()
+    layout = store.num_partitions
     return {
         "node_id": config.node_id,
         "address": address,
-        "partitions": sorted(str(k) for k in store.partitions()),
+        "partitions": sorted(str(p.key) for p in store.held() if layout.get(p.table) == p.num_partitions),
+        "held": held,
+        "memory_bytes": sum(h["bytes"] for h in held.values()),
         "versions_ready": store.versions_ready,
         "serving_version": store.primary,
         "map_version": map_version,
         "overlay_bytes": store.overlay_bytes(),
         "pid": os.getpid(),
-        **(manager.status() if manager is not None else {}),
+        **versions.status(),
+        **partitions.status(),
     }
+
+
+def _read_maps(maps: ShardMapStore):  # noqa: ANN202
+    """The target map, then the active map, fresh from ZooKeeper (that order: a rebalance
+    deletes the target only when or after it switches the active map)."""
+    from services.core.errors import NotFoundError
+
+    def read() -> tuple[ShardMap | None, ShardMap | None]:
+        found = maps.read_target()
+        target = None if found is None else found[0]
+        try:
+            active = maps.read_active()[0]
+        except NotFoundError:
+            active = None
+        return target, active
+
+    return read
 
 
 def run(config: ShardConfig) -> int:
@@ -95,14 +127,19 @@ def run(config: ShardConfig) -> int:
     version = maps.read_serving_version()
     reader = CheckpointReader(model["uri"])
     manifest = reader.manifest(version)
-    keys = list(smap.partitions_of(config.node_id))
-    num_partitions = {t: smap.num_partitions(t) for t in smap.tables}
+    pids = list(smap.partition_ids_of(config.node_id))
 
-    store = TableStore({t.name: t for t in manifest.model.tables}, num_partitions)
-    manager = VersionManager(
-        store, reader, keys, num_partitions,
-        stop=stop, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.version_drain_s,
+    store = TableStore({t.name: t for t in manifest.model.tables}, {t: tp.num_partitions for t, tp in smap.tables.items()})
+    reconciler = Reconciler(stop=stop)
+    versions = VersionManager(
+        store, reader, stop=stop, wake=reconciler.wake, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s,
+        drain_s=config.version_drain_s,
     )
+    partitions = PartitionManager(
+        config.node_id, store, reader, stop=stop, read_maps=_read_maps(maps), wake=reconciler.wake,
+        load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.partition_drain_s,
+    )
+    meter = LoadMeter(store, interval_s=config.stats_interval_s)
     servicer = EmbeddingShardServicer(
         config.node_id, store, max_ids_per_request=config.max_ids_per_request, map_version=view.version
     )
@@ -115,14 +152,13 @@ def run(config: ShardConfig) -> int:
         service_names=["shardrec.v1.EmbeddingShard"],
     )
     address = f"{config.advertise_host or config.host}:{server.port}"
-    log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(keys), version)
+    log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
     t0 = time.monotonic()
     store.install(
         version,
         load_partitions(
-            reader, version, keys, num_partitions,
-            verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, stop=stop,
+            reader, version, pids, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, stop=stop,
         ),
     )
     log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
@@ -132,20 +168,27 @@ def run(config: ShardConfig) -> int:
         zk.close()
         return 0
     server.set_serving(True)
-    registration = NodeRegistration(zk, paths.node(config.node_id), node_data(config, address, store, smap.version, manager))
+
+    def data() -> dict:
+        return node_data(config, address, store, view.version(), versions, partitions, meter)
+
+    registration = NodeRegistration(zk, paths.node(config.node_id), data())
     registration.register()
     log.info("node %s registered at %s", config.node_id, paths.node(config.node_id))
     print(f"READY {config.node_id} {address}", flush=True)
 
-    manager.on_change = lambda: registration.update(node_data(config, address, store, view.version(), manager))
-    maps.watch_serving_version(manager.set_serving)
-    maps.watch_frontend_versions(lambda served: manager.set_frontend_versions(served.values()))
-    maps.watch_target_version(manager.set_target)
-    reconciler = threading.Thread(target=manager.run, name="version-manager", daemon=True)
-    reconciler.start()
+    versions.on_change = partitions.on_change = meter.on_change = lambda: registration.update(data())
+    maps.watch_serving_version(versions.set_serving)
+    maps.watch_frontend_versions(lambda served: versions.set_frontend_versions(served.values()))
+    maps.watch_target_version(versions.set_target)
+    maps.watch_active(partitions.set_active)
+    maps.watch_target(partitions.set_target)
+    steps = [versions.reconcile, partitions.reconcile, meter.tick]
+    thread = threading.Thread(target=reconciler.run, args=(steps,), name="reconciler", daemon=True)
+    thread.start()
 
     stop.wait()
-    manager.stop_wake()
+    reconciler.wake()
     log.info("node %s stopping: deregister, NOT_SERVING, drain %.1fs", config.node_id, config.grace_s)
     registration.deregister()
     server.stop(config.grace_s)

@@ -6,7 +6,7 @@ import numpy as np
 
 from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
 from services.core import wire
-from services.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
@@ -62,22 +62,22 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
         if request.output_dtype not in (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
             raise InvalidArgumentError(f"output_dtype must be FLOAT32 or FLOAT16, got {request.output_dtype}")
         out_dtype = np.float16 if request.output_dtype == tensor_pb2.DTYPE_FLOAT16 else np.float32
-        map_version = self._map_version()
-        if request.shard_map_version and request.shard_map_version != map_version:
-            raise FailedPreconditionError(
-                f"node {self._node_id} routes with shard map version {map_version}, request expects {request.shard_map_version}"
-            )
+        # Any map version is served while the rows are held (a rebalance moves partitions while
+        # frontends route with the previous or the next map); 0 = the caller routes by this
+        # node's layout, so a partition or id that does not fit it is the caller's error.
+        strict = request.shard_map_version == 0
         with self._store.reading() as view:  # one snapshot: one version for the whole request
             version = request.version or view.primary
             decoded = []
             for i, group in enumerate(request.groups):
-                part = view.resolve(version, group.table, group.partition)
-                decoded.append((part, *decode_group(group, i)))
+                ids, lengths, weights, pooling = decode_group(group, i)
+                part, local = view.lookup(version, group.table, group.partition, ids, strict=strict)
+                decoded.append((part, local, lengths, weights, pooling))
             results = [
-                (part.pool(ids, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
-                for part, ids, lengths, weights, pooling in decoded
+                (part.pool_local(local, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
+                for part, local, lengths, weights, pooling in decoded
             ]
-        return wire.encode_lookup_response(version, map_version, results)
+        return wire.encode_lookup_response(version, self._map_version(), results)
 
     @handle_errors
     def Describe(self, request: embedding_pb2.DescribeRequest, context) -> embedding_pb2.DescribeResponse:
@@ -87,13 +87,13 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
             serving_version=self._store.serving_version,
             shard_map_version=self._map_version(),
         )
-        for key, part in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
+        for pid, part in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
             resp.partitions.add(
-                table=key.table,
-                partition=key.partition,
-                num_partitions=part.num_partitions,
-                rows=partition_rows(part.spec.rows, part.num_partitions, key.partition),
-                size_bytes=self._store.size_bytes(key),
+                table=pid.table,
+                partition=pid.partition,
+                num_partitions=pid.num_partitions,
+                rows=partition_rows(part.spec.rows, pid.num_partitions, pid.partition),
+                size_bytes=self._store.size_bytes(pid),
                 lookups=part.lookups,
                 ids=part.ids,
             )

@@ -21,10 +21,20 @@ its ids that the overlay replaces (a bool row mask, then a binary search for the
 pools the two parts separately and merges them (``core.sharding``: sums add, means divide once,
 max is elementwise), so the result is the version's rows exactly.
 
+Partitions come and go while serving (a rebalance): ``add_partition`` publishes a snapshot with
+one more partition at every version held (full rows at a version with its own ``weight``, an
+overlay of the rows that differ at a version sharing the primary's), ``remove_partition`` one
+without it. A partition is a ``PartitionId`` (table, partition, P): during a rebalance that
+changes a table's P the node may hold ``items/0of2`` and ``items/0of1`` at once. A lookup names
+(table, partition) and GLOBAL ids; it is served by the held partition whose rows contain every
+id (the one of the node's active layout first, so the common case costs one ``ids % P``).
+
 Thread-safety: lookups run concurrently on the RPC thread pool; each takes one immutable
 ``StoreState`` snapshot for the whole request (``reading()``), so one response never mixes
-versions. Writers (``install``, ``apply``, ``drop``) are serialized by the node's version
-manager thread and publish a new snapshot under the lock. Counters are best-effort.
+versions. Writers (``install``, ``apply``, ``promote``, ``drop``, ``add_partition``,
+``remove_partition``, ``set_layout``) are serialized by the node's reconciler thread
+(``services.embedding_shard.reconciler``) and publish a new snapshot under the lock. Counters
+are best-effort.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import torch
 from services.core import pooling, sharding
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import FailedPreconditionError, InvalidArgumentError
-from services.core.types import PartitionKey, PoolingType, TableSpec, Version
+from services.core.types import PartitionId, PoolingType, TableSpec, Version
 
 log = logging.getLogger(__name__)
 
@@ -52,38 +62,54 @@ _QUIESCE_TIMEOUT_S = 30.0
 @dataclass
 class PartitionTable:
     """One partition this node holds: global row ``r`` is local row ``r // num_partitions``,
-    and only rows with ``r % num_partitions == key.partition`` belong to it. Load counters are
+    and only rows with ``r % num_partitions == pid.partition`` belong to it. Load counters are
     kept per partition whatever the version."""
 
-    key: PartitionKey
+    pid: PartitionId
     spec: TableSpec
-    num_partitions: int
     lookups: int = 0
     ids: int = 0
 
+    @property
+    def num_partitions(self) -> int:
+        return self.pid.num_partitions
+
+    def covered(self, ids: np.ndarray) -> np.ndarray | None:
+        """Local rows of GLOBAL ``ids`` (in range), or None when some id is not in this partition."""
+        n = self.pid.num_partitions
+        if n == 1 or len(ids) == 0:
+            return ids
+        if (ids % n != self.pid.partition).any():
+            return None
+        return ids // n
+
     def local_ids(self, ids: np.ndarray) -> np.ndarray:
         """Validate GLOBAL ``ids`` against this partition and map them to local rows."""
-        if len(ids) == 0:
-            return ids
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.spec.rows:
-            bad = lo if lo < 0 else hi
-            raise InvalidArgumentError(f"table {self.spec.name!r}: id {bad} out of range [0, {self.spec.rows})")
-        if self.num_partitions == 1:
-            return ids
-        p = self.key.partition
-        owner = ids % self.num_partitions
-        wrong = np.flatnonzero(owner != p)
-        if len(wrong):
-            bad = int(ids[wrong[0]])
-            raise InvalidArgumentError(
-                f"table {self.spec.name!r}: id {bad} is not in partition {p} of {self.num_partitions} "
-                f"(it belongs to partition {bad % self.num_partitions})"
-            )
-        return ids // self.num_partitions
+        check_range(self.spec, ids)
+        local = self.covered(ids)
+        if local is None:
+            raise self.not_here(ids)
+        return local
+
+    def not_here(self, ids: np.ndarray) -> InvalidArgumentError:
+        n, p = self.pid.num_partitions, self.pid.partition
+        bad = int(ids[np.flatnonzero(ids % n != p)[0]])
+        return InvalidArgumentError(
+            f"table {self.spec.name!r}: id {bad} is not in partition {p} of {n} (it belongs to partition {bad % n})"
+        )
 
     def global_ids(self, local: np.ndarray) -> np.ndarray:
-        return local * self.num_partitions + self.key.partition
+        return local * self.pid.num_partitions + self.pid.partition
+
+
+def check_range(spec: TableSpec, ids: np.ndarray) -> None:
+    """InvalidArgumentError naming the table and the first bad id outside ``[0, rows)``."""
+    if len(ids) == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= spec.rows:
+        bad = lo if lo < 0 else hi
+        raise InvalidArgumentError(f"table {spec.name!r}: id {bad} out of range [0, {spec.rows})")
 
 
 @dataclass(frozen=True)
@@ -123,9 +149,13 @@ class PartitionVersion:
     mark: np.ndarray | None = None  # bool [local_rows]
 
     def pool(self, ids: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None) -> np.ndarray:
-        local = self.table.local_ids(ids)
+        """Pool bags of GLOBAL ``ids`` (InvalidArgumentError when one is not in this partition)."""
+        return self.pool_local(self.table.local_ids(ids), lengths, pooling_type, weights)
+
+    def pool_local(self, local: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None) -> np.ndarray:
+        """Pool bags of LOCAL rows (validated by the caller, e.g. ``StoreView.lookup``)."""
         self.table.lookups += 1
-        self.table.ids += len(ids)
+        self.table.ids += len(local)
         ov = self.overlay
         if ov is None or len(ov.local_ids) == 0 or len(local) == 0:
             return pooling.pool(self.weight, local, lengths, pooling_type, weights)
@@ -152,31 +182,85 @@ class PartitionVersion:
 @dataclass
 class StoreState:
     """An immutable snapshot of what the node serves (``readers`` is the only mutable field:
-    lookups in flight on this snapshot, guarded by the store's lock)."""
+    lookups in flight on this snapshot, guarded by the store's lock).
+
+    ``layout`` is each table's P in the active shard map the node follows; ``by_table`` the
+    partitions held per table, those of the layout first."""
 
     primary: Version
-    versions: Mapping[Version, Mapping[PartitionKey, PartitionVersion]]
+    versions: Mapping[Version, Mapping[PartitionId, PartitionVersion]]
+    layout: Mapping[str, int] = field(default_factory=dict)
     readers: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        by_table: dict[str, list[PartitionId]] = {}
+        for pid in self.versions.get(self.primary, {}):
+            by_table.setdefault(pid.table, []).append(pid)
+        for table, pids in by_table.items():
+            pids.sort(key=lambda pid: (pid.num_partitions != self.layout.get(table), pid.num_partitions, pid.partition))
+        self.by_table: dict[str, tuple[PartitionId, ...]] = {t: tuple(p) for t, p in by_table.items()}
 
     @property
     def versions_ready(self) -> list[Version]:
         return sorted(self.versions)
 
-    def resolve(self, version: Version, table: str, partition: int, specs: Mapping[str, TableSpec], num_partitions: Mapping[str, int]) -> PartitionVersion:
+    def _version(self, version: Version) -> Mapping[PartitionId, PartitionVersion]:
+        parts = self.versions.get(self.primary if version == 0 else version)
+        if parts is None:
+            raise FailedPreconditionError(f"version {version} is not ready on this node (ready: {self.versions_ready})")
+        return parts
+
+    def _spec(self, table: str, specs: Mapping[str, TableSpec]) -> TableSpec:
         spec = specs.get(table)
         if spec is None:
             raise InvalidArgumentError(f"unknown table {table!r}")
-        n = num_partitions.get(table, 1)
+        return spec
+
+    def _check_partition(self, table: str, partition: int) -> int:
+        n = self.layout.get(table, 1)
         if not 0 <= partition < n:
             raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range [0, {n})")
-        v = self.primary if version == 0 else version
-        parts = self.versions.get(v)
-        if parts is None:
-            raise FailedPreconditionError(f"version {version} is not ready on this node (ready: {self.versions_ready})")
-        part = parts.get(PartitionKey(table, partition))
+        return n
+
+    def resolve(self, version: Version, table: str, partition: int, specs: Mapping[str, TableSpec]) -> PartitionVersion:
+        """The partition ``(table, partition)`` of the node's layout at ``version``."""
+        self._spec(table, specs)
+        n = self._check_partition(table, partition)
+        part = self._version(version).get(PartitionId(table, partition, n))
         if part is None:
             raise FailedPreconditionError(f"table {table!r} partition {partition} is not held by this node")
         return part
+
+    def lookup(
+        self, version: Version, table: str, partition: int, ids: np.ndarray, specs: Mapping[str, TableSpec], *, strict: bool
+    ) -> tuple[PartitionVersion, np.ndarray]:
+        """The held partition whose rows contain every GLOBAL id, and their local rows.
+
+        Any partition of ``table`` held here may serve: the one named by the node's layout
+        first, then others with that index or a whole table (P = 1), which is how requests
+        routed with the previous or the next shard map are served during a rebalance. When none
+        holds every id: with ``strict`` (the caller routes by this node's layout, e.g. it sent
+        shard map version 0) a partition out of range or an id of another partition is
+        INVALID_ARGUMENT; otherwise the node does not hold those rows: FAILED_PRECONDITION.
+        """
+        spec = self._spec(table, specs)
+        if strict:
+            self._check_partition(table, partition)
+        elif partition < 0:
+            raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range")
+        check_range(spec, ids)
+        parts = self._version(version)
+        for pid in self.by_table.get(table, ()):
+            if pid.partition != partition and pid.num_partitions != 1:
+                continue
+            pv = parts.get(pid)
+            local = None if pv is None else pv.table.covered(ids)
+            if local is not None:
+                return pv, local
+        own = parts.get(PartitionId(table, partition, self.layout.get(table, 1)))
+        if strict and own is not None:
+            raise own.table.not_here(ids)
+        raise FailedPreconditionError(f"table {table!r} partition {partition} is not held by this node")
 
 
 class StoreView:
@@ -191,13 +275,18 @@ class StoreView:
         return self.state.primary
 
     def resolve(self, version: Version, table: str, partition: int) -> PartitionVersion:
-        """The partition to pool from at ``version`` (0: the primary), or the error naming what
-        is wrong: a table or partition that does not exist is INVALID_ARGUMENT; one not held
-        here, or a version not ready here, is FAILED_PRECONDITION (another replica may serve)."""
-        return self.state.resolve(version, table, partition, self._store.specs, self._store.num_partitions)
+        """The partition of the node's layout to pool from at ``version`` (0: the primary), or
+        the error naming what is wrong: a table or partition that does not exist is
+        INVALID_ARGUMENT; one not held here, or a version not ready here, is
+        FAILED_PRECONDITION (another replica may serve)."""
+        return self.state.resolve(version, table, partition, self._store.specs)
+
+    def lookup(self, version: Version, table: str, partition: int, ids: np.ndarray, *, strict: bool) -> tuple[PartitionVersion, np.ndarray]:
+        """See ``StoreState.lookup``."""
+        return self.state.lookup(version, table, partition, ids, self._store.specs, strict=strict)
 
 
-def _marks(versions: Mapping[Version, Mapping[PartitionKey, PartitionVersion]]) -> dict[int, np.ndarray]:
+def _marks(versions: Mapping[Version, Mapping[PartitionId, PartitionVersion]]) -> dict[int, np.ndarray]:
     """One row mask per ``weight`` tensor: the union of the overlays on it (fresh arrays, so a
     reader of an older snapshot keeps the mask that matches its overlays)."""
     marks: dict[int, np.ndarray] = {}
@@ -211,7 +300,7 @@ def _marks(versions: Mapping[Version, Mapping[PartitionKey, PartitionVersion]]) 
     return marks
 
 
-def _with_marks(versions: dict[Version, dict[PartitionKey, PartitionVersion]]) -> dict[Version, dict[PartitionKey, PartitionVersion]]:
+def _with_marks(versions: dict[Version, dict[PartitionId, PartitionVersion]]) -> dict[Version, dict[PartitionId, PartitionVersion]]:
     marks = _marks(versions)
     return {
         v: {k: replace(pv, mark=marks.get(id(pv.weight)) if pv.overlay is not None else None) for k, pv in parts.items()}
@@ -223,14 +312,15 @@ class TableStore:
     """Every partition this node holds, per version (see the module docstring).
 
     ``primary`` is what a request naming version 0 gets and the version rows are written for.
+    ``num_partitions`` is each table's P in the active shard map the node follows (its layout),
+    which ``set_layout`` moves when the active map changes.
     """
 
     def __init__(self, table_specs: Mapping[str, TableSpec], num_partitions: Mapping[str, int]) -> None:
         self.specs = dict(table_specs)
-        self.num_partitions = dict(num_partitions)
         self._cond = threading.Condition()
-        self._state = StoreState(0, {})
-        self._tables: dict[PartitionKey, PartitionTable] = {}
+        self._state = StoreState(0, {}, dict(num_partitions))
+        self._tables: dict[PartitionId, PartitionTable] = {}
 
     # -- readers ------------------------------------------------------------------------------
     @property
@@ -247,14 +337,22 @@ class TableStore:
     def versions_ready(self) -> list[Version]:
         return self._state.versions_ready
 
-    def partitions(self) -> dict[PartitionKey, PartitionTable]:
+    @property
+    def num_partitions(self) -> Mapping[str, int]:
+        return self._state.layout
+
+    def held(self) -> list[PartitionId]:
+        """Every partition held (at every version in ``versions_ready``), sorted."""
+        return sorted(self._state.versions.get(self._state.primary, {}), key=str)
+
+    def partitions(self) -> dict[PartitionId, PartitionTable]:
         return dict(self._tables)
 
-    def size_bytes(self, key: PartitionKey) -> int:
+    def size_bytes(self, pid: PartitionId) -> int:
         """Bytes this partition holds over every version: its weights and overlays."""
         seen: dict[int, int] = {}
         for parts in self._state.versions.values():
-            pv = parts.get(key)
+            pv = parts.get(pid)
             if pv is None:
                 continue
             seen[id(pv.weight)] = pv.weight.numel() * pv.weight.element_size()
@@ -281,32 +379,85 @@ class TableStore:
                 if state.readers == 0:
                     self._cond.notify_all()
 
-    # -- writers (one thread: the node's version manager) ---------------------------------------
-    def _publish(self, primary: Version, versions: dict[Version, dict[PartitionKey, PartitionVersion]]) -> StoreState:
+    # -- writers (one thread: the node's reconciler) --------------------------------------------
+    def _publish(
+        self, primary: Version, versions: dict[Version, dict[PartitionId, PartitionVersion]], layout: Mapping[str, int] | None = None
+    ) -> StoreState:
         with self._cond:
             old = self._state
-            self._state = StoreState(primary, _with_marks(versions))
+            self._state = StoreState(primary, _with_marks(versions), dict(old.layout if layout is None else layout))
             return old
+
+    def _copy(self) -> dict[Version, dict[PartitionId, PartitionVersion]]:
+        return {v: dict(parts) for v, parts in self._state.versions.items()}
 
     def _quiesce(self, old: StoreState) -> None:
         with self._cond:
             if not self._cond.wait_for(lambda: old.readers == 0, _QUIESCE_TIMEOUT_S):
                 raise TimeoutError(f"lookups on the previous snapshot still running after {_QUIESCE_TIMEOUT_S:g}s")
 
-    def _table(self, key: PartitionKey) -> PartitionTable:
-        t = self._tables.get(key)
+    def _table(self, pid: PartitionId) -> PartitionTable:
+        t = self._tables.get(pid)
         if t is None:
-            t = self._tables[key] = PartitionTable(key, self.specs[key.table], self.num_partitions.get(key.table, 1))
+            t = self._tables[pid] = PartitionTable(pid, self.specs[pid.table])
         return t
 
-    def install(self, version: Version, weights: Mapping[PartitionKey, torch.Tensor], *, primary: bool = True) -> None:
+    def set_layout(self, num_partitions: Mapping[str, int]) -> None:
+        """The active shard map changed: each table's P requests are checked against."""
+        if dict(num_partitions) != dict(self._state.layout):
+            self._publish(self._state.primary, self._copy(), num_partitions)
+
+    def install(self, version: Version, weights: Mapping[PartitionId, torch.Tensor], *, primary: bool = True) -> None:
         """Serve ``version`` from its own full ``weights`` (the first load, or a new base); the
         versions already held keep theirs until dropped."""
-        versions = {v: dict(parts) for v, parts in self._state.versions.items()}
-        versions[version] = {key: PartitionVersion(self._table(key), w) for key, w in weights.items()}
+        versions = self._copy()
+        versions[version] = {pid: PartitionVersion(self._table(pid), w) for pid, w in weights.items()}
         self._publish(version if primary or not self._state.primary else self._state.primary, versions)
 
-    def apply(self, target: Version, changes: Mapping[PartitionKey, tuple[np.ndarray, torch.Tensor]]) -> None:
+    def add_partition(
+        self,
+        pid: PartitionId,
+        weights: Mapping[Version, torch.Tensor],
+        overlays: Mapping[Version, tuple[np.ndarray, torch.Tensor]],
+    ) -> None:
+        """Serve one more partition at every version held, in one snapshot.
+
+        Every version in ``versions_ready`` is in exactly one of ``weights`` (its own full rows:
+        the primary, and a version of another base) or ``overlays`` (a version sharing the
+        primary's rows: LOCAL ids, strictly increasing, and that version's rows there, where it
+        differs from the primary). ValueError when they do not match the versions held."""
+        state = self._state
+        held = set(state.versions)
+        given = set(weights) | set(overlays)
+        if pid in state.versions.get(state.primary, {}):
+            raise ValueError(f"partition {pid} is already held")
+        if given != held or set(weights) & set(overlays) or state.primary not in weights:
+            raise ValueError(
+                f"partition {pid}: rows for versions {sorted(weights)} + overlays {sorted(overlays)}, "
+                f"the node holds {sorted(held)} (primary {state.primary})"
+            )
+        table = self._table(pid)
+        base = weights[state.primary]
+        versions = self._copy()
+        for v in held:
+            if v in weights:
+                versions[v][pid] = PartitionVersion(table, weights[v])
+            else:
+                local, rows = overlays[v]
+                ov = Overlay(np.asarray(local, dtype=np.int64), rows) if len(local) else None
+                versions[v][pid] = PartitionVersion(table, base, ov)
+        self._publish(state.primary, versions)
+
+    def remove_partition(self, pid: PartitionId) -> None:
+        """Stop serving a partition at every version; lookups already running on an older
+        snapshot finish on it, and its memory goes with the last of them."""
+        versions = self._copy()
+        for parts in versions.values():
+            parts.pop(pid, None)
+        self._publish(self._state.primary, versions)
+        self._tables.pop(pid, None)
+
+    def apply(self, target: Version, changes: Mapping[PartitionId, tuple[np.ndarray, torch.Tensor]]) -> None:
         """Make ``target`` the primary by writing ``changes`` (per partition: LOCAL row ids,
         strictly increasing, and their rows at ``target``) into the primary's weights in place.
         Every other version held on those weights keeps the overwritten rows in its overlay.
@@ -315,7 +466,7 @@ class TableStore:
         a = state.primary
         if a == target:
             return
-        versions = {v: dict(parts) for v, parts in state.versions.items()}
+        versions = self._copy()
         writes = []
         for key, (local, rows) in changes.items():
             pv = state.versions[a][key]
@@ -339,7 +490,7 @@ class TableStore:
         versions[target] = {key: PartitionVersion(pv.table, pv.weight) for key, pv in state.versions[a].items()}
         self._publish(target, versions)
 
-    def overlay_changes(self, version: Version) -> dict[PartitionKey, tuple[np.ndarray, torch.Tensor]] | None:
+    def overlay_changes(self, version: Version) -> dict[PartitionId, tuple[np.ndarray, torch.Tensor]] | None:
         """The rows ``version`` needs written to become primary, from its overlays (a rollback
         to a version still held reads nothing from disk); None when it does not share the
         primary's weights."""
@@ -357,8 +508,7 @@ class TableStore:
             return
         changes = self.overlay_changes(version)
         if changes is None:
-            versions = {v: dict(parts) for v, parts in self._state.versions.items()}
-            self._publish(version, versions)
+            self._publish(version, self._copy())
         else:
             self.apply(version, changes)
 
@@ -374,14 +524,13 @@ class TableStore:
 def load_partitions(
     reader: CheckpointReader,
     version: Version,
-    keys: list[PartitionKey],
-    num_partitions: Mapping[str, int],
+    pids: list[PartitionId],
     *,
     verify: bool = True,
     load_rate_bytes_s: int = 0,
     stop: threading.Event | None = None,
-) -> dict[PartitionKey, torch.Tensor]:
-    """The rows of ``keys`` at ``version`` (base + deltas), each a private writable tensor.
+) -> dict[PartitionId, torch.Tensor]:
+    """The rows of ``pids`` at ``version`` (base + deltas), each a private writable tensor.
 
     A row-wise partition holds its strided rows (``table[p::P]``), so a node holds about 1/P of
     the table; a whole table (P = 1) is copied out of the checkpoint once, so that deltas can be
@@ -391,34 +540,70 @@ def load_partitions(
     if verify:
         for m in reader.chain(version):
             reader.verify(m.version, full=True)
-    out: dict[PartitionKey, torch.Tensor] = {}
+    out: dict[PartitionId, torch.Tensor] = {}
     stop = stop or threading.Event()
-    for key in keys:
-        n = num_partitions[key.table]
-        rows = reader.partition_rows(version, key.table, key.partition, n)
-        out[key] = torch.from_numpy(rows)
+    for pid in pids:
+        rows = reader.partition_rows(version, pid.table, pid.partition, pid.num_partitions)
+        out[pid] = torch.from_numpy(rows)
         size = rows.nbytes
         if load_rate_bytes_s > 0 and stop.wait(size / load_rate_bytes_s):
             break
-        log.info("loaded %s v%d: %d rows x %d (%.1f MiB)", key, version, rows.shape[0], rows.shape[1], size / 2**20)
+        log.info("loaded %s v%d: %d rows x %d (%.1f MiB)", pid, version, rows.shape[0], rows.shape[1], size / 2**20)
     return out
+
+
+def _rows_of(reader: CheckpointReader, version: Version, pid: PartitionId, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The GLOBAL ``ids`` (sorted) that fall in ``pid``, as LOCAL ids, and their rows at ``version``."""
+    n = pid.num_partitions
+    mine = ids[ids % n == pid.partition] if n > 1 else ids
+    rows = reader.rows_at(version, pid.table, mine)
+    return mine // n, torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def delta_changes(
-    reader: CheckpointReader, a: Version, b: Version, keys: list[PartitionKey], num_partitions: Mapping[str, int]
-) -> dict[PartitionKey, tuple[np.ndarray, torch.Tensor]] | None:
+    reader: CheckpointReader, a: Version, b: Version, pids: list[PartitionId]
+) -> dict[PartitionId, tuple[np.ndarray, torch.Tensor]] | None:
     """Per partition, the LOCAL ids whose rows may differ between versions a and b and their
     rows at b, reading only those rows; None when a and b have different bases."""
-    out: dict[PartitionKey, tuple[np.ndarray, torch.Tensor]] = {}
+    out: dict[PartitionId, tuple[np.ndarray, torch.Tensor]] = {}
     by_table: dict[str, np.ndarray | None] = {}
-    for key in keys:
-        if key.table not in by_table:
-            by_table[key.table] = reader.changed_ids(a, b, key.table)
-        ids = by_table[key.table]
+    for pid in pids:
+        if pid.table not in by_table:
+            by_table[pid.table] = reader.changed_ids(a, b, pid.table)
+        ids = by_table[pid.table]
         if ids is None:
             return None
-        n = num_partitions[key.table]
-        mine = ids[ids % n == key.partition] if n > 1 else ids
-        rows = reader.rows_at(b, key.table, mine)
-        out[key] = (mine // n, torch.from_numpy(np.ascontiguousarray(rows)))
+        out[pid] = _rows_of(reader, b, pid, ids)
     return out
+
+
+@dataclass(frozen=True)
+class PartitionRows:
+    """One partition read at every version a node holds, for ``TableStore.add_partition``."""
+
+    weights: dict[Version, torch.Tensor]
+    overlays: dict[Version, tuple[np.ndarray, torch.Tensor]]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights.values()) + sum(
+            ids.nbytes + rows.numel() * rows.element_size() for ids, rows in self.overlays.values()
+        )
+
+
+def partition_rows(reader: CheckpointReader, pid: PartitionId, primary: Version, versions: list[Version]) -> PartitionRows:
+    """``pid`` at ``primary`` (full rows) and at every other version of ``versions``: the rows
+    where it differs from the primary (``changed_ids`` restricted to the partition, read with
+    ``rows_at``), or full rows when it has another base (the store keeps those versions on
+    their own weights)."""
+    weights = {primary: torch.from_numpy(reader.partition_rows(primary, pid.table, pid.partition, pid.num_partitions))}
+    overlays: dict[Version, tuple[np.ndarray, torch.Tensor]] = {}
+    for v in versions:
+        if v == primary:
+            continue
+        ids = reader.changed_ids(primary, v, pid.table)
+        if ids is None:
+            weights[v] = torch.from_numpy(reader.partition_rows(v, pid.table, pid.partition, pid.num_partitions))
+        else:
+            overlays[v] = _rows_of(reader, v, pid, ids)
+    return PartitionRows(weights, overlays)

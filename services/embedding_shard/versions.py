@@ -16,8 +16,12 @@ away from. The refusal is logged and reported in the node's znode (``load_error`
 ``shardrec checkpoint status`` shows. The same target is not retried until it is published
 again.
 
+The rows loaded are those of the partitions the node holds when the load starts
+(``TableStore.held``); partitions come and go between loads (``partitions.PartitionManager``),
+never during one: both run on the node's one reconciler thread (``reconciler.Reconciler``).
+
 Threads: the ``set_*`` methods are called from kazoo watch threads and only record the value
-and wake the manager; ``run`` is the manager's own thread; ``on_change`` is called from it.
+and call ``wake``; ``reconcile`` runs on the reconciler thread; ``on_change`` is called from it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from services.core.checkpoint.manifest import KIND_BASE
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import ShardrecError
-from services.core.types import PartitionKey, Version
+from services.core.types import Version
 from services.embedding_shard.store import TableStore, delta_changes, load_partitions
 
 log = logging.getLogger(__name__)
@@ -41,10 +45,9 @@ class VersionManager:
         self,
         store: TableStore,
         reader: CheckpointReader,
-        keys: list[PartitionKey],
-        num_partitions: Mapping[str, int],
         *,
         stop: threading.Event,
+        wake: Callable[[], None] = lambda: None,
         on_change: Callable[[], None] = lambda: None,
         verify: bool = True,
         load_rate_bytes_s: int = 0,
@@ -53,13 +56,12 @@ class VersionManager:
         self._store = store
         self.on_change = on_change
         self._reader = reader
-        self._keys = list(keys)
-        self._num_partitions = dict(num_partitions)
+        self._wake = wake
         self._stop = stop
         self._verify = verify
         self._load_rate = load_rate_bytes_s
         self._drain_s = drain_s
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._target: Version | None = None
         self._serving: Version | None = None
         self._frontend_versions: frozenset[Version] = frozenset()
@@ -70,19 +72,11 @@ class VersionManager:
         self.last_load_s: float | None = None
 
     # -- any thread (kazoo watches) -------------------------------------------------------------
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def stop_wake(self) -> None:
-        """Wake the manager thread so it sees ``stop`` (call after setting it)."""
-        self._wake()
-
     def set_target(self, version: Version | None) -> None:
-        with self._cond:
+        with self._lock:
             self._target = version
             self._refused = None  # published again: try again
-            self._cond.notify_all()
+        self._wake()
 
     def set_serving(self, version: Version | None) -> None:
         self._serving = version
@@ -96,23 +90,13 @@ class VersionManager:
         """What the node's znode reports about versions, beyond ``versions_ready``."""
         return {"loading": self.loading, "load_error": self.load_error}
 
-    # -- the manager thread ---------------------------------------------------------------------
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                timeout = self.reconcile()
-            except Exception:  # a bug must not kill the node's only reconciler: log and go on
-                log.exception("version reconcile failed")
-                timeout = 1.0
-            with self._cond:
-                if not self._stop.is_set():
-                    self._cond.wait(timeout)
-
+    # -- the reconciler thread ------------------------------------------------------------------
     def reconcile(self) -> float | None:
         """One pass: load or promote the target, drop unused versions. Returns how long the
         thread may sleep before a drop falls due (None: until woken)."""
-        target = self._target
-        if target and target != self._store.primary and target != self._refused:
+        with self._lock:
+            target, refused = self._target, self._refused
+        if target and target != self._store.primary and target != refused:
             self._reach(target)
         return self._drop_unused()
 
@@ -128,7 +112,8 @@ class VersionManager:
         try:
             self._load(target)
         except (ShardrecError, OSError, ValueError) as e:
-            self._refused = target
+            with self._lock:
+                self._refused = target
             self.load_error = {"version": target, "error": str(e)}
             log.error("refused version %d, still serving %d: %s", target, self._store.primary, e)
         else:
@@ -162,12 +147,12 @@ class VersionManager:
         if self._verify:
             reader.verify(target, full=True)
         a = self._store.primary
-        changes = delta_changes(reader, a, target, self._keys, self._num_partitions)
+        held = self._store.held()
+        changes = delta_changes(reader, a, target, held)
         if changes is None:
             log.info("version %d has another base than %d: loading it whole", target, a)
             weights = load_partitions(
-                reader, target, self._keys, self._num_partitions,
-                verify=self._verify, load_rate_bytes_s=self._load_rate, stop=self._stop,
+                reader, target, held, verify=self._verify, load_rate_bytes_s=self._load_rate, stop=self._stop,
             )
             if self._stop.is_set():
                 return

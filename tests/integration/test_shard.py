@@ -163,7 +163,6 @@ def _bad_requests(cluster):
         ("weights with mean", request([("users", 0, PoolingType.MEAN, [0], [1], [1.0])]), IA, "per-id weights need SUM pooling"),
         ("no pooling", embedding_pb2.LookupRequest(groups=[embedding_pb2.BagGroup(table="users")]), IA, "pooling must be SUM, MEAN or MAX"),
         ("version not ready", request([ok], version=99), FP, "version 99 is not ready"),
-        ("stale map version", request([ok], shard_map_version=42), FP, "request expects 42"),
         ("over the id cap", request([("users", 0, PoolingType.SUM, np.zeros(MAX_IDS + 1, np.int64), [MAX_IDS + 1], None)]), RE, f"over this node's cap of {MAX_IDS}"),
     ]
 

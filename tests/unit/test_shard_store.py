@@ -12,13 +12,13 @@ import torch
 
 from services.core.errors import FailedPreconditionError, InvalidArgumentError
 from services.core.reference import reference_pool
-from services.core.types import PartitionKey, PoolingType, TableSpec
+from services.core.types import PartitionId, PoolingType, TableSpec
 from services.embedding_shard.store import TableStore
 
 RTOL, ATOL = 1e-5, 1e-6
 ROWS, DIM, P = 600, 8, 2
 SPEC = TableSpec("t", ROWS, DIM)
-KEYS = [PartitionKey("t", 0), PartitionKey("t", 1)]
+KEYS = [PartitionId("t", 0, P), PartitionId("t", 1, P)]
 MODES = [PoolingType.SUM, PoolingType.MEAN, PoolingType.MAX]
 
 
@@ -178,3 +178,68 @@ def test_bad_requests_name_the_problem():
             view.resolve(1, "t", 0).pool(np.array([3]), np.array([1], dtype=np.int32), PoolingType.SUM, None)
         with pytest.raises(FailedPreconditionError, match="version 9 is not ready"):
             view.resolve(9, "t", 0)
+
+
+def _partition(table, pid):
+    return torch.from_numpy(table[pid.partition :: pid.num_partitions].copy())
+
+
+def _lookup(store, version, pid, ids, lengths, mode, *, strict=False):
+    with store.reading() as view:
+        part, local = view.lookup(version, "t", pid.partition, ids, strict=strict)
+        return part.pool_local(local, lengths, mode, None), part.table.pid
+
+
+def test_add_partition_serves_it_at_every_held_version():
+    """A partition added while the store holds versions 1 and 2 (primary 2) pools exactly at
+    both: full rows at the primary, version 1's differing rows as its overlay."""
+    rng = np.random.default_rng(7)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    store = TableStore({"t": SPEC}, {"t": P})
+    store.install(1, {KEYS[0]: _partition(v1, KEYS[0])})
+    ids, v2 = _drift(rng, v1, 80)
+    store.apply(2, {KEYS[0]: _changes(ids, v2)[KEYS[0]]})
+    with pytest.raises(ValueError, match="the node holds \\[1, 2\\]"):
+        store.add_partition(KEYS[1], {2: _partition(v2, KEYS[1])}, {})
+    local, rows = _changes(ids, v1)[KEYS[1]]
+    store.add_partition(KEYS[1], {2: _partition(v2, KEYS[1])}, {1: (local, rows)})
+    assert store.held() == KEYS and store.versions_ready == [1, 2]
+    _check(store, 1, v1, rng)
+    _check(store, 2, v2, rng)
+    store.drop(1)
+    _check(store, 2, v2, rng)
+
+
+def test_a_lookup_is_served_by_any_held_partition_holding_its_rows():
+    """During a rebalance that makes a row-wise table whole, the node holds t/0of2 and t/0of1:
+    a request for partition 1 of 2 is served from the whole table; once t/0of1 is removed it is
+    FAILED_PRECONDITION, except with strict routing where a wrong id is the caller's error."""
+    rng = np.random.default_rng(8)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    whole = PartitionId("t", 0, 1)
+    store = TableStore({"t": SPEC}, {"t": P})
+    store.install(1, {KEYS[0]: _partition(v1, KEYS[0]), whole: _partition(v1, whole)})
+    odd = np.array([1, 3, 5, 7], np.int64)
+    lengths = np.array([3, 1], np.int32)
+    got, served_by = _lookup(store, 1, KEYS[1], odd, lengths, PoolingType.SUM)
+    assert served_by == whole
+    np.testing.assert_allclose(got, reference_pool(v1, odd, lengths, PoolingType.SUM), rtol=RTOL, atol=ATOL)
+    even = odd - 1
+    assert _lookup(store, 1, KEYS[0], even, lengths, PoolingType.SUM)[1] == KEYS[0]  # the layout's first
+    with store.reading() as before:  # a lookup running across the removal keeps its snapshot
+        store.remove_partition(whole)
+        part, local = before.lookup(1, "t", 1, odd, strict=False)
+        np.testing.assert_allclose(part.pool_local(local, lengths, PoolingType.SUM, None), reference_pool(v1, odd, lengths, PoolingType.SUM), rtol=RTOL, atol=ATOL)
+    assert store.held() == [KEYS[0]]
+    with pytest.raises(FailedPreconditionError, match="table 't' partition 1 is not held"):
+        _lookup(store, 1, KEYS[1], odd, lengths, PoolingType.SUM)
+    with pytest.raises(FailedPreconditionError, match="table 't' partition 0 is not held"):
+        _lookup(store, 1, KEYS[0], odd, lengths, PoolingType.SUM)  # routed with another map
+    with pytest.raises(InvalidArgumentError, match="id 1 is not in partition 0 of 2"):
+        _lookup(store, 1, KEYS[0], odd, lengths, PoolingType.SUM, strict=True)
+    with pytest.raises(InvalidArgumentError, match="partition 2 out of range"):
+        _lookup(store, 1, PartitionId("t", 2, 3), even, lengths, PoolingType.SUM, strict=True)
+    with pytest.raises(InvalidArgumentError, match="id 600 out of range"):
+        _lookup(store, 1, KEYS[0], np.array([0, 600]), lengths, PoolingType.SUM)
+    store.set_layout({"t": 1})
+    assert store.num_partitions == {"t": 1}

@@ -1,0 +1,264 @@
+"""The shard's partition manager: makes the node hold what the shard maps give it.
+
+Ownership comes only from the ShardMaps in ZooKeeper (docs/placement.md, "Rebalancing"): a node
+owns its partitions in the active map and, while a rebalance is in progress, in the target map.
+This reconciler (STYLE #2) acts on them while the node serves:
+
+- a partition it owns and does not hold is loaded in the background, at every model version
+  the node holds (full rows at the primary; at another version the rows where it differs,
+  ``store.partition_rows``), throttled to ``load_rate_bytes_s``, then published in one
+  snapshot (``TableStore.add_partition``). A load whose partition stops being owned meanwhile
+  (the rebalance was aborted) is abandoned.
+- a partition it holds and no longer owns is dropped ``drain_s`` after it stopped being owned,
+  so requests still routed with the previous map are served meanwhile. Before dropping, the
+  maps are read again from ZooKeeper (target first, then active): a watch may deliver the
+  deletion of the target before the switch of the active map that came with it.
+
+Nothing here depends on a restart: a node that starts reads the active map, loads its
+partitions before it registers (``main.py``), then this manager follows both maps.
+
+``LoadMeter`` samples the per-partition lookup counters every ``interval_s`` and keeps the ids
+looked up per second over the last ``window_s``, for the node's znode (``shardrec rebalance
+show|plan`` plan with the measured load).
+
+Threads: ``set_active`` / ``set_target`` are called from kazoo watch threads and only record
+the map and call ``wake``; ``reconcile`` and ``tick`` run on the node's reconciler thread
+(``reconciler.Reconciler``), which also calls ``on_change``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from services.core.checkpoint.reader import CheckpointReader
+from services.core.errors import ShardrecError
+from services.core.placement import ShardMap, owned_partitions
+from services.core.types import PartitionId
+from services.embedding_shard.store import TableStore, partition_rows
+
+log = logging.getLogger(__name__)
+
+# A partition whose load failed (I/O, a checkpoint error) is tried again after this long.
+LOAD_RETRY_S = 5.0
+# How often a throttled load checks that its partition is still owned.
+_THROTTLE_SLICE_S = 0.1
+
+ReadMaps = Callable[[], "tuple[ShardMap | None, ShardMap | None]"]
+
+
+class PartitionManager:
+    def __init__(
+        self,
+        node_id: str,
+        store: TableStore,
+        reader: CheckpointReader,
+        *,
+        stop: threading.Event,
+        read_maps: ReadMaps,
+        wake: Callable[[], None] = lambda: None,
+        on_change: Callable[[], None] = lambda: None,
+        load_rate_bytes_s: int = 0,
+        drain_s: float = 5.0,
+    ) -> None:
+        self._node_id = node_id
+        self._store = store
+        self._reader = reader
+        self._stop = stop
+        self._read_maps = read_maps
+        self._wake = wake
+        self.on_change = on_change
+        self._load_rate = load_rate_bytes_s
+        self._drain_s = drain_s
+        self._active: ShardMap | None = None
+        self._target: ShardMap | None = None
+        self._unowned_since: dict[PartitionId, float] = {}
+        self._retry_at: dict[PartitionId, float] = {}
+        self.loading: PartitionId | None = None
+        self.error: dict | None = None
+        self._pending: list[PartitionId] = []
+
+    # -- any thread (kazoo watches) -------------------------------------------------------------
+    def set_active(self, smap: ShardMap | None) -> None:
+        if smap is not None:  # a deleted active map is an operator's mistake: keep the last one
+            self._active = smap
+            self._wake()
+
+    def set_target(self, smap: ShardMap | None) -> None:
+        self._target = smap
+        self._wake()
+
+    def owned(self) -> frozenset[PartitionId]:
+        """The partitions of this node in the active and target maps, as last delivered."""
+        return self._known(owned_partitions(self._node_id, self._active, self._target))
+
+    def status(self) -> dict:
+        """What the node's znode reports about partitions beyond ``partitions`` and ``held``."""
+        target = self._target
+        return {
+            "target_map_version": None if target is None else target.version,
+            "partitions_loading": [str(p) for p in self._pending],
+            "partitions_draining": sorted(str(p) for p in self._unowned_since),
+            "partition_error": self.error,
+        }
+
+    # -- the reconciler thread ------------------------------------------------------------------
+    def reconcile(self) -> float | None:
+        """One pass: follow the active layout, drop what is due, load one missing partition.
+        Returns how long the thread may sleep (0: more to load at once; None: until woken)."""
+        active = self._active
+        if active is None:
+            return None
+        self._store.set_layout({t: tp.num_partitions for t, tp in active.tables.items()})
+        owned = self.owned()
+        held = set(self._store.held())
+        wait = self._drop_unowned(owned, held)
+        now = time.monotonic()
+        in_active = set(active.partition_ids_of(self._node_id))
+        missing = sorted(owned - held, key=lambda p: (p not in in_active, str(p)))  # a restarted node's own first
+        pending = [p for p in missing if self._retry_at.get(p, 0.0) <= now]
+        if self._pending != missing:
+            self._pending = missing
+            self.on_change()
+        if not pending:
+            retry = [t - now for p, t in self._retry_at.items() if p in missing]
+            return _earliest(wait, min(retry) if retry else None)
+        self._load(pending[0])
+        return 0.0
+
+    def _known(self, pids: frozenset[PartitionId]) -> frozenset[PartitionId]:
+        """Leave out tables the model does not have (a bad map is not this node's to load)."""
+        return frozenset(p for p in pids if p.table in self._store.specs)
+
+    def _drop_unowned(self, owned: frozenset[PartitionId], held: set[PartitionId]) -> float | None:
+        now = time.monotonic()
+        for pid in list(self._unowned_since):
+            if pid in owned or pid not in held:
+                del self._unowned_since[pid]
+        due = []
+        wait: float | None = None
+        for pid in held - owned:
+            left = self._unowned_since.setdefault(pid, now) + self._drain_s - now
+            if left <= 0:
+                due.append(pid)
+            else:
+                wait = left if wait is None else min(wait, left)
+        if not due:
+            return wait
+        try:
+            target, active = self._read_maps()  # fresh: the target first, then the active map
+        except ShardrecError as e:  # ZooKeeper away: keep the rows, try again
+            log.warning("not dropping %s yet: cannot read the shard maps (%s)", [str(p) for p in due], e)
+            return 1.0
+        still = self._known(owned_partitions(self._node_id, active, target))
+        for pid in sorted(due, key=str):
+            if pid in still:
+                continue  # a watch was behind: the maps still give it to this node
+            log.info("dropping partition %s: no longer owned (drained %.1fs)", pid, self._drain_s)
+            self._store.remove_partition(pid)
+            del self._unowned_since[pid]
+            self.on_change()
+        return wait
+
+    def _load(self, pid: PartitionId) -> None:
+        self.loading = pid
+        t0 = time.monotonic()
+        try:
+            rows = partition_rows(self._reader, pid, self._store.primary, self._store.versions_ready)
+            if not self._throttle(pid, rows.size_bytes):
+                log.info("abandoned loading partition %s: no longer owned", pid)
+                return
+            self._store.add_partition(pid, rows.weights, rows.overlays)
+        except (ShardrecError, OSError, ValueError) as e:
+            self.error = {"partition": str(pid), "error": str(e)}
+            self._retry_at[pid] = time.monotonic() + LOAD_RETRY_S
+            log.error("cannot load partition %s (trying again in %.0fs): %s", pid, LOAD_RETRY_S, e)
+        else:
+            self._retry_at.pop(pid, None)
+            if self.error is not None and self.error.get("partition") == str(pid):
+                self.error = None
+            log.info(
+                "partition %s ready at versions %s in %.2fs (%.1f KiB)",
+                pid, self._store.versions_ready, time.monotonic() - t0, rows.size_bytes / 1024,
+            )
+        finally:
+            self.loading = None
+            held = set(self._store.held())
+            self._pending = [p for p in self._pending if p not in held]
+            self.on_change()
+
+    def _throttle(self, pid: PartitionId, size_bytes: int) -> bool:
+        """Spend ``size_bytes / load_rate`` seconds; False when the node stops or ``pid`` stops
+        being owned meanwhile (checked every 0.1 s, from memory only)."""
+        if self._load_rate <= 0:
+            return pid in self.owned()
+        deadline = time.monotonic() + size_bytes / self._load_rate
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(left, _THROTTLE_SLICE_S)) or pid not in self.owned():
+                return False
+        return pid in self.owned()
+
+
+class LoadMeter:
+    """Per partition: lookups and ids served so far, and ids per second over the last
+    ``window_s`` (sampled every ``interval_s``), for the node's znode.
+
+    ``tick`` runs on the reconciler thread; ``report`` on any thread (it reads counters that
+    lookups bump without a lock: best-effort, like the counters themselves)."""
+
+    def __init__(self, store: TableStore, *, interval_s: float = 5.0, window_s: float = 60.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._window_s = window_s
+        self.on_change = on_change
+        self._samples: dict[PartitionId, deque[tuple[float, int]]] = {}
+        self._rates: dict[PartitionId, float] = {}
+        self._next = time.monotonic() + interval_s
+
+    def tick(self) -> float:
+        now = time.monotonic()
+        if now < self._next:
+            return self._next - now
+        self._next = now + self._interval_s
+        tables = self._store.partitions()
+        changed = False
+        for pid in list(self._samples):
+            if pid not in tables:
+                del self._samples[pid]
+                self._rates.pop(pid, None)
+        for pid, table in tables.items():
+            samples = self._samples.setdefault(pid, deque())
+            if samples and samples[-1][1] != table.ids:
+                changed = True
+            samples.append((now, table.ids))
+            while len(samples) > 2 and samples[0][0] < now - self._window_s:
+                samples.popleft()
+            (t0, ids0), (t1, ids1) = samples[0], samples[-1]
+            rate = (ids1 - ids0) / (t1 - t0) if t1 > t0 else 0.0
+            changed |= self._rates.get(pid) != rate
+            self._rates[pid] = rate
+        if changed:
+            self.on_change()
+        return self._interval_s
+
+    def report(self) -> dict[str, dict]:
+        """``{"items/1of2": {"bytes", "lookups", "ids", "ids_per_s"}}`` for every held partition."""
+        out = {}
+        for pid, table in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
+            out[str(pid)] = {
+                "bytes": self._store.size_bytes(pid),
+                "lookups": table.lookups,
+                "ids": table.ids,
+                "ids_per_s": round(self._rates.get(pid, 0.0), 3),
+            }
+        return out
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
