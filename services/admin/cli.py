@@ -12,6 +12,7 @@ GROUPS = (
     "services.admin.cmd_model",
     "services.admin.cmd_checkpoint",
     "services.admin.cmd_placement",
+    "services.admin.cmd_rebalance",
     "services.admin.cmd_shard",
     "services.admin.cmd_features",
     "services.admin.cmd_frontend",

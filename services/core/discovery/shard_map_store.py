@@ -29,6 +29,7 @@ from kazoo.exceptions import (
     NodeExistsError,
     NoNodeError,
     OperationTimeoutError,
+    RolledBackError,
     SessionExpiredError,
 )
 
@@ -152,6 +153,31 @@ class ShardMapStore:
                 raise FailedPreconditionError(
                     f"target shard map changed since znode version {expected_znode_version}"
                 ) from e
+
+    def promote_target(self, target: ShardMap, expected_active: int, expected_target: int) -> int:
+        """Make ``target`` the active map and delete the target znode, in ONE ZooKeeper
+        transaction: both happen or neither. Only if the active znode is still at
+        ``expected_active`` and the target at ``expected_target`` (compare-and-set on both);
+        else FailedPreconditionError naming which changed. Returns the active znode's new
+        version. A rebalance ends with this, so a crash never leaves a half switch."""
+        target.validate()
+        what = f"switch the active shard map of {self._paths.cluster!r} to version {target.version}"
+        tx = self._client.transaction()
+        tx.set_data(self._paths.shardmap_active, target.to_bytes(), version=expected_active)
+        tx.delete(self._paths.shardmap_target, version=expected_target)
+        with _zk(what):
+            results = self._wait(what, tx.commit_async(), write=True)
+        failed = [(name, r) for name, r in zip(("active", "target"), results) if isinstance(r, Exception)]
+        real = [(name, r) for name, r in failed if not isinstance(r, RolledBackError)]
+        if real:
+            name, err = real[0]
+            expected = expected_active if name == "active" else expected_target
+            raise FailedPreconditionError(
+                f"{what}: the {name} shard map changed since znode version {expected} ({type(err).__name__}); re-read"
+            ) from err
+        if failed:
+            raise FailedPreconditionError(f"{what}: the transaction was rolled back ({failed[0][1]!r}); re-read")
+        return results[0].version
 
     def watch_active(self, callback: ShardMapCallback) -> MapWatch:
         """Call ``callback(ShardMap | None)`` now and after every change of the active map.
