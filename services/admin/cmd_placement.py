@@ -20,15 +20,17 @@ if TYPE_CHECKING:
     from services.core.types import TableSpec
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def zk_args(q: argparse.ArgumentParser) -> None:
+    """``--zk`` and ``--cluster``, defaulting to ``$SHARDREC_ZK`` and ``$SHARDREC_CLUSTER``."""
     from services.core.config import default_cluster, default_zk
 
+    q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
+    q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("placement", help="initial shard map and placement inspection")
     s = p.add_subparsers(dest="placement_command", metavar="SUBCOMMAND", required=True)
-
-    def zk_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
-        q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
 
     init = s.add_parser(
         "init",

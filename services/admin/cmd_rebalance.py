@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TextIO
 
-from services.admin.cmd_placement import _human_bytes, _table
+from services.admin.cmd_placement import _human_bytes, _table, zk_args
 
 if TYPE_CHECKING:
     from services.core.discovery.shard_map_store import ShardMapStore
@@ -41,14 +41,8 @@ DEFAULT_REPLICATE_MAX_BYTES = 1 << 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import default_cluster, default_zk
-
     p = sub.add_parser("rebalance", help="move a live cluster to a new shard map (plan, apply, status, abort)")
     s = p.add_subparsers(dest="rebalance_command", metavar="SUBCOMMAND", required=True)
-
-    def zk_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
-        q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
 
     show = s.add_parser("show", help="per node: partitions held, memory, measured load, live or not")
     zk_args(show)

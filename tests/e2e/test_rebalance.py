@@ -13,15 +13,12 @@ and re-routes must have happened.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
-import grpc
 import numpy as np
 import pytest
 
-from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.admin.cli import main as cli
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
@@ -31,6 +28,7 @@ from services.core.planner import diff
 from services.core.rebalance import RebalancePlan
 from services.core.types import PartitionId
 from tests.e2e.test_recommend import check_response, random_requests, stats
+from tests.support.closed_loop import ClosedLoop
 from tests.support.cluster import start_cluster, start_shard, wait_registered
 from tests.support.waiting import wait_for
 from tests.support.zk_lag import NotificationLag
@@ -63,47 +61,6 @@ class CachedReference:
         if key not in self._scores:
             self._scores[key] = self._reference.scores(user_id, candidates, dense, overrides)
         return self._scores[key]
-
-
-class ClosedLoop:
-    """``CLIENTS`` threads, one request at a time each, until stopped: every response kept with
-    its request index and latency, every error kept."""
-
-    def __init__(self, address: str, requests) -> None:
-        self.address = address
-        self.requests = requests
-        self.stop = threading.Event()
-        self.seen: list[tuple[int, object, float, float]] = []  # (request index, response, start, latency_s)
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
-
-    def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
-            stub = recommend_pb2_grpc.RecommenderStub(ch)
-            n = i
-            while not self.stop.is_set():
-                k = n % len(self.requests)
-                t0 = time.monotonic()
-                try:
-                    resp = stub.Recommend(self.requests[k], timeout=10)
-                    self.seen.append((k, resp, t0, time.monotonic() - t0))
-                except grpc.RpcError as e:
-                    self.errors.append(e)
-                n += CLIENTS
-
-    def p99_ms(self, t0: float, t1: float) -> tuple[float, int]:
-        lat = [s for _, _, start, s in list(self.seen) if t0 <= start < t1]
-        return (float(np.percentile(lat, 99)) * 1e3 if lat else float("nan")), len(lat)
-
-    def __enter__(self) -> "ClosedLoop":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
 
 def only_drops_on(node: str, old, new, tables) -> bool:
@@ -173,8 +130,8 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
         assert active.to_json() == RebalancePlan.load(out).target.to_json()
         print(capsys.readouterr().out)
 
-    with ClosedLoop(address, requests) as load:
-        wait_for(lambda: len(load.seen) >= 20 and measured(), 60, "traffic and measured load on every node")
+    with ClosedLoop(address, requests, CLIENTS) as load:
+        wait_for(lambda: len(load.replies()) >= 20 and measured(), 60, "traffic and measured load on every node")
         steady = time.monotonic()
         wait_for(lambda: time.monotonic() - steady >= 2.0, 5, "2 s of steady traffic")
         shard3 = start_shard(spawn, hosts, paths.cluster, "shard-3", *SHARD_ARGS)
@@ -197,19 +154,20 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
             wait_for(lambda: stats(address)["lookup_reroutes"] > before, 10, "the frontend to re-route from dropped rows")
         wait_for(lambda: not json.loads(zk.get(paths.node(gone))[0])["held"], 30, f"{gone} to drop everything")
         after = time.monotonic()
-        wait_for(lambda: sum(start >= after for _, _, start, _ in list(load.seen)) >= 20, 30, "traffic on the final map")
+        wait_for(lambda: len(load.sent_between(after, float("inf"))) >= 20, 30, "traffic on the final map")
     shard3.terminate()
     counters = stats(address)
-    print(f"{len(load.seen)} responses, {len(load.errors)} errors, reroutes {counters['lookup_reroutes']}, failovers {counters['lookup_failovers']}")
+    print(f"{len(load.replies())} responses, {len(load.errors)} errors, reroutes {counters['lookup_reroutes']}, failovers {counters['lookup_failovers']}")
     assert not load.errors, [f"{e.code()}: {e.details()}" for e in load.errors[:3]]
     for name, t0, t1 in moves:
         assert t1 - t0 >= MIN_MOVE_S, f"move {name!r} took {t1 - t0:.2f}s: too short to span traffic"
-        assert sum(t0 <= start < t1 for _, _, start, _ in load.seen) >= 10, f"too little traffic during {name!r}"
+        assert len(load.sent_between(t0, t1)) >= 10, f"too little traffic during {name!r}"
     assert counters["lookup_reroutes"] >= 1, counters
-    assert {resp.shard_map_version for _, resp, _, _ in load.seen} == {1, 2, 3, 4}
+    replies = load.replies()
+    assert {r.response.shard_map_version for r in replies} == {1, 2, 3, 4}
     reference = CachedReference(small_reference)
-    for k, resp, _, _ in load.seen:
-        check_response(reference, requests[k], resp)
+    for r in replies:
+        check_response(reference, requests[r.index], r.response)
     steady_p99, n0 = load.p99_ms(steady, moves[0][1])
     report = [f"steady p99 {steady_p99:.1f} ms ({n0} requests)"]
     for name, t0, t1 in moves:

@@ -7,14 +7,11 @@ version it reports, versions must only move forward for each client, and nothing
 
 from __future__ import annotations
 
-import threading
 import uuid
 
-import grpc
 import numpy as np
 import pytest
 
-from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.admin.cli import main as cli
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_delta
@@ -25,6 +22,7 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.reference import ReferenceRecommender
 from services.core.synth import synthesize
 from tests.e2e.test_recommend import PLACEMENTS, check_response, random_requests
+from tests.support.closed_loop import ClosedLoop
 from tests.support.cluster import start_cluster
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for
@@ -76,53 +74,12 @@ def live(zk_server, redis_server, tmp_path, spawn):
         zk.close()
 
 
-class ClosedLoop:
-    """``CLIENTS`` threads, each sending one request at a time until stopped; every response
-    is kept with the request and the order it came back in."""
-
-    def __init__(self, address: str, requests) -> None:
-        self.address = address
-        self.requests = requests
-        self.stop = threading.Event()
-        self.seen: list[list[tuple[int, object]]] = [[] for _ in range(CLIENTS)]
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
-
-    def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
-            stub = recommend_pb2_grpc.RecommenderStub(ch)
-            n = i
-            while not self.stop.is_set():
-                req = self.requests[n % len(self.requests)]
-                try:
-                    self.seen[i].append((n % len(self.requests), stub.Recommend(req, timeout=10)))
-                except grpc.RpcError as e:
-                    self.errors.append(e)
-                n += CLIENTS
-
-    def versions(self) -> set[int]:
-        return {resp.version for s in self.seen for _, resp in list(s)}
-
-    def count(self, version: int) -> int:
-        return sum(resp.version == version for s in self.seen for _, resp in list(s))
-
-    def __enter__(self) -> "ClosedLoop":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
 def test_five_deltas_under_load_every_response_matches_its_version(live):
     root, address, zk, paths, hosts = live
     requests = random_requests(60, seed=5)
     store = ShardMapStore(zk, paths)
     versions = list(range(1, 2 + DELTAS))
-    with ClosedLoop(address, requests) as load:
+    with ClosedLoop(address, requests, CLIENTS) as load:
         wait_for(lambda: 1 in load.versions(), 60, "responses at version 1")
         for v in range(2, 2 + DELTAS):
             drift_delta(root, v, seed=v)
@@ -132,14 +89,14 @@ def test_five_deltas_under_load_every_response_matches_its_version(live):
     assert not load.errors, load.errors[:3]
     assert load.versions() == set(versions)
     for s in load.seen:  # each client sees versions in order
-        seq = [resp.version for _, resp in s]
+        seq = [r.response.version for r in s]
         assert seq == sorted(seq)
     assert store.read_serving_version() == versions[-1]
     print(f"responses per version: { {v: load.count(v) for v in versions} }")
     rng = np.random.default_rng(0)
     for v in versions:
         reference = ReferenceRecommender(root, v)
-        at_v = [(i, resp) for s in load.seen for i, resp in s if resp.version == v]
+        at_v = [(r.index, r.response) for r in load.replies() if r.response.version == v]
         for k in rng.choice(len(at_v), size=min(CHECKS_PER_VERSION, len(at_v)), replace=False):
             i, resp = at_v[k]
             check_response(reference, requests[i], resp)
