@@ -210,17 +210,18 @@ class LoadMeter:
     lookups bump without a lock: best-effort, like the counters themselves)."""
 
     def __init__(self, store: TableStore, *, interval_s: float = 5.0, window_s: float = 60.0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._interval_s = interval_s
         self._window_s = window_s
         self.on_change = on_change
+        self._clock = clock
         self._samples: dict[PartitionId, deque[tuple[float, int]]] = {}
         self._rates: dict[PartitionId, float] = {}
-        self._next = time.monotonic() + interval_s
+        self._next = clock() + interval_s
 
     def tick(self) -> float:
-        now = time.monotonic()
+        now = self._clock()
         if now < self._next:
             return self._next - now
         self._next = now + self._interval_s
