@@ -28,7 +28,7 @@ from services.frontend.lookup import FeatureLookup, InprocLookupClient
 from services.frontend.replicas import ReplicaPolicy
 from services.frontend.view import ClusterView
 from tests.e2e.test_recommend import check_response, checkpoint, features, random_requests, reference, stats  # noqa: F401
-from tests.e2e.test_versions import ClosedLoop
+from tests.support.closed_loop import ClosedLoop
 from tests.support.cluster import start_cluster, start_frontend, start_shard, zk_namespace
 from tests.support.processes import ProcessFactory, ServiceProcess
 from tests.support.waiting import wait_for
@@ -117,9 +117,8 @@ def under_load(served: Served, reference, seed: int):  # noqa: F811
         yield load, stats(served.address)
     assert not load.errors, load.errors[:3]
     oracle = CachedReference(reference)
-    for s in load.seen:
-        for i, resp in s:
-            check_response(oracle, requests[i], resp)
+    for r in load.replies():
+        check_response(oracle, requests[r.index], r.response)
 
 
 def delta(before: dict, after: dict) -> dict:
@@ -187,9 +186,10 @@ async def until(predicate, timeout_s: float, what: str) -> None:
 
 
 def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa: F811
-    """A lookup client whose view is one shard map ahead of every shard (it saw a map they have
-    not loaded yet): each replica answers FAILED_PRECONDITION, the batch is re-routed, and it
-    completes, equal to the in-process lookup, once the map reaches the shards."""
+    """A lookup client whose view is one shard map ahead of the shards: it routes ``tags`` to
+    the one node that does not hold it yet. That node answers FAILED_PRECONDITION, the batch is
+    re-routed (and waits, since the map names no other replica), and it completes, equal to the
+    in-process lookup, once the map reaches ZooKeeper and the node has loaded the table live."""
     reader = CheckpointReader(checkpoint)
     version = reader.latest_version()
     rng = np.random.default_rng(4)
@@ -200,7 +200,7 @@ def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa:
 
     features = [
         FeatureLookup("item_id", "items", PoolingType.SUM, bags(5000, 64)),  # row-wise, 2 partitions
-        FeatureLookup("item_tags", "tags", PoolingType.MEAN, bags(300, 64)),  # replicated
+        FeatureLookup("item_tags", "tags", PoolingType.MEAN, bags(300, 64)),  # replicated on 2 of 3 nodes
     ]
 
     async def main():
@@ -214,12 +214,16 @@ def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa:
         try:
             store = ShardMapStore(served.zk, served.paths)
             smap, znode_version = await loop.run_in_executor(None, store.read_active)
-            ahead = dataclasses.replace(smap, version=smap.version + 1)
+            holders = set(smap.tables["tags"].partitions[0])
+            newcomer = next(n for n in smap.nodes if n not in holders)
+            tables = dict(smap.tables)
+            tables["tags"] = dataclasses.replace(tables["tags"], partitions=((newcomer,),))
+            ahead = dataclasses.replace(smap, version=smap.version + 1, tables=tables)
             view.shard_map = ahead  # as if its watch fired before the shards' did
-            task = asyncio.ensure_future(client.lookup(features, version=version, timeout_s=10.0, request_id="reroute"))
-            await until(lambda: client.stats.reroutes >= 2, 10, "both replicas of a partition to refuse")
+            task = asyncio.ensure_future(client.lookup(features, version=version, timeout_s=20.0, request_id="reroute"))
+            await until(lambda: client.stats.reroutes >= 1, 10, f"{newcomer} to refuse tags, which it does not hold")
             assert not task.done()
-            await loop.run_in_executor(None, store.write_active, ahead, znode_version)
+            await loop.run_in_executor(None, store.write_active, ahead, znode_version)  # it loads tags live
             got = await task
             want = await oracle.lookup(features, version=version, timeout_s=10.0, request_id="oracle")
             return got, want, client.stats
@@ -231,4 +235,4 @@ def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa:
     assert got.version == version
     for f in features:
         np.testing.assert_allclose(got.pooled[f.feature], want.pooled[f.feature], rtol=1e-5, atol=1e-6, err_msg=f.feature)
-    assert stats_.reroutes >= 2 and stats_.failovers == 0 and stats_.ejections == 0, stats_
+    assert stats_.reroutes >= 1 and stats_.failovers == 0 and stats_.ejections == 0, stats_
