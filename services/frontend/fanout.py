@@ -103,17 +103,23 @@ class _Resplit(Exception):
 
 @dataclass
 class _Avoid:
-    """The nodes one batch stops asking: ``failed`` (unavailable, late) for the rest of the
-    batch; ``refused`` (FAILED_PRECONDITION) only while the shard map they refused under is the
-    view's, since under a newer map they may be the right place again."""
+    """What one batch stops asking: ``failed`` nodes (unavailable, late) for the rest of the
+    batch; ``refused`` (FAILED_PRECONDITION) (node, table, partition) only while the shard map
+    they were refused under is the view's, since under a newer map the node may be the right
+    place again. A refusal names the partitions of the refused call, not the whole node: during
+    a move a node still serves the partitions it holds while it drops others."""
 
     failed: set[str] = field(default_factory=set)
-    refused: dict[str, int] = field(default_factory=dict)  # node -> shard map version refused at
+    # (node, table, partition) -> shard map version the call was refused at
+    refused: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
     def nodes(self, map_version: int) -> set[str]:
-        return self.failed | {n for n, v in self.refused.items() if v == map_version}
+        return set(self.failed)
 
-    def note(self, node: str, exc: BaseException, map_version: int) -> bool:
+    def refusals(self, map_version: int) -> set[tuple[str, str, int]]:
+        return {k for k, v in self.refused.items() if v == map_version}
+
+    def note(self, node: str, exc: BaseException, map_version: int, units: "list[_Unit]") -> bool:
         """Record a retryable failure; True when it is a re-route (FAILED_PRECONDITION). Raises
         ``exc`` (or UNAVAILABLE naming the node) when no other replica can help."""
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
@@ -122,7 +128,8 @@ class _Avoid:
         if code is not None and code not in _RETRYABLE:
             raise UnavailableError(f"shard {node} refused a lookup: {code.name}: {exc.details()}") from exc
         if code is grpc.StatusCode.FAILED_PRECONDITION or isinstance(exc, FailedPreconditionError):
-            self.refused[node] = map_version
+            for u in units:
+                self.refused[(node, u.table, u.partition)] = map_version
             return True
         self.failed.add(node)
         return False
@@ -158,8 +165,10 @@ class GrpcLookupClient:
         pool = present or [r for r in replicas if r in self._view.last_addresses and r not in avoid]
         return choose_replica(self.board, pool, chosen, now) if pool else None
 
-    def _assign(self, units: list[_Unit], avoid: set[str], version: Version, *, fallback: bool = True) -> dict[str, list[_Unit]] | None:
-        """node -> its units. Without ``fallback`` (a hedge) only usable replicas count, and a
+    def _assign(self, units: list[_Unit], avoid: set[str], version: Version, *, fallback: bool = True,
+                refused: set[tuple[str, str, int]] = frozenset()) -> dict[str, list[_Unit]] | None:
+        """node -> its units, skipping the ``avoid`` nodes and, per partition, the nodes that
+        ``refused`` it. Without ``fallback`` (a hedge) only usable replicas count, and a
         partition without one gives None; with it, no replica at all raises UNAVAILABLE."""
         smap = self._view.shard_map
         if smap is None:
@@ -169,7 +178,8 @@ class GrpcLookupClient:
         chosen: set[str] = set()
         node_of: dict[tuple[str, int], str] = {}
         for table, p in keys:
-            node = self._choose(smap.tables[table].partitions[p], chosen, avoid, version, now, fallback=fallback)
+            skip = avoid | {n for n, t, q in refused if t == table and q == p} if refused else avoid
+            node = self._choose(smap.tables[table].partitions[p], chosen, skip, version, now, fallback=fallback)
             if node is None:
                 if not fallback:
                     return None
@@ -258,14 +268,14 @@ class GrpcLookupClient:
                 if not primary.done():
                     hedge_call, hedges = self._hedge(node, units, call, avoid)
                     if hedges:
-                        return await self._race(node, primary, hedges, started, hedge_call, avoid)
+                        return await self._race(node, units, primary, hedges, started, hedge_call, avoid)
             stall_at = started + self.board.stall_delay(node)
             if not primary.done() and stall_at < call.deadline:
                 await asyncio.wait([primary], timeout=max(0.0, stall_at - time.monotonic()))
                 if not primary.done():  # stalled: one retry elsewhere, whatever the budget
                     hedge_call, hedges = self._hedge(node, units, call, avoid, budget=False)
                     if hedges:
-                        return await self._race(node, primary, hedges, started, hedge_call, avoid)
+                        return await self._race(node, units, primary, hedges, started, hedge_call, avoid)
             return await primary
         finally:
             primary.cancel()  # no-op when done; a cancelled batch cancels its RPC
@@ -275,12 +285,13 @@ class GrpcLookupClient:
         (``budget``) the budget has a token per RPC; no tasks otherwise."""
         smap = self._view.shard_map
         hedge_call = _Call(call.version, smap.version, call.deadline, call.request_id)
-        plan = self._assign(units, avoid.nodes(smap.version) | {node}, call.version, fallback=False)
+        plan = self._assign(units, avoid.nodes(smap.version) | {node}, call.version, fallback=False,
+                            refused=avoid.refusals(smap.version))
         if plan is None or (budget and not self.budget.take(len(plan))):
             return hedge_call, {}
         return hedge_call, {alt: self._spawn(alt, us, hedge_call, hedge=True, stall=not budget) for alt, us in plan.items()}
 
-    async def _race(self, node: str, primary: asyncio.Task, hedges: dict[str, asyncio.Task], started: float,
+    async def _race(self, node: str, units: list[_Unit], primary: asyncio.Task, hedges: dict[str, asyncio.Task], started: float,
                     hedge_call: _Call, avoid: _Avoid):
         """First complete answer of ``primary`` and ``hedges`` (all of them together); the loser
         is cancelled. A failed hedge leaves the primary alone in the race; a failed primary
@@ -296,7 +307,7 @@ class GrpcLookupClient:
                     for alt, t in failed.items():
                         exc = t.exception() if not t.cancelled() else UnavailableError("hedge cancelled")
                         try:
-                            avoid.note(alt, exc, hedge_call.map_version)
+                            avoid.note(alt, exc, hedge_call.map_version, units)
                         except ShardrecError:
                             pass  # the primary's answer decides
                         log.info("hedge of %s on %s failed (%s)", node, alt, _describe(exc))
@@ -370,7 +381,7 @@ class GrpcLookupClient:
                         for u, pooled, counts in task.result():
                             partials.setdefault(u.feature, []).append((pooled, counts))
                         continue
-                    if avoid.note(node, exc, call.map_version):
+                    if avoid.note(node, exc, call.map_version, us):
                         self.stats.reroutes += 1
                         log.info("shard %s refused a lookup at shard map %d (%s); re-routing", node, call.map_version, _describe(exc))
                     else:
@@ -397,7 +408,7 @@ class GrpcLookupClient:
             if any(current.num_partitions(t) != smap.num_partitions(t) for t in {u.table for u in units}):
                 raise _Resplit()
             try:
-                plan = self._assign(units, avoid.nodes(current.version), version)
+                plan = self._assign(units, avoid.nodes(current.version), version, refused=avoid.refusals(current.version))
                 break
             except UnavailableError as e:
                 remaining = deadline - time.monotonic()
@@ -405,7 +416,8 @@ class GrpcLookupClient:
                     raise
                 if remaining <= 0:
                     raise DeadlineExceededError(
-                        f"shard lookups did not finish within the deadline: {e}; refusals (node, shard map): {sorted(avoid.refused.items())}"
+                        f"shard lookups did not finish within the deadline: {e}; refusals ((node, table, partition), shard map): "
+                        f"{sorted(avoid.refused.items())}"
                     ) from None
                 try:
                     await asyncio.wait_for(self._view.changed(), min(remaining, backoff_s))
