@@ -72,7 +72,7 @@ def serve(kind: str, port_file: str) -> None:
     from services._proto.shardrec.v1 import embedding_pb2
     from services.core import wire
     from services.core.rpc.server import start_sync_server, tune_allocator
-    from services.core.types import PartitionKey, TableSpec
+    from services.core.types import TableSpec
 
     torch.set_num_threads(1)
     tune_allocator()  # as the shard process does
@@ -92,12 +92,12 @@ def serve(kind: str, port_file: str) -> None:
         add = [lambda s: s.add_generic_rpc_handlers((handler,))]
     else:
         from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
-        from services.embedding_shard.store import PartitionTable, TableStore, VersionSlot
+        from services.core.types import PartitionId
+        from services.embedding_shard.store import TableStore
 
         spec = TableSpec("t", ROWS, DIM)
         store = TableStore({"t": spec}, {"t": 1})
-        key = PartitionKey("t", 0)
-        store.install(VersionSlot(1, {key: PartitionTable(key, spec, 1, torch.from_numpy(make_table()))}))
+        store.install(1, {PartitionId("t", 0, 1): torch.from_numpy(make_table())})
         servicer = EmbeddingShardServicer("bench", store, max_ids_per_request=10_000_000, map_version=lambda: 1)
         add = [lambda s: add_to_server(servicer, s)]
     server = start_sync_server("127.0.0.1", 0, threads=8, max_message_bytes=MAX_MSG, add_servicers=add, service_names=[])

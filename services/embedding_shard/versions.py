@@ -119,7 +119,7 @@ class VersionManager:
         else:
             self.load_error = None
             self.last_load_s = time.monotonic() - t0
-            log.info("version %d ready in %.2fs (primary was %s)", target, self.last_load_s, self._store.versions_ready)
+            log.info("version %d ready in %.2fs (versions held: %s)", target, self.last_load_s, self._store.versions_ready)
         finally:
             self.loading = None
             self.on_change()
