@@ -83,14 +83,6 @@ class PartitionTable:
             return None
         return ids // n
 
-    def local_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Validate GLOBAL ``ids`` against this partition and map them to local rows."""
-        check_range(self.spec, ids)
-        local = self.covered(ids)
-        if local is None:
-            raise self.not_here(ids)
-        return local
-
     def not_here(self, ids: np.ndarray) -> InvalidArgumentError:
         n, p = self.pid.num_partitions, self.pid.partition
         bad = int(ids[np.flatnonzero(ids % n != p)[0]])
@@ -147,10 +139,6 @@ class PartitionVersion:
     weight: torch.Tensor  # float32 [local_rows, dim]
     overlay: Overlay | None = None
     mark: np.ndarray | None = None  # bool [local_rows]
-
-    def pool(self, ids: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None) -> np.ndarray:
-        """Pool bags of GLOBAL ``ids`` (InvalidArgumentError when one is not in this partition)."""
-        return self.pool_local(self.table.local_ids(ids), lengths, pooling_type, weights)
 
     def pool_local(self, local: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None) -> np.ndarray:
         """Pool bags of LOCAL rows (validated by the caller, e.g. ``StoreView.lookup``)."""
@@ -222,15 +210,6 @@ class StoreState:
             raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range [0, {n})")
         return n
 
-    def resolve(self, version: Version, table: str, partition: int, specs: Mapping[str, TableSpec]) -> PartitionVersion:
-        """The partition ``(table, partition)`` of the node's layout at ``version``."""
-        self._spec(table, specs)
-        n = self._check_partition(table, partition)
-        part = self._version(version).get(PartitionId(table, partition, n))
-        if part is None:
-            raise FailedPreconditionError(f"table {table!r} partition {partition} is not held by this node")
-        return part
-
     def lookup(
         self, version: Version, table: str, partition: int, ids: np.ndarray, specs: Mapping[str, TableSpec], *, strict: bool
     ) -> tuple[PartitionVersion, np.ndarray]:
@@ -273,13 +252,6 @@ class StoreView:
     @property
     def primary(self) -> Version:
         return self.state.primary
-
-    def resolve(self, version: Version, table: str, partition: int) -> PartitionVersion:
-        """The partition of the node's layout to pool from at ``version`` (0: the primary), or
-        the error naming what is wrong: a table or partition that does not exist is
-        INVALID_ARGUMENT; one not held here, or a version not ready here, is
-        FAILED_PRECONDITION (another replica may serve)."""
-        return self.state.resolve(version, table, partition, self._store.specs)
 
     def lookup(self, version: Version, table: str, partition: int, ids: np.ndarray, *, strict: bool) -> tuple[PartitionVersion, np.ndarray]:
         """See ``StoreState.lookup``."""

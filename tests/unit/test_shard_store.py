@@ -20,6 +20,12 @@ ROWS, DIM, P = 600, 8, 2
 SPEC = TableSpec("t", ROWS, DIM)
 KEYS = [PartitionId("t", 0, P), PartitionId("t", 1, P)]
 MODES = [PoolingType.SUM, PoolingType.MEAN, PoolingType.MAX]
+NO_IDS = np.empty(0, dtype=np.int64)
+
+
+def _held(view, version, partition):
+    """The partition of the store's layout at ``version`` (as a Lookup of no ids resolves it)."""
+    return view.lookup(version, "t", partition, NO_IDS, strict=True)[0]
 
 
 def _bags(rng, bags=40, max_len=12):
@@ -60,7 +66,8 @@ def _pool(store, version, ids, lengths, mode):
             sel = ids % P == key.partition
             sub_lengths = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[sel], minlength=len(lengths)).astype(np.int32)
             sub_mode = PoolingType.SUM if mode is PoolingType.MEAN else mode
-            pooled = view.resolve(version, "t", key.partition).pool(ids[sel], sub_lengths, sub_mode, None)
+            part, local = view.lookup(version, "t", key.partition, ids[sel], strict=True)
+            pooled = part.pool_local(local, sub_lengths, sub_mode, None)
             parts.append((pooled, sub_lengths))
     from services.core.sharding import merge_partials
 
@@ -121,7 +128,7 @@ def test_rollback_to_a_held_version_uses_its_rows():
     assert store.overlay_bytes() == 0
     with store.reading() as view:
         for key in KEYS:
-            np.testing.assert_array_equal(view.resolve(1, "t", key.partition).weight.numpy(), v1[key.partition :: P])
+            np.testing.assert_array_equal(_held(view, 1, key.partition).weight.numpy(), v1[key.partition :: P])
 
 
 def test_install_of_another_base_keeps_the_old_weights():
@@ -171,13 +178,13 @@ def test_bad_requests_name_the_problem():
     store = _store(rng.standard_normal((ROWS, DIM)).astype(np.float32))
     with store.reading() as view:
         with pytest.raises(InvalidArgumentError, match="unknown table 'nope'"):
-            view.resolve(1, "nope", 0)
+            view.lookup(1, "nope", 0, NO_IDS, strict=True)
         with pytest.raises(InvalidArgumentError, match="partition 5 out of range"):
-            view.resolve(1, "t", 5)
+            view.lookup(1, "t", 5, NO_IDS, strict=True)
         with pytest.raises(InvalidArgumentError, match="id 3 is not in partition 0"):
-            view.resolve(1, "t", 0).pool(np.array([3]), np.array([1], dtype=np.int32), PoolingType.SUM, None)
+            view.lookup(1, "t", 0, np.array([3]), strict=True)
         with pytest.raises(FailedPreconditionError, match="version 9 is not ready"):
-            view.resolve(9, "t", 0)
+            view.lookup(9, "t", 0, NO_IDS, strict=True)
 
 
 def _partition(table, pid):
