@@ -8,10 +8,17 @@ from __future__ import annotations
 
 
 class ShardrecError(Exception):
-    """Base of every error shardrec raises on purpose."""
+    """Base of every error shardrec raises on purpose.
+
+    ``retry_after_s``: when set, the status carries a google.rpc ``RetryInfo`` with that delay
+    (how long a caller should back off before trying again)."""
 
     grpc_code: str = "INTERNAL"
     retryable: bool = False
+
+    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(ShardrecError):

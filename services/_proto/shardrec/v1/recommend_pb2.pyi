@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DegradedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEGRADED_REASON_UNSPECIFIED: _ClassVar[DegradedReason]
+    DEGRADED_CANDIDATES_CAPPED: _ClassVar[DegradedReason]
+    DEGRADED_FEATURE_DEFAULTS: _ClassVar[DegradedReason]
+DEGRADED_REASON_UNSPECIFIED: DegradedReason
+DEGRADED_CANDIDATES_CAPPED: DegradedReason
+DEGRADED_FEATURE_DEFAULTS: DegradedReason
 
 class SparseFeature(_message.Message):
     __slots__ = ("values", "weights")
@@ -57,16 +67,20 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., position: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("request_id", "items", "version", "shard_map_version")
+    __slots__ = ("request_id", "items", "version", "shard_map_version", "degraded", "degraded_reasons")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     version: int
     shard_map_version: int
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., version: _Optional[int] = ..., shard_map_version: _Optional[int] = ...) -> None: ...
+    degraded: bool
+    degraded_reasons: _containers.RepeatedScalarFieldContainer[DegradedReason]
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., version: _Optional[int] = ..., shard_map_version: _Optional[int] = ..., degraded: _Optional[bool] = ..., degraded_reasons: _Optional[_Iterable[_Union[DegradedReason, str]]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,240 @@
+"""Admission control: decide at the door, in microseconds, whether a request may queue.
+
+Three checks, in order (docs/overload.md):
+
+1. **Per-caller rate** (``CallerLimits``): a token bucket per caller identity; over it is
+   RESOURCE_EXHAUSTED with the time until the next token as the retry hint.
+2. **Concurrency limit** (``LatencyLimit``): requests admitted and not finished (queued or in
+   a batch) may not exceed a limit that adapts so that the admitted requests' latency holds a
+   target (``latency_target_s``, whatever the callers' deadlines): a window whose latency
+   quantile is over the target shrinks the limit by the ratio target / measured (at most
+   halving it, a gradient step as in Netflix's Gradient2 and Envoy's adaptive concurrency); a
+   window under the target in which the limit was nearly reached grows it by sqrt(limit).
+   Little's law makes the limit converge on throughput x target.
+3. **Deadline feasibility** (``ServiceEstimate``): a request whose remaining deadline is
+   shorter than its expected time (the fastest recent batch, plus its share of the work
+   queued ahead of it) is refused at once instead of expiring in the queue.
+
+Pure: every method takes ``now`` from the caller; one owner (the frontend's event loop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    enabled: bool = True
+    latency_target_s: float = 0.050
+    initial_limit: int = 64
+    min_limit: int = 4
+    max_limit: int = 1024
+    window_s: float = 0.2  # the limit moves at most once per window
+    min_window_samples: int = 8
+    quantile: float = 0.95  # the latency quantile held at or under the target
+    grow_when_used: float = 0.75  # grow only if in-flight reached this fraction of the limit
+
+    def __post_init__(self) -> None:
+        if self.latency_target_s <= 0:
+            raise ValueError(f"latency_target_s must be > 0, got {self.latency_target_s}")
+        if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError(
+                f"need 1 <= min_limit <= initial_limit <= max_limit, got {self.min_limit}, {self.initial_limit}, {self.max_limit}"
+            )
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile}")
+
+
+class LatencyLimit:
+    """The adaptive concurrency limit (see the module docstring)."""
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self.policy = policy
+        self.limit = float(policy.initial_limit)
+        self._samples: list[float] = []
+        self._window_start: float | None = None
+        self._peak_in_flight = 0
+        self.last_quantile_s: float | None = None  # of the last closed window
+
+    def note_in_flight(self, in_flight: int) -> None:
+        self._peak_in_flight = max(self._peak_in_flight, in_flight)
+
+    def observe(self, latency_s: float, now: float) -> None:
+        """One admitted request finished (answered or failed) after ``latency_s`` in this process."""
+        if self._window_start is None:
+            self._window_start = now
+        self._samples.append(latency_s)
+        p = self.policy
+        if now - self._window_start < p.window_s or len(self._samples) < p.min_window_samples:
+            return
+        q = float(np.quantile(np.asarray(self._samples), p.quantile))
+        self.last_quantile_s = q
+        if q > p.latency_target_s:
+            self.limit = max(p.min_limit, self.limit * max(0.5, p.latency_target_s / q))
+        elif self._peak_in_flight >= p.grow_when_used * self.limit:
+            self.limit = min(p.max_limit, self.limit + max(1.0, math.sqrt(self.limit)))
+        self._samples.clear()
+        self._window_start = now
+        self._peak_in_flight = 0
+
+    @property
+    def value(self) -> int:
+        return int(self.limit)
+
+
+class ServiceEstimate:
+    """What a request costs this frontend, from the batches it ran.
+
+    ``fastest_s``: the shortest batch of the recent ones (a floor no request beats);
+    ``per_request_s``: EWMA of batch time / batch size, divided by the batches that run at
+    once: the marginal cost of one more queued request (conservative at low load, where
+    batches are small)."""
+
+    def __init__(self, *, in_flight_batches: int, recent: int = 32, alpha: float = 0.2) -> None:
+        self._slots = max(1, in_flight_batches)
+        self._recent: deque[float] = deque(maxlen=recent)
+        self._alpha = alpha
+        self.per_request_s: float | None = None
+
+    def observe_batch(self, seconds: float, size: int) -> None:
+        self._recent.append(seconds)
+        cost = seconds / max(1, size) / self._slots
+        self.per_request_s = cost if self.per_request_s is None else (1 - self._alpha) * self.per_request_s + self._alpha * cost
+
+    @property
+    def fastest_s(self) -> float:
+        return min(self._recent) if self._recent else 0.0
+
+    def expected_s(self, queued_ahead: int) -> float:
+        """Expected time from admission to answer of a request with ``queued_ahead`` before it."""
+        return self.fastest_s + queued_ahead * (self.per_request_s or 0.0)
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, held up to ``burst``; starts full."""
+
+    def __init__(self, rate_per_s: float, burst: float, now: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = max(1.0, burst)
+        self.tokens = self.burst
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self._stamp) * self.rate_per_s)
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until one token is there."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate_per_s
+
+
+@dataclass(frozen=True)
+class CallerRate:
+    """Requests a second (0 = unlimited) and the burst a caller may save up."""
+
+    rate_per_s: float = 0.0
+    burst: float = 0.0  # 0 = one second of rate
+
+    def __post_init__(self) -> None:
+        if self.rate_per_s < 0 or self.burst < 0:
+            raise ValueError(f"caller rate and burst must be >= 0, got {self.rate_per_s}, {self.burst}")
+
+
+@dataclass(frozen=True)
+class CallerLimitsConfig:
+    default: CallerRate = field(default_factory=CallerRate)
+    callers: tuple[tuple[str, CallerRate], ...] = ()
+
+    def rate_of(self, caller: str) -> CallerRate:
+        for name, rate in self.callers:
+            if name == caller:
+                return rate
+        return self.default
+
+
+class CallerLimits:
+    """One token bucket per caller identity, created on first use."""
+
+    def __init__(self, config: CallerLimitsConfig) -> None:
+        self.config = config
+        self._buckets: dict[str, TokenBucket | None] = {}
+
+    def take(self, caller: str, now: float) -> float:
+        """0.0 when ``caller`` may go now, else the seconds until it may."""
+        bucket = self._buckets.get(caller, ...)
+        if bucket is ...:
+            rate = self.config.rate_of(caller)
+            bucket = None if rate.rate_per_s == 0 else TokenBucket(rate.rate_per_s, rate.burst or rate.rate_per_s, now)
+            self._buckets[caller] = bucket
+        if bucket is None or bucket.take(now):
+            return 0.0
+        return bucket.wait_s(now)
+
+
+@dataclass(frozen=True)
+class Shed:
+    """A refusal: why (a short machine-readable reason), a message, and the retry hint."""
+
+    reason: str  # "caller_rate" | "concurrency" | "deadline"
+    message: str
+    retry_after_s: float
+
+
+class Admission:
+    """The three checks together, and the bookkeeping of admitted requests."""
+
+    def __init__(self, policy: AdmissionPolicy, callers: CallerLimits, estimate: ServiceEstimate) -> None:
+        self.policy = policy
+        self.callers = callers
+        self.limit = LatencyLimit(policy)
+        self.estimate = estimate
+        self.in_flight = 0
+        self.admitted = 0
+        self.shed: dict[str, int] = {"caller_rate": 0, "concurrency": 0, "deadline": 0}
+
+    def check(self, caller: str, remaining_s: float, queued: int, now: float) -> Shed | None:
+        """None: admitted (the caller must call ``finished`` once, whatever happens next)."""
+        wait = self.callers.take(caller, now)
+        if wait > 0:
+            return self._shed("caller_rate", f"caller {caller!r} is over its rate limit", wait)
+        if self.policy.enabled:
+            if self.in_flight >= self.limit.value:
+                return self._shed(
+                    "concurrency",
+                    f"frontend overloaded: {self.in_flight} requests in flight, limit {self.limit.value} "
+                    f"(holding {self.policy.latency_target_s * 1e3:.0f} ms latency)",
+                    self.policy.latency_target_s,
+                )
+            expected = self.estimate.expected_s(queued)
+            if expected > remaining_s:
+                return self._shed(
+                    "deadline",
+                    f"cannot finish within the deadline: {remaining_s * 1e3:.1f} ms left, about {expected * 1e3:.1f} ms expected "
+                    f"({queued} requests queued ahead)",
+                    max(expected - remaining_s, self.policy.latency_target_s),
+                )
+        self.in_flight += 1
+        self.admitted += 1
+        self.limit.note_in_flight(self.in_flight)
+        return None
+
+    def finished(self, latency_s: float, now: float) -> None:
+        self.in_flight -= 1
+        self.limit.observe(latency_s, now)
+
+    def _shed(self, reason: str, message: str, retry_after_s: float) -> Shed:
+        self.shed[reason] += 1
+        return Shed(reason, message, retry_after_s)
