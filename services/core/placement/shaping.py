@@ -18,6 +18,8 @@ from services.core.types import ShardingType, TableSpec
 
 @dataclass(frozen=True)
 class Shape:
+    """One table's sharding, number of partitions (P) and replicas per partition (R)."""
+
     sharding: ShardingType
     partitions: int
     replicas: int
@@ -25,6 +27,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Limits:
+    """What bounds every table's shape in one plan."""
+
     num_nodes: int
     min_replicas: int  # config.min_replicas, clipped to the cluster
     max_partition_bytes: int
@@ -32,6 +36,7 @@ class Limits:
 
 
 def shape_limits(loads: Sequence[TableLoad], nodes: Sequence[NodeCapacity], config: PlannerConfig) -> Limits:
+    """The limits ``config`` sets for ``loads`` on ``nodes``."""
     max_part = config.max_partition_bytes
     if max_part is None:  # the median node's: one odd node does not reshape every table
         max_part = max(1, sorted(n.memory_bytes for n in nodes)[(len(nodes) - 1) // 2] // 4)
