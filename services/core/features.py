@@ -89,10 +89,6 @@ class DecodedFeatures:
     sparse: dict[str, RawBags]  # every stored sparse feature of the side
     dense: dict[str, np.ndarray]  # float32 [E] per dense feature of the side
 
-    @property
-    def num_entities(self) -> int:
-        return len(self.present)
-
 
 class FeatureLayout:
     """The record layout of one side of one model; immutable, safe to share between threads.

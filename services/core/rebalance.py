@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import ConfigError
-from services.core.placement import REPLICAS_ALL, ShardMap, TablePlacementSpec
-from services.core.planner import MoveKind, NodeCapacity, PlannerConfig, TableLoad, diff, plan
+from services.core.placement import (
+    REPLICAS_ALL,
+    MoveKind,
+    NodeCapacity,
+    PlannerConfig,
+    ShardMap,
+    TableLoad,
+    TablePlacementSpec,
+    diff,
+    plan,
+)
 from services.core.types import PartitionId, ShardingType, TableSpec
 
 PLAN_FORMAT = "shardrec.rebalance-plan/v1"
@@ -119,7 +128,7 @@ def plan_target(
 ) -> ShardMap:
     """The target map (version ``current.version + 1``) for ``request``, planned from the
     current map, the measured ``lookups_per_s`` per table and a memory of
-    ``node_memory_bytes`` per node (``services.core.planner.plan``)."""
+    ``node_memory_bytes`` per node (``services.core.placement.plan``)."""
     unknown = sorted(set(request.remove_nodes) - set(current.nodes))
     if unknown:
         raise ConfigError(f"--remove-node {unknown[0]!r}: not a node of the active map (nodes: {list(current.nodes)})")

@@ -90,9 +90,6 @@ class PartitionTable:
             f"table {self.spec.name!r}: id {bad} is not in partition {p} of {n} (it belongs to partition {bad % n})"
         )
 
-    def global_ids(self, local: np.ndarray) -> np.ndarray:
-        return local * self.pid.num_partitions + self.pid.partition
-
 
 def check_range(spec: TableSpec, ids: np.ndarray) -> None:
     """InvalidArgumentError naming the table and the first bad id outside ``[0, rows)``."""

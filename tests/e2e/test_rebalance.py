@@ -24,7 +24,7 @@ from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.planner import diff
+from services.core.placement import diff
 from services.core.rebalance import RebalancePlan
 from services.core.types import PartitionId
 from tests.e2e.test_recommend import check_response, random_requests, stats

@@ -24,8 +24,7 @@ from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.placement import ShardMap
-from services.core.planner import PlannerConfig
+from services.core.placement import PlannerConfig, ShardMap
 from services.core.rebalance import PlanRequest, RebalancePlan, parse_set, plan_target
 from services.core.reference import ReferenceModel
 from services.core.synth import synthesize

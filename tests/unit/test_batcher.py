@@ -56,8 +56,9 @@ def test_full_queue_is_resource_exhausted():
         while b.stats.batches == 0:  # the first request is in flight, holding the only slot
             await asyncio.sleep(0)
         waiting += [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]  # fill the queue
-        while b._queue.qsize() < 2:
-            await asyncio.sleep(0)
+        # Ready tasks run in the order they were created, before this one resumes: both
+        # submits have queued their request (the batcher holds them: its only slot is busy).
+        await asyncio.sleep(0)
         with pytest.raises(ResourceExhaustedError, match="queue is full"):
             await b.submit(99)
         block.set()

@@ -104,7 +104,7 @@ def test_all_missing_and_empty(spec):
     assert all(b.lengths.tolist() == [0, 0] and b.values.size == 0 for b in decoded.sparse.values())
     assert decoded.dense["item_ctr"].tolist() == pytest.approx([0.02, 0.02])
     assert decoded.dense["item_age"].tolist() == [0.5, 0.5]
-    assert layout.decode([]).num_entities == 0
+    assert layout.decode([]).present.size == 0
 
 
 def test_wrong_blob_size_refused_naming_key(spec, rows_by_side):

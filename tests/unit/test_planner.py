@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 
 from services.core.errors import ConfigError, PlanError
-from services.core.placement import REPLICAS_ALL, ShardMap, TablePlacement, TablePlacementSpec
-from services.core.planner import (
+from services.core.placement import (
+    REPLICAS_ALL,
     Move,
     MoveKind,
     NodeCapacity,
     NodeSummary,
     PlannerConfig,
+    ShardMap,
     TableLoad,
+    TablePlacement,
+    TablePlacementSpec,
     diff,
     plan,
     summarize,

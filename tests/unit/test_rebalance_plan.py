@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.core.errors import ConfigError
-from services.core.placement import PlacementSpec, ShardMap, TablePlacementSpec, initial_shard_map, node_ids
-from services.core.planner import PlannerConfig
+from services.core.placement import PlacementSpec, PlannerConfig, ShardMap, TablePlacementSpec, initial_shard_map, node_ids
 from services.core.rebalance import (
     PlanRequest,
     RebalancePlan,

@@ -222,10 +222,6 @@ class CheckpointReader:
                 )
         return chain
 
-    def base_version(self, version: Version) -> Version:
-        """The base ``version`` resolves to (itself for a base)."""
-        return self.chain(version)[0].version
-
     # ---------------------------------------------------------------- checks
     def _check_file(self, m: Manifest, path: str, *, full: bool) -> None:
         entry = m.file(path)

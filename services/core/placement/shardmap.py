@@ -1,19 +1,12 @@
-"""ShardMap: which node holds which partition of which table (immutable, versioned).
-
-Ownership comes only from the ShardMap; a node's ZooKeeper znode says only that it is alive and
-what it has ready. Row r of a table with P partitions lives in partition ``r % P`` at local row
-``r // P`` (power-law hot ids, which are the low ids, spread over every partition).
-
-Pure module: no torch, no grpc.
+"""ShardMap: which node holds which partition of which table (immutable, versioned), the only
+source of ownership, and the sizes that follow from it (row r of a table with P partitions is
+in partition ``r % P``). See docs/placement.md. Pure: no torch, no grpc.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from services.core.errors import ConfigError
@@ -135,110 +128,6 @@ class ShardMap:
             raise ConfigError(f"shard map is not valid JSON: {e}") from e
 
 
-# --------------------------------------------------------------------------------------------
-# Initial placement: a spec file (per table: sharding, partitions, replicas) -> ShardMap.
-# See docs/placement.md for the file format.
-# --------------------------------------------------------------------------------------------
-
-REPLICAS_ALL = "all"
-_SPEC_KEYS = frozenset({"sharding", "partitions", "replicas"})
-
-
-@dataclass(frozen=True)
-class TablePlacementSpec:
-    """How one table is placed: ``sharding``, ``partitions`` (row_wise only, >= 2) and
-    ``replicas`` (an int >= 1, or ``"all"``: every node; replicated defaults to "all", the
-    others to 1)."""
-
-    sharding: ShardingType
-    partitions: int = 1
-    replicas: int | str = 1
-
-    def resolve_replicas(self, num_nodes: int) -> int:
-        return num_nodes if self.replicas == REPLICAS_ALL else int(self.replicas)
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"sharding": self.sharding.value, "replicas": self.replicas}
-        if self.sharding is ShardingType.ROW_WISE:
-            d["partitions"] = self.partitions
-        return d
-
-    @classmethod
-    def from_json(cls, where: str, d: Any) -> "TablePlacementSpec":
-        if not isinstance(d, dict):
-            raise ConfigError(f"placement spec {where}: must be an object, got {d!r}")
-        unknown = set(d) - _SPEC_KEYS
-        if unknown:
-            raise ConfigError(f"placement spec {where}: unknown keys {sorted(unknown)} (known: {sorted(_SPEC_KEYS)})")
-        try:
-            sharding = ShardingType(d.get("sharding", ShardingType.TABLE_WISE.value))
-        except ValueError:
-            raise ConfigError(
-                f"placement spec {where}: sharding must be one of {[s.value for s in ShardingType]}, "
-                f"got {d.get('sharding')!r}"
-            ) from None
-        replicas = d.get("replicas", REPLICAS_ALL if sharding is ShardingType.REPLICATED else 1)
-        if replicas != REPLICAS_ALL and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
-            raise ConfigError(f"placement spec {where}: replicas must be an integer >= 1 or \"all\", got {replicas!r}")
-        if sharding is ShardingType.REPLICATED and replicas != REPLICAS_ALL and replicas < 2:
-            raise ConfigError(f"placement spec {where}: replicated needs replicas >= 2 or \"all\" (use table_wise)")
-        partitions = d.get("partitions")
-        if sharding is ShardingType.ROW_WISE:
-            if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 2:
-                raise ConfigError(f"placement spec {where}: row_wise needs partitions >= 2, got {partitions!r}")
-        elif partitions not in (None, 1):
-            raise ConfigError(f"placement spec {where}: {sharding.value} has exactly 1 partition, got {partitions!r}")
-        return cls(sharding, partitions if sharding is ShardingType.ROW_WISE else 1, replicas)
-
-
-@dataclass(frozen=True)
-class PlacementSpec:
-    """Per table how it is placed; ``default`` covers tables not listed in ``tables``."""
-
-    default: TablePlacementSpec = TablePlacementSpec(ShardingType.TABLE_WISE)
-    tables: dict[str, TablePlacementSpec] = field(default_factory=dict)
-
-    def for_table(self, name: str) -> TablePlacementSpec:
-        return self.tables.get(name, self.default)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"default": self.default.to_json(), "tables": {n: e.to_json() for n, e in sorted(self.tables.items())}}
-
-    @classmethod
-    def from_json(cls, d: Any) -> "PlacementSpec":
-        if not isinstance(d, dict):
-            raise ConfigError(f"placement spec must be an object, got {type(d).__name__}")
-        unknown = set(d) - {"default", "tables"}
-        if unknown:
-            raise ConfigError(f"placement spec: unknown keys {sorted(unknown)} (known: ['default', 'tables'])")
-        default = TablePlacementSpec.from_json("default", d["default"]) if "default" in d else cls.default
-        tables_d = d.get("tables", {})
-        if not isinstance(tables_d, dict):
-            raise ConfigError("placement spec: tables must be an object of table name -> entry")
-        tables = {str(n): TablePlacementSpec.from_json(f"table {n!r}", e) for n, e in tables_d.items()}
-        return cls(default, tables)
-
-
-def load_placement_spec(path: str | os.PathLike[str]) -> PlacementSpec:
-    """Read a placement spec from a ``.json`` or ``.toml`` file (same structure)."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read placement spec {p}: {e}") from e
-    try:
-        if p.suffix.lower() == ".toml":
-            d = tomllib.loads(raw.decode())
-        else:
-            d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
-        raise ConfigError(f"placement spec {p} is not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from e
-    try:
-        return PlacementSpec.from_json(d)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from e
-
-
 def node_ids(n: int) -> tuple[str, ...]:
     """The shard node ids of an n-node cluster: ``shard-0 .. shard-{n-1}``."""
     if n < 1:
@@ -272,23 +161,3 @@ def bytes_per_node(smap: ShardMap, tables: Sequence[TableSpec]) -> dict[str, int
             for node in replicas:
                 out[node] = out.get(node, 0) + size
     return out
-
-
-def initial_shard_map(
-    spec: PlacementSpec,
-    tables: Sequence[TableSpec],
-    node_ids: Sequence[str],
-    version: int = 1,
-) -> ShardMap:
-    """The first ShardMap of a cluster: pure and deterministic.
-
-    Partitions are placed biggest first (ties: table name, then partition); each replica goes
-    to the node with the fewest bytes so far among the nodes not yet holding that partition
-    (ties go to the earlier node in ``node_ids``). Raises ConfigError naming the table when
-    the spec names an unknown table, asks for more replicas than nodes, or row_wise partitions
-    outside ``[2, rows]``. This is the planner with every table pinned by ``spec``
-    (``services.core.planner.plan_from_spec``).
-    """
-    from services.core.planner import plan_from_spec  # the planner imports this module
-
-    return plan_from_spec(spec, tables, node_ids, version)
