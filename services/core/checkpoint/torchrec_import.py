@@ -114,8 +114,9 @@ def find_dlrm_keys(keys: Sequence[str], prefix: str | None = None) -> DlrmKeys:
     top: dict[int, dict[str, str]] = {}
     last: dict[str, str] = {}
     unknown, interaction = [], []
+    table_keys = set(tables.values())
     for k in keys:
-        if k in tables.values() or (explicit and not k.startswith(prefix)):
+        if k in table_keys or (explicit and not k.startswith(prefix)):
             continue
         rest = k[len(prefix) :] if k.startswith(prefix) else None
         if rest is not None and (m := _BOTTOM_RE.match(rest)):
