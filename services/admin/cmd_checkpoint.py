@@ -11,6 +11,8 @@ docs/checkpoint.md).
   holding exactly what differs from the ``--to`` version (``services.core.checkpoint.delta``).
 - ``compact --checkpoint ROOT --version V [--as N]``: a new base N equal to version V.
 - ``gc --checkpoint ROOT --keep K [--protect V ...]``: delete old versions no kept chain needs.
+- ``import --torchrec STATE_DICT --config MAP --out ROOT``: a TorchRec DLRM state dict as a new
+  base (``services.core.checkpoint.torchrec_import``, docs/import.md).
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gc.add_argument("--keep", type=int, required=True, metavar="K", help="how many newest complete versions to keep (>= 1)")
     gc.add_argument("--protect", type=int, nargs="*", default=[], metavar="V", help="versions to keep too (e.g. the one being served)")
     gc.set_defaults(func=_gc)
+    imp = sub.add_parser(
+        "import",
+        help="write a TorchRec DLRM state dict as a new base version (docs/import.md)",
+        description="Read an unsharded torchrec.models.dlrm.DLRM state dict (safetensors or torch.save) table by table "
+        "and write it as a base version of --out; MAP (TOML, or .json) says what the state dict does not.",
+    )
+    imp.add_argument("--torchrec", required=True, metavar="STATE_DICT", help="a .safetensors or torch.save file (not a DCP folder)")
+    imp.add_argument("--config", required=True, metavar="MAP", help="features, tables, sides, pooling, mappings, dense features")
+    imp.add_argument("--out", required=True, metavar="ROOT", help=_ROOT_HELP)
+    imp.add_argument("--version", type=int, default=None, help="version of the new base (default: the next free one)")
+    imp.add_argument("--features", default=None, metavar="ROOT", help="copy features/users.npz and/or items.npz from this folder")
+    imp.set_defaults(func=_import)
     from services.admin import cmd_publish
 
     cmd_publish.register(sub)  # publish, rollback, status: the cluster side of versions
@@ -165,4 +179,20 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"deleted {len(deleted)} version(s) from {args.checkpoint}: {', '.join(map(str, deleted))}")
     else:
         print(f"nothing to delete in {args.checkpoint}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from services.core.checkpoint.torchrec_import import import_torchrec
+
+    summary = import_torchrec(
+        args.torchrec, args.config, args.out, version=args.version, features=args.features, progress=lambda line: print(f"  {line}")
+    )
+    m = summary.manifest
+    print(
+        f"base {m.version} of model {m.model.name!r} written to {args.out}: {len(m.model.tables)} tables, "
+        f"{len(m.model.sparse_features)} sparse and {len(m.model.dense_features)} dense features, {_mib(m.size_bytes)}"
+    )
+    for rel, what in summary.features.items():
+        print(f"  {rel}: {what}")
     return 0

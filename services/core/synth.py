@@ -323,7 +323,7 @@ def feature_file(side: FeatureSide | str) -> str:
     return f"{FEATURES_DIR}/{'users' if FeatureSide(side) is FeatureSide.USER else 'items'}.npz"
 
 
-def _save_npz(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write atomically: a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -394,7 +394,7 @@ def synthesize(
         say(f"version {version}: checksummed and published in {time.perf_counter() - t0:.1f} s")
     for side in (FeatureSide.USER, FeatureSide.ITEM):
         t0 = time.perf_counter()
-        _save_npz(store.local_path(feature_file(side)), feature_rows(p, side, seed))
+        save_npz(store.local_path(feature_file(side)), feature_rows(p, side, seed))
         say(f"{feature_file(side)} written in {time.perf_counter() - t0:.1f} s")
     return manifest
 
