@@ -132,13 +132,15 @@ def cmd_apply(args: argparse.Namespace) -> dict:
 
 def cmd_during(args: argparse.Namespace) -> dict:
     from benchmarks.harness import OpenLoop, RequestMix, run, run_recommender
-    from services.admin.local_cluster import LocalCluster, LocalClusterConfig, SignalGuard, resolve_spec
     from services.core.checkpoint.reader import CheckpointReader
     from services.core.clients import make_kazoo
     from services.core.config import ZkConfig
     from services.core.discovery.shard_map_store import ShardMapStore
     from services.core.discovery.zk_paths import ZkPaths
     from services.core.synth import synthesize_deltas
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
+    from services.localcluster.launcher import LocalCluster
+    from services.localcluster.processes import SignalGuard
 
     workdir = pathlib.Path(args.workdir).resolve()
     cfg = LocalClusterConfig(workdir=workdir, spec=resolve_spec(args.spec), preset=args.preset, nodes=args.nodes, cluster="delta-bench")

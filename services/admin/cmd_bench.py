@@ -80,7 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from benchmarks.compare import CompareConfig, compare
-    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     cfg = CompareConfig(
         cluster=LocalClusterConfig(
@@ -102,7 +102,7 @@ def _scaling(args: argparse.Namespace) -> int:
 
     from benchmarks.compare import CompareConfig
     from benchmarks.scaling import scaling
-    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     base = CompareConfig(
         cluster=LocalClusterConfig(
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         run_recommender, run_record,
     )  # fmt: skip
     from benchmarks.harness.sweep import sweep_async
-    from services.admin.local_cluster import read_state
+    from services.localcluster.state import read_state
     from services.core.errors import ConfigError
 
     address, pids = args.address, {}

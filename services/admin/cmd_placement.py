@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any, Sequence
 
+from services.control.text import human_bytes, table
+
 if TYPE_CHECKING:
     from services.core.placement import ShardMap
     from services.core.types import TableSpec
@@ -154,20 +156,6 @@ def _show(args: argparse.Namespace) -> int:
 # -- formatting (pure) ---------------------------------------------------------------------------
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
 def _format_placement(smap: "ShardMap", tables: Sequence["TableSpec"]) -> str:
     """node -> partitions, bytes."""
     from services.core.placement import bytes_per_node
@@ -176,8 +164,8 @@ def _format_placement(smap: "ShardMap", tables: Sequence["TableSpec"]) -> str:
     rows = [("NODE", "BYTES", "", "PARTITIONS")]
     for node in smap.nodes:
         parts = " ".join(str(k) for k in smap.partitions_of(node)) or "-"
-        rows.append((node, str(sizes[node]), _human_bytes(sizes[node]), parts))
-    return _table(rows)
+        rows.append((node, str(sizes[node]), human_bytes(sizes[node]), parts))
+    return table(rows)
 
 
 def _format_tables(smap: "ShardMap") -> str:
@@ -187,7 +175,7 @@ def _format_tables(smap: "ShardMap") -> str:
         tp = smap.tables[name]
         for p, replicas in enumerate(tp.partitions):
             rows.append((name if p == 0 else "", tp.sharding.value if p == 0 else "", str(p), " ".join(replicas)))
-    return _table(rows)
+    return table(rows)
 
 
 def _format_nodes(smap: "ShardMap", live: dict[str, dict[str, Any]]) -> str:
@@ -203,4 +191,4 @@ def _format_nodes(smap: "ShardMap", live: dict[str, dict[str, Any]]) -> str:
             rows.append(
                 (node, "yes", str(d.get("address", "?")), ready, str(d.get("serving_version", "-")), str(d.get("map_version", "-")), owns)
             )
-    return _table(rows)
+    return table(rows)

@@ -27,7 +27,8 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TextIO
 
-from services.admin.cmd_placement import _human_bytes, _table, zk_args
+from services.admin.cmd_placement import zk_args
+from services.control.text import human_bytes, table
 
 if TYPE_CHECKING:
     from services.core.discovery.shard_map_store import ShardMapStore
@@ -162,15 +163,15 @@ def format_show(cluster: str, smap: "ShardMap", target: "ShardMap | None", live:
     for node in nodes:
         d = live.get(node)
         where = ("active" if node in smap.nodes else "") + (" target" if target and node in target.nodes else "")
-        owns = _human_bytes(owned[node]) if node in owned else "-"
+        owns = human_bytes(owned[node]) if node in owned else "-"
         if d is None:
             rows.append((node, "no", where.strip() or "-", "-", owns, "-", "-"))
             continue
         held = d.get("held") if isinstance(d.get("held"), dict) else {}
         load = sum(float(h.get("ids_per_s", 0.0)) for h in held.values())
-        rows.append((node, "yes", where.strip() or "-", _human_bytes(int(d.get("memory_bytes", 0))), owns, f"{load:.1f}",
+        rows.append((node, "yes", where.strip() or "-", human_bytes(int(d.get("memory_bytes", 0))), owns, f"{load:.1f}",
                      " ".join(sorted(held)) or "-"))
-    lines.append(_table(rows))
+    lines.append(table(rows))
     loads = measured_load(live)
     by_name = {t.name: t for t in tables}
     rows = [("TABLE", "SHARDING", "P", "R", "BYTES", "LOAD ids/s")]
@@ -178,8 +179,8 @@ def format_show(cluster: str, smap: "ShardMap", target: "ShardMap | None", live:
         tp = smap.tables[name]
         size = by_name[name].size_bytes if name in by_name else 0
         rows.append((name, tp.sharding.value, str(tp.num_partitions), str(max(len(r) for r in tp.partitions)),
-                     _human_bytes(size), f"{loads.get(name, 0.0):.1f}"))
-    lines += ["", _table(rows)]
+                     human_bytes(size), f"{loads.get(name, 0.0):.1f}"))
+    lines += ["", table(rows)]
     return "\n".join(lines)
 
 
@@ -222,23 +223,23 @@ def format_plan(old: "ShardMap", new: "ShardMap", moves: Sequence["Move"], befor
         lines.append("nothing moves")
     else:
         rows = [("MOVE", "PARTITION", "NODE", "BYTES")]
-        rows += [(m.kind.value, f"{m.table}/{m.partition}of{m.num_partitions}", m.node_id, _human_bytes(m.size_bytes)) for m in moves]
-        lines.append(_table(rows))
+        rows += [(m.kind.value, f"{m.table}/{m.partition}of{m.num_partitions}", m.node_id, human_bytes(m.size_bytes)) for m in moves]
+        lines.append(table(rows))
         adds = [m for m in moves if m.kind.value == "add"]
         drops = [m for m in moves if m.kind.value == "drop"]
         lines.append(
-            f"to load: {len(adds)} partition(s), {_human_bytes(sum(m.size_bytes for m in adds))}; "
-            f"to free: {len(drops)} partition(s), {_human_bytes(sum(m.size_bytes for m in drops))}"
+            f"to load: {len(adds)} partition(s), {human_bytes(sum(m.size_bytes for m in adds))}; "
+            f"to free: {len(drops)} partition(s), {human_bytes(sum(m.size_bytes for m in drops))}"
         )
     rows = [("NODE", "MEMORY BEFORE", "AFTER", "LOAD BEFORE (ids/s)", "AFTER")]
     for node in list(old.nodes) + added:
         b, a = before.get(node), after.get(node)
         rows.append((
             node,
-            _human_bytes(b.memory_bytes) if b else "-", _human_bytes(a.memory_bytes) if a else "-",
+            human_bytes(b.memory_bytes) if b else "-", human_bytes(a.memory_bytes) if a else "-",
             f"{b.lookups_per_s:.1f}" if b else "-", f"{a.lookups_per_s:.1f}" if a else "-",
         ))
-    lines += ["", _table(rows)]
+    lines += ["", table(rows)]
     return "\n".join(lines)
 
 
@@ -331,7 +332,7 @@ def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, ye
     moves = diff(active, plan.target, tables)
     adds = [m for m in moves if m.kind.value == "add"]
     what = (f"shard map version {active.version} -> {plan.target.version}: {len(adds)} partition load(s), "
-            f"{_human_bytes(sum(m.size_bytes for m in adds))}, {len(moves) - len(adds)} drop(s)")
+            f"{human_bytes(sum(m.size_bytes for m in adds))}, {len(moves) - len(adds)} drop(s)")
     if not yes and not _confirm(("resume " if found else "apply ") + what + "?", out):
         print("not applied", file=out)
         return 1
@@ -418,8 +419,8 @@ def format_status(active: "ShardMap", target: "ShardMap | None", prog: "Progress
         lines.append(f"required model versions: {sorted(prog.versions)}; ready to switch: {'yes' if prog.done else 'no'}")
         if prog.adds:
             rows = [("PARTITION", "NODE", "BYTES", "STATE", "DETAIL")]
-            rows += [(str(a.pid), a.node_id, _human_bytes(a.size_bytes), a.state, a.detail) for a in prog.adds]
-            lines.append(_table(rows))
+            rows += [(str(a.pid), a.node_id, human_bytes(a.size_bytes), a.state, a.detail) for a in prog.adds]
+            lines.append(table(rows))
     for node, d in sorted(nodes.items()):
         draining = d.get("partitions_draining") or []
         if draining:
