@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from services.admin.local_cluster import ROLE_REDIS, ROLE_SHARD, LocalCluster, LocalClusterConfig, SignalGuard
+from services.localcluster.config import LocalClusterConfig
+from services.localcluster.launcher import LocalCluster
+from services.localcluster.processes import SignalGuard
+from services.localcluster.state import ROLE_REDIS, ROLE_SHARD
 
 SYSTEMS = ("monolith", "redis-kv", "shardrec", "shardrec-nobatch", "torchrec")
 

@@ -132,13 +132,11 @@ def cmd_apply(args: argparse.Namespace) -> dict:
 
 def cmd_during(args: argparse.Namespace) -> dict:
     from benchmarks.harness import OpenLoop, RequestMix, run, run_recommender
-    from services.admin.local_cluster import LocalCluster, LocalClusterConfig, SignalGuard, resolve_spec
-    from services.core.checkpoint.reader import CheckpointReader
-    from services.core.clients import make_kazoo
-    from services.core.config import ZkConfig
-    from services.core.discovery.shard_map_store import ShardMapStore
-    from services.core.discovery.zk_paths import ZkPaths
+    from services.control.cluster import open_cluster
     from services.core.synth import synthesize_deltas
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
+    from services.localcluster.launcher import LocalCluster
+    from services.localcluster.processes import SignalGuard
 
     workdir = pathlib.Path(args.workdir).resolve()
     cfg = LocalClusterConfig(workdir=workdir, spec=resolve_spec(args.spec), preset=args.preset, nodes=args.nodes, cluster="delta-bench")
@@ -165,9 +163,8 @@ def cmd_during(args: argparse.Namespace) -> dict:
         try:
             cluster.start()
             cfg_address.append(cluster.state.frontend)
-            zk = make_kazoo(ZkConfig(hosts=cluster.state.zk, cluster=cfg.cluster))
-            store = ShardMapStore(zk, ZkPaths(cfg.cluster))
-            serving = store.read_serving_version()
+            with open_cluster(cluster.state.zk, cfg.cluster) as (_zk, store):
+                serving = store.read_serving_version()
             print(f"writing {args.deltas} drift deltas of {args.drift:.1%} over version {serving} ...", flush=True)
             written = synthesize_deltas(cfg.checkpoint, args.preset, args.deltas, drift=args.drift, seed=7, first_parent=serving)
             result["steady"] = window("steady")
@@ -183,8 +180,6 @@ def cmd_during(args: argparse.Namespace) -> dict:
             publish_log = json.loads(out.strip().splitlines()[-1])
             result["swaps"] = publish_log
             print(f"  swaps: {publish_log}")
-            zk.stop()
-            zk.close()
         finally:
             cluster.stop()
             for v in written:
@@ -194,16 +189,9 @@ def cmd_during(args: argparse.Namespace) -> dict:
 
 def cmd_publish_chain(args: argparse.Namespace) -> None:
     """Publish each version once the previous one is served; print one JSON line of timings."""
-    from services.admin.cmd_publish import publish_version
-    from services.core.checkpoint.reader import CheckpointReader
-    from services.core.clients import make_kazoo
-    from services.core.config import ZkConfig
-    from services.core.discovery.shard_map_store import ShardMapStore
-    from services.core.discovery.zk_paths import ZkPaths
+    from services.control.cluster import open_cluster
+    from services.control.publish import model_reader, publish_version
 
-    zk = make_kazoo(ZkConfig(hosts=args.zk, cluster=args.cluster))
-    store = ShardMapStore(zk, ZkPaths(args.cluster))
-    reader = CheckpointReader(store.read_model()["uri"])
     served, latest = threading.Condition(), [0]
 
     def on_served(v: int | None) -> None:  # kazoo thread: record and wake, nothing else
@@ -211,18 +199,19 @@ def cmd_publish_chain(args: argparse.Namespace) -> None:
             latest[0] = v or 0
             served.notify_all()
 
-    store.watch_serving_version(on_served)
-    time.sleep(args.start_delay_s)  # a pause in the load generator's measured window, by design
     log = []
-    for v in args.versions:
-        t0 = time.monotonic()
-        publish_version(store, reader, v)
-        with served:
-            if not served.wait_for(lambda v=v: latest[0] == v, 60):
-                raise SystemExit(f"version {v} was not served within 60 s")
-        log.append({"version": v, "publish_to_served_s": round(time.monotonic() - t0, 3)})
-        time.sleep(max(0.0, t0 + args.interval_s - time.monotonic()))
-    zk.stop()
+    with open_cluster(args.zk, args.cluster) as (_zk, store):
+        reader = model_reader(store)
+        store.watch_serving_version(on_served)
+        time.sleep(args.start_delay_s)  # a pause in the load generator's measured window, by design
+        for v in args.versions:
+            t0 = time.monotonic()
+            publish_version(store, reader, v)
+            with served:
+                if not served.wait_for(lambda v=v: latest[0] == v, 60):
+                    raise SystemExit(f"version {v} was not served within 60 s")
+            log.append({"version": v, "publish_to_served_s": round(time.monotonic() - t0, 3)})
+            time.sleep(max(0.0, t0 + args.interval_s - time.monotonic()))
     print(json.dumps(log))
 
 

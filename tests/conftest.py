@@ -161,9 +161,9 @@ def redis_client(redis_server: servers.RedisServer, redis_prefix: str):
 
 @pytest.fixture
 def spawn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessFactory]:
-    """Start service processes: ``spawn("shard", "--node-id", ...)`` runs
-    ``python -m services.admin.cli shard --node-id ...``; ``spawn.python("-c", code)`` runs
-    any Python. Each logs to ``tmp_path/logs/<name>.log``; the logs are attached to a failing
+    """Start service processes: ``spawn("shard", "--node-id", ...)`` runs ``shardrec shard
+    --node-id ...`` (a child Python running the CLI); ``spawn.python("-c", code)`` runs any
+    Python. Each logs to ``tmp_path/logs/<name>.log``; the logs are attached to a failing
     test's report; every process still running at teardown is killed with its process group."""
     factory = ProcessFactory(tmp_path / "logs")
     request.node.stash[_SPAWN_KEY] = factory

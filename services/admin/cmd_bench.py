@@ -2,7 +2,7 @@
 
 - ``bench compare``: starts a local cluster and measures each system in turn (``benchmarks/compare.py``);
 - ``bench run``: drives a running frontend (e.g. one from ``shardrec cluster up``) at a fixed
-  rate, with N closed-loop clients, or as a sweep to the saturation point.
+  rate, with N closed-loop clients, or as a sweep to the saturation point (``benchmarks/drive.py``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from benchmarks.compare import CompareConfig, compare
-    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     cfg = CompareConfig(
         cluster=LocalClusterConfig(
@@ -102,7 +102,7 @@ def _scaling(args: argparse.Namespace) -> int:
 
     from benchmarks.compare import CompareConfig
     from benchmarks.scaling import scaling
-    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     base = CompareConfig(
         cluster=LocalClusterConfig(
@@ -119,55 +119,15 @@ def _scaling(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
     from pathlib import Path
 
-    from benchmarks.harness import (
-        BenchResult, ClosedLoop, CounterMeter, CpuMeter, OpenLoop, RequestMix, format_table, plots, run,
-        run_recommender, run_record,
-    )  # fmt: skip
-    from benchmarks.harness.sweep import sweep_async
-    from services.admin.local_cluster import read_state
-    from services.core.errors import ConfigError
+    from benchmarks.drive import DriveConfig, cluster_target, drive
 
-    address, pids = args.address, {}
-    state = read_state(Path(args.workdir))
-    if state is not None:
-        address = address or state.frontend
-        pids = {p.pid: p.name for p in state.processes if p.role in ("shard", "frontend", "redis")}
-    if not address:
-        raise ConfigError(f"no --address and no running cluster in {args.workdir} (start one with `shardrec cluster up`)")
-    mix = RequestMix(args.preset, candidates=args.candidates, seed=args.seed)
-
-    def progress(p) -> None:
-        sys.stdout.write(f"\r  {p.line()[:120]:<120}")
-        sys.stdout.flush()
-
-    async def once(load, label):
-        cpu, counters = CpuMeter(pids), CounterMeter(address)
-        stats = await run_recommender(address, mix, load, deadline_s=args.deadline_ms / 1000, progress=progress,
-                                      meters=[cpu, counters])  # fmt: skip
-        sys.stdout.write("\n")
-        return run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
-
-    result = BenchResult(workload=mix.params(), notes=f"shardrec bench run against {address}")
-    result.system(args.label, description={"address": address, "processes": sorted(set(pids.values()))})
-    if args.sweep:
-        sw = run(sweep_async(lambda r: once(OpenLoop(r, args.duration_s, args.warmup_s, seed=args.seed), f"sweep {r:.0f}/s"),
-                             args.sweep_start, slo_p99_ms=args.slo_ms))  # fmt: skip
-        result.add_sweep(args.label, sw)
-    elif args.concurrency:
-        result.add_run(args.label, run(once(ClosedLoop(args.concurrency, args.duration_s, args.warmup_s), "closed")))
-    else:
-        rate = args.rate or 100.0
-        result.add_run(args.label, run(once(OpenLoop(rate, args.duration_s, args.warmup_s, seed=args.seed), "open")))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.write_json(out / "run.json")
-    doc = result.to_dict()
-    plots.latency_cdf(doc, out / "latency_cdf.png")
-    if args.sweep:
-        plots.sweep_plot(doc, out / "sweep.png", slo_p99_ms=args.slo_ms)
-    print(format_table(doc))
-    print(f"wrote {out / 'run.json'} and plots in {out}")
+    address, pids = cluster_target(Path(args.workdir), args.address)
+    drive(DriveConfig(
+        address=address, pids=pids, preset=args.preset, candidates=args.candidates, rate_rps=args.rate,
+        concurrency=args.concurrency, sweep=args.sweep, duration_s=args.duration_s, warmup_s=args.warmup_s,
+        slo_ms=args.slo_ms, sweep_start_rps=args.sweep_start, deadline_ms=args.deadline_ms, label=args.label,
+        out_dir=Path(args.out), seed=args.seed,
+    ))  # fmt: skip
     return 0

@@ -9,8 +9,9 @@
 - ``cluster status``: the processes of the state file and what ZooKeeper says.
 - ``cluster down``: stop everything in the state file (SIGTERM, then SIGKILL), remove it.
 
-The work is in ``services.admin.local_cluster``; this module only parses and wires. No process
-this command starts outlives it, except those ``cluster up`` leaves for ``cluster down``.
+The work is in ``services.localcluster`` (docs/local-cluster.md); this module only parses and
+wires. No process this command starts outlives it, except those ``cluster up`` leaves for
+``cluster down``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import sys
 from pathlib import Path
 
 from services.admin.cmd_model import PRESET_NAMES
-
-_DEFAULT_WORKDIR = "var/demo"  # == local_cluster.DEFAULT_WORKDIR (kept light: no import here)
+from services.localcluster.config import DEFAULT_CLUSTER, DEFAULT_PRESET, DEFAULT_SPEC, DEFAULT_WORKDIR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,30 +49,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.set_defaults(func=_up)
 
     status = sub.add_parser("status", help="show the processes and the ZooKeeper view of a local cluster")
-    status.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"the cluster's work directory (default {_DEFAULT_WORKDIR})")
+    status.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"the cluster's work directory (default {DEFAULT_WORKDIR})")
     status.set_defaults(func=_status)
 
     down = sub.add_parser("down", help="stop every process of a local cluster and remove its state file")
-    down.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"the cluster's work directory (default {_DEFAULT_WORKDIR})")
+    down.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"the cluster's work directory (default {DEFAULT_WORKDIR})")
     down.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL")
     down.set_defaults(func=_down)
 
 
 def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
-    p.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="demo model sizes (default demo, ~0.4 GiB; small for tests)")
-    p.add_argument("--workdir", default=_DEFAULT_WORKDIR, help=f"model, logs, server data and state file (default {_DEFAULT_WORKDIR})")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESET_NAMES, help=f"demo model sizes (default {DEFAULT_PRESET}, ~0.4 GiB; small for tests)")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"model, logs, server data and state file (default {DEFAULT_WORKDIR})")
     p.add_argument("--nodes", type=int, default=3, help="number of shard processes (default 3)")
-    p.add_argument("--spec", default="deploy/placement/mixed.json", help="placement spec file (default deploy/placement/mixed.json)")
+    p.add_argument("--spec", default=DEFAULT_SPEC, help=f"placement spec file (default {DEFAULT_SPEC})")
     p.add_argument("--requests", type=int, default=requests_default, help=f"sample Recommend calls to send and print (default {requests_default})")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model and of the sample requests (default 0)")
-    p.add_argument("--cluster", default="local", help="cluster name in ZooKeeper (default local)")
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name in ZooKeeper (default {DEFAULT_CLUSTER})")
     p.add_argument("--port", type=int, default=0, help="frontend port (default 0: any free port)")
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="deadline of each start step (default 300)")
     p.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL (default 15)")
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
-    from services.admin.local_cluster import LocalClusterConfig, resolve_spec
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     return LocalClusterConfig(
         workdir=Path(args.workdir).resolve(),
@@ -93,8 +93,10 @@ def _run(args: argparse.Namespace, *, mode: str) -> int:
     running (``up``, on success only). Signals and errors always end in a full stop."""
     import time
 
-    from services.admin.local_cluster import Interrupted, LocalCluster, SignalGuard, call_instructions
     from services.core.errors import ShardrecError
+    from services.localcluster.demo import call_instructions, send_sample_requests
+    from services.localcluster.launcher import LocalCluster
+    from services.localcluster.processes import Interrupted, SignalGuard
 
     config = _config(args)
     out = sys.stdout
@@ -105,7 +107,7 @@ def _run(args: argparse.Namespace, *, mode: str) -> int:
         cluster = LocalCluster(config, out, guard, mode=mode)
         try:
             cluster.start()
-            failures = cluster.send_sample_requests(args.requests, args.seed)
+            failures = send_sample_requests(cluster.state.frontend, config.checkpoint, args.requests, args.seed, cluster.progress)
             if failures:
                 cluster.progress.line(f"{failures} of {args.requests} requests failed")
             code = 1 if failures else 0
@@ -140,13 +142,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from services.admin.local_cluster import cluster_status
+    from services.localcluster.status import cluster_status
 
     return cluster_status(Path(args.workdir).resolve(), args.workdir, sys.stdout)
 
 
 def _down(args: argparse.Namespace) -> int:
-    from services.admin.local_cluster import SignalGuard, cluster_down
+    from services.localcluster.processes import SignalGuard
+    from services.localcluster.status import cluster_down
 
     with SignalGuard() as guard, guard.shielded():
         return cluster_down(Path(args.workdir).resolve(), args.stop_grace_s, sys.stdout)

@@ -1,23 +1,14 @@
 """``shardrec placement init|show``: the first ShardMap of a cluster, and what is placed where.
 
-``init`` reads the model spec from the checkpoint's latest complete version, computes the
-initial placement from a spec file (``services.core.placement.initial_shard_map``) and
-publishes, in this order: the model pointer, the target and serving versions, then the active
-ShardMap (version 1; with ``--force`` a compare-and-set to old version + 1). Shards watch the
-map, so everything they need is in ZooKeeper when it appears.
-
-kazoo and the checkpoint reader are imported inside the handlers, so ``shardrec --help`` stays
-light. Handlers run on the CLI's main thread.
+``init`` computes the initial placement of the checkpoint's latest complete version from a spec
+file and publishes it (``services.control.placement``, docs/placement.md); ``show`` prints the
+active map, live nodes and versions. The library is imported inside the handlers, so
+``shardrec --help`` stays light. Handlers run on the CLI's main thread.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Sequence
-
-if TYPE_CHECKING:
-    from services.core.placement import ShardMap
-    from services.core.types import TableSpec
 
 
 def zk_args(q: argparse.ArgumentParser) -> None:
@@ -51,156 +42,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_show)
 
 
-def _connect(args: argparse.Namespace):  # noqa: ANN202
-    from services.core.clients import make_kazoo
-    from services.core.config import ZkConfig
-
-    return make_kazoo(ZkConfig(hosts=args.zk, cluster=args.cluster))
-
-
-def _manifest(uri: str, version: int | None):  # noqa: ANN202
-    from services.core.checkpoint.reader import CheckpointReader
-
-    reader = CheckpointReader(uri)
-    return reader.manifest(reader.latest_version() if version is None else version)
-
-
 def _init(args: argparse.Namespace) -> int:
-    from services.core.discovery.shard_map_store import ShardMapStore
-    from services.core.discovery.zk_paths import ZkPaths
-    from services.core.errors import NotFoundError
-    from services.core.placement import initial_shard_map, load_placement_spec, node_ids
+    from services.control.cluster import open_cluster
+    from services.control.placement import format_placement, init_cluster, initial_placement
+    from services.core.placement import load_placement_spec
 
-    manifest = _manifest(args.checkpoint, args.version)
-    model = manifest.model
-    spec = load_placement_spec(args.spec)
-    smap = initial_shard_map(spec, model.tables, node_ids(args.nodes), version=1)
-
-    client = _connect(args)
-    try:
-        store = ShardMapStore(client, ZkPaths(args.cluster))
-        try:
-            old, old_znode_version = store.read_active()
-        except NotFoundError:
-            old, old_znode_version = None, None
-        if old is not None:
-            if not args.force:
-                from services.core.errors import FailedPreconditionError
-
-                raise FailedPreconditionError(
-                    f"cluster {args.cluster!r} already has an active shard map (version {old.version}); "
-                    "use --force to replace it"
-                )
-            smap = initial_shard_map(spec, model.tables, node_ids(args.nodes), version=old.version + 1)
-        store.write_model(args.checkpoint, model.name)
-        store.write_target_version(manifest.version)
-        store.write_serving_version(manifest.version)
-        if old is not None and store.read_target() is not None:
-            store.clear_target()  # a forced map supersedes any rebalance in progress
-            print("cleared the target shard map of a rebalance in progress")
-        store.write_active(smap, old_znode_version)
-    finally:
-        client.stop()
-        client.close()
-
+    initial = initial_placement(args.checkpoint, load_placement_spec(args.spec), args.nodes, args.version)
+    with open_cluster(args.zk, args.cluster) as (_client, store):
+        smap, cleared = init_cluster(store, initial, force=args.force)
+    if cleared:
+        print("cleared the target shard map of a rebalance in progress")
+    model = initial.manifest.model
     print(
         f"cluster {args.cluster!r}: shard map version {smap.version} over {len(smap.nodes)} nodes; "
-        f"model {model.name!r} version {manifest.version} at {args.checkpoint}"
+        f"model {model.name!r} version {initial.manifest.version} at {args.checkpoint}"
     )
-    print(_format_placement(smap, model.tables))
+    print(format_placement(smap, model.tables))
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from services.core.discovery.shard_map_store import ShardMapStore
-    from services.core.discovery.zk_paths import ZkPaths
-    from services.core.errors import NotFoundError
+    from services.control.cluster import open_cluster
+    from services.control.placement import format_view, read_placement
 
-    client = _connect(args)
-    try:
-        store = ShardMapStore(client, ZkPaths(args.cluster))
-        smap, znode_version = store.read_active()
-        target = store.read_target()
-        live = store.live_nodes()
-        frontends = store.live_frontends()
-        facts: list[tuple[str, Any]] = []
-        for what, read in (
-            ("model", store.read_model),
-            ("serving version", store.read_serving_version),
-            ("target version", store.read_target_version),
-        ):
-            try:
-                facts.append((what, read()))
-            except NotFoundError:
-                facts.append((what, "(none)"))
-    finally:
-        client.stop()
-        client.close()
-
-    print(f"cluster {args.cluster!r}: active shard map version {smap.version} (znode version {znode_version})")
-    for what, value in facts:
-        print(f"  {what}: {value}")
-    print(f"  target shard map: {'version %d' % target[0].version if target else '(none)'}")
-    print()
-    print(_format_tables(smap))
-    print()
-    print(_format_nodes(smap, live))
-    if frontends:
-        print()
-        print("frontends: " + ", ".join(f"{fid} ({d.get('address', '?')})" for fid, d in sorted(frontends.items())))
+    with open_cluster(args.zk, args.cluster) as (_client, store):
+        view = read_placement(store)
+    print(format_view(args.cluster, view))
     return 0
-
-
-# -- formatting (pure) ---------------------------------------------------------------------------
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _format_placement(smap: "ShardMap", tables: Sequence["TableSpec"]) -> str:
-    """node -> partitions, bytes."""
-    from services.core.placement import bytes_per_node
-
-    sizes = bytes_per_node(smap, tables)
-    rows = [("NODE", "BYTES", "", "PARTITIONS")]
-    for node in smap.nodes:
-        parts = " ".join(str(k) for k in smap.partitions_of(node)) or "-"
-        rows.append((node, str(sizes[node]), _human_bytes(sizes[node]), parts))
-    return _table(rows)
-
-
-def _format_tables(smap: "ShardMap") -> str:
-    """table -> sharding, partition -> replicas."""
-    rows = [("TABLE", "SHARDING", "PARTITION", "REPLICAS")]
-    for name in sorted(smap.tables):
-        tp = smap.tables[name]
-        for p, replicas in enumerate(tp.partitions):
-            rows.append((name if p == 0 else "", tp.sharding.value if p == 0 else "", str(p), " ".join(replicas)))
-    return _table(rows)
-
-
-def _format_nodes(smap: "ShardMap", live: dict[str, dict[str, Any]]) -> str:
-    """Every node of the map and every live node: alive, address, ready versions, owned partitions."""
-    rows = [("NODE", "LIVE", "ADDRESS", "READY", "SERVING", "MAP", "OWNS")]
-    for node in list(smap.nodes) + sorted(set(live) - set(smap.nodes)):
-        d = live.get(node)
-        owns = " ".join(str(k) for k in smap.partitions_of(node)) if node in smap.nodes else "(not in map)"
-        if d is None:
-            rows.append((node, "no", "-", "-", "-", "-", owns))
-        else:
-            ready = ",".join(str(v) for v in d.get("versions_ready", [])) or "-"
-            rows.append(
-                (node, "yes", str(d.get("address", "?")), ready, str(d.get("serving_version", "-")), str(d.get("map_version", "-")), owns)
-            )
-    return _table(rows)

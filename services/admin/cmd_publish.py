@@ -1,8 +1,7 @@
 """``shardrec checkpoint publish|rollback|status``: move a live cluster between model versions.
 
-The CLI only publishes desired state (``model/target_version``); shards load the target in the
-background and report it ready, and each frontend switches when every partition has a ready
-replica (docs/checkpoint.md, "Serving a new version"). Nothing here waits on a process.
+The work is ``services.control.publish`` (docs/checkpoint.md, "Serving a new version"): only
+desired state is written (``model/target_version``); nothing here waits on a process.
 
 - ``publish VERSION``: verifies the version (every file's size and sha256, the chain to its
   base) and that a delta's parent is the version the cluster serves, then sets the target.
@@ -11,14 +10,16 @@ replica (docs/checkpoint.md, "Serving a new version"). Nothing here waits on a p
 - ``status``: target and serving versions, every partition's replicas with the versions they
   hold ready, load errors the shards reported, and the version each frontend serves.
 
-Handlers run on the CLI's main thread; kazoo and the reader are imported inside them.
+Handlers run on the CLI's main thread and import the library inside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable
+
+from services.admin.cmd_placement import zk_args
 
 if TYPE_CHECKING:
     from services.core.checkpoint.reader import CheckpointReader
@@ -26,12 +27,6 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import default_cluster, default_zk
-
-    def zk_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
-        q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
-
     publish = sub.add_parser("publish", help="verify a version and make it the cluster's target (shards load it live)")
     publish.add_argument("version", type=int, help="the version to serve next: a delta of the serving version, or a base")
     zk_args(publish)
@@ -45,117 +40,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
-def publish_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
-    """Verify ``version`` and set it as the target. FailedPreconditionError when it is a delta
-    whose parent is not the serving version; CheckpointError when it is incomplete or corrupt.
-    Returns a line saying what was published."""
-    from services.core.checkpoint.manifest import KIND_DELTA
-    from services.core.errors import FailedPreconditionError
-
-    serving = store.read_serving_version()
-    for m in reader.chain(version):
-        reader.verify(m.version, full=m.version == version)
-    m = reader.manifest(version)
-    if m.kind == KIND_DELTA and m.parent != serving:
-        raise FailedPreconditionError(
-            f"version {version} is a delta of version {m.parent}, but the cluster serves version {serving}: "
-            f"publish a delta whose parent is {serving}"
-        )
-    store.write_target_version(version)
-    return f"published version {version} ({m.kind}, parent {m.parent}); the cluster serves {serving} until every partition is ready"
-
-
-def rollback_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
-    """Make ``version``, an ancestor of the serving version, the target again."""
-    from services.core.errors import FailedPreconditionError
-
-    serving = store.read_serving_version()
-    chain = [m.version for m in reader.chain(serving)]
-    if version not in chain:
-        raise FailedPreconditionError(
-            f"version {version} is not an ancestor of the serving version {serving} (its chain is {chain}); "
-            f"publish it instead if it is a delta of {serving}"
-        )
-    reader.verify(version, full=True)
-    store.write_target_version(version)
-    return f"rolling back from version {serving} to {version}; the next delta must have parent {version}"
-
-
-def _with_cluster(args: argparse.Namespace, action) -> int:  # noqa: ANN001
-    from services.core.checkpoint.reader import CheckpointReader
-    from services.core.clients import make_kazoo
-    from services.core.config import ZkConfig
-    from services.core.discovery.shard_map_store import ShardMapStore
-    from services.core.discovery.zk_paths import ZkPaths
+def _with_cluster(args: argparse.Namespace, action: Callable[["ShardMapStore", "CheckpointReader"], str]) -> int:
+    """Print what ``action`` returns; a refusal (ShardrecError) is printed as FAILED, exit 1."""
+    from services.control.cluster import open_cluster
+    from services.control.publish import model_reader
     from services.core.errors import ShardrecError
 
-    client = make_kazoo(ZkConfig(hosts=args.zk, cluster=args.cluster))
-    try:
-        store = ShardMapStore(client, ZkPaths(args.cluster))
-        reader = CheckpointReader(store.read_model()["uri"])
-        print(action(store, reader))
-    except ShardrecError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    finally:
-        client.stop()
-        client.close()
+    with open_cluster(args.zk, args.cluster) as (_client, store):
+        try:
+            print(action(store, model_reader(store)))
+        except ShardrecError as e:
+            print(f"FAILED: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from services.control.publish import publish_version
+
     return _with_cluster(args, lambda store, reader: publish_version(store, reader, args.version))
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from services.control.publish import rollback_version
+
     return _with_cluster(args, lambda store, reader: rollback_version(store, reader, args.version))
 
 
 def _status(args: argparse.Namespace) -> int:
-    return _with_cluster(args, lambda store, reader: format_status(read_status(store)))
+    from services.control.publish import format_status, read_status
 
-
-def read_status(store: "ShardMapStore") -> dict[str, Any]:
-    from services.core.errors import NotFoundError
-
-    def maybe(read):  # noqa: ANN001, ANN202
-        try:
-            return read()
-        except NotFoundError:
-            return None
-
-    smap, _ = store.read_active()
-    return {
-        "target": maybe(store.read_target_version),
-        "serving": maybe(store.read_serving_version),
-        "map": smap,
-        "nodes": store.live_nodes(),
-        "frontends": store.live_frontends(),
-    }
-
-
-def format_status(st: dict[str, Any]) -> str:
-    """Pure: the status report printed by ``checkpoint status``."""
-    target, smap, nodes = st["target"], st["map"], st["nodes"]
-    lines = [f"target version {target}, serving version {st['serving']}"]
-    rows = [("TABLE", "PARTITION", "READY AT TARGET", "REPLICAS (versions ready)")]
-    for name in sorted(smap.tables):
-        for p, replicas in enumerate(smap.tables[name].partitions):
-            cells, ready = [], 0
-            for r in replicas:
-                d = nodes.get(r)
-                versions = d.get("versions_ready", []) if d else []
-                ready += target in versions
-                cells.append(f"{r}[{','.join(map(str, versions))}]" if d else f"{r}[down]")
-            rows.append((name, str(p), f"{ready}/{len(replicas)}", " ".join(cells)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    for node, d in sorted(nodes.items()):
-        if d.get("loading"):
-            lines.append(f"{node}: loading version {d['loading']}")
-        err = d.get("load_error")
-        if err:
-            lines.append(f"{node}: REFUSED version {err.get('version')}: {err.get('error')}")
-    for fid, d in sorted(st["frontends"].items()):
-        lines.append(f"frontend {fid}: serving version {d.get('version')}")
-    return "\n".join(lines)
+    return _with_cluster(args, lambda store, _reader: format_status(read_status(store)))

@@ -16,11 +16,13 @@ from services.core.config import ZkConfig
 from services.core.errors import UnavailableError
 
 if TYPE_CHECKING:
+    import logging
+
     import redis
     from kazoo.client import KazooClient
 
 
-def make_kazoo(zk: ZkConfig, *, read_only: bool = False) -> "KazooClient":
+def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) -> "KazooClient":
     """A started kazoo client for ``zk.hosts``; the caller owns it (``stop()`` then ``close()``).
 
     The session timeout is ``zk.session_timeout_s``. After a connection loss the client
@@ -42,6 +44,7 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False) -> "KazooClient":
         read_only=read_only,
         connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
         command_retry=KazooRetry(max_tries=5, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
+        logger=_quiet_logger() if quiet else None,  # None: kazoo's own logger
         # TLS: use_ssl=..., certfile=..., keyfile=..., ca=..., verify_certs=...
         # ACLs: auth_data=[("digest", "user:password")], default_acl=[...]
     )
@@ -56,12 +59,25 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False) -> "KazooClient":
     return client
 
 
-def make_redis(url: str) -> "redis.Redis":
+def make_redis(url: str, *, timeout_s: float | None = None) -> "redis.Redis":
     """A Redis client for ``url`` (``redis://host:port/db``) that speaks bytes
     (``decode_responses=False``). Connections are made lazily, on the first command, from the
     client's pool; it is thread-safe. AUTH comes from the URL (``redis://user:pass@host``) or,
-    later, from config fields passed here; ``rediss://`` selects TLS.
+    later, from config fields passed here; ``rediss://`` selects TLS. ``timeout_s`` bounds
+    connecting and every reply (default: 5 s to connect, replies unbounded).
     """
     import redis
 
-    return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5.0, health_check_interval=30)
+    connect_s = 5.0 if timeout_s is None else timeout_s
+    return redis.Redis.from_url(
+        url, decode_responses=False, socket_connect_timeout=connect_s, socket_timeout=timeout_s, health_check_interval=30
+    )
+
+
+def _quiet_logger() -> "logging.Logger":
+    """A logger that drops everything below CRITICAL, for clients whose failures are expected."""
+    import logging
+
+    log = logging.getLogger("shardrec.clients.quiet")
+    log.setLevel(logging.CRITICAL)
+    return log

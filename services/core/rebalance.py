@@ -1,6 +1,6 @@
 """Live rebalancing, the pure parts: what a plan asks of the planner, the plan file, and how far
-a move has got, from the nodes' znodes. ``shardrec rebalance`` (services/admin/cmd_rebalance.py)
-does the ZooKeeper I/O around them; docs/placement.md ("Rebalancing") tells the lifecycle.
+a move has got, from the nodes' znodes. ``services.control.rebalance`` does the ZooKeeper I/O
+around them; docs/placement.md ("Rebalancing") tells the lifecycle.
 
 Pure module: no torch, no grpc, no ZooKeeper. Every function is a function of its arguments.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,36 +33,6 @@ PLAN_FORMAT = "shardrec.rebalance-plan/v1"
 # --------------------------------------------------------------------------------------------
 # what to plan
 # --------------------------------------------------------------------------------------------
-
-_SET = re.compile(r"^(?P<table>[^=]+)=(?P<sharding>replicated|table_wise|row_wise)(?::(?P<a>\w+))?(?::(?P<b>\w+))?$")
-
-
-def parse_set(text: str) -> tuple[str, TablePlacementSpec]:
-    """``TABLE=replicated[:R]``, ``TABLE=table_wise[:R]`` or ``TABLE=row_wise:P[:R]`` (R an
-    integer or ``all``; replicated defaults to all, the others to 1) -> (table, pin)."""
-    m = _SET.match(text.strip())
-    if m is None:
-        raise ConfigError(f"--set {text!r}: expected TABLE=replicated[:R], TABLE=table_wise[:R] or TABLE=row_wise:P[:R]")
-    sharding, a, b = m["sharding"], m["a"], m["b"]
-    entry: dict[str, Any] = {"sharding": sharding}
-    if sharding == ShardingType.ROW_WISE.value:
-        if a is None or not a.isdigit():
-            raise ConfigError(f"--set {text!r}: row_wise needs a partition count, e.g. {m['table']}=row_wise:4")
-        entry["partitions"] = int(a)
-        replicas = b
-    else:
-        if b is not None:
-            raise ConfigError(f"--set {text!r}: {sharding} takes at most a replica count")
-        replicas = a
-    if replicas is not None:
-        entry["replicas"] = REPLICAS_ALL if replicas == REPLICAS_ALL else _int(replicas, text)
-    return m["table"], TablePlacementSpec.from_json(f"--set {text!r}", entry)
-
-
-def _int(value: str, text: str) -> int:
-    if not value.isdigit():
-        raise ConfigError(f"--set {text!r}: replicas must be an integer or 'all', got {value!r}")
-    return int(value)
 
 
 def kept_shape(current: ShardMap, table: str, num_nodes: int) -> TablePlacementSpec:
@@ -273,22 +242,6 @@ class Progress:
         """The switch may happen: every partition of the target has a ready live replica and
         every node that loads a partition for it has it."""
         return self.partitions_ready == self.partitions_total and all(a.ready for a in self.adds)
-
-    def line(self) -> str:
-        waiting = [a for a in self.adds if not a.ready]
-        head = (
-            f"{self.partitions_ready}/{self.partitions_total} partitions ready, "
-            f"{_kib(self.bytes_ready)}/{_kib(self.bytes_total)} KiB loaded ({len(self.adds) - len(waiting)}/{len(self.adds)} loads)"
-        )
-        if waiting:
-            head += "; waiting for " + ", ".join(f"{a.pid}@{a.node_id} ({a.state})" for a in waiting[:4])
-            if len(waiting) > 4:
-                head += f" and {len(waiting) - 4} more"
-        return head
-
-
-def _kib(n: int) -> str:
-    return f"{n / 1024:.1f}"
 
 
 def progress(

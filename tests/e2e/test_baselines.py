@@ -34,13 +34,14 @@ def reference(small_reference):
 def features(redis_server, checkpoint):
     """The checkpoint's stored features and its embedding rows (``bench load-kv``) in the real
     Redis under module prefixes; the rows are deleted at the end."""
-    from services.admin.cli import main
+    from services.control.features import load_features
     from services.core.clients import make_redis
+    from services.frontend.redis_kv import load_rows_into_redis
 
     uid = uuid.uuid4().hex[:8]
     prefix, kv_prefix = f"t:{uid}:", f"kv{uid}:"
-    assert main(["features", "load", "--checkpoint", checkpoint, "--redis", redis_server.url, "--prefix", prefix]) == 0
-    assert main(["bench", "load-kv", "--checkpoint", checkpoint, "--redis", redis_server.url, "--prefix", kv_prefix]) == 0
+    load_features(checkpoint, redis_server.url, prefix=prefix)
+    load_rows_into_redis(checkpoint, redis_server.url, kv_prefix)
     yield redis_server.url, prefix, kv_prefix
     client = make_redis(redis_server.url)
     try:

@@ -9,7 +9,7 @@ import re
 import psutil
 
 from benchmarks.harness import validate
-from services.admin.local_cluster import read_state
+from services.localcluster.state import read_state
 
 
 def test_tiny_compare_writes_result_and_plots(tmp_path, spawn):

@@ -19,13 +19,15 @@ import uuid
 import numpy as np
 import pytest
 
-from services.admin.cli import main as cli
+from services.control.features import load_features
+from services.control.rebalance import apply_plan, plan_rebalance, read_overview
+from services.control.rebalance_report import format_show
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.placement import diff
-from services.core.rebalance import RebalancePlan
+from services.core.placement import PlannerConfig, TablePlacementSpec, diff
+from services.core.rebalance import PlanRequest, RebalancePlan
 from services.core.types import PartitionId
 from tests.e2e.test_recommend import check_response, random_requests, stats
 from tests.support.closed_loop import ClosedLoop
@@ -75,7 +77,7 @@ def only_drops_on(node: str, old, new, tables) -> bool:
 @pytest.fixture
 def live(zk_server, redis_server, spawn, small_checkpoint):
     prefix = f"t:{uuid.uuid4().hex[:8]}:"
-    assert cli(["features", "load", "--checkpoint", small_checkpoint, "--redis", redis_server.url, "--prefix", prefix]) == 0
+    load_features(small_checkpoint, redis_server.url, prefix=prefix)
     paths = ZkPaths("rb-" + uuid.uuid4().hex[:10])
     zk = make_kazoo(ZkConfig(hosts=zk_server.hosts, cluster=paths.cluster))
     lag = NotificationLag(zk_server.hosts)
@@ -101,18 +103,16 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
     store = ShardMapStore(zk, paths)
     requests = random_requests(60, seed=17)
 
-    def rebalance(*args: str) -> int:
-        return cli(["rebalance", *args, "--zk", hosts, "--cluster", paths.cluster])
-
     def measured() -> bool:  # every node holding something reports its ids/s: the planner sees real load
         nodes = store.live_nodes()
         return all(any(h["ids_per_s"] > 0 for h in d["held"].values()) for d in nodes.values() if d["held"])
 
     moves: list[tuple[str, float, float]] = []
 
-    def plan(name: str, *plan_args: str) -> str:
+    def plan(name: str, request: PlanRequest, config: PlannerConfig | None = None) -> str:
+        """``rebalance plan``: the plan file written."""
         out = str(tmp_path / f"{name}.json")
-        assert rebalance("plan", *plan_args, "--out", out) == 0
+        plan_rebalance(store, request, config=config).plan.save(out)
         return out
 
     def loads(out: str) -> int:
@@ -121,10 +121,10 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
         target = RebalancePlan.load(out).target
         return sum(m.size_bytes for m in diff(active, target, small_reference.spec.tables) if m.kind.value == "add")
 
-    def move(name: str, *plan_args: str, out: str | None = None) -> None:
-        out = out or plan(name, *plan_args)
+    def move(name: str, request: PlanRequest | None = None, out: str | None = None) -> None:
+        out = out or plan(name, request)
         t0 = time.monotonic()
-        assert rebalance("apply", out, "--yes", "--timeout-s", "60") == 0
+        assert apply_plan(zk, store, RebalancePlan.load(out), timeout_s=60)
         moves.append((name, t0, time.monotonic()))
         active, _ = store.read_active()
         assert active.to_json() == RebalancePlan.load(out).target.to_json()
@@ -136,15 +136,16 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
         wait_for(lambda: time.monotonic() - steady >= 2.0, 5, "2 s of steady traffic")
         shard3 = start_shard(spawn, hosts, paths.cluster, "shard-3", *SHARD_ARGS)
         wait_registered(zk, paths, "shard-3")
-        assert rebalance("show") == 0
-        move("add", "--add-nodes", "1")
+        print(format_show(paths.cluster, read_overview(store)))
+        move("add", PlanRequest(add_nodes=1))
         wait_for(measured, 30, "measured load on the new node")
-        move("flip", "--set", "users=replicated")
+        move("flip", PlanRequest(sets=(("users", TablePlacementSpec.from_json("users", {"sharding": "replicated"})),)))
         # Back to 3 nodes: only the removed node's partitions move (a wide load tolerance: no
         # balancing), so a frontend routing with the old map finds every other replica in place.
         # Remove the node whose partitions take longest to place elsewhere.
         active, _ = store.read_active()
-        plans = {n: plan(f"remove-{n}", "--remove-node", n, "--load-tolerance", "0.9") for n in active.nodes}
+        wide = PlannerConfig(replicate_max_bytes=1 << 20, load_tolerance=0.9)
+        plans = {n: plan(f"remove-{n}", PlanRequest(remove_nodes=(n,)), wide) for n in active.nodes}
         for node, out in plans.items():
             assert only_drops_on(node, active, RebalancePlan.load(out).target, small_reference.spec.tables), node
         gone = max(plans, key=lambda node: loads(plans[node]))

@@ -55,10 +55,10 @@ def reference(small_reference):
 @pytest.fixture(scope="module")
 def features(redis_server, checkpoint):
     """The checkpoint's stored features loaded into the real Redis under a module prefix."""
-    from services.admin.cli import main
+    from services.control.features import load_features
 
     prefix = f"t:{uuid.uuid4().hex[:8]}:"
-    assert main(["features", "load", "--checkpoint", checkpoint, "--redis", redis_server.url, "--prefix", prefix]) == 0
+    load_features(checkpoint, redis_server.url, prefix=prefix)
     return redis_server.url, prefix
 
 

@@ -12,7 +12,8 @@ import uuid
 import numpy as np
 import pytest
 
-from services.admin.cli import main as cli
+from services.control.features import load_features
+from services.control.publish import model_reader, publish_version
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_delta
 from services.core.clients import make_kazoo
@@ -55,7 +56,7 @@ def live(zk_server, redis_server, tmp_path, spawn):
     root = str(tmp_path / "ckpt")
     synthesize(root, "small", seed=9)
     prefix = f"t:{uuid.uuid4().hex[:8]}:"
-    assert cli(["features", "load", "--checkpoint", root, "--redis", redis_server.url, "--prefix", prefix]) == 0
+    load_features(root, redis_server.url, prefix=prefix)
     paths = ZkPaths("v-" + uuid.uuid4().hex[:10])
     zk = make_kazoo(ZkConfig(hosts=zk_server.hosts, cluster=paths.cluster))
     try:
@@ -83,7 +84,7 @@ def test_five_deltas_under_load_every_response_matches_its_version(live):
         wait_for(lambda: 1 in load.versions(), 60, "responses at version 1")
         for v in range(2, 2 + DELTAS):
             drift_delta(root, v, seed=v)
-            assert cli(["checkpoint", "publish", str(v), "--zk", hosts, "--cluster", paths.cluster]) == 0
+            publish_version(store, model_reader(store), v)
             wait_for(lambda v=v: v in load.versions(), 60, f"responses at version {v}")
         wait_for(lambda: load.count(versions[-1]) >= 20, 60, "traffic at the last version")
     assert not load.errors, load.errors[:3]

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio
 
 from services._proto.shardrec.v1 import recommend_pb2 as pb
-from services.admin.cmd_features import load_features
+from services.control.features import load_features
 from services.core import synth
 from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.features import FeatureLayout

@@ -1,6 +1,7 @@
 """Live rebalancing against real ZooKeeper and real shard processes: shards follow the target
-map while serving, ``shardrec rebalance apply`` switches only when the target is ready, and a
-killed CLI, a killed new owner or a stale plan leave a cluster serving on a valid map.
+map while serving, ``apply_plan`` (``shardrec rebalance apply``) switches only when the target
+is ready, and a killed CLI, a killed new owner or a stale plan leave a cluster serving on a
+valid map.
 
 Expected values come from ``core.reference.ReferenceModel``.
 """
@@ -17,15 +18,17 @@ import numpy as np
 import pytest
 
 from services._proto.shardrec.v1 import embedding_pb2_grpc
-from services.admin.cli import main as cli
+from services.control.rebalance import abort_rebalance, apply_plan, plan_rebalance, read_status
+from services.control.rebalance_report import format_status
 from services.core import wire
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.placement import PlannerConfig, ShardMap
-from services.core.rebalance import PlanRequest, RebalancePlan, parse_set, plan_target
+from services.core.errors import FailedPreconditionError
+from services.core.placement import PlannerConfig, ShardMap, TablePlacementSpec
+from services.core.rebalance import PlanRequest, RebalancePlan, plan_target
 from services.core.reference import ReferenceModel
 from services.core.synth import synthesize
 from services.core.types import PartitionId, PoolingType
@@ -45,6 +48,11 @@ SPEC = {
 }
 # users/0of1 (128 KB) takes ~2 s to load at this rate: a move spans seconds of traffic.
 SLOW = 64_000
+
+
+def pin(table: str, sharding: str, **shape) -> tuple[str, TablePlacementSpec]:
+    """A table's pin, as ``rebalance plan --set TABLE=SHARDING[:...]`` gives it."""
+    return table, TablePlacementSpec.from_json(table, {"sharding": sharding, **shape})
 
 
 @dataclass
@@ -68,13 +76,19 @@ class Live:
     def held(self, node: str) -> set[str]:
         return set(self.znode(node)["held"])
 
-    def cli(self, *args: str) -> int:
-        return cli(["rebalance", *args, "--zk", self.hosts, "--cluster", self.paths.cluster])
-
-    def plan(self, tmp_path, name: str, *args: str) -> str:
+    def plan(self, tmp_path, name: str, request: PlanRequest) -> str:
+        """``rebalance plan``: the plan file written."""
         out = str(tmp_path / f"{name}.json")
-        assert self.cli("plan", *args, "--out", out) == 0
+        plan_rebalance(self.store, request).plan.save(out)
         return out
+
+    def apply(self, plan: str, timeout_s: float = 600.0) -> bool:
+        """``rebalance apply PLAN --yes``: True once the plan's map is the active one."""
+        return apply_plan(self.zk, self.store, RebalancePlan.load(plan), timeout_s=timeout_s)
+
+    def status(self) -> str:
+        """The report of ``rebalance status``."""
+        return format_status(read_status(self.store))
 
     def start(self, node: str, *extra: str):
         proc = start_shard(self.spawn, self.hosts, self.paths.cluster, node, *extra)
@@ -120,30 +134,30 @@ def check_lookup(ref: ReferenceModel, address: str, pid: PartitionId, *, map_ver
     np.testing.assert_allclose(got, ref.pool(pid.table, ids, lengths, PoolingType.SUM), rtol=RTOL, atol=ATOL, err_msg=f"{pid} at {address}")
 
 
-def target_of(live: Live, *sets: str) -> ShardMap:
+def target_of(live: Live, *sets: tuple[str, TablePlacementSpec]) -> ShardMap:
     """The map ``rebalance plan --set ...`` would make, built in process."""
     active, _ = live.store.read_active()
     tables = list(CheckpointReader(live.root).manifest(1).model.tables)
-    request = PlanRequest(sets=tuple(parse_set(s) for s in sets))
+    request = PlanRequest(sets=sets)
     return plan_target(active, tables, {}, request, node_memory_bytes=1 << 36, config=PlannerConfig(replicate_max_bytes=1 << 20))
 
 
 def test_stale_plan_is_refused_and_apply_is_idempotent(live, tmp_path, capsys):
-    a = live.plan(tmp_path, "a", "--set", "tags=replicated")
-    b = live.plan(tmp_path, "b", "--set", "countries=table_wise:1")
-    assert live.cli("apply", a, "--yes") == 0
+    a = live.plan(tmp_path, "a", PlanRequest(sets=(pin("tags", "replicated"),)))
+    b = live.plan(tmp_path, "b", PlanRequest(sets=(pin("countries", "table_wise", replicas=1),)))
+    assert live.apply(a)
     assert "switched: the active shard map is version 2" in capsys.readouterr().out
-    assert live.cli("apply", a, "--yes") == 0  # again: nothing to do
+    assert live.apply(a)  # again: nothing to do
     assert "already applied" in capsys.readouterr().out
-    assert live.cli("apply", b, "--yes") == 1
-    assert "stale plan: it was made against shard map version 1, the active map is version 2" in capsys.readouterr().err
+    with pytest.raises(FailedPreconditionError, match="stale plan: it was made against shard map version 1, the active map is version 2"):
+        live.apply(b)
     active, _ = live.store.read_active()
     assert active.version == 2 and active.to_json() == RebalancePlan.load(a).target.to_json()
     assert live.store.read_target() is None
 
 
 def test_apply_resumes_after_the_cli_is_killed_mid_move(live, tmp_path, capsys):
-    plan = live.plan(tmp_path, "p", "--set", "users=replicated")  # users/0of1 on every node, ~2 s each
+    plan = live.plan(tmp_path, "p", PlanRequest(sets=(pin("users", "replicated"),)))  # users/0of1 on every node, ~2 s each
     proc = live.spawn("rebalance", "apply", plan, "--yes", "--zk", live.hosts, "--cluster", live.paths.cluster, name="apply")
     wait_for(lambda: live.store.read_target() is not None, 30, "the CLI to write the target")
     wait_for(lambda: any(live.znode(n)["partitions_loading"] for n in live.cluster.smap.nodes), 30, "a node to load for the target")
@@ -151,9 +165,8 @@ def test_apply_resumes_after_the_cli_is_killed_mid_move(live, tmp_path, capsys):
     assert proc.returncode == -9
     active, _ = live.store.read_active()
     assert active.version == 1, "the active map switched before the target was ready"
-    assert live.cli("status") == 0
-    assert "rebalancing to version 2" in capsys.readouterr().out
-    assert live.cli("apply", plan, "--yes") == 0
+    assert "rebalancing to version 2" in live.status()
+    assert live.apply(plan)
     out = capsys.readouterr().out
     assert "resuming" in out and "switched: the active shard map is version 2" in out
     ref = ReferenceModel(live.root, 1)
@@ -163,23 +176,22 @@ def test_apply_resumes_after_the_cli_is_killed_mid_move(live, tmp_path, capsys):
         check_lookup(ref, address, users, map_version=2)
     for node in live.cluster.smap.nodes:  # the old row-wise users partitions go after the drain
         wait_for(lambda n=node: not any(h.startswith("users/") and h != str(users) for h in live.held(n)), 30, f"{node} to drop users/*of2")
-    assert live.cli("status") == 0
-    assert "no rebalance in progress" in capsys.readouterr().out
+    assert "no rebalance in progress" in live.status()
 
 
 def test_abort_after_a_new_owner_was_killed(live, tmp_path, capsys):
     slow = live.start("shard-3", *shard_args(rate=8_000))  # a new node: 16 s for users/0of1
-    plan = live.plan(tmp_path, "p", "--add-nodes", "1", "--set", "users=replicated")
+    plan = live.plan(tmp_path, "p", PlanRequest(add_nodes=1, sets=(pin("users", "replicated"),)))
     assert "shard-3" in RebalancePlan.load(plan).target.tables["users"].partitions[0]
-    assert live.cli("apply", plan, "--yes", "--timeout-s", "1") == 1
+    assert not live.apply(plan, timeout_s=1)
     out = capsys.readouterr().out
     assert "timed out after 1s" in out and "users/0of1 on shard-3: loading" in out
     slow.kill()
     wait_for(lambda: not live.zk.exists(live.paths.node("shard-3")), 15, "shard-3's znode to expire")
-    assert live.cli("apply", plan, "--yes", "--timeout-s", "0.5") == 1
+    assert not live.apply(plan, timeout_s=0.5)
     assert "users/0of1 on shard-3: down" in capsys.readouterr().out
-    assert live.cli("abort") == 0
-    assert "aborted the rebalance to shard map version 2; the active map stays version 1" in capsys.readouterr().out
+    active, aborted = abort_rebalance(live.store)
+    assert aborted is not None and (aborted.version, active.version) == (2, 1)
     assert live.store.read_target() is None
     active, _ = live.store.read_active()
     assert active.version == 1
@@ -202,7 +214,7 @@ def test_a_shard_serves_old_and_new_map_versions_during_a_move_then_drops_after_
     try:
         cluster = start_cluster(zk, paths, spawn, zk_server.hosts, small_checkpoint, SPEC, 3, *shard_args(drain_s=drain_s))
         live = Live(zk, paths, zk_server.hosts, spawn, cluster, small_checkpoint)
-        target = target_of(live, "users=replicated")
+        target = target_of(live, pin("users", "replicated"))
         old, new = PartitionId("users", 0, 2), PartitionId("users", 0, 1)
         node = cluster.smap.tables["users"].partitions[0][0]
         address = cluster.addresses[node]
@@ -244,7 +256,7 @@ def test_a_delta_published_during_a_move_is_served_at_every_version(zk_server, s
     try:
         cluster = start_cluster(zk, paths, spawn, zk_server.hosts, root, SPEC, 3, *shard_args(), "--version-drain-s", "60")
         live = Live(zk, paths, zk_server.hosts, spawn, cluster, root)
-        target = target_of(live, "users=replicated", "items=replicated")
+        target = target_of(live, pin("users", "replicated"), pin("items", "replicated"))
         new = PartitionId("users", 0, 1)
         live.store.write_target(target, None)
         wait_for(lambda: any(live.znode(n)["partitions_loading"] for n in cluster.smap.nodes), 30, "a node to load for the target")

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.delta_swap import uss_bytes
 from services._proto.shardrec.v1 import embedding_pb2_grpc
-from services.admin.cli import main as cli
+from services.control.publish import format_status, model_reader, publish_version, read_status, rollback_version
 from services.core import wire
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_delta
@@ -26,6 +26,7 @@ from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.errors import ShardrecError
 from services.core.reference import ReferenceModel
 from services.core.synth import PRESETS, synthesize
 from services.core.types import PoolingType
@@ -96,8 +97,16 @@ class Node:
             assert got_version == (served_as or version)
             np.testing.assert_allclose(pooled, ref.pool(table, ids, lengths, pooling), rtol=RTOL, atol=ATOL, err_msg=f"{table}/{p} {pooling}")
 
-    def cli(self, *args: str) -> int:
-        return cli(["checkpoint", *args, "--zk", self.hosts, "--cluster", self.paths.cluster])
+    def publish(self, version: int) -> None:
+        """What ``shardrec checkpoint publish VERSION`` does; ShardrecError when it refuses."""
+        publish_version(self.store, model_reader(self.store), version)
+
+    def rollback(self, version: int) -> None:
+        rollback_version(self.store, model_reader(self.store), version)
+
+    def status(self) -> str:
+        """The report of ``shardrec checkpoint status``."""
+        return format_status(read_status(self.store))
 
 
 @contextlib.contextmanager
@@ -145,15 +154,16 @@ def test_rollback_then_the_next_delta_must_descend_from_it(node):
     node.store.write_target_version(2)
     node.wait(lambda d: d["serving_version"] == 2, "version 2 ready")
     node.store.write_serving_version(2)
-    assert node.cli("rollback", "--to", "1") == 0
+    node.rollback(1)
     node.wait(lambda d: d["serving_version"] == 1, "rolled back to version 1")
     node.check(1)
     node.store.write_serving_version(1)
     # The next delta must have the rollback target as its parent; 3 over 2 is refused.
     _delta(node.root, 3, 2, seed=3)
-    assert node.cli("publish", "3") == 1
+    with pytest.raises(ShardrecError):
+        node.publish(3)
     _delta(node.root, 4, 1, seed=4)
-    assert node.cli("publish", "4") == 0
+    node.publish(4)
     node.wait(lambda d: d["serving_version"] == 4, "version 4 ready")
     node.check(4)
 
@@ -181,7 +191,7 @@ def _corrupt_rows(root: str, version: int, how: str) -> None:
     ("no COMPLETE", "COMPLETE"),
     ("wrong parent", "not among its ancestors"),
 ])
-def test_bad_version_is_refused_and_nothing_changes(node, how, message, capsys):
+def test_bad_version_is_refused_and_nothing_changes(node, how, message):
     serving = 1
     if how == "wrong parent":
         _delta(node.root, 2, 1, seed=2)
@@ -196,7 +206,8 @@ def test_bad_version_is_refused_and_nothing_changes(node, how, message, capsys):
         _delta(node.root, 2, 1, seed=2)
         _corrupt_rows(node.root, 2, how)
     before = node.znode()
-    assert node.cli("publish", str(bad)) == 1  # the CLI refuses it too
+    with pytest.raises(ShardrecError):
+        node.publish(bad)  # the publisher refuses it too
     # Published behind the CLI's back, the shard refuses it on its own.
     node.store.write_target_version(bad)
     d = node.wait(lambda d: (d.get("load_error") or {}).get("version") == bad, f"version {bad} refused")
@@ -204,9 +215,7 @@ def test_bad_version_is_refused_and_nothing_changes(node, how, message, capsys):
     assert d["versions_ready"] == before["versions_ready"] and d["serving_version"] == serving
     node.check(serving)  # rows unchanged
     assert node.process.running
-    capsys.readouterr()
-    assert node.cli("status") == 0
-    assert f"REFUSED version {bad}" in capsys.readouterr().out
+    assert f"REFUSED version {bad}" in node.status()
 
 
 def test_applying_a_delta_grows_memory_by_the_delta_not_the_table(zk_server, spawn, tmp_path):
@@ -244,7 +253,7 @@ def test_restarted_shard_rebuilds_the_serving_version_before_it_registers(node, 
 
     for v in (2, 3):
         _delta(node.root, v, v - 1, seed=v)
-        assert node.cli("publish", str(v)) == 0
+        node.publish(v)
         node.wait(lambda d, v=v: d["serving_version"] == v, f"version {v} ready")
         node.store.write_serving_version(v)  # what the frontends write once they switched
     node.process.kill()

@@ -9,12 +9,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from services.core.checkpoint.reader import CheckpointReader
+from services.control.placement import init_cluster, initial_placement
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.placement import PlacementSpec, ShardMap, initial_shard_map, node_ids
+from services.core.placement import PlacementSpec, ShardMap
 from tests.support.processes import ProcessFactory, ServiceProcess
 from tests.support.waiting import wait_for
 
@@ -32,17 +32,11 @@ class ShardCluster:
 
 
 def publish_cluster(zk, paths: ZkPaths, checkpoint: str, spec: dict, num_nodes: int, version: int | None = None) -> ShardMap:
-    """Write what ``shardrec placement init`` writes: the shard map, the model, the versions
-    (``version``, default the latest complete one, is both serving and target)."""
-    reader = CheckpointReader(checkpoint)
-    version = reader.latest_version() if version is None else version
-    model = reader.manifest(version).model
-    smap = initial_shard_map(PlacementSpec.from_json(spec), model.tables, node_ids(num_nodes))
-    store = ShardMapStore(zk, paths)
-    store.write_model(checkpoint, model.name)
-    store.write_serving_version(version)
-    store.write_target_version(version)
-    store.write_active(smap, None)
+    """What ``shardrec placement init`` does (``control.placement.init_cluster``): the model,
+    the versions (``version``, default the latest complete one, is both serving and target),
+    then the shard map."""
+    initial = initial_placement(checkpoint, PlacementSpec.from_json(spec), num_nodes, version)
+    smap, _cleared = init_cluster(ShardMapStore(zk, paths), initial)
     return smap
 
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from services.localcluster.processes import shardrec_argv
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KILL_TIMEOUT_S = 10.0
 
@@ -127,7 +129,7 @@ class ServiceProcess:
 
 class ProcessFactory:
     """What the ``spawn`` fixture gives a test: ``spawn(*cli_args)`` starts
-    ``python -m services.admin.cli *cli_args``; ``spawn.python(*args)`` starts ``python *args``.
+    ``shardrec *cli_args`` (``python -m`` the CLI module); ``spawn.python(*args)`` starts ``python *args``.
 
     Logs go to ``<log_dir>/<name>.log``; every process is killed at teardown (``close()``).
     """
@@ -137,7 +139,8 @@ class ProcessFactory:
         self.processes: list[ServiceProcess] = []
 
     def __call__(self, *cli_args: str, name: str | None = None, env: Mapping[str, str] | None = None) -> ServiceProcess:
-        return self.python("-m", "services.admin.cli", *cli_args, name=name or (cli_args[0] if cli_args else "cli"), env=env)
+        _python, *args = shardrec_argv(sys.executable, *cli_args)
+        return self.python(*args, name=name or (cli_args[0] if cli_args else "cli"), env=env)
 
     def python(self, *args: str, name: str = "python", env: Mapping[str, str] | None = None) -> ServiceProcess:
         unique = name

@@ -6,7 +6,7 @@ without persistence. Both listen on a free loopback port, log to a file in their
 directory, and can be stopped, restarted on the same port and data, paused (SIGSTOP) and
 resumed (SIGCONT) to inject faults for real.
 
-The process handling is ``services.admin.local_servers`` (the same code starts the servers of
+The process handling is ``services.localcluster.servers`` (the same code starts the servers of
 ``shardrec demo`` and ``shardrec cluster up``); this module only fixes the test settings: the
 200 ms tick, an ``atexit`` kill as a backstop, and the install hint.
 
@@ -23,8 +23,8 @@ import os
 import time
 from pathlib import Path
 
-from services.admin import local_servers
-from services.admin.local_servers import (  # noqa: F401  (re-exported for tests)
+from services.localcluster import servers as local_servers
+from services.localcluster.servers import (  # noqa: F401  (re-exported for tests)
     READY_TIMEOUT_S,
     SLF4J_NOP_JAR,
     STOP_TIMEOUT_S,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from benchmarks.compare import CompareConfig, targets
 from benchmarks.scaling import node_spec, point_config
-from services.admin.local_cluster import LocalClusterConfig
+from services.localcluster.config import LocalClusterConfig
 from services.core.placement import PlacementSpec, initial_shard_map, node_ids
 from services.core.synth import model_spec
 

@@ -17,10 +17,6 @@ CONTRACTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["i
 # Contracts the code breaks today, each to be removed from here when the change named lands
 # (strict: the test fails as soon as the contract holds, so the marker cannot outlive it).
 BROKEN_TODAY = {
-    "nothing-imports-admin": (
-        "benchmarks/compare.py and benchmarks/delta_swap.py import services.admin.local_cluster "
-        "and services.admin.cmd_publish until the local cluster is a library"
-    ),
     "frontend-torch-only-through-ranker": (
         "services/frontend/lookup.py (InprocLookupClient, and services.core.pooling), "
         "torchrec_lookup.py, redis_kv.py and main.py import torch until the baselines move "

@@ -1,10 +1,11 @@
 """The pure parts of live rebalancing: what a plan request asks of the planner, the plan file,
-and the progress of a move read from node znodes."""
+and the progress of a move read from node znodes (and its progress line)."""
 
 from __future__ import annotations
 
 import pytest
 
+from services.control.rebalance import progress_line
 from services.core.errors import ConfigError
 from services.core.placement import PlacementSpec, PlannerConfig, ShardMap, TablePlacementSpec, initial_shard_map, node_ids
 from services.core.rebalance import (
@@ -13,7 +14,6 @@ from services.core.rebalance import (
     kept_shape,
     measured_load,
     next_node_ids,
-    parse_set,
     plan_target,
     progress,
     required_versions,
@@ -29,35 +29,11 @@ SPEC = {
 CONFIG = PlannerConfig(replicate_max_bytes=1 << 20)
 MEMORY = 1 << 30
 LOADS = {"users": 100.0, "items": 3000.0, "tags": 600.0, "countries": 100.0}
+REPLICATED = TablePlacementSpec(ShardingType.REPLICATED, 1, "all")  # `--set TABLE=replicated`
 
 
 def _current() -> ShardMap:
     return initial_shard_map(PlacementSpec.from_json(SPEC), TABLES, node_ids(3))
-
-
-@pytest.mark.parametrize("text, table, pin", [
-    ("items=replicated", "items", TablePlacementSpec(ShardingType.REPLICATED, 1, "all")),
-    ("items=replicated:3", "items", TablePlacementSpec(ShardingType.REPLICATED, 1, 3)),
-    ("items=row_wise:4", "items", TablePlacementSpec(ShardingType.ROW_WISE, 4, 1)),
-    ("items=row_wise:4:2", "items", TablePlacementSpec(ShardingType.ROW_WISE, 4, 2)),
-    ("tags=table_wise", "tags", TablePlacementSpec(ShardingType.TABLE_WISE, 1, 1)),
-    ("tags=table_wise:all", "tags", TablePlacementSpec(ShardingType.TABLE_WISE, 1, "all")),
-])
-def test_parse_set(text, table, pin):
-    assert parse_set(text) == (table, pin)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("items", "expected TABLE=replicated"),
-    ("items=row_wise", "row_wise needs a partition count"),
-    ("items=row_wise:1", "row_wise needs partitions >= 2"),
-    ("items=replicated:1", "replicated needs replicas >= 2"),
-    ("items=table_wise:2:3", "takes at most a replica count"),
-    ("items=replicated:x", "replicas must be an integer or 'all'"),
-])
-def test_parse_set_refuses(text, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_set(text)
 
 
 def test_kept_shape_keeps_p_and_r_and_every_node_for_a_table_on_every_node():
@@ -99,11 +75,11 @@ def test_remove_a_node_replaces_only_its_partitions():
 
 def test_set_reshapes_one_table_and_leaves_the_others():
     current = _current()
-    new = plan_target(current, TABLES, LOADS, PlanRequest(sets=(parse_set("items=replicated"),)), node_memory_bytes=MEMORY, config=CONFIG)
+    new = plan_target(current, TABLES, LOADS, PlanRequest(sets=(("items", REPLICATED),)), node_memory_bytes=MEMORY, config=CONFIG)
     assert new.tables["items"].sharding is ShardingType.REPLICATED and len(new.tables["items"].partitions[0]) == 3
     assert {n: current.tables[n] for n in ("users", "tags", "countries")} == {n: new.tables[n] for n in ("users", "tags", "countries")}
     with pytest.raises(ConfigError, match="--set 'nope': the model has no such table"):
-        plan_target(current, TABLES, LOADS, PlanRequest(sets=(parse_set("nope=replicated"),)), node_memory_bytes=MEMORY, config=CONFIG)
+        plan_target(current, TABLES, LOADS, PlanRequest(sets=(("nope", REPLICATED),)), node_memory_bytes=MEMORY, config=CONFIG)
 
 
 def test_plan_file_round_trip(tmp_path):
@@ -142,7 +118,7 @@ def _node(held, versions=(1,), **extra):
 
 def test_progress_is_done_only_when_every_load_is_held_at_every_required_version():
     active = _current()
-    target = plan_target(active, TABLES, {}, PlanRequest(sets=(parse_set("users=replicated"),)), node_memory_bytes=MEMORY, config=CONFIG)
+    target = plan_target(active, TABLES, {}, PlanRequest(sets=(("users", REPLICATED),)), node_memory_bytes=MEMORY, config=CONFIG)
     held = {n: [str(p) for p in active.partition_ids_of(n)] for n in active.nodes}
     users = "users/0of1"
     nodes = {
@@ -155,7 +131,7 @@ def test_progress_is_done_only_when_every_load_is_held_at_every_required_version
     assert states == {"shard-0": "ready", "shard-1": "loading", "shard-2": "down"}
     assert not p.done and p.partitions_ready == p.partitions_total  # users/0of1 has a ready replica already
     assert p.bytes_total == 3 * 2000 * 16 * 4 and p.bytes_ready == 2000 * 16 * 4
-    assert "waiting for users/0of1@shard-1 (loading), users/0of1@shard-2 (down)" in p.line()
+    assert "waiting for users/0of1@shard-1 (loading), users/0of1@shard-2 (down)" in progress_line(p)
     nodes["shard-1"] = _node(held["shard-1"] + [users])
     nodes["shard-2"] = _node(held["shard-2"] + [users], versions=(2,))
     p = progress(active, target, TABLES, nodes, frozenset({1}))

@@ -1,33 +1,14 @@
-"""Real ZooKeeper and Redis server processes on loopback: for the local cluster and the tests.
-
-``ZkServer`` runs ZooKeeper 3.8 standalone from Debian's ``/usr/share/java/zookeeper.jar``
-(``ZooKeeperServerMain``, admin server off, so port 8080 stays free); ``RedisServer`` runs
-``redis-server`` without persistence (``--save '' --appendonly no``). Both:
-
-- listen on ``127.0.0.1`` on a port the kernel says is free (or the one given);
-- keep their config and data under ``work_dir`` and append stdout and stderr to ``log_path``
-  (default ``<work_dir>/<name>.log``);
-- run in their own session (``start_new_session=True``), so a Ctrl-C in the terminal reaches
-  the launcher, which then stops them in order, not the servers directly;
-- ``start()`` returns only once a real client got an answer (kazoo lists ``/``, redis PINGs),
-  polling with a deadline; it raises ``ServerStartError`` with the log tail if the process
-  exits or does not answer in time;
-- can be stopped (SIGTERM, SIGKILL after ``STOP_TIMEOUT_S``), killed, paused (SIGSTOP),
-  resumed (SIGCONT) and restarted on the same port and data, so tests inject faults for real.
-
-``kill_at_exit=True`` registers an ``atexit`` backstop that kills the server when the Python
-process that started it ends (tests); the local cluster's ``shardrec cluster up`` leaves it
-off, because its servers must outlive the launcher (they are stopped by pid from the state
-file, see ``services.admin.local_cluster``).
+"""Real ZooKeeper and Redis server processes on loopback, for the local cluster and the tests:
+free port, own session, log file, readiness probed by a real client, and stop / kill / pause /
+resume / restart on the same port and data so tests inject faults for real
+(docs/local-cluster.md, "Servers").
 
 Not thread-safe: one thread (the launcher's or pytest's main thread) owns each object.
-Imports kazoo and redis only inside the readiness probes.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import signal
@@ -48,9 +29,6 @@ STOP_TIMEOUT_S = 10.0
 _PROBE_STEP_S = 0.02
 
 INSTALL_HINT = "install the zookeeper and redis-server Debian packages (`make setup` does)"
-
-_QUIET_LOG = logging.getLogger("shardrec.local_servers.probe")
-_QUIET_LOG.setLevel(logging.CRITICAL)  # a probe of a server that is not up yet is not news
 
 
 class MissingServerError(ConfigError, RuntimeError):
@@ -316,24 +294,20 @@ class ZkServer(ServerProcess):
         ]
 
     def _probe(self, timeout_s: float) -> bool:
-        from kazoo.client import KazooClient
-        from kazoo.handlers.threading import KazooTimeoutError
-        from kazoo.retry import KazooRetry
+        from services.core.clients import make_kazoo
+        from services.core.config import ZkConfig
 
         if not port_open(self.port):  # cheap until the JVM listens
             return False
-        client = KazooClient(
-            hosts=self.hosts,
-            timeout=0.5,  # also the connect/read timeout: a not-yet-serving server costs 0.5 s, not 2
-            connection_retry=KazooRetry(max_tries=-1, delay=0.02, backoff=1, max_jitter=0.0),
-            logger=_QUIET_LOG,
-        )
         try:
-            client.start(timeout=timeout_s)
+            # A 0.5 s session timeout is also the connect/read timeout: a not-yet-serving
+            # server costs 0.5 s, not 2; quiet, since a server not up yet is not news.
+            client = make_kazoo(ZkConfig(self.hosts, "", session_timeout_s=0.5, connect_timeout_s=timeout_s), quiet=True)
+        except UnavailableError:
+            return False
+        try:
             client.get_children("/")
             return True
-        except KazooTimeoutError:
-            return False
         finally:
             client.stop()
             client.close()
@@ -380,7 +354,9 @@ class RedisServer(ServerProcess):
     def _probe(self, timeout_s: float) -> bool:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        from services.core.clients import make_redis
+
+        client = make_redis(self.url, timeout_s=timeout_s)
         try:
             return bool(client.ping())
         except redis.exceptions.ConnectionError:

@@ -1,5 +1,5 @@
-"""The pure parts of the local cluster launcher (``services.admin.local_cluster``): state file,
-stop order, sample requests, output formats, progress lines, signal guard, model reuse."""
+"""The pure parts of the local cluster (``services.localcluster``): state file, stop order,
+sample requests, output formats, progress lines, signal guard, model reuse."""
 
 from __future__ import annotations
 
@@ -10,16 +10,41 @@ from pathlib import Path
 
 import pytest
 
-from services.admin import local_cluster as lc
+from services.localcluster.config import DEFAULT_SPEC, REPO_ROOT, LocalClusterConfig, existing_model, resolve_spec
+from services.localcluster.console import Progress
+from services.localcluster.demo import (
+    NUM_CANDIDATES,
+    SampleRequest,
+    call_instructions,
+    format_response,
+    sample_requests,
+)
+from services.localcluster.launcher import parse_ready
+from services.localcluster.processes import Interrupted, SignalGuard, stop_groups
+from services.localcluster.state import (
+    ROLE_FRONTEND,
+    ROLE_LAUNCHER,
+    ROLE_REDIS,
+    ROLE_SHARD,
+    ROLE_ZOOKEEPER,
+    STATE_FILE,
+    STATE_FORMAT,
+    ClusterState,
+    ProcessRecord,
+    read_state,
+    remove_state,
+    write_state,
+)
+from services.localcluster.status import ZkView, format_processes, format_zk_view
 from services.core.errors import ConfigError
 
 
-def _rec(name: str, role: str, pid: int = 100, address: str = "") -> lc.ProcessRecord:
-    return lc.ProcessRecord(name, role, pid, 1_700_000_000.25, f"/w/logs/{name}.log", address)
+def _rec(name: str, role: str, pid: int = 100, address: str = "") -> ProcessRecord:
+    return ProcessRecord(name, role, pid, 1_700_000_000.25, f"/w/logs/{name}.log", address)
 
 
-def _state() -> lc.ClusterState:
-    return lc.ClusterState(
+def _state() -> ClusterState:
+    return ClusterState(
         cluster="local",
         workdir="/w",
         mode="up",
@@ -30,13 +55,13 @@ def _state() -> lc.ClusterState:
         checkpoint="/w/model/small-seed0",
         frontend="127.0.0.1:8500",
         ready=True,
-        launcher=_rec("launcher", lc.ROLE_LAUNCHER, pid=7),
+        launcher=_rec("launcher", ROLE_LAUNCHER, pid=7),
         processes=[
-            _rec("zookeeper", lc.ROLE_ZOOKEEPER, 1, "127.0.0.1:2181"),
-            _rec("redis", lc.ROLE_REDIS, 2, "127.0.0.1:6379"),
-            _rec("shard-0", lc.ROLE_SHARD, 3, "127.0.0.1:4000"),
-            _rec("shard-1", lc.ROLE_SHARD, 4, "127.0.0.1:4001"),
-            _rec("frontend", lc.ROLE_FRONTEND, 5, "127.0.0.1:8500"),
+            _rec("zookeeper", ROLE_ZOOKEEPER, 1, "127.0.0.1:2181"),
+            _rec("redis", ROLE_REDIS, 2, "127.0.0.1:6379"),
+            _rec("shard-0", ROLE_SHARD, 3, "127.0.0.1:4000"),
+            _rec("shard-1", ROLE_SHARD, 4, "127.0.0.1:4001"),
+            _rec("frontend", ROLE_FRONTEND, 5, "127.0.0.1:8500"),
         ],
     )
 
@@ -46,15 +71,15 @@ def _state() -> lc.ClusterState:
 
 def test_state_round_trips_through_the_file(tmp_path: Path) -> None:
     state = _state()
-    lc.write_state(tmp_path, state)
-    raw = json.loads((tmp_path / lc.STATE_FILE).read_text())
-    assert raw["format"] == lc.STATE_FORMAT
+    write_state(tmp_path, state)
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    assert raw["format"] == STATE_FORMAT
     assert [p["pid"] for p in raw["processes"]] == [1, 2, 3, 4, 5]
-    assert lc.read_state(tmp_path) == state
-    assert [p.name for p in tmp_path.iterdir()] == [lc.STATE_FILE]  # no temporary file left
-    lc.remove_state(tmp_path)
-    assert lc.read_state(tmp_path) is None
-    lc.remove_state(tmp_path)  # idempotent
+    assert read_state(tmp_path) == state
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary file left
+    remove_state(tmp_path)
+    assert read_state(tmp_path) is None
+    remove_state(tmp_path)  # idempotent
 
 
 @pytest.mark.parametrize(
@@ -62,33 +87,33 @@ def test_state_round_trips_through_the_file(tmp_path: Path) -> None:
     [
         ("{not json", "not valid JSON"),
         ('{"format": "other/v9"}', "format"),
-        (json.dumps({"format": lc.STATE_FORMAT, "cluster": "x"}), "malformed"),
-        (json.dumps({"format": lc.STATE_FORMAT, "cluster": "x", "workdir": "/w", "mode": "up", "processes": [{"name": "a"}]}), "malformed"),
+        (json.dumps({"format": STATE_FORMAT, "cluster": "x"}), "malformed"),
+        (json.dumps({"format": STATE_FORMAT, "cluster": "x", "workdir": "/w", "mode": "up", "processes": [{"name": "a"}]}), "malformed"),
     ],
 )
 def test_a_bad_state_file_is_refused_with_a_clear_error(tmp_path: Path, content: str, match: str) -> None:
-    (tmp_path / lc.STATE_FILE).write_text(content)
+    (tmp_path / STATE_FILE).write_text(content)
     with pytest.raises(ConfigError, match=match):
-        lc.read_state(tmp_path)
+        read_state(tmp_path)
 
 
 def test_stop_order_is_reverse_start_order_with_shards_together() -> None:
-    groups = lc.stop_groups(_state().processes)
+    groups = stop_groups(_state().processes)
     assert [[r.name for r in g] for g in groups] == [["frontend"], ["shard-1", "shard-0"], ["redis"], ["zookeeper"]]
-    assert lc.stop_groups([]) == []
+    assert stop_groups([]) == []
 
 
 # -- sample requests -------------------------------------------------------------------------
 
 
 def test_sample_requests_are_deterministic_power_law_and_distinct() -> None:
-    a = lc.sample_requests(num_users=2000, num_items=5000, n=20, seed=3)
-    assert a == lc.sample_requests(num_users=2000, num_items=5000, n=20, seed=3)
-    assert a != lc.sample_requests(num_users=2000, num_items=5000, n=20, seed=4)
+    a = sample_requests(num_users=2000, num_items=5000, n=20, seed=3)
+    assert a == sample_requests(num_users=2000, num_items=5000, n=20, seed=3)
+    assert a != sample_requests(num_users=2000, num_items=5000, n=20, seed=4)
     for req in a:
         assert 0 <= req.user_id < 2000
-        assert len(req.candidate_item_ids) == lc.NUM_CANDIDATES
-        assert len(set(req.candidate_item_ids)) == lc.NUM_CANDIDATES
+        assert len(req.candidate_item_ids) == NUM_CANDIDATES
+        assert len(set(req.candidate_item_ids)) == NUM_CANDIDATES
         assert all(0 <= i < 5000 for i in req.candidate_item_ids)
     # power law: low ids are hot, so the median candidate sits far below the middle of the table
     ids = sorted(i for req in a for i in req.candidate_item_ids)
@@ -96,7 +121,7 @@ def test_sample_requests_are_deterministic_power_law_and_distinct() -> None:
 
 
 def test_sample_requests_on_a_tiny_table_take_every_item() -> None:
-    (req,) = lc.sample_requests(num_users=1, num_items=7, n=1, seed=0)
+    (req,) = sample_requests(num_users=1, num_items=7, n=1, seed=0)
     assert req.user_id == 0
     assert sorted(req.candidate_item_ids) == list(range(7))
 
@@ -105,8 +130,8 @@ def test_sample_requests_on_a_tiny_table_take_every_item() -> None:
 
 
 def test_format_response_shows_user_latency_versions_and_ranked_items() -> None:
-    req = lc.SampleRequest(42, tuple(range(100)))
-    text = lc.format_response(2, 5, req, [(7, 0.91234), (1234, 0.5)], 8.04, 3, 2)
+    req = SampleRequest(42, tuple(range(100)))
+    text = format_response(2, 5, req, [(7, 0.91234), (1234, 0.5)], 8.04, 3, 2)
     lines = text.splitlines()
     assert lines[0] == "request 2/5: user 42, 100 candidates -> top 2 in 8.0 ms (version 3, shard map 2)"
     assert lines[1] == "    1. item    7  score 0.9123"
@@ -125,21 +150,21 @@ def test_format_response_shows_user_latency_versions_and_ranked_items() -> None:
     ],
 )
 def test_parse_ready(text: str, role: str, expected: str | None) -> None:
-    assert lc.parse_ready(text, role) == expected
+    assert parse_ready(text, role) == expected
 
 
 def test_call_instructions_name_the_address_and_how_to_stop() -> None:
-    text = lc.call_instructions(_state(), "var/demo")
+    text = call_instructions(_state(), "var/demo")
     assert "grpcurl -plaintext" in text and "127.0.0.1:8500 shardrec.v1.Recommender/Recommend" in text
     assert 'grpc.insecure_channel("127.0.0.1:8500")' in text
     assert "shardrec cluster down --workdir var/demo" in text
     assert "shardrec placement show --zk 127.0.0.1:2181 --cluster local" in text
-    no_frontend = lc.call_instructions(lc.ClusterState("local", "/w", "up", "", zk="127.0.0.1:1"), "w")
+    no_frontend = call_instructions(ClusterState("local", "/w", "up", "", zk="127.0.0.1:1"), "w")
     assert "grpcurl" not in no_frontend and "without a frontend" in no_frontend
 
 
 def test_the_python_snippet_of_the_instructions_is_valid_python() -> None:
-    text = lc.call_instructions(_state(), "var/demo")
+    text = call_instructions(_state(), "var/demo")
     snippet = text.split("or from Python")[1].split("\n\n")[0].splitlines()[1:]
     assert len(snippet) == 5
     compile("\n".join(line.strip() for line in snippet), "<snippet>", "exec")
@@ -147,13 +172,13 @@ def test_the_python_snippet_of_the_instructions_is_valid_python() -> None:
 
 def test_format_processes_and_zk_view() -> None:
     state = _state()
-    table = lc.format_processes(state, {p.name: p.name != "shard-1" for p in state.processes})
+    table = format_processes(state, {p.name: p.name != "shard-1" for p in state.processes})
     rows = table.splitlines()
     assert rows[0].split() == ["PROCESS", "PID", "STATE", "ADDRESS", "LOG"]
     assert rows[4].split()[:3] == ["shard-1", "4", "NOT"]
     assert rows[3].split()[:4] == ["shard-0", "3", "running", "127.0.0.1:4000"]
 
-    view = lc.ZkView(
+    view = ZkView(
         model={"name": "demo", "uri": "/w/model"},
         serving_version=1,
         map_version=2,
@@ -162,19 +187,19 @@ def test_format_processes_and_zk_view() -> None:
         nodes={"shard-0": {"address": "127.0.0.1:4000", "partitions": ["users/0"], "versions_ready": [1], "serving_version": 1, "map_version": 2}},
         frontends={"frontend-a": {"address": "127.0.0.1:8500", "version": 1}},
     )
-    text = lc.format_zk_view(view)
+    text = format_zk_view(view)
     assert "serving version 1, active shard map version 2" in text
     lines = text.splitlines()
     assert lines[2].split() == ["shard-0", "yes", "127.0.0.1:4000", "1", "1", "2", "users/0"]
     assert lines[3].split() == ["shard-1", "no", "-", "-", "-", "-", "(owns", "users/1)"]
     assert "frontends: frontend-a (127.0.0.1:8500, version 1)" in text
-    empty = lc.format_zk_view(lc.ZkView(None, None, None, (), {}, {}, {}))
+    empty = format_zk_view(ZkView(None, None, None, (), {}, {}, {}))
     assert "frontends: (none live)" in empty and "active shard map version -" in empty
 
 
 def test_progress_lines() -> None:
     out = io.StringIO()
-    p = lc.Progress(out)
+    p = Progress(out)
     with p.step("starting ZooKeeper on 127.0.0.1:1") as note:
         note["detail"] = "(pid 9)"
     with p.step("waiting for shards"):
@@ -199,62 +224,55 @@ def test_progress_lines() -> None:
 
 def test_resolve_spec_finds_the_shipped_spec_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert lc.resolve_spec(lc.DEFAULT_SPEC) == (lc.REPO_ROOT / lc.DEFAULT_SPEC).resolve()
+    assert resolve_spec(DEFAULT_SPEC) == (REPO_ROOT / DEFAULT_SPEC).resolve()
     mine = tmp_path / "mine.json"
     mine.write_text("{}")
-    assert lc.resolve_spec("mine.json") == mine.resolve()
+    assert resolve_spec("mine.json") == mine.resolve()
     with pytest.raises(ConfigError, match="not found"):
-        lc.resolve_spec("nope.json")
+        resolve_spec("nope.json")
 
 
 def test_config_validates_and_places_the_model_per_preset_and_seed(tmp_path: Path) -> None:
-    cfg = lc.LocalClusterConfig(workdir=tmp_path, spec=tmp_path / "s.json", preset="small", seed=4)
+    cfg = LocalClusterConfig(workdir=tmp_path, spec=tmp_path / "s.json", preset="small", seed=4)
     assert cfg.checkpoint == tmp_path / "model" / "small-seed4"
     assert cfg.logs_dir == tmp_path / "logs"
     assert cfg.redis_prefix == "local:"
     with pytest.raises(ConfigError, match="nodes"):
-        lc.LocalClusterConfig(workdir=tmp_path, spec=tmp_path, nodes=0)
+        LocalClusterConfig(workdir=tmp_path, spec=tmp_path, nodes=0)
     with pytest.raises(ConfigError, match="cluster"):
-        lc.LocalClusterConfig(workdir=tmp_path, spec=tmp_path, cluster="a/b")
+        LocalClusterConfig(workdir=tmp_path, spec=tmp_path, cluster="a/b")
 
 
 def test_existing_model_is_reused_only_when_complete_and_of_the_preset(tmp_path: Path) -> None:
     from services.core import synth
 
     root = tmp_path / "m"
-    assert lc.existing_model(root, "small") is None
+    assert existing_model(root, "small") is None
     root.mkdir()
-    version, why = lc.existing_model(root, "small")  # type: ignore[misc]
+    version, why = existing_model(root, "small")  # type: ignore[misc]
     assert version == 0 and "no complete version" in why
     synth.synthesize(root, "small", seed=0)
-    assert lc.existing_model(root, "small") == (1, "")
-    version, why = lc.existing_model(root, "demo")  # type: ignore[misc]
+    assert existing_model(root, "small") == (1, "")
+    version, why = existing_model(root, "demo")  # type: ignore[misc]
     assert version == 0 and "not the 'demo' preset" in why
     (root / synth.feature_file("item")).unlink()
-    version, why = lc.existing_model(root, "small")  # type: ignore[misc]
+    version, why = existing_model(root, "small")  # type: ignore[misc]
     assert version == 0 and "items.npz is missing" in why
-
-
-def test_cli_has_command() -> None:
-    assert lc.cli_has_command("cluster", "up")
-    assert lc.cli_has_command("demo")
-    assert not lc.cli_has_command("cluster", "explode")
-    assert not lc.cli_has_command("nonexistent")
 
 
 # -- signals ---------------------------------------------------------------------------------
 
 
 def test_signal_guard_defers_raises_shields_and_restores() -> None:
-    before = {s: signal.getsignal(s) for s in lc.SignalGuard.SIGNALS}
+    before = {s: signal.getsignal(s) for s in SignalGuard.SIGNALS}
     err = io.StringIO()
-    with lc.SignalGuard(err) as guard:
-        with pytest.raises(lc.Interrupted) as raised:
+    with SignalGuard(err) as guard:
+        with pytest.raises(Interrupted) as raised:
             signal.raise_signal(signal.SIGTERM)
         assert raised.value.exit_code == 143
 
         reached = False
-        with pytest.raises(lc.Interrupted) as raised:
+        with pytest.raises(Interrupted) as raised:
             with guard.deferred():
                 signal.raise_signal(signal.SIGINT)
                 reached = True  # the critical section ran to its end
@@ -264,4 +282,4 @@ def test_signal_guard_defers_raises_shields_and_restores() -> None:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGHUP)
         assert err.getvalue().count("already stopping") == 2
-    assert {s: signal.getsignal(s) for s in lc.SignalGuard.SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in SignalGuard.SIGNALS} == before

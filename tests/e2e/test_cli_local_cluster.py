@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from services.admin import local_cluster as lc
+from services.localcluster.processes import process_alive, shardrec_argv
+from services.localcluster.state import ROLE_JOB, ClusterState, read_state, state_path
+from services.localcluster.status import cluster_down
 from tests.support.processes import ProcessFactory, ServiceProcess
 from tests.support.waiting import wait_for
 
@@ -53,7 +55,7 @@ def alive(pid: int) -> bool:
 def shardrec(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     """Run ``shardrec ARGS`` to completion (for the short commands: status, down)."""
     return subprocess.run(
-        [sys.executable, "-m", "services.admin.cli", *args],
+        shardrec_argv(sys.executable, *args),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -74,9 +76,9 @@ def workdir(tmp_path: Path):
     try:
         yield wd
     finally:
-        if lc.state_path(wd).exists():
+        if state_path(wd).exists():
             with open(os.devnull, "w") as quiet:
-                lc.cluster_down(wd, 5.0, quiet)
+                cluster_down(wd, 5.0, quiet)
 
 
 def assert_all_gone(pids: list[int]) -> None:
@@ -95,7 +97,7 @@ def test_demo_serves_requests_and_leaves_nothing_running(spawn: ProcessFactory, 
     pids = sorted({int(p) for p in PID.findall(out)})  # printed when started and when stopped
     assert len(pids) == len(SERVICES), out  # zookeeper, redis, 3 shards, frontend
     assert_all_gone(pids)
-    assert not lc.state_path(workdir).exists()
+    assert not state_path(workdir).exists()
     for name in SERVICES:
         assert (workdir / "logs" / f"{name}.log").exists()
     assert "every process stopped" in out
@@ -106,10 +108,10 @@ def test_cluster_up_status_down(spawn: ProcessFactory, workdir: Path) -> None:
     code, out = finish(spawn("cluster", "up", "--preset", "small", "--workdir", str(workdir), "--requests", "1", name="up"))
     assert code == 0, out
     assert len(RESPONSE_LINE.findall(out)) == 1, out
-    state = lc.read_state(workdir)
+    state = read_state(workdir)
     assert state is not None and state.ready and state.launcher is None
     assert {p.name for p in state.processes} == SERVICES
-    assert all(lc.process_alive(p) for p in state.processes)
+    assert all(process_alive(p) for p in state.processes)
     assert f"{state.frontend} shardrec.v1.Recommender/Recommend" in out
 
     status = shardrec("cluster", "status", "--workdir", str(workdir))
@@ -122,23 +124,23 @@ def test_cluster_up_status_down(spawn: ProcessFactory, workdir: Path) -> None:
     down = shardrec("cluster", "down", "--workdir", str(workdir))
     assert down.returncode == 0, down.stdout + down.stderr
     assert_all_gone([p.pid for p in state.processes])
-    assert not lc.state_path(workdir).exists()
+    assert not state_path(workdir).exists()
 
 
 def test_shards_only_up_status_down_and_a_second_up_is_refused(spawn: ProcessFactory, workdir: Path) -> None:
     args = ("cluster", "up", "--preset", "small", "--workdir", str(workdir), "--shards-only", "--nodes", "2")
     code, out = finish(spawn(*args, name="up"))
     assert code == 0, out
-    state = lc.read_state(workdir)
+    state = read_state(workdir)
     assert state is not None and state.ready
     assert [p.name for p in state.processes] == ["zookeeper", "redis", "shard-0", "shard-1"]
-    assert all(lc.process_alive(p) for p in state.processes)
+    assert all(process_alive(p) for p in state.processes)
     assert all(p.address.startswith("127.0.0.1:") for p in state.processes)
 
     again, again_out = finish(spawn(*args, name="up-again"))
     assert again == 1 and "is still running" in again_out, again_out
-    assert lc.read_state(workdir) == state  # the refused launcher left the state file alone
-    assert all(lc.process_alive(p) for p in state.processes)
+    assert read_state(workdir) == state  # the refused launcher left the state file alone
+    assert all(process_alive(p) for p in state.processes)
 
     status = shardrec("cluster", "status", "--workdir", str(workdir))
     assert status.returncode == 0, status.stdout + status.stderr
@@ -154,9 +156,9 @@ def test_shards_only_up_status_down_and_a_second_up_is_refused(spawn: ProcessFac
 def test_sigint_while_starting_stops_everything(spawn: ProcessFactory, workdir: Path) -> None:
     proc = spawn("cluster", "up", "--preset", "small", "--workdir", str(workdir), "--shards-only", name="up")
     wait_for(lambda: "starting shard-2" in proc.log_text(), 120, "the launcher to start shard-2")
-    state = lc.read_state(workdir)
+    state = read_state(workdir)
     assert state is not None
-    started = [p.pid for p in state.processes if p.role != lc.ROLE_JOB]
+    started = [p.pid for p in state.processes if p.role != ROLE_JOB]
     os.kill(proc.pid, signal.SIGINT)
     code, out = finish(proc)
     if code == 0:  # the shards registered before the signal arrived: nothing to check here
@@ -164,19 +166,19 @@ def test_sigint_while_starting_stops_everything(spawn: ProcessFactory, workdir: 
     assert code == 128 + signal.SIGINT, out
     assert "interrupted (SIGINT): stopping the cluster" in out
     assert_all_gone(started + [int(p) for p in PID.findall(out)])
-    assert not lc.state_path(workdir).exists()
+    assert not state_path(workdir).exists()
 
 
 def test_cluster_down_stops_what_a_killed_launcher_left(spawn: ProcessFactory, workdir: Path) -> None:
     proc = spawn("cluster", "up", "--preset", "small", "--workdir", str(workdir), "--shards-only", name="up")
 
-    def shards_recorded() -> lc.ClusterState | None:
-        state = lc.read_state(workdir)
+    def shards_recorded() -> ClusterState | None:
+        state = read_state(workdir)
         return state if state is not None and state.record("shard-2") is not None else None
 
     state = wait_for(shards_recorded, 120, "the launcher to record shard-2 in the state file")
     proc.kill()  # SIGKILL: no teardown runs; ZooKeeper, Redis and the shards are orphans now
-    state = lc.read_state(workdir)
+    state = read_state(workdir)
     assert state is not None
     orphans = [p.pid for p in state.processes]
     assert any(alive(pid) for pid in orphans)
@@ -184,7 +186,7 @@ def test_cluster_down_stops_what_a_killed_launcher_left(spawn: ProcessFactory, w
     down = shardrec("cluster", "down", "--workdir", str(workdir))
     assert down.returncode == 0, down.stdout + down.stderr
     assert_all_gone(orphans)
-    assert not lc.state_path(workdir).exists()
+    assert not state_path(workdir).exists()
 
 
 def test_a_failed_step_prints_the_log_tail_and_stops_everything(spawn: ProcessFactory, workdir: Path) -> None:
@@ -195,51 +197,4 @@ def test_a_failed_step_prints_the_log_tail_and_stops_everything(spawn: ProcessFa
     assert "FAILED: `shardrec placement init` failed with exit code 1" in out
     assert "last lines of" in out and "2 replicas but only 1 nodes" in out
     assert_all_gone([int(p) for p in PID.findall(out)])
-    assert not lc.state_path(workdir).exists()
-
-
-# -- stopping processes by record ------------------------------------------------------------
-
-
-def _child(code: str) -> tuple[subprocess.Popen[str], lc.ProcessRecord]:
-    """A Python child in its own session that prints "ready" once set up."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc, lc.ProcessRecord("child", "test", proc.pid, lc.process_start_time(proc.pid))
-
-
-def test_stop_processes_kills_what_ignores_sigterm_and_its_whole_group() -> None:
-    stubborn = (
-        "import signal, subprocess, sys, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-        "print(g.pid); print('ready', flush=True); time.sleep(120)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        grandchild = int(proc.stdout.readline())
-        assert proc.stdout.readline().strip() == "ready"
-        record = lc.ProcessRecord("stubborn", "test", proc.pid, lc.process_start_time(proc.pid))
-        assert lc.stop_processes([record], grace_s=0.3) == {"stubborn": "killed after 0.3s"}
-        assert not alive(proc.pid) and not alive(grandchild)
-        assert lc.stop_processes([record], grace_s=0.3) == {"stubborn": "not running"}
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_stop_processes_reports_a_clean_exit_and_leaves_a_reused_pid_alone() -> None:
-    proc, record = _child("import time; print('ready', flush=True); time.sleep(120)")
-    try:
-        reused = lc.ProcessRecord("other", "test", proc.pid, record.started_at - 100.0)
-        assert not lc.process_alive(reused)
-        assert lc.stop_processes([reused], grace_s=0.3) == {"other": "not running"}
-        assert alive(proc.pid)  # a record of another process with that pid is not this one
-        assert lc.stop_processes([record], grace_s=5.0) == {"child": "ok"}  # SIGTERM's default: exit
-        assert not alive(proc.pid)
-    finally:
-        proc.kill()
-        proc.wait()
+    assert not state_path(workdir).exists()

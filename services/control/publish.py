@@ -1,0 +1,97 @@
+"""Model versions on a live cluster: publish a version, roll back to an ancestor, read where
+the cluster stands. Only desired state is written (``model/target_version``); shards load the
+target in the background and frontends switch when every partition has a ready replica
+(docs/checkpoint.md, "Serving a new version"). Nothing here waits on a process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from services.control.cluster import maybe
+from services.control.text import table
+
+if TYPE_CHECKING:
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.discovery.shard_map_store import ShardMapStore
+
+
+def model_reader(store: "ShardMapStore") -> "CheckpointReader":
+    """A reader of the checkpoint root the cluster's model pointer names."""
+    from services.core.checkpoint.reader import CheckpointReader
+
+    return CheckpointReader(store.read_model()["uri"])
+
+
+def publish_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
+    """Verify ``version`` and set it as the target. FailedPreconditionError when it is a delta
+    whose parent is not the serving version; CheckpointError when it is incomplete or corrupt.
+    Returns a line saying what was published."""
+    from services.core.checkpoint.manifest import KIND_DELTA
+    from services.core.errors import FailedPreconditionError
+
+    serving = store.read_serving_version()
+    for m in reader.chain(version):
+        reader.verify(m.version, full=m.version == version)
+    m = reader.manifest(version)
+    if m.kind == KIND_DELTA and m.parent != serving:
+        raise FailedPreconditionError(
+            f"version {version} is a delta of version {m.parent}, but the cluster serves version {serving}: "
+            f"publish a delta whose parent is {serving}"
+        )
+    store.write_target_version(version)
+    return f"published version {version} ({m.kind}, parent {m.parent}); the cluster serves {serving} until every partition is ready"
+
+
+def rollback_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
+    """Make ``version``, an ancestor of the serving version, the target again."""
+    from services.core.errors import FailedPreconditionError
+
+    serving = store.read_serving_version()
+    chain = [m.version for m in reader.chain(serving)]
+    if version not in chain:
+        raise FailedPreconditionError(
+            f"version {version} is not an ancestor of the serving version {serving} (its chain is {chain}); "
+            f"publish it instead if it is a delta of {serving}"
+        )
+    reader.verify(version, full=True)
+    store.write_target_version(version)
+    return f"rolling back from version {serving} to {version}; the next delta must have parent {version}"
+
+
+def read_status(store: "ShardMapStore") -> dict[str, Any]:
+    """Target and serving versions, the active map, live nodes and frontends (``checkpoint status``)."""
+    smap, _ = store.read_active()
+    return {
+        "target": maybe(store.read_target_version),
+        "serving": maybe(store.read_serving_version),
+        "map": smap,
+        "nodes": store.live_nodes(),
+        "frontends": store.live_frontends(),
+    }
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The report of ``checkpoint status``: readiness per partition, loads, refusals. Pure."""
+    target, smap, nodes = st["target"], st["map"], st["nodes"]
+    lines = [f"target version {target}, serving version {st['serving']}"]
+    rows = [("TABLE", "PARTITION", "READY AT TARGET", "REPLICAS (versions ready)")]
+    for name in sorted(smap.tables):
+        for p, replicas in enumerate(smap.tables[name].partitions):
+            cells, ready = [], 0
+            for r in replicas:
+                d = nodes.get(r)
+                versions = d.get("versions_ready", []) if d else []
+                ready += target in versions
+                cells.append(f"{r}[{','.join(map(str, versions))}]" if d else f"{r}[down]")
+            rows.append((name, str(p), f"{ready}/{len(replicas)}", " ".join(cells)))
+    lines.append(table(rows))
+    for node, d in sorted(nodes.items()):
+        if d.get("loading"):
+            lines.append(f"{node}: loading version {d['loading']}")
+        err = d.get("load_error")
+        if err:
+            lines.append(f"{node}: REFUSED version {err.get('version')}: {err.get('error')}")
+    for fid, d in sorted(st["frontends"].items()):
+        lines.append(f"frontend {fid}: serving version {d.get('version')}")
+    return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""Plain-text tables and sizes for the reports the commands print. Pure."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """``rows`` (the first one the header) as left-aligned columns two spaces apart, each line
+    prefixed with ``indent``; trailing spaces stripped."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join((indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in rows)
+
+
+def human_bytes(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 MiB``, ``12.0 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -1,0 +1,89 @@
+"""What a local cluster starts (``LocalClusterConfig``), its defaults, and the model and
+placement spec it starts from (docs/local-cluster.md)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.core.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_WORKDIR = "var/demo"
+DEFAULT_CLUSTER = "local"
+DEFAULT_SPEC = "deploy/placement/mixed.json"
+DEFAULT_PRESET = "demo"
+
+
+@dataclass(frozen=True)
+class LocalClusterConfig:
+    """What ``shardrec demo`` / ``shardrec cluster up`` start. Paths are absolute."""
+
+    workdir: Path
+    spec: Path
+    preset: str = DEFAULT_PRESET
+    nodes: int = 3
+    seed: int = 0
+    cluster: str = DEFAULT_CLUSTER
+    frontend_port: int = 0
+    start_timeout_s: float = 300.0
+    stop_grace_s: float = 15.0
+    shards_only: bool = False
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes must be >= 1, got {self.nodes}")
+        if not self.cluster or "/" in self.cluster:
+            raise ConfigError(f"--cluster must be non-empty and contain no '/', got {self.cluster!r}")
+        if self.start_timeout_s <= 0 or self.stop_grace_s < 0:
+            raise ConfigError("--start-timeout-s must be > 0 and --stop-grace-s >= 0")
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The demo model's checkpoint root; one per preset and seed."""
+        return self.workdir / "model" / f"{self.preset}-seed{self.seed}"
+
+    @property
+    def redis_prefix(self) -> str:
+        return f"{self.cluster}:"
+
+
+def resolve_spec(spec: str) -> Path:
+    """The placement spec file: as given, else relative to the repository root (so the
+    default works from any directory). ConfigError naming both places if neither exists."""
+    p = Path(spec)
+    if p.is_file():
+        return p.resolve()
+    if not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return (REPO_ROOT / p).resolve()
+    raise ConfigError(f"placement spec {spec!r} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def existing_model(root: Path, preset: str) -> tuple[int, str] | None:
+    """(version, "") when ``root`` holds a complete demo model of ``preset`` (a complete
+    version whose model spec is the preset's, and both feature files); (0, why not) when
+    something else is there; None when ``root`` does not exist."""
+    from services.core import synth
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.errors import CheckpointError
+
+    if not root.exists():
+        return None
+    try:
+        reader = CheckpointReader(str(root))
+        version = reader.latest_version()
+        manifest = reader.manifest(version)
+    except CheckpointError as e:
+        return 0, str(e)
+    if manifest.model != synth.model_spec(preset):
+        return 0, f"version {version} is not the {preset!r} preset"
+    for side in ("user", "item"):
+        if not reader.store.exists(synth.feature_file(side)):
+            return 0, f"{synth.feature_file(side)} is missing"
+    return version, ""

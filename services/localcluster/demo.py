@@ -1,0 +1,142 @@
+"""The demo's side of a local cluster: sample Recommend requests, how a response is printed,
+and how to call and stop a running cluster (docs/local-cluster.md)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from services.localcluster.console import Progress
+from services.localcluster.state import ClusterState
+
+NUM_CANDIDATES = 100
+TOP_K = 10
+REQUEST_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    user_id: int
+    candidate_item_ids: tuple[int, ...]
+
+
+def sample_requests(num_users: int, num_items: int, n: int, seed: int, num_candidates: int = NUM_CANDIDATES) -> list[SampleRequest]:
+    """``n`` requests for the demo: a power-law user id in ``[0, num_users)`` and
+    ``min(num_candidates, num_items)`` distinct candidate items drawn from the model's item
+    distribution (``services.core.synth.power_law_ids``: low ids are hot), in draw order.
+    Deterministic per seed."""
+    import numpy as np
+
+    from services.core.synth import power_law_ids
+
+    rng = np.random.default_rng(seed)
+    want = min(num_candidates, num_items)
+    out = []
+    for _ in range(n):
+        user = int(power_law_ids(rng, 1, num_users)[0])
+        chosen: dict[int, None] = {}
+        for _attempt in range(64):
+            for item in power_law_ids(rng, 4 * want, num_items).tolist():
+                chosen.setdefault(item)
+                if len(chosen) == want:
+                    break
+            if len(chosen) == want:
+                break
+        for item in range(num_items):  # a tiny table: fill with the remaining ids, in order
+            if len(chosen) == want:
+                break
+            chosen.setdefault(item)
+        out.append(SampleRequest(user, tuple(chosen)))
+    return out
+
+
+def format_response(
+    index: int,
+    total: int,
+    request: SampleRequest,
+    items: Sequence[tuple[int, float]],
+    latency_ms: float,
+    version: int,
+    shard_map_version: int,
+) -> str:
+    """A served request, readably: who, how many candidates, latency, versions, then the
+    ranked items one per line. Pure."""
+    lines = [
+        f"request {index}/{total}: user {request.user_id}, {len(request.candidate_item_ids)} candidates"
+        f" -> top {len(items)} in {latency_ms:.1f} ms (version {version}, shard map {shard_map_version})"
+    ]
+    width = max((len(str(item)) for item, _ in items), default=1)
+    for rank, (item, score) in enumerate(items, 1):
+        lines.append(f"  {rank:>3}. item {item:>{width}}  score {score:.4f}")
+    return "\n".join(lines)
+
+
+def send_sample_requests(frontend: str, checkpoint: Path | str, n: int, seed: int, progress: Progress) -> int:
+    """Send ``n`` Recommend calls (power-law users, ``NUM_CANDIDATES`` candidates each, drawn
+    from the model at ``checkpoint``) to the frontend at ``frontend`` and print each response
+    on ``progress``. Returns the number of failed calls."""
+    if n <= 0:
+        return 0
+    import grpc
+
+    from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
+    from services.core.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(str(checkpoint))
+    model = reader.manifest(reader.latest_version()).model
+    requests = sample_requests(model.table("users").rows, model.table("items").rows, n, seed)
+    failures = 0
+    progress.line()
+    with grpc.insecure_channel(frontend) as channel:
+        stub = recommend_pb2_grpc.RecommenderStub(channel)
+        for i, req in enumerate(requests, 1):
+            msg = recommend_pb2.RecommendRequest(
+                request_id=f"demo-{i}", user_id=req.user_id, candidate_item_ids=list(req.candidate_item_ids), top_k=TOP_K
+            )
+            t0 = time.perf_counter()
+            try:
+                reply = stub.Recommend(msg, timeout=REQUEST_TIMEOUT_S)
+            except grpc.RpcError as e:
+                failures += 1
+                progress.line(f"request {i}/{n}: user {req.user_id}: FAILED {e.code().name}: {e.details()}")
+                continue
+            latency_ms = (time.perf_counter() - t0) * 1000
+            items = [(int(s.item_id), float(s.score)) for s in reply.items]
+            progress.line(
+                format_response(i, n, req, items, latency_ms, int(reply.version), int(reply.shard_map_version))
+            )
+    progress.line()
+    return failures
+
+
+def call_instructions(state: ClusterState, workdir_arg: str) -> str:
+    """How to call a running cluster and stop it (printed by ``cluster up`` and ``status``)."""
+    lines = []
+    if state.frontend:
+        addr = state.frontend
+        lines += [
+            f"Recommender at {addr} (cluster {state.cluster!r}, ZooKeeper {state.zk}, Redis {state.redis_url})",
+            "",
+            "call it with grpcurl (reflection is on):",
+            f"  grpcurl -plaintext -d '{{\"user_id\": 42, \"candidate_item_ids\": [1, 2, 3, 5, 8, 13, 21], \"top_k\": 5}}' \\",
+            f"    {addr} shardrec.v1.Recommender/Recommend",
+            "",
+            "or from Python (.venv/bin/python in the repository):",
+            "  import grpc",
+            "  from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc",
+            f"  stub = recommend_pb2_grpc.RecommenderStub(grpc.insecure_channel(\"{addr}\"))",
+            "  reply = stub.Recommend(recommend_pb2.RecommendRequest(user_id=42, candidate_item_ids=range(100), top_k=10), timeout=5)",
+            "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
+            "",
+        ]
+    else:
+        lines += [f"cluster {state.cluster!r} without a frontend: ZooKeeper {state.zk}, Redis {state.redis_url} (prefix {state.redis_prefix!r})", ""]
+    lines += [
+        f"inspect: shardrec cluster status --workdir {workdir_arg}",
+        f"         shardrec placement show --zk {state.zk} --cluster {state.cluster}",
+        f"logs:    {Path(state.workdir) / 'logs'}/",
+        f"stop:    shardrec cluster down --workdir {workdir_arg}",
+    ]
+    return "\n".join(lines)
