@@ -35,7 +35,13 @@ import numpy as np
 
 from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core import sharding, wire
-from services.core.errors import DeadlineExceededError, FailedPreconditionError, ShardrecError, UnavailableError
+from services.core.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ShardrecError,
+    UnavailableError,
+    retryable_status,
+)
 from services.core.rpc.server import channel_options
 from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.lookup import FeatureLookup, LookupResult, LookupStats
@@ -45,18 +51,11 @@ from services.frontend.view import ClusterView
 log = logging.getLogger(__name__)
 
 _POOLING = {PoolingType.SUM: embedding_pb2.POOLING_SUM, PoolingType.MEAN: embedding_pb2.POOLING_MEAN, PoolingType.MAX: embedding_pb2.POOLING_MAX}
-# Statuses after which another replica may succeed.
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-}
 # Retrying replicas that all refused (FAILED_PRECONDITION) while the view does not change.
 _REFUSED_RETRY_S, _REFUSED_RETRY_MAX_S = 0.005, 0.1
-# Statuses that eject the node for a while (it is down, partitioned away or stalled).
+# Statuses that eject the node for a while (it is down, partitioned away or stalled). Routing
+# policy, not retryability (which ``services.core.errors`` decides): which failures say that the
+# node itself is unwell, so new calls should avoid it for a while.
 _EJECT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -113,7 +112,7 @@ class _Avoid:
     # (node, table, partition) -> shard map version the call was refused at
     refused: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
-    def nodes(self, map_version: int) -> set[str]:
+    def nodes(self) -> set[str]:
         return set(self.failed)
 
     def refusals(self, map_version: int) -> set[tuple[str, str, int]]:
@@ -125,7 +124,7 @@ class _Avoid:
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
         if isinstance(exc, ShardrecError) and not exc.retryable:
             raise exc
-        if code is not None and code not in _RETRYABLE:
+        if code is not None and not retryable_status(code.name):
             raise UnavailableError(f"shard {node} refused a lookup: {code.name}: {exc.details()}") from exc
         if code is grpc.StatusCode.FAILED_PRECONDITION or isinstance(exc, FailedPreconditionError):
             for u in units:
@@ -285,7 +284,7 @@ class GrpcLookupClient:
         (``budget``) the budget has a token per RPC; no tasks otherwise."""
         smap = self._view.shard_map
         hedge_call = _Call(call.version, smap.version, call.deadline, call.request_id)
-        plan = self._assign(units, avoid.nodes(smap.version) | {node}, call.version, fallback=False,
+        plan = self._assign(units, avoid.nodes() | {node}, call.version, fallback=False,
                             refused=avoid.refusals(smap.version))
         if plan is None or (budget and not self.budget.take(len(plan))):
             return hedge_call, {}
@@ -408,7 +407,7 @@ class GrpcLookupClient:
             if any(current.num_partitions(t) != smap.num_partitions(t) for t in {u.table for u in units}):
                 raise _Resplit()
             try:
-                plan = self._assign(units, avoid.nodes(current.version), version, refused=avoid.refusals(current.version))
+                plan = self._assign(units, avoid.nodes(), version, refused=avoid.refusals(current.version))
                 break
             except UnavailableError as e:
                 remaining = deadline - time.monotonic()
