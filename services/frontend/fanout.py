@@ -42,7 +42,7 @@ from services.core.errors import (
     UnavailableError,
     retryable_status,
 )
-from services.core.rpc.server import channel_options
+from services.core.clients import make_channel
 from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.lookup import FeatureLookup, LookupResult, LookupStats
 from services.frontend.replicas import HedgeBudget, ReplicaBoard, ReplicaPolicy, choose_replica
@@ -80,14 +80,14 @@ class ChannelPool:
     """One grpc.aio channel (and stub) per node address, reused for the process's life."""
 
     def __init__(self, max_message_bytes: int) -> None:
-        self._options = channel_options(max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self._stubs: dict[str, embedding_pb2_grpc.EmbeddingShardStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> embedding_pb2_grpc.EmbeddingShardStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = make_channel(address, max_message_bytes=self._max_message_bytes)
             self._channels[address] = channel
             stub = self._stubs[address] = embedding_pb2_grpc.EmbeddingShardStub(channel)
         return stub

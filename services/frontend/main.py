@@ -68,11 +68,10 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
     client it uses (None for torchrec; the caller closes it after the lookup client)."""
     spec = reader.manifest(version).model
     if config.lookup == "redis-kv":
-        import redis.asyncio as aioredis
-
+        from services.core.clients import make_async_redis
         from services.frontend.redis_kv import RedisKvLookupClient
 
-        kv_redis = aioredis.from_url(config.kv_redis_url or config.redis_url)
+        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url)
         lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
         try:
             await lookup.verify_loaded(version)
@@ -131,9 +130,9 @@ async def serve(config: FrontendConfig) -> int:
     ranker = await loop.run_in_executor(None, lambda: Ranker(spec.dense_arch, reader.dense_state(version), config.device))
     redis = None
     if config.redis_url:
-        import redis.asyncio as aioredis
+        from services.core.clients import make_async_redis
 
-        redis = aioredis.from_url(config.redis_url)
+        redis = make_async_redis(config.redis_url)
     prep = FeaturePrep(spec, redis, config.redis_prefix, FeatureLimits(max_candidates=config.max_candidates))
     pipeline = RecommendPipeline(spec, prep, lookup, ranker, version)
     batcher = MicroBatcher(
