@@ -46,7 +46,7 @@ def _load_kv(args: argparse.Namespace) -> int:
     import time
 
     from services.core.clients import make_redis
-    from services.frontend.redis_kv import load_rows_into_redis
+    from services.frontend.lookup.baselines.redis_kv_store import load_rows_into_redis
 
     tty = sys.stderr.isatty()
     last = [0.0]

@@ -24,7 +24,8 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.rpc.server import start_aio_server, tune_allocator
 from services.frontend.batcher import MicroBatcher
 from services.frontend.features import FeatureLimits, FeaturePrep
-from services.frontend.lookup import InprocLookupClient, LookupClient
+from services.frontend.lookup import LookupClient
+from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
 from services.ranker.ranker import Ranker
@@ -37,8 +38,9 @@ async def _connect_cluster(config: FrontendConfig, loop):
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
-    from services.frontend.fanout import ChannelPool, GrpcLookupClient
-    from services.frontend.replicas import ReplicaPolicy
+    from services.frontend.lookup.grpc.calls import ChannelPool
+    from services.frontend.lookup.grpc.client import GrpcLookupClient
+    from services.frontend.lookup.grpc.replicas import ReplicaPolicy
     from services.frontend.view import ClusterView
 
     zk = await loop.run_in_executor(None, make_kazoo, config.zk)
@@ -69,7 +71,7 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
     spec = reader.manifest(version).model
     if config.lookup == "redis-kv":
         from services.core.clients import make_async_redis
-        from services.frontend.redis_kv import RedisKvLookupClient
+        from services.frontend.lookup.baselines.redis_kv import RedisKvLookupClient
 
         kv_redis = make_async_redis(config.kv_redis_url or config.redis_url)
         lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
@@ -81,7 +83,7 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
             raise
         return lookup, kv_redis
     if config.lookup == "torchrec":
-        from services.frontend.torchrec_lookup import TorchrecLookupClient
+        from services.frontend.lookup.baselines.torchrec import TorchrecLookupClient
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, TorchrecLookupClient, reader, version), None

@@ -55,7 +55,7 @@ def features(redis_server, checkpoint):
 def served(request, tmp_path_factory, checkpoint, features):
     """One frontend process with the baseline's lookup step, and its address."""
     if request.param == "torchrec" and importlib.util.find_spec("torchrec") is None:
-        from services.frontend.torchrec_lookup import INSTALL_HINT
+        from services.core.torchrec_pooling import INSTALL_HINT
 
         pytest.skip(INSTALL_HINT)
     url, prefix, kv_prefix = features
