@@ -15,8 +15,6 @@ import logging
 import os
 import signal
 
-import torch
-
 from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
@@ -28,7 +26,7 @@ from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
-from services.ranker.ranker import Ranker
+from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
@@ -108,7 +106,7 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
 
 
 async def serve(config: FrontendConfig) -> int:
-    torch.set_num_threads(config.torch_threads)
+    set_threads(config.torch_threads)
     tune_allocator()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -129,14 +127,14 @@ async def serve(config: FrontendConfig) -> int:
         zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
         version = view.serving_version
     spec = reader.manifest(version).model
-    ranker = await loop.run_in_executor(None, lambda: Ranker(spec.dense_arch, reader.dense_state(version), config.device))
+    scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
     redis = None
     if config.redis_url:
         from services.core.clients import make_async_redis
 
         redis = make_async_redis(config.redis_url)
     prep = FeaturePrep(spec, redis, config.redis_prefix, FeatureLimits(max_candidates=config.max_candidates))
-    pipeline = RecommendPipeline(spec, prep, lookup, ranker, version)
+    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
     batcher = MicroBatcher(
         pipeline.process,
         max_batch=config.max_batch,
@@ -171,7 +169,7 @@ async def serve(config: FrontendConfig) -> int:
     if view is not None:
         follower_task = asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop))
     log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
-             version, address, ranker.device, "inproc" if config.inproc_checkpoint else config.lookup)
+             version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
@@ -185,7 +183,7 @@ async def serve(config: FrontendConfig) -> int:
     await lookup.close()
     if kv_redis is not None:
         await kv_redis.aclose()
-    ranker.close()  # the first ranker owns the executor every later version shares
+    scorer.close()  # the first scorer owns the executor every later version shares
     if redis is not None:
         await redis.aclose()
     if zk is not None:

@@ -1,7 +1,7 @@
 """One micro-batch, end to end: feature prep -> lookup -> dense model -> top-k per request.
 
 Every request of a batch is computed at one version with one shard map, and its response
-names them. Runs on the event loop; the forward pass runs in the ranker's executor.
+names them. Runs on the event loop; the ranker's ``Scorer`` keeps the forward pass off it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from services.core.types import FeatureSide, Version
 from services.frontend.batch import RecRequest, unique_bags
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import FeatureLookup, LookupClient
-from services.ranker.ranker import Ranker, top_k
+from services.ranker.scorer import Scorer
+from services.ranker.topk import top_k
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,15 @@ class ServingModel:
     """The version a batch is computed at and the dense model of exactly that version."""
 
     version: Version
-    ranker: Ranker
+    scorer: Scorer
 
 
 class RecommendPipeline:
-    def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, ranker: Ranker, version: Version) -> None:
+    def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, scorer: Scorer, version: Version) -> None:
         self.spec = spec
         self.prep = prep
         self.lookup = lookup
-        self.model = ServingModel(version, ranker)
+        self.model = ServingModel(version, scorer)
         self._batch_ids = itertools.count(1)
         self.bags_requested = 0  # bags the batches needed, per feature
         self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
@@ -61,10 +62,10 @@ class RecommendPipeline:
     def version(self) -> Version:
         return self.model.version
 
-    def switch(self, version: Version, ranker: Ranker) -> None:
+    def switch(self, version: Version, scorer: Scorer) -> None:
         """Serve ``version`` from the next batch on; a batch already running finishes at the
         version it started with (it holds its own ``ServingModel``)."""
-        self.model = ServingModel(version, ranker)
+        self.model = ServingModel(version, scorer)
 
     async def process(self, items: list[Pending]) -> list[Recommendation | BaseException]:
         now = time.monotonic()
@@ -96,7 +97,7 @@ class RecommendPipeline:
             if twins[f.name] is not None:
                 index = twins[f.name][index]
             np.take(result.pooled[f.name], index, axis=0, out=sparse[:, fi, :])
-        scores = await model.ranker.score_async(batch.dense, sparse)
+        scores = await model.scorer.score(batch.dense, sparse)
         out = []
         for r, req in enumerate(requests):
             lo, hi = int(batch.sample_offsets[r]), int(batch.sample_offsets[r + 1])
