@@ -20,12 +20,14 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.rpc.server import start_aio_server, tune_allocator
-from services.frontend.batcher import MicroBatcher
-from services.frontend.features import FeatureLimits, FeaturePrep
+from services.frontend.batching import MicroBatcher
+from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
+from services.frontend.recommender import Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
+from services.frontend.validate import FeatureLimits
 from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
@@ -143,14 +145,15 @@ async def serve(config: FrontendConfig) -> int:
         max_in_flight=config.max_in_flight_batches,
     )
     batcher.start()
-    recommender = RecommenderServicer(pipeline, batcher, default_timeout_s=config.default_timeout_s)
-    admin = FrontendAdminServicer(pipeline, batcher, view)
+    recommender = Recommender(prep.validator, pipeline, batcher, default_timeout_s=config.default_timeout_s)
+    servicer = RecommenderServicer(recommender)
+    admin = FrontendAdminServicer(recommender, view)
     server = await start_aio_server(
         config.host,
         config.port,
         max_message_bytes=config.max_message_bytes,
         add_servicers=[
-            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(recommender, s),
+            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
