@@ -128,13 +128,11 @@ def start_server(kind: str, tmp: str) -> tuple[subprocess.Popen, int]:
 
 
 def time_rpc(port: int, request_bytes: bytes, iters: int, warmup: int) -> list[float]:
-    import grpc
-
     from services._proto.shardrec.v1 import embedding_pb2
     from services.core import wire
-    from services.core.rpc.server import channel_options
+    from services.core.clients import make_channel
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(MAX_MSG)) as ch:
+    with make_channel(f"127.0.0.1:{port}", max_message_bytes=MAX_MSG, aio=False) as ch:
         call = ch.unary_unary(
             "/shardrec.v1.EmbeddingShard/Lookup",
             request_serializer=None,

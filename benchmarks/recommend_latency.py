@@ -20,10 +20,10 @@ if str(ROOT) not in sys.path:
 
 
 def main() -> int:
-    import grpc
     import numpy as np
 
     from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
+    from services.core.clients import make_channel
     from services.core.synth import power_law_ids
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     lat = []
-    with grpc.insecure_channel(args.address) as ch:
+    with make_channel(args.address, aio=False) as ch:
         stub = recommend_pb2_grpc.RecommenderStub(ch)
         for i in range(args.warmup + args.calls):
             req = recommend_pb2.RecommendRequest(

@@ -16,6 +16,7 @@ import grpc
 import psutil
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
+from services.core.clients import make_channel
 
 # Counters that are levels, not running totals: their delta is the later value.
 GAUGE_COUNTERS = frozenset({"largest_batch", "view_live_nodes"})
@@ -117,7 +118,7 @@ class CpuMeter:
 def snapshot_counters(frontend_address: str, *, timeout_s: float = 5.0) -> dict[str, int]:
     """``FrontendAdmin.GetStats`` counters of the frontend at ``frontend_address`` (blocking;
     for a command line, not an event loop)."""
-    with grpc.insecure_channel(frontend_address) as ch:
+    with make_channel(frontend_address, aio=False) as ch:
         resp = recommend_pb2_grpc.FrontendAdminStub(ch).GetStats(recommend_pb2.GetStatsRequest(), timeout=timeout_s)
     return dict(resp.counters)
 
@@ -164,7 +165,7 @@ class CounterMeter:
         self._channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = make_channel(self.address)
         self.after = None
         self.before = await read_counters(self._channel, timeout_s=self.timeout_s)
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from benchmarks.harness.histogram import LatencyHistogram
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
+from services.core.clients import make_channel
 
 Request = recommend_pb2.RecommendRequest
 Call = Callable[[Any], Awaitable[Any]]
@@ -570,7 +571,7 @@ class RecommenderClient:
         opts = list(self._options)
         if self._n > 1:
             opts.append(("grpc.use_local_subchannel_pool", 1))
-        self._channels = [grpc.aio.insecure_channel(self.address, options=opts) for _ in range(self._n)]
+        self._channels = [make_channel(self.address, options=opts) for _ in range(self._n)]
         self._stubs = [recommend_pb2_grpc.RecommenderStub(ch) for ch in self._channels]
         try:
             async with asyncio.timeout(timeout_s):

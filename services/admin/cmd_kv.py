@@ -4,7 +4,7 @@ baseline (``shardrec frontend serve --lookup redis-kv``).
 - ``load-kv --checkpoint URI --redis URL [--prefix kv:] [--version V] [--tables a,b]
   [--batch-rows N]``: one key per row (``{prefix}{table}:`` + the row as big-endian uint32), the
   raw float32 row as the value, pipelined MSETs of ``--batch-rows`` rows, then a meta key that
-  the frontend checks at startup (``services.frontend.redis_kv``). A progress line (rows/s)
+  the frontend checks at startup (``services.frontend.lookup.baselines.redis_kv_store``). A progress line (rows/s)
   goes to stderr, a summary to stdout. The demo preset (1.5M rows x 256 B) takes ~4 s and
   ~575 MiB of Redis memory on a 2-core machine.
 
@@ -46,7 +46,7 @@ def _load_kv(args: argparse.Namespace) -> int:
     import time
 
     from services.core.clients import make_redis
-    from services.frontend.redis_kv import load_rows_into_redis
+    from services.frontend.lookup.baselines.redis_kv_store import load_rows_into_redis
 
     tty = sys.stderr.isatty()
     last = [0.0]

@@ -1,16 +1,19 @@
-"""The one place shardrec creates its ZooKeeper, Redis (and, later, gRPC channel) clients.
+"""The one place shardrec creates its ZooKeeper clients, Redis clients (sync and asyncio) and
+gRPC channels (sync and asyncio), in services/ and benchmarks/ alike (tests use it too).
 
 Security goes here and nowhere else: ZooKeeper TLS (``use_ssl``, ``certfile``, ``keyfile``,
 ``ca``), ZooKeeper ACLs (``auth_data`` + ``default_acl``), Redis AUTH / TLS (``username``,
 ``password``, ``rediss://``) and gRPC channel credentials are added to these factories, from
 fields of the process's frozen config, so every process gets them at once.
+``tests/unit/test_clients_only.py`` fails when a client is constructed anywhere else.
 
 Libraries are imported inside the factories, so importing this module stays light.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from services.core.config import ZkConfig
 from services.core.errors import UnavailableError
@@ -18,7 +21,10 @@ from services.core.errors import UnavailableError
 if TYPE_CHECKING:
     import logging
 
+    import grpc
+    import grpc.aio
     import redis
+    import redis.asyncio
     from kazoo.client import KazooClient
 
 
@@ -69,9 +75,7 @@ def make_redis(url: str, *, timeout_s: float | None = None) -> "redis.Redis":
     import redis
 
     connect_s = 5.0 if timeout_s is None else timeout_s
-    return redis.Redis.from_url(
-        url, decode_responses=False, socket_connect_timeout=connect_s, socket_timeout=timeout_s, health_check_interval=30
-    )
+    return redis.Redis.from_url(url, **{**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s})
 
 
 def _quiet_logger() -> "logging.Logger":
@@ -81,3 +85,40 @@ def _quiet_logger() -> "logging.Logger":
     log = logging.getLogger("shardrec.clients.quiet")
     log.setLevel(logging.CRITICAL)
     return log
+
+
+def make_async_redis(url: str) -> "redis.asyncio.Redis":
+    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms and settings), for an event
+    loop: use and close it (``await client.aclose()``) on the loop that first uses it."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS)
+
+
+_REDIS_OPTIONS: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5.0, "health_check_interval": 30}
+
+
+def make_channel(
+    address: str, *, max_message_bytes: int | None = None, options: Sequence[tuple[str, Any]] = (), aio: bool = True
+) -> "grpc.aio.Channel | grpc.Channel":
+    """A gRPC channel to ``address`` (``host:port``): ``grpc.aio`` (default) or, ``aio=False``,
+    a blocking one. The caller owns it and closes it (``await ch.close()`` / ``ch.close()``).
+
+    ``max_message_bytes`` sets both message caps (``services.core.rpc.server.channel_options``,
+    what shardrec servers use); None keeps gRPC's defaults (4 MiB received), enough for
+    Recommend and admin calls. ``options`` are added after those. Plaintext today; channel
+    credentials (TLS) land here.
+    """
+    import grpc
+
+    opts: list[tuple[str, Any]] = []
+    if max_message_bytes is not None:
+        from services.core.rpc.server import channel_options
+
+        opts += channel_options(max_message_bytes)
+    opts += options
+    if aio:
+        import grpc.aio
+
+        return grpc.aio.insecure_channel(address, options=opts or None)
+    return grpc.insecure_channel(address, options=opts or None)

@@ -1,10 +1,27 @@
-"""One exception tree. Each class names its gRPC status code and whether a retry may help.
+"""One exception tree. Each class names its gRPC status code and whether a retry may help;
+``RETRYABLE_STATUSES`` says which statuses of a remote call another replica may fix. Retryability
+is decided here and nowhere else.
 
-Pure module: the code is a ``grpc.StatusCode`` *name*; ``services.core.rpc`` turns errors into
+Pure module: codes are ``grpc.StatusCode`` *names*; ``services.core.rpc`` turns errors into
 statuses at the edge, in one place.
 """
 
 from __future__ import annotations
+
+# Statuses of a shard call after which another replica may succeed (the fan-out retries the
+# call elsewhere while the request has budget left). DEADLINE_EXCEEDED is here on purpose: a
+# Lookup that hit its own per-call timeout (a stalled or overloaded node) while the request still
+# has budget is retried on another replica. The request's own deadline is final:
+# ``DeadlineExceededError`` (raised when the request's budget is spent) is not retryable.
+RETRYABLE_STATUSES = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "CANCELLED", "UNKNOWN"}
+)
+
+
+def retryable_status(code_name: str) -> bool:
+    """Whether another replica may answer a call that failed with status ``code_name`` (a
+    ``grpc.StatusCode`` name, e.g. ``"UNAVAILABLE"``); see ``RETRYABLE_STATUSES``."""
+    return code_name in RETRYABLE_STATUSES
 
 
 class ShardrecError(Exception):
@@ -49,6 +66,9 @@ class UnavailableError(ShardrecError):
 
 
 class DeadlineExceededError(ShardrecError):
+    """The request's own deadline passed: final, never retried (unlike a remote call's
+    DEADLINE_EXCEEDED status, see ``RETRYABLE_STATUSES``)."""
+
     grpc_code = "DEADLINE_EXCEEDED"
 
 

@@ -1,6 +1,7 @@
 """Bag pooling over one table partition with torch ``embedding_bag`` (vectorized, GIL released).
 
-Used by the embedding shard and by the in-process lookup (the monolith); the reference path
+Used by the embedding shard and by the frontend's in-process and redis-kv lookups (through
+``as_weight``, so the frontend itself never imports torch); the reference path
 (``services.core.reference``) deliberately pools with its own plain code instead.
 
 Shapes, for ``bags`` bags holding ``n`` ids in total over a ``[rows, dim]`` partition::
@@ -31,6 +32,13 @@ def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     offsets = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
     return offsets
+
+
+def as_weight(table: np.ndarray) -> torch.Tensor:
+    """A ``[rows, dim]`` float32 numpy table (memory-mapped included) as the ``weight`` that
+    ``pool`` reads, sharing its memory (no copy). Lets numpy-only callers (the frontend's
+    lookup baselines) pool without touching torch themselves."""
+    return torch.from_numpy(table)
 
 
 def pool(

@@ -1,7 +1,8 @@
-"""What feature prep hands the lookup and ranking stages: validated requests and the bags of a
-micro-batch, deduplicated by entity.
+"""The data of the batch path: a validated request (``RecRequest``) and its place in the
+batcher (``Pending``), what feature prep hands the lookup and scoring stages (the bags of a
+micro-batch, deduplicated by entity), and a request's answer (``Recommendation``).
 
-For a batch of R requests with C_r candidates each (S = sum C_r samples)::
+A ``PreparedBatch`` of R requests with C_r candidates each (S = sum C_r samples)::
 
     requests            R validated Recommend calls
     sample_offsets      int64 [R+1]: request r owns samples sample_offsets[r]:sample_offsets[r+1]
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.core.types import Version
+
 
 @dataclass(frozen=True)
 class RecRequest:
@@ -34,6 +37,26 @@ class RecRequest:
     dense_overrides: dict[str, float] = field(default_factory=dict)
     # user-side sparse feature name -> (raw values int64 [n], weights float32 [n] | None)
     sparse_overrides: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request waiting in the batcher, with its absolute deadline (time.monotonic())."""
+
+    request: RecRequest
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One request's answer: its top-k, computed at one version with one shard map."""
+
+    request_id: str
+    positions: np.ndarray  # int64 [k], candidate positions, best first
+    item_ids: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k]
+    version: Version
+    shard_map_version: int
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,12 @@
-"""Feature prep: validate Recommend requests, then turn a micro-batch of them into the bags and
+"""Feature prep: a micro-batch of validated requests (``validate.py``) turned into the bags and
 dense matrix of a ``PreparedBatch`` (see ``services/frontend/batch.py`` and docs/features.md).
 
-Two stages, on purpose:
-
-- ``FeaturePrep.validate(req)`` is pure and synchronous. It runs BEFORE batching, so a bad
-  request is refused on its own (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the field and
-  value) and never joins a batch nor reaches a shard.
-- ``await FeaturePrep.prepare(requests)`` reads the stored user and item records of the whole
-  batch in ONE Redis round trip (one MGET of the unique user keys and the unique candidate
-  item keys), applies request overrides, maps raw values to table rows and deduplicates:
-  items are unique per batch; user-side bags are built once per user context (a user id
-  without request-time sparse overrides, shared by the batch, or one request's own
-  overridden features), never once per candidate.
+``await FeaturePrep.prepare(requests)`` reads the stored user and item records of the whole
+batch in ONE Redis round trip (one MGET of the unique user keys and the unique candidate item
+keys), applies request overrides, maps raw values to table rows and deduplicates: items are
+unique per batch; user-side bags are built once per user context (a user id without
+request-time sparse overrides, shared by the batch, or one request's own overridden features),
+never once per candidate.
 
 Everything over ids is vectorized (``np.unique``, ``np.repeat``, CSR gathers); only the R
 requests of a batch are looped over.
@@ -19,9 +14,7 @@ requests of a batch are looped over.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,33 +22,14 @@ from redis import exceptions as redis_errors
 
 from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
-from services.core.errors import InvalidArgumentError, ResourceExhaustedError, ShardrecError, UnavailableError
+from services.core.errors import ShardrecError, UnavailableError
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
-from services.core.types import FeatureSide, FeatureSource, MappingKind, PoolingType, SparseFeatureSpec
+from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
 from services.frontend.batch import Bags, PreparedBatch, RecRequest
+from services.frontend.validate import FeatureLimits, RequestValidator
 
 if TYPE_CHECKING:
     import redis.asyncio
-
-
-@dataclass(frozen=True)
-class FeatureLimits:
-    """Caps applied by ``FeaturePrep.validate``.
-
-    - ``max_candidates``: more candidates in one request is RESOURCE_EXHAUSTED (split it).
-    - ``default_top_k``: the top_k of a request that leaves it unset (0). 0 (the default)
-      means there is none and such a request is INVALID_ARGUMENT; N > 0 means
-      ``min(N, number of candidates)``.
-    """
-
-    max_candidates: int = 1000
-    default_top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
-        if self.default_top_k < 0:
-            raise ValueError(f"default_top_k must be >= 0, got {self.default_top_k}")
 
 
 def _ragged_take(
@@ -76,15 +50,15 @@ def _ragged_take(
 
 
 class FeaturePrep:
-    """Validates requests and prepares batches for one model.
+    """Prepares batches for one model.
 
     Owns the two record layouts (user, item) derived from ``spec`` and the batch counters.
     ``redis`` is a ``redis.asyncio.Redis`` speaking bytes (or None: every entity is missing and
     gets defaults, handy in tests). ``key_prefix`` must equal the ``--prefix`` the features were
-    loaded with (``shardrec features load``).
+    loaded with (``shardrec features load``). ``validator`` checks requests against the same
+    model and ``limits`` (``validate`` is its check, for callers that hold a prep).
 
-    ``validate`` may be called from any thread; ``prepare`` and the counters belong to the
-    event loop of ``redis``.
+    ``prepare`` and the counters belong to the event loop of ``redis``.
     """
 
     def __init__(
@@ -95,17 +69,12 @@ class FeaturePrep:
         limits: FeatureLimits,
     ) -> None:
         self.spec = spec
-        self.limits = limits
         self.key_prefix = key_prefix
+        self.validator = RequestValidator(spec, limits)
         self._redis = redis
         self.user_layout = FeatureLayout(spec, FeatureSide.USER)
         self.item_layout = FeatureLayout(spec, FeatureSide.ITEM)
-        self._sparse = {f.name: f for f in spec.sparse_features}
-        self._dense = {d.name: d for d in spec.dense_features}
         self._rows = {f.name: spec.table(f.table).rows for f in spec.sparse_features}
-        self._user_entity = self._entity_feature(FeatureSide.USER)
-        self._item_entity = self._entity_feature(FeatureSide.ITEM)
-        self._overridable = tuple(f.name for f in self.user_layout.sparse)
         # Counters (event loop only).
         self.batches = 0
         self.requests = 0
@@ -115,111 +84,9 @@ class FeaturePrep:
         self.redis_round_trips = 0
         self.redis_keys = 0
 
-    def _entity_feature(self, side: FeatureSide) -> SparseFeatureSpec | None:
-        for f in self.spec.features(side):
-            if f.source is FeatureSource.ENTITY_ID:
-                return f
-        return None
-
-    # -- validation (pure, before batching) ------------------------------------------------
-
-    def _check_rows(self, values: np.ndarray, f: SparseFeatureSpec, field: str, indexed: bool = True) -> None:
-        rows = self._rows[f.name]
-        bad = unmappable(values, f.mapping, rows)
-        if bad.size:
-            i = int(bad[0])
-            where = f"{field}[{i}]" if indexed else field
-            raise InvalidArgumentError(
-                f"{where} = {int(values[i])} is not a row of table {f.table!r}: feature {f.name!r} maps ids "
-                f"by identity, so they must be in [0, {rows})"
-            )
-
     def validate(self, req: recommend_pb2.RecommendRequest) -> RecRequest:
-        """Check one request against the model and the limits; return it as a RecRequest.
-
-        Raises InvalidArgumentError (or ResourceExhaustedError for too many candidates)
-        naming the field and the value. Raw ids are kept; rows are mapped in ``prepare``.
-        """
-        spec = self.spec
-        if req.model and req.model != spec.name:
-            raise InvalidArgumentError(f"unknown model {req.model!r} (serving {spec.name!r})")
-        n = len(req.candidate_item_ids)
-        if n == 0:
-            raise InvalidArgumentError("candidate_item_ids is empty: give at least one candidate item id")
-        if n > self.limits.max_candidates:
-            raise ResourceExhaustedError(
-                f"candidate_item_ids has {n} ids, more than max_candidates {self.limits.max_candidates}; "
-                f"split the request"
-            )
-        top_k = req.top_k
-        if top_k == 0 and self.limits.default_top_k > 0:
-            top_k = min(self.limits.default_top_k, n)
-        if top_k <= 0 or top_k > n:
-            raise InvalidArgumentError(f"top_k = {req.top_k} must be between 1 and the number of candidates ({n})")
-        candidates = np.fromiter(req.candidate_item_ids, dtype=np.int64, count=n)
-        if self._item_entity is not None:
-            self._check_rows(candidates, self._item_entity, "candidate_item_ids")
-        if self._user_entity is not None:
-            self._check_rows(np.array([req.user_id], dtype=np.int64), self._user_entity, "user_id", indexed=False)
-
-        dense: dict[str, float] = {}
-        for name, value in req.dense_features.items():
-            d = self._dense.get(name)
-            if d is None:
-                raise InvalidArgumentError(
-                    f"dense_features[{name!r}]: unknown dense feature of model {spec.name!r} "
-                    f"(known: {', '.join(self._dense)})"
-                )
-            if not math.isfinite(value):
-                raise InvalidArgumentError(f"dense_features[{name!r}] = {value}: must be a finite number")
-            dense[name] = float(value)
-
-        sparse: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        for name, sf in req.sparse_features.items():
-            field = f"sparse_features[{name!r}]"
-            f = self._sparse.get(name)
-            if f is None or f.side is not FeatureSide.USER or f.source is not FeatureSource.STORED:
-                what = (
-                    "unknown sparse feature"
-                    if f is None
-                    else "an item-side feature"
-                    if f.side is FeatureSide.ITEM
-                    else "the entity id feature (set user_id instead)"
-                )
-                raise InvalidArgumentError(
-                    f"{field}: {what} of model {spec.name!r}; only stored user-side features can be given "
-                    f"in a request ({', '.join(self._overridable) or 'none'})"
-                )
-            m = len(sf.values)
-            if m > f.max_bag_len:
-                raise InvalidArgumentError(f"{field}.values has {m} values, more than max_bag_len {f.max_bag_len}")
-            values = np.fromiter(sf.values, dtype=np.int64, count=m)
-            weights: np.ndarray | None = None
-            if len(sf.weights):
-                if len(sf.weights) != m:
-                    raise InvalidArgumentError(
-                        f"{field}.weights has {len(sf.weights)} weights for {m} values; give one weight per value or none"
-                    )
-                if f.pooling is not PoolingType.SUM:
-                    raise InvalidArgumentError(
-                        f"{field}.weights: feature {name!r} pools by {f.pooling.value}; per-value weights need sum pooling"
-                    )
-                weights = np.fromiter(sf.weights, dtype=np.float32, count=m)
-                bad = np.flatnonzero(~np.isfinite(weights))
-                if bad.size:
-                    i = int(bad[0])
-                    raise InvalidArgumentError(f"{field}.weights[{i}] = {weights[i]}: weights must be finite")
-            self._check_rows(values, f, f"{field}.values")
-            sparse[name] = (values, weights)
-
-        return RecRequest(
-            request_id=req.request_id,
-            user_id=int(req.user_id),
-            candidates=candidates,
-            top_k=top_k,
-            dense_overrides=dense,
-            sparse_overrides=sparse,
-        )
+        """``RequestValidator.validate`` of this prep's model and limits (any thread)."""
+        return self.validator.validate(req)
 
     # -- batch prep (one Redis round trip) -------------------------------------------------
 

@@ -15,19 +15,20 @@ import logging
 import os
 import signal
 
-import torch
-
 from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.rpc.server import start_aio_server, tune_allocator
-from services.frontend.batcher import MicroBatcher
-from services.frontend.features import FeatureLimits, FeaturePrep
-from services.frontend.lookup import InprocLookupClient, LookupClient
+from services.frontend.batching import MicroBatcher
+from services.frontend.features import FeaturePrep
+from services.frontend.lookup import LookupClient
+from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
+from services.frontend.recommender import Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
-from services.ranker.ranker import Ranker
+from services.frontend.validate import FeatureLimits
+from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
@@ -37,8 +38,9 @@ async def _connect_cluster(config: FrontendConfig, loop):
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
-    from services.frontend.fanout import ChannelPool, GrpcLookupClient
-    from services.frontend.replicas import ReplicaPolicy
+    from services.frontend.lookup.grpc.calls import ChannelPool
+    from services.frontend.lookup.grpc.client import GrpcLookupClient
+    from services.frontend.lookup.grpc.replicas import ReplicaPolicy
     from services.frontend.view import ClusterView
 
     zk = await loop.run_in_executor(None, make_kazoo, config.zk)
@@ -68,11 +70,10 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
     client it uses (None for torchrec; the caller closes it after the lookup client)."""
     spec = reader.manifest(version).model
     if config.lookup == "redis-kv":
-        import redis.asyncio as aioredis
+        from services.core.clients import make_async_redis
+        from services.frontend.lookup.baselines.redis_kv import RedisKvLookupClient
 
-        from services.frontend.redis_kv import RedisKvLookupClient
-
-        kv_redis = aioredis.from_url(config.kv_redis_url or config.redis_url)
+        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url)
         lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
         try:
             await lookup.verify_loaded(version)
@@ -82,7 +83,7 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
             raise
         return lookup, kv_redis
     if config.lookup == "torchrec":
-        from services.frontend.torchrec_lookup import TorchrecLookupClient
+        from services.frontend.lookup.baselines.torchrec import TorchrecLookupClient
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, TorchrecLookupClient, reader, version), None
@@ -107,7 +108,7 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
 
 
 async def serve(config: FrontendConfig) -> int:
-    torch.set_num_threads(config.torch_threads)
+    set_threads(config.torch_threads)
     tune_allocator()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -128,14 +129,14 @@ async def serve(config: FrontendConfig) -> int:
         zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
         version = view.serving_version
     spec = reader.manifest(version).model
-    ranker = await loop.run_in_executor(None, lambda: Ranker(spec.dense_arch, reader.dense_state(version), config.device))
+    scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
     redis = None
     if config.redis_url:
-        import redis.asyncio as aioredis
+        from services.core.clients import make_async_redis
 
-        redis = aioredis.from_url(config.redis_url)
+        redis = make_async_redis(config.redis_url)
     prep = FeaturePrep(spec, redis, config.redis_prefix, FeatureLimits(max_candidates=config.max_candidates))
-    pipeline = RecommendPipeline(spec, prep, lookup, ranker, version)
+    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
     batcher = MicroBatcher(
         pipeline.process,
         max_batch=config.max_batch,
@@ -144,14 +145,15 @@ async def serve(config: FrontendConfig) -> int:
         max_in_flight=config.max_in_flight_batches,
     )
     batcher.start()
-    recommender = RecommenderServicer(pipeline, batcher, default_timeout_s=config.default_timeout_s)
-    admin = FrontendAdminServicer(pipeline, batcher, view)
+    recommender = Recommender(prep.validator, pipeline, batcher, default_timeout_s=config.default_timeout_s)
+    servicer = RecommenderServicer(recommender)
+    admin = FrontendAdminServicer(recommender, view)
     server = await start_aio_server(
         config.host,
         config.port,
         max_message_bytes=config.max_message_bytes,
         add_servicers=[
-            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(recommender, s),
+            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
@@ -170,7 +172,7 @@ async def serve(config: FrontendConfig) -> int:
     if view is not None:
         follower_task = asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop))
     log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
-             version, address, ranker.device, "inproc" if config.inproc_checkpoint else config.lookup)
+             version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
@@ -184,7 +186,7 @@ async def serve(config: FrontendConfig) -> int:
     await lookup.close()
     if kv_redis is not None:
         await kv_redis.aclose()
-    ranker.close()  # the first ranker owns the executor every later version shares
+    scorer.close()  # the first scorer owns the executor every later version shares
     if redis is not None:
         await redis.aclose()
     if zk is not None:

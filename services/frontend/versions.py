@@ -70,14 +70,14 @@ class VersionFollower:
             if spec != self._pipeline.spec:
                 raise ShardrecError(f"version {target} is another model than the one served ({spec.name!r})")
             state = await loop.run_in_executor(None, self._reader.dense_state, target)
-            ranker = await loop.run_in_executor(None, old.ranker.with_weights, state)
+            scorer = await loop.run_in_executor(None, old.scorer.with_weights, state)
         except (ShardrecError, OSError, ValueError) as e:
             self._refused = target
             log.error("not switching to version %d, still serving %d: %s", target, old.version, e)
             return
         if not self._view.ready_everywhere(target):  # a replica left while the weights loaded
             return
-        self._pipeline.switch(target, ranker)
+        self._pipeline.switch(target, scorer)
         self.switches += 1
         log.info("switched from version %d to %d", old.version, target)
         try:

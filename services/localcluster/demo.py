@@ -83,13 +83,14 @@ def send_sample_requests(frontend: str, checkpoint: Path | str, n: int, seed: in
 
     from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.clients import make_channel
 
     reader = CheckpointReader(str(checkpoint))
     model = reader.manifest(reader.latest_version()).model
     requests = sample_requests(model.table("users").rows, model.table("items").rows, n, seed)
     failures = 0
     progress.line()
-    with grpc.insecure_channel(frontend) as channel:
+    with make_channel(frontend, aio=False) as channel:
         stub = recommend_pb2_grpc.RecommenderStub(channel)
         for i, req in enumerate(requests, 1):
             msg = recommend_pb2.RecommendRequest(

@@ -36,7 +36,7 @@ def features(redis_server, checkpoint):
     Redis under module prefixes; the rows are deleted at the end."""
     from services.control.features import load_features
     from services.core.clients import make_redis
-    from services.frontend.redis_kv import load_rows_into_redis
+    from services.frontend.lookup.baselines.redis_kv_store import load_rows_into_redis
 
     uid = uuid.uuid4().hex[:8]
     prefix, kv_prefix = f"t:{uid}:", f"kv{uid}:"
@@ -56,7 +56,7 @@ def features(redis_server, checkpoint):
 def served(request, tmp_path_factory, checkpoint, features):
     """One frontend process with the baseline's lookup step, and its address."""
     if request.param == "torchrec" and importlib.util.find_spec("torchrec") is None:
-        from services.frontend.torchrec_lookup import INSTALL_HINT
+        from services.core.torchrec_pooling import INSTALL_HINT
 
         pytest.skip(INSTALL_HINT)
     url, prefix, kv_prefix = features

@@ -17,7 +17,7 @@ from services.core.config import ZkConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.reference import ReferenceRecommender
 from services.core.synth import power_law_ids
-from services.ranker.ranker import top_k
+from services.ranker.topk import top_k
 from tests.support.cluster import start_cluster
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for

@@ -23,9 +23,11 @@ from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.types import PoolingType
 from services.frontend.batch import Bags
-from services.frontend.fanout import ChannelPool, GrpcLookupClient
-from services.frontend.lookup import FeatureLookup, InprocLookupClient
-from services.frontend.replicas import ReplicaPolicy
+from services.frontend.lookup import FeatureLookup
+from services.frontend.lookup.grpc.calls import ChannelPool
+from services.frontend.lookup.grpc.client import GrpcLookupClient
+from services.frontend.lookup.grpc.replicas import ReplicaPolicy
+from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.view import ClusterView
 from tests.e2e.test_recommend import check_response, checkpoint, features, random_requests, reference, stats  # noqa: F401
 from tests.support.closed_loop import ClosedLoop
@@ -39,7 +41,7 @@ SPEC = {
 }
 NODES = 3
 SESSION_TIMEOUT_S = 1.0  # the shards' and the frontend's (tests.support.cluster)
-HEDGE_BUDGET, HEDGE_BURST = 0.05, 10  # the frontend's defaults (services.frontend.replicas)
+HEDGE_BUDGET, HEDGE_BURST = 0.05, 10  # the frontend's defaults (services.frontend.lookup.grpc.replicas)
 
 
 @dataclass

@@ -19,7 +19,8 @@ from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.features import FeatureLayout
 from services.core.types import FeatureSide, FeatureSource, MappingKind
 from services.frontend.batch import PreparedBatch
-from services.frontend.features import FeatureLimits, FeaturePrep
+from services.frontend.features import FeaturePrep
+from services.frontend.validate import FeatureLimits
 
 SPEC = synth.model_spec("small")
 

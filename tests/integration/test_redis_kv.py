@@ -19,7 +19,8 @@ from services.core.reference import reference_pool
 from services.core.types import FeatureSide, PoolingType
 from services.frontend.batch import Bags
 from services.frontend.lookup import FeatureLookup
-from services.frontend.redis_kv import RedisKvLookupClient, load_rows_into_redis, meta_key, row_keys
+from services.frontend.lookup.baselines.redis_kv import RedisKvLookupClient
+from services.frontend.lookup.baselines.redis_kv_store import load_rows_into_redis, meta_key, row_keys
 
 RTOL, ATOL = 1e-5, 1e-6
 # torch.from_numpy over the read-only MGET bytes: expected (services.core.pooling filters it at

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from services.core.errors import ResourceExhaustedError
-from services.frontend.batcher import MicroBatcher
+from services.frontend.batching import MicroBatcher
 
 
 def run(coro):

@@ -17,11 +17,6 @@ CONTRACTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["i
 # Contracts the code breaks today, each to be removed from here when the change named lands
 # (strict: the test fails as soon as the contract holds, so the marker cannot outlive it).
 BROKEN_TODAY = {
-    "frontend-torch-only-through-ranker": (
-        "services/frontend/lookup.py (InprocLookupClient, and services.core.pooling), "
-        "torchrec_lookup.py, redis_kv.py and main.py import torch until the baselines move "
-        "under lookup/baselines/ and scoring behind the ranker"
-    ),
 }
 
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"

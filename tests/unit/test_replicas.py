@@ -1,4 +1,4 @@
-"""The fan-out's pure decisions (``services.frontend.replicas``), driven with explicit times:
+"""The fan-out's pure decisions (``services.frontend.lookup.grpc.replicas``), driven with explicit times:
 power of two choices over latency EWMA x outstanding, ejection backoff and probing, the p95
 window that delays hedges, and the hedge budget."""
 
@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from services.frontend.replicas import (
+from services.frontend.lookup.grpc.replicas import (
     HedgeBudget,
     LatencyWindow,
     PeakEwma,

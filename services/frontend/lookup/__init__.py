@@ -1,24 +1,19 @@
-"""The lookup step: pooled vectors for the bags of a micro-batch.
+"""The lookup step: pooled vectors for the bags of a micro-batch. This module is its interface
+(``LookupClient``, ``FeatureLookup``, ``LookupResult``, ``LookupStats``); the implementations
+behave the same, so tests, the monolith baseline and single-box development come for free:
 
-One interface, two implementations (same behaviour, so tests, the monolith baseline and
-single-box development come for free):
-
-- ``InprocLookupClient``: every table in this process (the monolith);
-- ``GrpcLookupClient`` (``services.frontend.fanout``): one Lookup RPC per shard node, in parallel.
+- ``inproc.InprocLookupClient``: every table in this process (the monolith);
+- ``grpc.client.GrpcLookupClient``: one Lookup RPC per shard node, in parallel (docs/fanout.md);
+- ``baselines/``: the comparison systems ``redis-kv`` and ``torchrec`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from services.core import pooling
-from services.core.checkpoint.reader import CheckpointReader
 from services.core.types import FeatureSide, PoolingType, Version
 from services.frontend.batch import Bags
 
@@ -72,29 +67,3 @@ class LookupClient(Protocol):
     ) -> LookupResult: ...
 
     async def close(self) -> None: ...
-
-
-class InprocLookupClient:
-    """Every table of one version, memory-mapped in this process; pooling in a worker thread."""
-
-    def __init__(self, reader: CheckpointReader, version: Version) -> None:
-        self.version = version
-        spec = reader.manifest(version).model
-        self._tables = {t.name: torch.from_numpy(reader.open_table(version, t.name, verify=False)) for t in spec.tables}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inproc-lookup")
-        self.stats = LookupStats()
-
-    def _pool_all(self, features: list[FeatureLookup]) -> dict[str, np.ndarray]:
-        return {
-            f.feature: pooling.pool(self._tables[f.table], f.bags.rows, f.bags.lengths, f.pooling, f.bags.weights)
-            for f in features
-        }
-
-    async def lookup(self, features, *, version, timeout_s, request_id) -> LookupResult:
-        self.stats.batches += 1
-        self.stats.ids_sent += sum(len(f.bags.rows) for f in features)
-        pooled = await asyncio.get_running_loop().run_in_executor(self._executor, self._pool_all, features)
-        return LookupResult(pooled, self.version, 0)
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False)

@@ -1,0 +1,156 @@
+"""One Lookup RPC: the units planned on one node encoded as one ``LookupRequest``, sent under
+the batch's remaining deadline over a pooled channel, the answer decoded; the replica board's
+bookkeeping (outstanding calls, probes, latency, ejection) and the RPC counters.
+
+Runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
+from services.core import wire
+from services.core.clients import make_channel
+from services.core.errors import DeadlineExceededError, UnavailableError
+from services.core.types import PoolingType, Version
+from services.frontend.lookup import LookupStats
+from services.frontend.lookup.grpc.replicas import HedgeBudget, ReplicaBoard
+from services.frontend.lookup.grpc.routing import Unit
+from services.frontend.view import ClusterView
+
+log = logging.getLogger(__name__)
+
+_POOLING = {PoolingType.SUM: embedding_pb2.POOLING_SUM, PoolingType.MEAN: embedding_pb2.POOLING_MEAN, PoolingType.MAX: embedding_pb2.POOLING_MAX}
+# Statuses that eject the node for a while (it is down, partitioned away or stalled). Routing
+# policy, not retryability (which ``services.core.errors`` decides): which failures say that the
+# node itself is unwell, so new calls should avoid it for a while.
+_EJECT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class ChannelPool:
+    """One grpc.aio channel (and stub) per node address, reused for the process's life."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._max_message_bytes = max_message_bytes
+        self._stubs: dict[str, embedding_pb2_grpc.EmbeddingShardStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> embedding_pb2_grpc.EmbeddingShardStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = make_channel(address, max_message_bytes=self._max_message_bytes)
+            self._channels[address] = channel
+            stub = self._stubs[address] = embedding_pb2_grpc.EmbeddingShardStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What every RPC of one plan shares."""
+
+    version: Version
+    map_version: int
+    deadline: float
+    request_id: str
+
+
+class ShardCalls:
+    """Starts Lookup RPCs; shares the client's ``board``, ``budget`` and ``stats``."""
+
+    def __init__(self, view: ClusterView, channels: ChannelPool, board: ReplicaBoard, budget: HedgeBudget,
+                 stats: LookupStats) -> None:
+        self._view = view
+        self._channels = channels
+        self._board = board
+        self._budget = budget
+        self._stats = stats
+
+    def _request(self, units: list[Unit], version: Version, map_version: int, request_id: str) -> embedding_pb2.LookupRequest:
+        req = embedding_pb2.LookupRequest(request_id=request_id, version=version, shard_map_version=map_version)
+        for u in units:
+            g = req.groups.add(table=u.table, partition=u.partition, pooling=_POOLING[u.pooling])
+            wire.encode(u.sub.ids, g.ids)
+            wire.encode(u.sub.lengths, g.lengths)
+            if u.sub.weights is not None:
+                wire.encode(u.sub.weights, g.weights)
+        return req
+
+    def spawn(self, node: str, units: list[Unit], call: Call, *, hedge: bool, stall: bool = False) -> asyncio.Task:
+        """Start the Lookup of ``units`` on ``node`` as a task; the board counts it outstanding
+        (and as the node's probe, when it is one) from now until the task is done, cancelled
+        before it ran included. The task's result: ``[(unit, pooled, counts)]`` in unit order."""
+        probe = self._board.begin(node, time.monotonic())
+        if not hedge:
+            self._budget.earn()
+        task = asyncio.ensure_future(self._call(node, units, call, hedge=hedge, stall=stall))
+        task.add_done_callback(lambda _t: self._board.end(node, probe))
+        return task
+
+    async def _call(self, node: str, units: list[Unit], call: Call, *, hedge: bool, stall: bool = False):
+        address = self._view.last_addresses.get(node)
+        if address is None:
+            raise UnavailableError(f"node {node} has never registered")
+        req = self._request(units, call.version, call.map_version, call.request_id)
+        start = time.monotonic()
+        timeout = call.deadline - start
+        if timeout <= 0:
+            raise DeadlineExceededError("deadline passed before the shard lookups were sent")
+        stats = self._stats
+        if stall:
+            stats.stall_retries += 1
+        elif hedge:
+            stats.hedges += 1
+        else:
+            stats.rpcs += 1
+        stats.per_node_rpcs[node] = stats.per_node_rpcs.get(node, 0) + 1
+        stats.request_bytes += req.ByteSize()
+        try:
+            resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=(("x-request-id", call.request_id),))
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _EJECT and self._board.failed(node, time.monotonic()):
+                self.ejected(node, describe(e))
+            raise
+        now = time.monotonic()
+        self._board.succeeded(node, now - start, now)
+        out = []
+        for u, r in zip(units, resp.results, strict=True):
+            pooled = wire.decode(r.pooled, "pooled", dtype="float32", ndim=2)
+            counts = wire.decode(r.counts, "counts", dtype="int32", ndim=1)
+            stats.response_bytes += pooled.nbytes + counts.nbytes
+            stats.add_wire_bytes(u.side, u.request_bytes + pooled.nbytes + counts.nbytes)
+            out.append((u, pooled, counts))
+        return out
+
+    def ejected(self, node: str, why: str) -> None:
+        """Count and log an ejection the board just decided."""
+        self._stats.ejections += 1
+        until = self._board.stats(node).ejected_until or 0.0
+        log.warning("ejected shard %s for %.2fs (%s)", node, until - time.monotonic(), why)
+
+    async def close(self) -> None:
+        await self._channels.close()
+
+
+def cancel_pending(tasks) -> int:
+    """Cancel the tasks not done yet; how many were."""
+    n = 0
+    for t in list(tasks):
+        if not t.done():
+            t.cancel()
+            n += 1
+    return n
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
