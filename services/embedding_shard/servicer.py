@@ -1,4 +1,4 @@
-"""``shardrec.v1.EmbeddingShard``: decode, call the TableStore, encode. Nothing else."""
+"""``shardrec.v1.EmbeddingShard``: decode, make one call into the TableStore, encode."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
+from services.embedding_shard.snapshot import BagGroup
 from services.embedding_shard.store import TableStore
 
 _POOLING = {
@@ -19,7 +20,7 @@ _POOLING = {
 }
 
 
-def decode_group(group: embedding_pb2.BagGroup, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, PoolingType]:
+def decode_group(group: embedding_pb2.BagGroup, index: int) -> BagGroup:
     """Validate one bag group's arrays; errors name the group's table and the bad value."""
     where = f"groups[{index}] (table {group.table!r} partition {group.partition})"
     pooling = _POOLING.get(group.pooling)
@@ -41,7 +42,7 @@ def decode_group(group: embedding_pb2.BagGroup, index: int) -> tuple[np.ndarray,
             raise InvalidArgumentError(f"{where}.weights: non-finite weight")
         if pooling is not PoolingType.SUM:
             raise InvalidArgumentError(f"{where}: per-id weights need SUM pooling, got {pooling.value}")
-    return ids, lengths, weights, pooling
+    return BagGroup(group.table, group.partition, pooling, ids, lengths, weights)
 
 
 class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
@@ -62,22 +63,12 @@ class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
         if request.output_dtype not in (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
             raise InvalidArgumentError(f"output_dtype must be FLOAT32 or FLOAT16, got {request.output_dtype}")
         out_dtype = np.float16 if request.output_dtype == tensor_pb2.DTYPE_FLOAT16 else np.float32
+        groups = [decode_group(group, i) for i, group in enumerate(request.groups)]
         # Any map version is served while the rows are held (a rebalance moves partitions while
         # frontends route with the previous or the next map); 0 = the caller routes by this
         # node's layout, so a partition or id that does not fit it is the caller's error.
-        strict = request.shard_map_version == 0
-        with self._store.reading() as view:  # one snapshot: one version for the whole request
-            version = request.version or view.primary
-            decoded = []
-            for i, group in enumerate(request.groups):
-                ids, lengths, weights, pooling = decode_group(group, i)
-                part, local = view.lookup(version, group.table, group.partition, ids, strict=strict)
-                decoded.append((part, local, lengths, weights, pooling))
-            results = [
-                (part.pool_local(local, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
-                for part, local, lengths, weights, pooling in decoded
-            ]
-        return wire.encode_lookup_response(version, self._map_version(), results)
+        pooled = self._store.lookup(groups, version=request.version, map_version=request.shard_map_version, out_dtype=out_dtype)
+        return wire.encode_lookup_response(pooled.version, self._map_version(), pooled.results)
 
     @handle_errors
     def Describe(self, request: embedding_pb2.DescribeRequest, context) -> embedding_pb2.DescribeResponse:
