@@ -30,6 +30,7 @@ from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
+from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
 from services.embedding_shard.meter import LoadMeter
 from services.embedding_shard.partition_manager import PartitionManager
@@ -142,14 +143,14 @@ def run(config: ShardConfig) -> int:
         load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.partition_drain_s, verify=config.verify_checksums,
     )
     meter = LoadMeter(store, interval_s=config.stats_interval_s)
-    servicer = EmbeddingShardServicer(
-        config.node_id, store, max_ids_per_request=config.max_ids_per_request, map_version=view.version
-    )
+    limits = LookupLimits.of(config)
+    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version)
     server = start_sync_server(
         config.host,
         config.port,
         threads=config.rpc_threads,
         max_message_bytes=config.max_message_bytes,
+        max_receive_bytes=limits.max_request_bytes,  # a request over every cap never reaches Python
         add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
     )

@@ -108,7 +108,11 @@ class PartitionManager:
         active = self._active
         if active is None:
             return None
-        self._store.set_layout({t: tp.num_partitions for t, tp in active.tables.items()})
+        target = self._target
+        self._store.set_layout(
+            {t: tp.num_partitions for t, tp in active.tables.items()},
+            also=() if target is None else ({t: tp.num_partitions for t, tp in target.tables.items()},),
+        )
         owned = self.owned()
         held = set(self._store.held())
         wait = self._drop_unowned(owned, held)

@@ -1,6 +1,6 @@
 """What one shard node serves at one instant: an immutable ``Snapshot`` of the partitions it
 holds at each version, and the Lookup of one request against it (docs/checkpoint.md, "Shard
-memory during a swap").
+memory during a swap"; docs/overload.md, "Shard Lookup limits").
 
 Each partition's rows live once, in a private tensor ``weight`` holding the node's primary
 version; another version held on the same ``weight`` adds an ``Overlay`` of the rows where it
@@ -154,18 +154,42 @@ class Pooled:
     results: list[tuple[np.ndarray, np.ndarray]]
 
 
+# ``_all_finite`` checks this many values at a time (a bounded temporary, whatever the answer).
+_FINITE_CHUNK = 1 << 18
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """True when no value of ``a`` is NaN or infinite."""
+    flat = a.reshape(-1)
+    return all(np.isfinite(flat[i : i + _FINITE_CHUNK]).all() for i in range(0, flat.size, _FINITE_CHUNK))
+
+
+def _not_finite(index: int, group: BagGroup, pooled: np.ndarray, out: np.ndarray) -> Exception:
+    where = group.where(index)
+    if _all_finite(pooled):  # finite in float32, not in the float16 asked for
+        peak = float(np.abs(pooled).max())
+        return InvalidArgumentError(f"{where}: pooled values reach {peak:g}, beyond float16's range: ask for FLOAT32 output")
+    if group.weights is not None:
+        peak = float(np.abs(group.weights).max()) if len(group.weights) else 0.0
+        return InvalidArgumentError(f"{where}: pooled output is not finite; the cause is the per-id weights (largest |w| {peak:g})")
+    # The table's own rows overflow: not the caller's doing. An INTERNAL answer with an incident id.
+    return FloatingPointError(f"{where}: pooled output is not finite (the table's rows overflow float32)")
+
+
 @dataclass
 class Snapshot:
     """An immutable snapshot of what the node serves (``readers`` is the only mutable field:
     lookups in flight on this snapshot, guarded by the store's lock).
 
-    ``layout`` is each table's P in the active shard map the node follows; ``by_table`` the
+    ``layout`` is each table's P in the active shard map the node follows; ``known`` every P of
+    each table in the shard maps the node has followed or seen as a target; ``by_table`` the
     partitions held per table, those of the layout first."""
 
     primary: Version
     versions: Mapping[Version, Mapping[PartitionId, PartitionVersion]]
     specs: Mapping[str, TableSpec]
     layout: Mapping[str, int] = field(default_factory=dict)
+    known: Mapping[str, frozenset[int]] = field(default_factory=dict)
     readers: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,12 +199,20 @@ class Snapshot:
         for table, pids in by_table.items():
             pids.sort(key=lambda pid: (pid.num_partitions != self.layout.get(table), pid.num_partitions, pid.partition))
         self.by_table: dict[str, tuple[PartitionId, ...]] = {t: tuple(p) for t, p in by_table.items()}
+        # The most partitions any layout known here gives each table: a partition index at or
+        # beyond it exists in no shard map this node knows.
+        self._most: dict[str, int] = {
+            t: max({self.layout.get(t, 1), *self.known.get(t, ()), *(p.num_partitions for p in self.by_table.get(t, ()))})
+            for t in self.specs
+        }
 
     @property
     def versions_ready(self) -> list[Version]:
         return sorted(self.versions)
 
     def _version(self, version: Version) -> Mapping[PartitionId, PartitionVersion]:
+        if version < 0:
+            raise InvalidArgumentError(f"version must be >= 0 (0 = the version this node serves), got {version}")
         parts = self.versions.get(self.primary if version == 0 else version)
         if parts is None:
             raise FailedPreconditionError(f"version {version} is not ready on this node (ready: {self.versions_ready})")
@@ -192,27 +224,27 @@ class Snapshot:
             raise InvalidArgumentError(f"unknown table {table!r}")
         return spec
 
-    def _check_partition(self, table: str, partition: int) -> int:
-        n = self.layout.get(table, 1)
+    def _check_partition(self, table: str, partition: int, *, strict: bool) -> None:
+        """With ``strict`` the index must exist in the node's layout; otherwise in some layout
+        the node knows (the map the caller routed with may be the previous or the next one)."""
+        n = self.layout.get(table, 1) if strict else self._most.get(table, 1)
         if not 0 <= partition < n:
-            raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range [0, {n})")
-        return n
+            known = "" if strict else " in every shard map this node knows"
+            raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range [0, {n}){known}")
 
     def resolve(self, version: Version, table: str, partition: int, ids: np.ndarray, *, strict: bool) -> tuple[PartitionVersion, np.ndarray]:
         """The held partition whose rows contain every GLOBAL id, and their local rows.
 
         Any partition of ``table`` held here may serve: the one named by the node's layout
         first, then others with that index or a whole table (P = 1), which is how requests
-        routed with the previous or the next shard map are served during a rebalance. When none
-        holds every id: with ``strict`` (the caller routes by this node's layout, e.g. it sent
-        shard map version 0) a partition out of range or an id of another partition is
-        INVALID_ARGUMENT; otherwise the node does not hold those rows: FAILED_PRECONDITION.
+        routed with the previous or the next shard map are served during a rebalance. With
+        ``strict`` (the caller routes by this node's layout: it sent shard map version 0) a
+        partition outside the layout or an id of another partition is INVALID_ARGUMENT;
+        otherwise a partition outside every layout the node knows is INVALID_ARGUMENT and one
+        that exists but whose rows are not held here is FAILED_PRECONDITION (re-route).
         """
         spec = self._spec(table)
-        if strict:
-            self._check_partition(table, partition)
-        elif partition < 0:
-            raise InvalidArgumentError(f"table {table!r}: partition {partition} out of range")
+        self._check_partition(table, partition, strict=strict)
         check_range(spec, ids)
         parts = self._version(version)
         for pid in self.by_table.get(table, ()):
@@ -228,15 +260,21 @@ class Snapshot:
         raise FailedPreconditionError(f"table {table!r} partition {partition} is not held by this node")
 
     def lookup(self, groups: Sequence[BagGroup], *, version: Version, map_version: int, out_dtype: type = np.float32) -> Pooled:
-        """Pool every group at ``version`` (0: the primary), every group resolved before any is
-        pooled (``out_dtype`` float32 or float16)."""
+        """Pool every group at ``version`` (0: the primary): every group is resolved before any
+        is pooled, and every answer is checked finite (``out_dtype`` float32 or float16)."""
+        if version < 0:
+            raise InvalidArgumentError(f"version must be >= 0 (0 = the version this node serves), got {version}")
         served = self.primary if version == 0 else version
         strict = map_version == 0
         resolved = [self.resolve(version, g.table, g.partition, g.ids, strict=strict) for g in groups]
         results = []
-        for group, (part, local) in zip(groups, resolved):
+        for i, (group, (part, local)) in enumerate(zip(groups, resolved)):
             pooled = part.pool_local(local, group.lengths, group.pooling, group.weights)
-            results.append((pooled.astype(out_dtype, copy=False), group.lengths))
+            with np.errstate(over="ignore"):  # a float16 overflow is checked just below
+                out = pooled.astype(out_dtype, copy=False)
+            if not _all_finite(out):
+                raise _not_finite(i, group, pooled, out)
+            results.append((out, group.lengths))
         return Pooled(served, results)
 
 

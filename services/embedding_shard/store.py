@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -52,7 +52,8 @@ class TableStore:
     def __init__(self, table_specs: Mapping[str, TableSpec], num_partitions: Mapping[str, int]) -> None:
         self.specs = dict(table_specs)
         self._cond = threading.Condition()
-        self._state = Snapshot(0, {}, self.specs, dict(num_partitions))
+        self._known: dict[str, frozenset[int]] = {t: frozenset({n}) for t, n in num_partitions.items()}
+        self._state = Snapshot(0, {}, self.specs, dict(num_partitions), dict(self._known))
         self._tables: dict[PartitionId, HeldPartition] = {}
 
     # -- readers ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class TableStore:
         with self._cond:
             old = self._state
             layout = dict(old.layout if layout is None else layout)
-            self._state = Snapshot(primary, with_marks(versions), self.specs, layout)
+            self._state = Snapshot(primary, with_marks(versions), self.specs, layout, dict(self._known))
             return old
 
     def _copy(self) -> dict[Version, dict[PartitionId, PartitionVersion]]:
@@ -142,9 +143,16 @@ class TableStore:
             t = self._tables[pid] = HeldPartition(pid, self.specs[pid.table])
         return t
 
-    def set_layout(self, num_partitions: Mapping[str, int]) -> None:
-        """The active shard map changed: each table's P requests are checked against."""
-        if dict(num_partitions) != dict(self._state.layout):
+    def set_layout(self, num_partitions: Mapping[str, int], *, also: Iterable[Mapping[str, int]] = ()) -> None:
+        """The active shard map changed: each table's P requests are checked against. ``also``:
+        the layouts of other maps seen (a rebalance's target); every P seen stays known, so a
+        request routed with a map this node followed is never taken for a made-up partition."""
+        known = dict(self._known)
+        for layout in (num_partitions, *also):
+            for table, n in layout.items():
+                known[table] = known.get(table, frozenset()) | {n}
+        if dict(num_partitions) != dict(self._state.layout) or known != self._known:
+            self._known = known
             self._publish(self._state.primary, self._copy(), num_partitions)
 
     def install(self, version: Version, weights: Mapping[PartitionId, torch.Tensor], *, primary: bool = True) -> None:
