@@ -2,7 +2,7 @@
 
 ``apply``: the shard's own code path, in this process. Load one table (P = 1) of a checkpoint
 into a ``TableStore``, write a drift delta of ``--drift`` of its rows, then time reading the
-delta's rows (``delta_changes``) and the in-place swap (``TableStore.apply``), and measure this
+delta's rows (``loader.load_changes``) and the in-place swap (``TableStore.apply``), and measure this
 process's USS (``/proc/self/smaps_rollup``) before and after, while both versions are held::
 
     python benchmarks/delta_swap.py apply --preset large --table users --drift 0.01
@@ -66,7 +66,8 @@ def cmd_apply(args: argparse.Namespace) -> dict:
     from services.core.checkpoint.writer import next_version, write_delta
     from services.core.synth import drift_ids, drift_rows
     from services.core.types import PartitionId
-    from services.embedding_shard.store import TableStore, delta_changes, load_partitions
+    from services.embedding_shard.loader import load_changes, load_rows, loaders_for
+    from services.embedding_shard.store import TableStore
 
     torch.set_num_threads(1)
     root = pathlib.Path(args.checkpoint or ROOT / "bench-results" / "models" / args.preset)
@@ -78,7 +79,7 @@ def cmd_apply(args: argparse.Namespace) -> dict:
     key = PartitionId(table.name, 0, 1)
     store = TableStore({table.name: table}, {table.name: 1})
     t0 = time.monotonic()
-    store.install(base, load_partitions(reader, base, [key], verify=False))
+    store.install(base, load_rows(loaders_for(reader, base, [key])))
     load_s = time.monotonic() - t0
     k = drift_rows(table.rows, args.drift)
     rng = np.random.default_rng(args.seed)
@@ -92,7 +93,7 @@ def cmd_apply(args: argparse.Namespace) -> dict:
         reader.verify(version, full=True)
         verify_s = time.monotonic() - t0
         t0 = time.monotonic()
-        changes = delta_changes(reader, base, version, [key])
+        changes = load_changes(loaders_for(reader, version, [key], over=base))
         read_s = time.monotonic() - t0
         t0 = time.monotonic()
         store.apply(version, changes)

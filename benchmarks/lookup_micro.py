@@ -91,6 +91,7 @@ def serve(kind: str, port_file: str) -> None:
         )
         add = [lambda s: s.add_generic_rpc_handlers((handler,))]
     else:
+        from services.embedding_shard.limits import LookupLimits
         from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
         from services.core.types import PartitionId
         from services.embedding_shard.store import TableStore
@@ -98,7 +99,8 @@ def serve(kind: str, port_file: str) -> None:
         spec = TableSpec("t", ROWS, DIM)
         store = TableStore({"t": spec}, {"t": 1})
         store.install(1, {PartitionId("t", 0, 1): torch.from_numpy(make_table())})
-        servicer = EmbeddingShardServicer("bench", store, max_ids_per_request=10_000_000, map_version=lambda: 1)
+        limits = LookupLimits(max_ids=10_000_000, max_bags=10_000_000, max_response_bytes=MAX_MSG)
+        servicer = EmbeddingShardServicer("bench", store, limits=limits, map_version=lambda: 1)
         add = [lambda s: add_to_server(servicer, s)]
     server = start_sync_server("127.0.0.1", 0, threads=8, max_message_bytes=MAX_MSG, add_servicers=add, service_names=[])
     pathlib.Path(port_file).write_text(str(server.port))

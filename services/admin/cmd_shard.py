@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import default_cluster, default_zk
+    from services.core.config import ShardConfig, default_cluster, default_zk
 
     p = sub.add_parser("shard", help="embedding shard service")
     s = p.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", required=True)
@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--torch-threads", type=int, default=1)
     serve.add_argument("--rpc-threads", type=int, default=8)
     serve.add_argument("--max-ids", type=int, default=4_000_000, help="cap on ids per Lookup (RESOURCE_EXHAUSTED above)")
+    serve.add_argument("--max-bags", type=int, default=ShardConfig.max_bags_per_request, help="cap on bags per Lookup (RESOURCE_EXHAUSTED above)")
+    serve.add_argument("--max-message-bytes", type=int, default=ShardConfig.max_message_bytes, help="cap on a request's and an answer's bytes")
     serve.add_argument("--grace-s", type=float, default=5.0, help="drain period for in-flight calls on SIGTERM")
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--load-rate-bytes-s", type=int, default=0, help="throttle loading (0 = as fast as the disk)")
@@ -49,6 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         rpc_threads=args.rpc_threads,
         max_ids_per_request=args.max_ids,
+        max_bags_per_request=args.max_bags,
+        max_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         verify_checksums=not args.no_verify,
         load_rate_bytes_s=args.load_rate_bytes_s,

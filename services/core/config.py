@@ -42,7 +42,10 @@ class ShardConfig:
     advertise_host: str = ""
     torch_threads: int = 1
     rpc_threads: int = 8
+    # Lookup caps (docs/overload.md, "Shard Lookup limits"): ids and bags over all groups of a
+    # request; a request or answer over max_message_bytes is refused too.
     max_ids_per_request: int = 4_000_000
+    max_bags_per_request: int = 1_000_000
     max_message_bytes: int = 256 * 1024 * 1024
     grace_s: float = 5.0
     verify_checksums: bool = True

@@ -7,6 +7,8 @@ the field.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from services._proto.shardrec.v1 import tensor_pb2
@@ -36,11 +38,10 @@ def encode(array: np.ndarray, out: tensor_pb2.Tensor | None = None) -> tensor_pb
     return t
 
 
-def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.ndarray:
-    """Decode ``t`` as a read-only array of ``dtype`` with ``ndim`` dimensions.
-
-    Raises InvalidArgumentError naming ``field`` when the dtype, rank or byte count is wrong.
-    """
+def declared_shape(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> tuple[int, ...]:
+    """The shape ``t`` declares, after checking its dtype is ``dtype``, it has ``ndim``
+    dimensions and none is negative, without touching its bytes (so a caller can check caps
+    before anything is copied). InvalidArgumentError naming ``field`` otherwise."""
     want = np.dtype(dtype).newbyteorder("<")
     got = _TO_NP.get(t.dtype)
     if got != want:
@@ -50,7 +51,17 @@ def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.nda
         raise InvalidArgumentError(f"{field}: expected {ndim} dimension(s), got shape {list(shape)}")
     if any(n < 0 for n in shape):
         raise InvalidArgumentError(f"{field}: negative dimension in shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * want.itemsize
+    return shape
+
+
+def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.ndarray:
+    """Decode ``t`` as a read-only array of ``dtype`` with ``ndim`` dimensions.
+
+    Raises InvalidArgumentError naming ``field`` when the dtype, rank or byte count is wrong.
+    """
+    shape = declared_shape(t, field, dtype=dtype, ndim=ndim)
+    want = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(shape) * want.itemsize  # Python ints: a huge declared shape cannot wrap
     data = t.data  # each access of a bytes field copies it out of the message: read it once
     if len(data) != expected:
         raise InvalidArgumentError(

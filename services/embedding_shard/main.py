@@ -2,12 +2,12 @@
 
 Lifecycle (docs/zookeeper.md): read the active ShardMap and the model's serving version from
 ZooKeeper -> start the gRPC server NOT_SERVING -> load the partitions the active map assigns to
-this node id at the serving version (base + deltas) -> SERVING -> register the ephemeral znode
-(address, partitions, versions ready, load) -> one reconciler thread (``reconciler.Reconciler``)
-follows ``target_version`` (``versions.VersionManager``), the active and target shard maps
-(``partitions.PartitionManager``: partitions gained in a rebalance load while serving, lost
-ones drop after ``--partition-drain-s``) and samples the load counters
-(``partitions.LoadMeter``); the znode reports every change. SIGTERM/SIGINT: deregister ->
+this node id at the serving version (base + deltas, ``loader.PartitionLoader``) -> SERVING ->
+register the ephemeral znode (address, partitions, versions ready, load) -> one reconciler
+thread (``reconciler.Reconciler``) follows ``target_version`` (``version_manager``), the active
+and target shard maps (``partition_manager``: partitions gained in a rebalance load while
+serving, lost ones drop after ``--partition-drain-s``) and samples the load counters
+(``meter.LoadMeter``); the znode reports every change. SIGTERM/SIGINT: deregister ->
 NOT_SERVING -> finish in-flight calls within the grace period -> exit 0. Never registers
 before it is ready.
 """
@@ -30,11 +30,14 @@ from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
-from services.embedding_shard.partitions import LoadMeter, PartitionManager
+from services.embedding_shard.limits import LookupLimits
+from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
+from services.embedding_shard.meter import LoadMeter
+from services.embedding_shard.partition_manager import PartitionManager
 from services.embedding_shard.reconciler import Reconciler
 from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
-from services.embedding_shard.store import TableStore, load_partitions
-from services.embedding_shard.versions import VersionManager
+from services.embedding_shard.store import TableStore
+from services.embedding_shard.version_manager import VersionManager
 
 log = logging.getLogger("shardrec.shard")
 
@@ -137,17 +140,17 @@ def run(config: ShardConfig) -> int:
     )
     partitions = PartitionManager(
         config.node_id, store, reader, stop=stop, read_maps=_read_maps(maps), wake=reconciler.wake,
-        load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.partition_drain_s,
+        load_rate_bytes_s=config.load_rate_bytes_s, drain_s=config.partition_drain_s, verify=config.verify_checksums,
     )
     meter = LoadMeter(store, interval_s=config.stats_interval_s)
-    servicer = EmbeddingShardServicer(
-        config.node_id, store, max_ids_per_request=config.max_ids_per_request, map_version=view.version
-    )
+    limits = LookupLimits.of(config)
+    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version)
     server = start_sync_server(
         config.host,
         config.port,
         threads=config.rpc_threads,
         max_message_bytes=config.max_message_bytes,
+        max_receive_bytes=limits.max_request_bytes,  # a request over every cap never reaches Python
         add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
     )
@@ -155,14 +158,14 @@ def run(config: ShardConfig) -> int:
     log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
     t0 = time.monotonic()
-    store.install(
-        version,
-        load_partitions(
-            reader, version, pids, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s, stop=stop,
-        ),
-    )
-    log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
-    if stop.is_set():  # asked to stop while loading: never register
+    loaders = loaders_for(reader, version, pids)
+    if config.verify_checksums:
+        verify_all(loaders)
+    weights = load_rows(loaders, Throttle(config.load_rate_bytes_s, stop))
+    if weights is not None:
+        store.install(version, weights)
+        log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
+    if weights is None or stop.is_set():  # asked to stop while loading: never register
         server.stop(0)
         zk.stop()
         zk.close()

@@ -3,11 +3,11 @@
 ZooKeeper publishes desired state (STYLE #2); watches only record it and ``wake`` this thread,
 which runs its steps in turn until the node stops:
 
-- ``VersionManager.reconcile`` (``versions.py``): load, promote and drop model versions;
-- ``PartitionManager.reconcile`` (``partitions.py``): load the partitions the shard maps give
-  the node (one per pass, so a delta published during a long move is not held up behind it)
-  and drop the ones it no longer owns after the drain period;
-- ``LoadMeter.tick`` (``partitions.py``): sample the per-partition lookup counters for the
+- ``VersionManager.reconcile`` (``version_manager.py``): load, promote and drop model versions;
+- ``PartitionManager.reconcile`` (``partition_manager.py``): load the partitions the shard
+  maps give the node (one per pass, so a delta published during a long move is not held up
+  behind it) and drop the ones it no longer owns after the drain period;
+- ``LoadMeter.tick`` (``meter.py``): sample the per-partition lookup counters for the
   node's znode, every few seconds.
 
 Each step returns how long the thread may sleep before it is due again (None: until woken;

@@ -1,15 +1,26 @@
-"""``shardrec.v1.EmbeddingShard``: decode, call the TableStore, encode. Nothing else."""
+"""``shardrec.v1.EmbeddingShard``: decode, make one call into the TableStore, encode.
+
+A Lookup is checked in the order that keeps a bad request cheap (docs/overload.md, "Shard
+Lookup limits"): the body is parsed here (a malformed one is INVALID_ARGUMENT), then every
+group's declared shapes, then the caps on ids, bags and answer size over all groups (nothing
+copied yet), then each group's arrays; only then does the store pool.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
 
-from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from services._proto.shardrec.v1 import embedding_pb2, tensor_pb2
 from services.core import wire
-from services.core.errors import InvalidArgumentError, ResourceExhaustedError
+from services.core.errors import InvalidArgumentError
 from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
+from services.embedding_shard.limits import MAX_ABS_WEIGHT, DeclaredGroup, LookupLimits
+from services.embedding_shard.snapshot import BagGroup
 from services.embedding_shard.store import TableStore
 
 _POOLING = {
@@ -17,14 +28,41 @@ _POOLING = {
     embedding_pb2.POOLING_MEAN: PoolingType.MEAN,
     embedding_pb2.POOLING_MAX: PoolingType.MAX,
 }
+_OUTPUT = {tensor_pb2.DTYPE_UNSPECIFIED: np.float32, tensor_pb2.DTYPE_FLOAT32: np.float32, tensor_pb2.DTYPE_FLOAT16: np.float16}
 
 
-def decode_group(group: embedding_pb2.BagGroup, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, PoolingType]:
-    """Validate one bag group's arrays; errors name the group's table and the bad value."""
+def parse(message_type, payload: bytes):  # noqa: ANN001, ANN201 - a generated message class
+    """``payload`` parsed as ``message_type``; INVALID_ARGUMENT "malformed <Message>: ..." when
+    it is not one."""
+    try:
+        return message_type.FromString(payload)
+    except DecodeError as e:
+        raise InvalidArgumentError(f"malformed {message_type.DESCRIPTOR.name}: {e}") from None
+
+
+def declare_group(group: embedding_pb2.BagGroup, index: int) -> DeclaredGroup:
+    """One group's pooling and declared shapes (dtype, rank, no negative size, as many weights
+    as ids), without reading its arrays; errors name the group's table and the bad value."""
     where = f"groups[{index}] (table {group.table!r} partition {group.partition})"
     pooling = _POOLING.get(group.pooling)
     if pooling is None:
         raise InvalidArgumentError(f"{where}: pooling must be SUM, MEAN or MAX, got {group.pooling}")
+    (ids,) = wire.declared_shape(group.ids, f"{where}.ids", dtype="int64", ndim=1)
+    (bags,) = wire.declared_shape(group.lengths, f"{where}.lengths", dtype="int32", ndim=1)
+    weighted = wire.is_set(group.weights)
+    if weighted:
+        (weights,) = wire.declared_shape(group.weights, f"{where}.weights", dtype="float32", ndim=1)
+        if weights != ids:
+            raise InvalidArgumentError(f"{where}.weights: {weights} weights for {ids} ids")
+        if pooling is not PoolingType.SUM:
+            raise InvalidArgumentError(f"{where}: per-id weights need SUM pooling, got {pooling.value}")
+    return DeclaredGroup(group.table, group.partition, pooling, ids, bags, weighted)
+
+
+def decode_group(group: embedding_pb2.BagGroup, declared: DeclaredGroup, index: int) -> BagGroup:
+    """One group's arrays (its shapes declared and checked): bytes that match the shapes, bag
+    lengths that add up to the ids, finite weights within +-MAX_ABS_WEIGHT."""
+    where = declared.where(index)
     ids = wire.decode(group.ids, f"{where}.ids", dtype="int64", ndim=1)
     lengths = wire.decode(group.lengths, f"{where}.lengths", dtype="int32", ndim=1)
     if len(lengths) and int(lengths.min()) < 0:
@@ -33,54 +71,48 @@ def decode_group(group: embedding_pb2.BagGroup, index: int) -> tuple[np.ndarray,
     if total != len(ids):
         raise InvalidArgumentError(f"{where}: lengths add up to {total} but {len(ids)} ids were sent")
     weights = None
-    if wire.is_set(group.weights):
+    if declared.weighted:
         weights = wire.decode(group.weights, f"{where}.weights", dtype="float32", ndim=1)
-        if len(weights) != len(ids):
-            raise InvalidArgumentError(f"{where}.weights: {len(weights)} weights for {len(ids)} ids")
-        if not np.isfinite(weights).all():
+        peak = float(np.abs(weights).max()) if len(weights) else 0.0  # NaN and inf propagate
+        if not np.isfinite(peak):
             raise InvalidArgumentError(f"{where}.weights: non-finite weight")
-        if pooling is not PoolingType.SUM:
-            raise InvalidArgumentError(f"{where}: per-id weights need SUM pooling, got {pooling.value}")
-    return ids, lengths, weights, pooling
+        if peak > MAX_ABS_WEIGHT:
+            raise InvalidArgumentError(f"{where}.weights: |weight| {peak:g} is over the limit of {MAX_ABS_WEIGHT:g}")
+    return BagGroup(declared.table, declared.partition, declared.pooling, ids, lengths, weights)
 
 
-class EmbeddingShardServicer(embedding_pb2_grpc.EmbeddingShardServicer):
-    """Thin handler over one TableStore. Called from the server's thread pool."""
+class EmbeddingShardServicer:
+    """Thin handler over one TableStore. Called from the server's thread pool; its methods take
+    the serialized request (``add_to_server`` registers them with a passthrough deserializer,
+    so a malformed body is answered here, as INVALID_ARGUMENT)."""
 
-    def __init__(self, node_id: str, store: TableStore, *, max_ids_per_request: int, map_version: "callable") -> None:
+    def __init__(self, node_id: str, store: TableStore, *, limits: LookupLimits, map_version: Callable[[], int]) -> None:
         self._node_id = node_id
         self._store = store
-        self._max_ids = max_ids_per_request
+        self._limits = limits
         self._map_version = map_version
+        self._dims = {name: spec.dim for name, spec in store.specs.items()}
 
     @handle_errors
-    def Lookup(self, request: embedding_pb2.LookupRequest, context) -> bytes:
+    def Lookup(self, payload: bytes, context) -> bytes:
         """Answers the serialized LookupResponse (written by ``wire.encode_lookup_response``)."""
-        total_ids = sum(g.ids.dims[0].size if len(g.ids.dims) == 1 else 0 for g in request.groups)
-        if total_ids > self._max_ids:
-            raise ResourceExhaustedError(f"request carries {total_ids} ids, over this node's cap of {self._max_ids}")
-        if request.output_dtype not in (tensor_pb2.DTYPE_UNSPECIFIED, tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
+        request = parse(embedding_pb2.LookupRequest, payload)
+        out_dtype = _OUTPUT.get(request.output_dtype)
+        if out_dtype is None:
             raise InvalidArgumentError(f"output_dtype must be FLOAT32 or FLOAT16, got {request.output_dtype}")
-        out_dtype = np.float16 if request.output_dtype == tensor_pb2.DTYPE_FLOAT16 else np.float32
+        self._limits.check_groups(len(request.groups))  # before any per-group work
+        declared = [declare_group(group, i) for i, group in enumerate(request.groups)]
+        self._limits.check(declared, self._dims, np.dtype(out_dtype).itemsize)
+        groups = [decode_group(group, d, i) for i, (group, d) in enumerate(zip(request.groups, declared))]
         # Any map version is served while the rows are held (a rebalance moves partitions while
         # frontends route with the previous or the next map); 0 = the caller routes by this
         # node's layout, so a partition or id that does not fit it is the caller's error.
-        strict = request.shard_map_version == 0
-        with self._store.reading() as view:  # one snapshot: one version for the whole request
-            version = request.version or view.primary
-            decoded = []
-            for i, group in enumerate(request.groups):
-                ids, lengths, weights, pooling = decode_group(group, i)
-                part, local = view.lookup(version, group.table, group.partition, ids, strict=strict)
-                decoded.append((part, local, lengths, weights, pooling))
-            results = [
-                (part.pool_local(local, lengths, pooling, weights).astype(out_dtype, copy=False), lengths)
-                for part, local, lengths, weights, pooling in decoded
-            ]
-        return wire.encode_lookup_response(version, self._map_version(), results)
+        pooled = self._store.lookup(groups, version=request.version, map_version=request.shard_map_version, out_dtype=out_dtype)
+        return wire.encode_lookup_response(pooled.version, self._map_version(), pooled.results)
 
     @handle_errors
-    def Describe(self, request: embedding_pb2.DescribeRequest, context) -> embedding_pb2.DescribeResponse:
+    def Describe(self, payload: bytes, context) -> embedding_pb2.DescribeResponse:
+        parse(embedding_pb2.DescribeRequest, payload)
         resp = embedding_pb2.DescribeResponse(
             node_id=self._node_id,
             versions_ready=self._store.versions_ready,
@@ -105,19 +137,18 @@ def _passthrough(payload: bytes) -> bytes:
 
 
 def add_to_server(servicer: EmbeddingShardServicer, server) -> None:
-    """Register ``servicer`` like the generated ``add_EmbeddingShardServicer_to_server``, except
-    that Lookup answers bytes it serialized itself (one copy of the pooled vectors, not three)."""
+    """Register ``servicer`` under ``shardrec.v1.EmbeddingShard`` with requests handed over as
+    bytes (parsed by the servicer, so a malformed body is its INVALID_ARGUMENT, not gRPC's) and
+    Lookup answering bytes it serialized itself (one copy of the pooled vectors, not three)."""
     import grpc
 
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup,
-            request_deserializer=embedding_pb2.LookupRequest.FromString,
-            response_serializer=_passthrough,
+            servicer.Lookup, request_deserializer=_passthrough, response_serializer=_passthrough,
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
-            request_deserializer=embedding_pb2.DescribeRequest.FromString,
+            request_deserializer=_passthrough,
             response_serializer=embedding_pb2.DescribeResponse.SerializeToString,
         ),
     }

@@ -13,8 +13,11 @@ from services.core.checkpoint.writer import write_base, write_delta
 from services.core.placement import ShardMap, TablePlacement
 from services.core.reference import reference_pool
 from services.core.types import PartitionId, PoolingType, ShardingType
-from services.embedding_shard.partitions import LoadMeter, PartitionManager
-from services.embedding_shard.store import TableStore, delta_changes, load_partitions
+from services.embedding_shard.loader import load_changes, load_rows, loaders_for
+from services.embedding_shard.meter import LoadMeter
+from services.embedding_shard.partition_manager import PartitionManager
+from services.embedding_shard.snapshot import BagGroup
+from services.embedding_shard.store import TableStore
 from tests.support.tiny_checkpoint import DIM, tiny_dense, tiny_spec, tiny_tables
 from tests.support.waiting import wait_for
 
@@ -39,8 +42,8 @@ def node(tmp_path):
     tables[2]["users"][ids] = rows
     reader = CheckpointReader(tmp_path)
     store = TableStore({t.name: t for t in SPEC.tables}, {"users": 2, "items": 1})
-    store.install(1, load_partitions(reader, 1, list(ACTIVE.partition_ids_of("a")), verify=False))
-    store.apply(2, delta_changes(reader, 1, 2, store.held()))
+    store.install(1, load_rows(loaders_for(reader, 1, ACTIVE.partition_ids_of("a"))))
+    store.apply(2, load_changes(loaders_for(reader, 2, store.held(), over=1)))
     return store, reader, tables
 
 
@@ -54,9 +57,8 @@ def _manager(store, reader, zk: dict, **kw) -> PartitionManager:
 
 def _pool(store, version, table, partition, ids):
     lengths = np.array([len(ids)], np.int32)
-    with store.reading() as view:
-        part, local = view.lookup(version, table, partition, np.asarray(ids, np.int64), strict=False)
-        return part.pool_local(local, lengths, PoolingType.SUM, None), lengths
+    group = BagGroup(table, partition, PoolingType.SUM, np.asarray(ids, np.int64), lengths)
+    return store.lookup([group], version=version, map_version=1).results[0][0], lengths
 
 
 def test_loads_what_the_target_gives_at_every_version_then_drops_what_no_map_gives(node):

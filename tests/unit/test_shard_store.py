@@ -13,6 +13,7 @@ import torch
 from services.core.errors import FailedPreconditionError, InvalidArgumentError
 from services.core.reference import reference_pool
 from services.core.types import PartitionId, PoolingType, TableSpec
+from services.embedding_shard.snapshot import BagGroup
 from services.embedding_shard.store import TableStore
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -23,9 +24,16 @@ MODES = [PoolingType.SUM, PoolingType.MEAN, PoolingType.MAX]
 NO_IDS = np.empty(0, dtype=np.int64)
 
 
-def _held(view, version, partition):
+def _held(snapshot, version, partition):
     """The partition of the store's layout at ``version`` (as a Lookup of no ids resolves it)."""
-    return view.lookup(version, "t", partition, NO_IDS, strict=True)[0]
+    return snapshot.resolve(version, "t", partition, NO_IDS, strict=True)[0]
+
+
+def _one(snapshot, version, table, partition, ids, lengths=None, mode=PoolingType.SUM, *, strict=True):
+    """One group through the Lookup path (map version 0 = strict routing)."""
+    ids = np.asarray(ids, np.int64)
+    lengths = np.array([len(ids)], np.int32) if lengths is None else lengths
+    return snapshot.lookup([BagGroup(table, partition, mode, ids, lengths)], version=version, map_version=0 if strict else 1).results[0][0]
 
 
 def _bags(rng, bags=40, max_len=12):
@@ -60,15 +68,13 @@ def _store(table):
 
 def _pool(store, version, ids, lengths, mode):
     """Pool global ids through the store the way the frontend does for a row-wise table."""
-    parts = []
-    with store.reading() as view:
-        for key in KEYS:
-            sel = ids % P == key.partition
-            sub_lengths = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[sel], minlength=len(lengths)).astype(np.int32)
-            sub_mode = PoolingType.SUM if mode is PoolingType.MEAN else mode
-            part, local = view.lookup(version, "t", key.partition, ids[sel], strict=True)
-            pooled = part.pool_local(local, sub_lengths, sub_mode, None)
-            parts.append((pooled, sub_lengths))
+    groups = []
+    for key in KEYS:
+        sel = ids % P == key.partition
+        sub_lengths = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[sel], minlength=len(lengths)).astype(np.int32)
+        sub_mode = PoolingType.SUM if mode is PoolingType.MEAN else mode
+        groups.append(BagGroup("t", key.partition, sub_mode, ids[sel], sub_lengths))
+    parts = store.lookup(groups, version=version, map_version=0).results  # one snapshot for every group
     from services.core.sharding import merge_partials
 
     return merge_partials(parts, mode)
@@ -178,13 +184,13 @@ def test_bad_requests_name_the_problem():
     store = _store(rng.standard_normal((ROWS, DIM)).astype(np.float32))
     with store.reading() as view:
         with pytest.raises(InvalidArgumentError, match="unknown table 'nope'"):
-            view.lookup(1, "nope", 0, NO_IDS, strict=True)
+            _one(view, 1, "nope", 0, NO_IDS)
         with pytest.raises(InvalidArgumentError, match="partition 5 out of range"):
-            view.lookup(1, "t", 5, NO_IDS, strict=True)
+            _one(view, 1, "t", 5, NO_IDS)
         with pytest.raises(InvalidArgumentError, match="id 3 is not in partition 0"):
-            view.lookup(1, "t", 0, np.array([3]), strict=True)
+            _one(view, 1, "t", 0, np.array([3]))
         with pytest.raises(FailedPreconditionError, match="version 9 is not ready"):
-            view.lookup(9, "t", 0, NO_IDS, strict=True)
+            _one(view, 9, "t", 0, NO_IDS)
 
 
 def _partition(table, pid):
@@ -192,9 +198,10 @@ def _partition(table, pid):
 
 
 def _lookup(store, version, pid, ids, lengths, mode, *, strict=False):
+    """The pooled bags and the held partition that served them."""
     with store.reading() as view:
-        part, local = view.lookup(version, "t", pid.partition, ids, strict=strict)
-        return part.pool_local(local, lengths, mode, None), part.table.pid
+        served_by = view.resolve(version, "t", pid.partition, ids, strict=strict)[0].table.pid
+        return _one(view, version, "t", pid.partition, ids, lengths, mode, strict=strict), served_by
 
 
 def test_add_partition_serves_it_at_every_held_version():
@@ -235,8 +242,8 @@ def test_a_lookup_is_served_by_any_held_partition_holding_its_rows():
     assert _lookup(store, 1, KEYS[0], even, lengths, PoolingType.SUM)[1] == KEYS[0]  # the layout's first
     with store.reading() as before:  # a lookup running across the removal keeps its snapshot
         store.remove_partition(whole)
-        part, local = before.lookup(1, "t", 1, odd, strict=False)
-        np.testing.assert_allclose(part.pool_local(local, lengths, PoolingType.SUM, None), reference_pool(v1, odd, lengths, PoolingType.SUM), rtol=RTOL, atol=ATOL)
+        got = _one(before, 1, "t", 1, odd, lengths, strict=False)
+        np.testing.assert_allclose(got, reference_pool(v1, odd, lengths, PoolingType.SUM), rtol=RTOL, atol=ATOL)
     assert store.held() == [KEYS[0]]
     with pytest.raises(FailedPreconditionError, match="table 't' partition 1 is not held"):
         _lookup(store, 1, KEYS[1], odd, lengths, PoolingType.SUM)

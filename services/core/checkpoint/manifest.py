@@ -273,6 +273,16 @@ class Manifest:
         """True when the manifest lists ``path``."""
         return any(f.path == path for f in self.files)
 
+    def table_files(self, table: str) -> tuple[str, ...]:
+        """The files of this version that hold rows of ``table``: a base's ``tables/<t>.npy``,
+        a delta's ``tables/<t>.ids.npy`` + ``tables/<t>.rows.npy`` when it changes the table
+        (``()`` when it does not)."""
+        if self.kind == KIND_BASE:
+            paths: tuple[str, ...] = (table_file(table),)
+        else:
+            paths = (delta_ids_file(table), delta_rows_file(table))
+        return tuple(p for p in paths if self.lists(p))
+
     @property
     def delta_tables(self) -> tuple[str, ...]:
         """The tables a delta changes (those whose ``tables/<t>.ids.npy`` it lists), in model

@@ -15,7 +15,8 @@ and the dense weights of the newest version in the chain that has them. ``chain`
 parent that is missing or incomplete, a spec that differs from the base's, and a cycle.
 
 ``verify(N)`` checks every listed file: present, the listed size and (``full=True``) the listed
-sha256; for a delta also its ids and rows files (see ``delta_rows``). ``open_table`` memory-maps a
+sha256; for a delta also its ids and rows files (see ``delta_rows``). ``verify_files(N, paths)``
+does the same for the named files only (a shard verifies the files of the tables it holds). ``open_table`` memory-maps a
 base table read-only after checking its size (and, with ``verify=True``, its sha256) and its .npy
 header against the spec; on a delta version it gives the table materialized at that version.
 
@@ -35,10 +36,11 @@ Pure module: numpy and safetensors only (no torch, no grpc).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from services.core.checkpoint.arrays import DeltaRows, apply_deltas, materialize, open_npy
 from services.core.checkpoint.manifest import (
     COMPLETE_FILE,
     DENSE_FILE,
@@ -61,33 +63,6 @@ from services.core.types import TableSpec, Version
 
 # table_chunks hands out this many bytes of rows at a time.
 CHUNK_BYTES = 64 << 20
-
-# One delta's changes to one table: (ids int64 [k] strictly increasing, rows float32 [k, dim]).
-DeltaRows = tuple[np.ndarray, np.ndarray]
-
-
-def _materialize(base: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop: int, step: int) -> np.ndarray:
-    """Rows ``start:stop:step`` of a table at a version, as a new writable C-contiguous float32
-    array: the base rows (a memory-map slice: only those pages are read), then every delta in
-    chain order, restricted to the ids in that range (``searchsorted`` on the sorted ids)."""
-    out = np.array(base[start:stop:step], dtype=TABLE_DTYPE, order="C", copy=True)
-    _apply_deltas(out, deltas, start, stop, step)
-    return out
-
-
-def _apply_deltas(out: np.ndarray, deltas: Sequence[DeltaRows], start: int, stop: int, step: int) -> None:
-    """Write into ``out`` (rows ``start:stop:step`` of a table) every delta's rows in that range,
-    in chain order."""
-    for ids, rows in deltas:
-        lo, hi = (int(i) for i in np.searchsorted(ids, [start, stop]))
-        if lo == hi:
-            continue
-        offset = np.asarray(ids[lo:hi]) - start
-        if step == 1:
-            out[offset] = rows[lo:hi]
-            continue
-        hit = np.flatnonzero(offset % step == 0)
-        out[offset[hit] // step] = rows[lo + hit]
 
 
 class CheckpointReader:
@@ -244,10 +219,21 @@ class CheckpointReader:
         manifest; CheckpointError on the first mismatch, naming the file and the expected and
         actual values."""
         m = self.chain(version)[-1]
-        for f in m.files:
-            self._check_file(m, f.path, full=full)
+        return self._verify_files(m, [f.path for f in m.files], full=full)
+
+    def verify_files(self, version: Version, paths: Iterable[str], *, full: bool = True) -> Manifest:
+        """``verify`` restricted to the named files of ``version`` (e.g. one table's, from
+        ``Manifest.table_files``): the manifests of its whole chain and their COMPLETE markers
+        always, then only those files (a file the manifest does not list is a CheckpointError).
+        A shard holding some tables of a model hashes only theirs."""
+        return self._verify_files(self.chain(version)[-1], list(paths), full=full)
+
+    def _verify_files(self, m: Manifest, paths: list[str], *, full: bool) -> Manifest:
+        for path in paths:
+            self._check_file(m, path, full=full)
         for table in m.delta_tables:
-            self._delta_rows(m, self._table_spec(m, table), verify=False)  # sizes and sha256 done above
+            if set(m.table_files(table)) & set(paths):  # sizes and sha256 done above
+                self._delta_rows(m, self._table_spec(m, table), verify=False)
         return m
 
     # ---------------------------------------------------------------- files
@@ -262,30 +248,8 @@ class CheckpointReader:
         size (sha256 with ``verify``) and that its header is ``dtype``, C order and ``shape``
         (``shape`` None: any 1-D)."""
         self._check_file(m, path, full=verify)
-        local = self._store.local_path(self._rel(m.version, path))
         where = f"{self._where(m.version)}: table {table!r} ({path})"
-        try:
-            with open(local, "rb") as f:
-                npy_version = np.lib.format.read_magic(f)
-                if npy_version == (1, 0):
-                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
-                elif npy_version == (2, 0):
-                    got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f".npy format version {npy_version} (expected 1.0 or 2.0)")
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{where}: not a readable .npy file: {e}") from e
-        shape_ok = len(got_shape) == 1 if shape is None else tuple(got_shape) == shape
-        if not shape_ok or got_dtype != dtype or (fortran and len(got_shape) > 1):
-            want = "[k]" if shape is None else list(shape)
-            raise CheckpointError(
-                f"{where}: expected {dtype.name} {want} C order, got {got_dtype} {list(got_shape)}"
-                f"{' Fortran order' if fortran and len(got_shape) > 1 else ''}"
-            )
-        try:
-            return np.load(local, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{where}: cannot memory-map: {e}") from e
+        return open_npy(self._store.local_path(self._rel(m.version, path)), where, dtype, shape)
 
     def _base_table(self, base: Manifest, spec: TableSpec, *, verify: bool) -> np.ndarray:
         return self._open_npy(base, table_file(spec.name), spec.name, TABLE_DTYPE, (spec.rows, spec.dim), verify=verify)
@@ -398,7 +362,7 @@ class CheckpointReader:
         if num_partitions < 1 or not 0 <= partition < num_partitions:
             raise InvalidArgumentError(f"table {table!r}: partition {partition} of {num_partitions} (need 0 <= partition < num_partitions)")
         spec, base, deltas = self._layers(version, table, verify=False)
-        return _materialize(base, deltas, partition, spec.rows, num_partitions)
+        return materialize(base, deltas, partition, spec.rows, num_partitions)
 
     def table_chunks(self, version: Version, table: str, *, chunk_bytes: int = CHUNK_BYTES, verify: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """The whole of ``table`` at ``version`` as ``(start, rows)`` pieces in row order, each a
@@ -419,7 +383,7 @@ class CheckpointReader:
                 if rows.size != (stop - start) * spec.dim:
                     raise CheckpointError(f"{self._where(version)}: table {table!r}: base file {path} ends before row {stop}")
                 rows = rows.reshape(stop - start, spec.dim)
-                _apply_deltas(rows, deltas, start, stop, 1)
+                apply_deltas(rows, deltas, start, stop, 1)
                 yield start, rows
 
     def open_table(self, version: Version, table: str, *, verify: bool = True) -> np.ndarray:
@@ -434,7 +398,7 @@ class CheckpointReader:
         spec, base, deltas = self._layers(version, table, verify=verify)
         if not deltas:
             return base
-        out = _materialize(base, deltas, 0, spec.rows, 1)
+        out = materialize(base, deltas, 0, spec.rows, 1)
         out.flags.writeable = False
         return out
 

@@ -14,11 +14,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Options every shardrec server and channel uses (message caps set deliberately)."""
+def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
+    """Options every shardrec server and channel uses (message caps set deliberately;
+    ``max_receive_bytes`` when what may arrive is smaller than what may be sent)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes if max_receive_bytes is None else max_receive_bytes),
         ("grpc.so_reuseport", 0),
     ]
 
@@ -68,12 +69,14 @@ def start_sync_server(
     max_message_bytes: int,
     add_servicers: Iterable[Callable[[grpc.Server], None]],
     service_names: Iterable[str],
+    max_receive_bytes: int | None = None,
 ) -> SyncServer:
     """Bind ``host:port`` (0 = any free port), register servicers, health (NOT_SERVING until
-    ``set_serving(True)``) and reflection, and start."""
+    ``set_serving(True)``) and reflection, and start. A request over ``max_receive_bytes``
+    (default ``max_message_bytes``) is refused by gRPC itself, RESOURCE_EXHAUSTED."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        options=channel_options(max_message_bytes),
+        options=channel_options(max_message_bytes, max_receive_bytes),
     )
     health_servicer = health.HealthServicer()
     names = _register(server, add_servicers, service_names, health_servicer)

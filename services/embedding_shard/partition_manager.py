@@ -5,10 +5,10 @@ owns its partitions in the active map and, while a rebalance is in progress, in 
 This reconciler (STYLE #2) acts on them while the node serves:
 
 - a partition it owns and does not hold is loaded in the background, at every model version
-  the node holds (full rows at the primary; at another version the rows where it differs,
-  ``store.partition_rows``), throttled to ``load_rate_bytes_s``, then published in one
-  snapshot (``TableStore.add_partition``). A load whose partition stops being owned meanwhile
-  (the rebalance was aborted) is abandoned.
+  the node holds (``loader.PartitionLoader``: full rows at the primary; at another version the
+  rows where it differs, or full rows for another base), its files verified first, throttled to
+  ``load_rate_bytes_s``, then published in one snapshot (``TableStore.add_partition``). A load
+  whose partition stops being owned meanwhile (the rebalance was aborted) is abandoned.
 - a partition it holds and no longer owns is dropped ``drain_s`` after it stopped being owned,
   so requests still routed with the previous map are served meanwhile. Before dropping, the
   maps are read again from ZooKeeper (target first, then active): a watch may deliver the
@@ -17,12 +17,8 @@ This reconciler (STYLE #2) acts on them while the node serves:
 Nothing here depends on a restart: a node that starts reads the active map, loads its
 partitions before it registers (``main.py``), then this manager follows both maps.
 
-``LoadMeter`` samples the per-partition lookup counters every ``interval_s`` and keeps the ids
-looked up per second over the last ``window_s``, for the node's znode (``shardrec rebalance
-show|plan`` plan with the measured load).
-
 Threads: ``set_active`` / ``set_target`` are called from kazoo watch threads and only record
-the map and call ``wake``; ``reconcile`` and ``tick`` run on the node's reconciler thread
+the map and call ``wake``; ``reconcile`` runs on the node's reconciler thread
 (``reconciler.Reconciler``), which also calls ``on_change``.
 """
 
@@ -31,21 +27,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import ShardrecError
 from services.core.placement import ShardMap, owned_partitions
 from services.core.types import PartitionId
-from services.embedding_shard.store import TableStore, partition_rows
+from services.embedding_shard.loader import PartitionLoader, Throttle, verify_all
+from services.embedding_shard.store import TableStore
 
 log = logging.getLogger(__name__)
 
 # A partition whose load failed (I/O, a checkpoint error) is tried again after this long.
 LOAD_RETRY_S = 5.0
-# How often a throttled load checks that its partition is still owned.
-_THROTTLE_SLICE_S = 0.1
 
 ReadMaps = Callable[[], "tuple[ShardMap | None, ShardMap | None]"]
 
@@ -63,6 +57,7 @@ class PartitionManager:
         on_change: Callable[[], None] = lambda: None,
         load_rate_bytes_s: int = 0,
         drain_s: float = 5.0,
+        verify: bool = True,
     ) -> None:
         self._node_id = node_id
         self._store = store
@@ -71,7 +66,8 @@ class PartitionManager:
         self._read_maps = read_maps
         self._wake = wake
         self.on_change = on_change
-        self._load_rate = load_rate_bytes_s
+        self._throttle = Throttle(load_rate_bytes_s, stop)
+        self._verify = verify
         self._drain_s = drain_s
         self._active: ShardMap | None = None
         self._target: ShardMap | None = None
@@ -112,7 +108,11 @@ class PartitionManager:
         active = self._active
         if active is None:
             return None
-        self._store.set_layout({t: tp.num_partitions for t, tp in active.tables.items()})
+        target = self._target
+        self._store.set_layout(
+            {t: tp.num_partitions for t, tp in active.tables.items()},
+            also=() if target is None else ({t: tp.num_partitions for t, tp in target.tables.items()},),
+        )
         owned = self.owned()
         held = set(self._store.held())
         wait = self._drop_unowned(owned, held)
@@ -164,14 +164,25 @@ class PartitionManager:
         return wait
 
     def _load(self, pid: PartitionId) -> None:
+        """``pid`` at every version held: full rows at the primary, and at each other version
+        the rows where it differs (or full rows for another base)."""
         self.loading = pid
         t0 = time.monotonic()
+        size = 0
         try:
-            rows = partition_rows(self._reader, pid, self._store.primary, self._store.versions_ready)
-            if not self._throttle(pid, rows.size_bytes):
+            primary = self._store.primary
+            loaders = [PartitionLoader(self._reader, pid, primary)] + [
+                PartitionLoader(self._reader, pid, v, over=primary) for v in self._store.versions_ready if v != primary
+            ]
+            if self._verify:
+                verify_all(loaders)
+            size = sum(loader.estimate_bytes() for loader in loaders)
+            if not self._throttle.spend(size, lambda: pid in self.owned()):
                 log.info("abandoned loading partition %s: no longer owned", pid)
                 return
-            self._store.add_partition(pid, rows.weights, rows.overlays)
+            weights = {loader.version: loader.load_rows() for loader in loaders if loader.full}
+            overlays = {loader.version: loader.load_changes().pair() for loader in loaders if not loader.full}
+            self._store.add_partition(pid, weights, overlays)
         except (ShardrecError, OSError, ValueError) as e:
             self.error = {"partition": str(pid), "error": str(e)}
             self._retry_at[pid] = time.monotonic() + LOAD_RETRY_S
@@ -182,81 +193,13 @@ class PartitionManager:
                 self.error = None
             log.info(
                 "partition %s ready at versions %s in %.2fs (%.1f KiB)",
-                pid, self._store.versions_ready, time.monotonic() - t0, rows.size_bytes / 1024,
+                pid, self._store.versions_ready, time.monotonic() - t0, size / 1024,
             )
         finally:
             self.loading = None
             held = set(self._store.held())
             self._pending = [p for p in self._pending if p not in held]
             self.on_change()
-
-    def _throttle(self, pid: PartitionId, size_bytes: int) -> bool:
-        """Spend ``size_bytes / load_rate`` seconds; False when the node stops or ``pid`` stops
-        being owned meanwhile (checked every 0.1 s, from memory only)."""
-        if self._load_rate <= 0:
-            return pid in self.owned()
-        deadline = time.monotonic() + size_bytes / self._load_rate
-        while (left := deadline - time.monotonic()) > 0:
-            if self._stop.wait(min(left, _THROTTLE_SLICE_S)) or pid not in self.owned():
-                return False
-        return pid in self.owned()
-
-
-class LoadMeter:
-    """Per partition: lookups and ids served so far, and ids per second over the last
-    ``window_s`` (sampled every ``interval_s``), for the node's znode.
-
-    ``tick`` runs on the reconciler thread; ``report`` on any thread (it reads counters that
-    lookups bump without a lock: best-effort, like the counters themselves)."""
-
-    def __init__(self, store: TableStore, *, interval_s: float = 5.0, window_s: float = 60.0,
-                 on_change: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._store = store
-        self._interval_s = interval_s
-        self._window_s = window_s
-        self.on_change = on_change
-        self._clock = clock
-        self._samples: dict[PartitionId, deque[tuple[float, int]]] = {}
-        self._rates: dict[PartitionId, float] = {}
-        self._next = clock() + interval_s
-
-    def tick(self) -> float:
-        now = self._clock()
-        if now < self._next:
-            return self._next - now
-        self._next = now + self._interval_s
-        tables = self._store.partitions()
-        changed = False
-        for pid in list(self._samples):
-            if pid not in tables:
-                del self._samples[pid]
-                self._rates.pop(pid, None)
-        for pid, table in tables.items():
-            samples = self._samples.setdefault(pid, deque())
-            if samples and samples[-1][1] != table.ids:
-                changed = True
-            samples.append((now, table.ids))
-            while len(samples) > 2 and samples[0][0] < now - self._window_s:
-                samples.popleft()
-            (t0, ids0), (t1, ids1) = samples[0], samples[-1]
-            rate = (ids1 - ids0) / (t1 - t0) if t1 > t0 else 0.0
-            changed |= self._rates.get(pid) != rate
-            self._rates[pid] = rate
-        if changed:
-            self.on_change()
-        return self._interval_s
-
-    def report(self) -> dict[str, dict]:
-        """``{"items/1of2": {"bytes", "lookups", "ids", "ids_per_s"}}`` for every held partition."""
-        out = {}
-        for pid, table in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
-            out[str(pid)] = {
-                "bytes": self._store.size_bytes(pid),
-                "lookups": table.lookups,
-                "ids": table.ids,
-                "ids_per_s": round(self._rates.get(pid, 0.0), 3),
-            }
-        return out
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

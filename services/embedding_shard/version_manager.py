@@ -10,15 +10,15 @@ ZooKeeper publishes desired state; this one reconciler acts on it (STYLE #2):
   any more (not the primary, not T, not S) is dropped after ``drain_s``, freeing its overlay.
 
 A target is refused (and serving continues on the old version with no row changed) when its
-checkpoint is incomplete, corrupt or truncated, or when it is a delta that neither descends from
-S nor is an ancestor of S (a rollback): e.g. a delta built on a version that was rolled back
-away from. The refusal is logged and reported in the node's znode (``load_error``), which
-``shardrec checkpoint status`` shows. The same target is not retried until it is published
-again.
+checkpoint is incomplete, corrupt or truncated in the files of the tables the node holds, or
+when the lineage rule refuses it (``core.checkpoint.lineage.check_follow``). The refusal is
+logged and reported in the node's znode (``load_error``), which ``shardrec checkpoint status``
+shows. The same target is not retried until it is published again.
 
-The rows loaded are those of the partitions the node holds when the load starts
-(``TableStore.held``); partitions come and go between loads (``partitions.PartitionManager``),
-never during one: both run on the node's one reconciler thread (``reconciler.Reconciler``).
+The rows loaded (``loader.PartitionLoader``) are those of the partitions the node holds when the
+load starts (``TableStore.held``); partitions come and go between loads
+(``partition_manager.PartitionManager``), never during one: both run on the node's one
+reconciler thread (``reconciler.Reconciler``).
 
 Threads: the ``set_*`` methods are called from kazoo watch threads and only record the value
 and call ``wake``; ``reconcile`` runs on the reconciler thread; ``on_change`` is called from it.
@@ -31,11 +31,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from services.core.checkpoint.manifest import KIND_BASE
+from services.core.checkpoint import lineage
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import ShardrecError
 from services.core.types import Version
-from services.embedding_shard.store import TableStore, delta_changes, load_partitions
+from services.embedding_shard.loader import Throttle, load_changes, load_rows, loaders_for, verify_all
+from services.embedding_shard.store import TableStore
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class VersionManager:
         self._wake = wake
         self._stop = stop
         self._verify = verify
-        self._load_rate = load_rate_bytes_s
+        self._throttle = Throttle(load_rate_bytes_s, stop)
         self._drain_s = drain_s
         self._lock = threading.Lock()
         self._target: Version | None = None
@@ -125,42 +126,28 @@ class VersionManager:
             self.on_change()
 
     def check_lineage(self, target: Version) -> None:
-        """Refuse a delta that neither descends from the serving version nor is one of its
-        ancestors (CheckpointError naming both chains)."""
-        from services.core.errors import CheckpointError
-
+        """Refuse a target the lineage rule refuses (CheckpointError naming both chains)."""
         serving = self._serving or self._store.primary
-        chain = self._reader.chain(target)
-        if chain[-1].kind == KIND_BASE or not serving:
-            return
-        t_chain = [m.version for m in chain]
-        s_chain = [m.version for m in self._reader.chain(serving)]
-        if serving not in t_chain and target not in s_chain:
-            raise CheckpointError(
-                f"version {target} is a delta of {chain[-1].parent} (chain {t_chain}) but the serving version "
-                f"{serving} (chain {s_chain}) is not among its ancestors: publish a delta whose parent is {serving}"
-            )
+        serving_chain = [m.version for m in self._reader.chain(serving)] if serving else None
+        lineage.check_follow([m.version for m in self._reader.chain(target)], serving_chain)
 
     def _load(self, target: Version) -> None:
-        reader = self._reader
         self.check_lineage(target)
-        if self._verify:
-            reader.verify(target, full=True)
         a = self._store.primary
-        held = self._store.held()
-        changes = delta_changes(reader, a, target, held)
-        if changes is None:
+        loaders = loaders_for(self._reader, target, self._store.held(), over=a)
+        if self._verify:
+            verify_all(loaders)
+        if any(loader.full for loader in loaders):
             log.info("version %d has another base than %d: loading it whole", target, a)
-            weights = load_partitions(
-                reader, target, held, verify=self._verify, load_rate_bytes_s=self._load_rate, stop=self._stop,
-            )
-            if self._stop.is_set():
+            weights = load_rows(loaders, self._throttle)
+            if weights is None or self._stop.is_set():
                 return
             self._store.install(target, weights)
             return
-        size = sum(rows.numel() * rows.element_size() for _, rows in changes.values())
-        if self._load_rate > 0 and self._stop.wait(size / self._load_rate):
+        size = sum(loader.estimate_bytes() for loader in loaders)
+        if not self._throttle.spend(size):
             return
+        changes = load_changes(loaders)
         rows = sum(len(ids) for ids, _ in changes.values())
         log.info("applying version %d over %d: %d rows (%.1f MiB)", target, a, rows, size / 2**20)
         self._store.apply(target, changes)
