@@ -27,33 +27,24 @@ def publish_version(store: "ShardMapStore", reader: "CheckpointReader", version:
     """Verify ``version`` and set it as the target. FailedPreconditionError when it is a delta
     whose parent is not the serving version; CheckpointError when it is incomplete or corrupt.
     Returns a line saying what was published."""
-    from services.core.checkpoint.manifest import KIND_DELTA
-    from services.core.errors import FailedPreconditionError
+    from services.core.checkpoint import lineage
 
     serving = store.read_serving_version()
-    for m in reader.chain(version):
+    chain = reader.chain(version)
+    for m in chain:
         reader.verify(m.version, full=m.version == version)
+    lineage.check_publish([m.version for m in chain], serving)
     m = reader.manifest(version)
-    if m.kind == KIND_DELTA and m.parent != serving:
-        raise FailedPreconditionError(
-            f"version {version} is a delta of version {m.parent}, but the cluster serves version {serving}: "
-            f"publish a delta whose parent is {serving}"
-        )
     store.write_target_version(version)
     return f"published version {version} ({m.kind}, parent {m.parent}); the cluster serves {serving} until every partition is ready"
 
 
 def rollback_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
     """Make ``version``, an ancestor of the serving version, the target again."""
-    from services.core.errors import FailedPreconditionError
+    from services.core.checkpoint import lineage
 
     serving = store.read_serving_version()
-    chain = [m.version for m in reader.chain(serving)]
-    if version not in chain:
-        raise FailedPreconditionError(
-            f"version {version} is not an ancestor of the serving version {serving} (its chain is {chain}); "
-            f"publish it instead if it is a delta of {serving}"
-        )
+    lineage.check_rollback(version, [m.version for m in reader.chain(serving)])
     reader.verify(version, full=True)
     store.write_target_version(version)
     return f"rolling back from version {serving} to {version}; the next delta must have parent {version}"

@@ -87,7 +87,7 @@ class PartitionLoader:
         self.reader, self.pid, self.version, self.over = reader, pid, version, over
         self._chain = reader.chain(version)
         self.spec = self._chain[-1].model.table(pid.table)
-        self.full = over is None or reader.base_version(over) != self._chain[0].version
+        self.full = over is None or reader.chain(over)[0].version != self._chain[0].version
         self._changed = {} if changed is None else changed
         self._mine: np.ndarray | None = None
 
