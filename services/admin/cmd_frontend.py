@@ -52,6 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--hedge-min-delay-ms", type=float, default=2.0, help="floor of the p95 hedge delay")
     serve.add_argument("--hedge-budget", type=float, default=0.05, help="hedge RPCs per Lookup RPC at most (0 = no hedging)")
+    serve.add_argument("--admission", choices=("on", "off"), default="on",
+                       help="admission control: refuse at once what would queue past the latency target or the deadline (docs/overload.md)")
+    serve.add_argument("--latency-target-ms", type=float, default=50.0,
+                       help="latency the adaptive concurrency limit holds for admitted requests, whatever the callers' deadlines")
+    serve.add_argument("--caller-rate-rps", type=float, default=0.0,
+                       help="requests/s per caller identity (x-shardrec-caller) not named in --caller-limits; 0 = unlimited")
+    serve.add_argument("--caller-burst", type=float, default=0.0, help="burst per caller (default: one second of --caller-rate-rps)")
+    serve.add_argument("--caller-limits", default="", metavar="TOML", help="per-caller rates: [callers.NAME] rate_rps = R, burst = B")
+    serve.add_argument("--degrade-max-candidates", type=int, default=0,
+                       help="degraded mode under shedding: score only the first N candidates of a request (0 = off)")
+    serve.add_argument("--max-abs-dense", type=float, default=1e6, help="largest magnitude of a request-time dense value")
+    serve.add_argument("--max-abs-weight", type=float, default=1e6, help="largest magnitude of a request-time sparse weight")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
 
@@ -86,6 +98,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--hedge-budget must be between 0 and 1 (hedge RPCs per Lookup RPC), got {args.hedge_budget}")
     if args.eject_s <= 0 or args.eject_max_s < args.eject_s:
         raise ConfigError(f"--eject-s must be > 0 and --eject-max-s at least --eject-s, got {args.eject_s} and {args.eject_max_s}")
+    if args.latency_target_ms <= 0:
+        raise ConfigError(f"--latency-target-ms must be > 0, got {args.latency_target_ms}")
+    if args.caller_rate_rps < 0 or args.caller_burst < 0 or args.degrade_max_candidates < 0:
+        raise ConfigError("--caller-rate-rps, --caller-burst and --degrade-max-candidates must be >= 0")
+    if args.max_abs_dense <= 0 or args.max_abs_weight <= 0:
+        raise ConfigError("--max-abs-dense and --max-abs-weight must be > 0")
     kv_redis = args.kv_redis or args.redis
     if lookup == "redis-kv" and not kv_redis:
         raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
@@ -115,6 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
         hedge_delay_s=args.hedge_delay_ms,
         hedge_min_delay_s=args.hedge_min_delay_ms / 1000.0,
         hedge_budget=args.hedge_budget,
+        admission=args.admission == "on",
+        latency_target_s=args.latency_target_ms / 1000.0,
+        caller_rate_rps=args.caller_rate_rps,
+        caller_burst=args.caller_burst,
+        caller_limits_file=args.caller_limits,
+        degrade_max_candidates=args.degrade_max_candidates,
+        max_abs_dense=args.max_abs_dense,
+        max_abs_weight=args.max_abs_weight,
     )
     from services.frontend.main import run
 

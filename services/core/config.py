@@ -101,6 +101,20 @@ class FrontendConfig:
     hedge_delay_s: float | None = None
     hedge_min_delay_s: float = 0.002
     hedge_budget: float = 0.05
+    # Admission control (docs/overload.md): a concurrency limit that holds latency_target_s,
+    # refusals of requests that cannot meet their deadline; off = only max_queue bounds it.
+    admission: bool = True
+    latency_target_s: float = 0.050
+    # Per-caller token buckets (x-shardrec-caller): requests/s and burst for callers not named
+    # in caller_limits_file (a TOML file of [callers.NAME] rate_rps / burst); 0 = unlimited.
+    caller_rate_rps: float = 0.0
+    caller_burst: float = 0.0
+    caller_limits_file: str = ""
+    # Degraded mode, off by default: under shedding, score only the first N candidates.
+    degrade_max_candidates: int = 0
+    # Request-time dense values and weights larger than this in magnitude are refused.
+    max_abs_dense: float = 1e6
+    max_abs_weight: float = 1e6
 
 
 LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")

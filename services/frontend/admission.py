@@ -165,6 +165,39 @@ class CallerLimitsConfig:
         return self.default
 
 
+def load_caller_limits(path: str, default: CallerRate) -> CallerLimitsConfig:
+    """Per-caller rates from a TOML file (docs/overload.md)::
+
+        [callers.search]
+        rate_rps = 200
+        burst = 400
+
+    ``default`` applies to every caller the file does not name. ConfigError naming the file and
+    key on anything else."""
+    import tomllib
+
+    from services.core.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"caller limits {path}: {e}") from None
+    callers = []
+    for name, entry in (doc.get("callers") or {}).items():
+        unknown = set(entry) - {"rate_rps", "burst"} if isinstance(entry, dict) else {"<not a table>"}
+        if unknown:
+            raise ConfigError(f"caller limits {path}: [callers.{name}] has unknown keys {sorted(unknown)} (rate_rps, burst)")
+        try:
+            callers.append((name, CallerRate(float(entry.get("rate_rps", 0.0)), float(entry.get("burst", 0.0)))))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"caller limits {path}: [callers.{name}]: {e}") from None
+    extra = set(doc) - {"callers"}
+    if extra:
+        raise ConfigError(f"caller limits {path}: unknown top-level keys {sorted(extra)} (only [callers.NAME] tables)")
+    return CallerLimitsConfig(default=default, callers=tuple(callers))
+
+
 class CallerLimits:
     """One token bucket per caller identity, created on first use."""
 
@@ -204,12 +237,14 @@ class Admission:
         self.in_flight = 0
         self.admitted = 0
         self.shed: dict[str, int] = {"caller_rate": 0, "concurrency": 0, "deadline": 0}
+        self.last_shed_at: float | None = None
+        self._shed_times = _Ring(256)
 
     def check(self, caller: str, remaining_s: float, queued: int, now: float) -> Shed | None:
         """None: admitted (the caller must call ``finished`` once, whatever happens next)."""
         wait = self.callers.take(caller, now)
         if wait > 0:
-            return self._shed("caller_rate", f"caller {caller!r} is over its rate limit", wait)
+            return self._shed("caller_rate", f"caller {caller!r} is over its rate limit", wait, now)
         if self.policy.enabled:
             if self.in_flight >= self.limit.value:
                 return self._shed(
@@ -217,6 +252,7 @@ class Admission:
                     f"frontend overloaded: {self.in_flight} requests in flight, limit {self.limit.value} "
                     f"(holding {self.policy.latency_target_s * 1e3:.0f} ms latency)",
                     self.policy.latency_target_s,
+                    now,
                 )
             expected = self.estimate.expected_s(queued)
             if expected > remaining_s:
@@ -225,6 +261,7 @@ class Admission:
                     f"cannot finish within the deadline: {remaining_s * 1e3:.1f} ms left, about {expected * 1e3:.1f} ms expected "
                     f"({queued} requests queued ahead)",
                     max(expected - remaining_s, self.policy.latency_target_s),
+                    now,
                 )
         self.in_flight += 1
         self.admitted += 1
@@ -235,6 +272,44 @@ class Admission:
         self.in_flight -= 1
         self.limit.observe(latency_s, now)
 
-    def _shed(self, reason: str, message: str, retry_after_s: float) -> Shed:
+    def pressured(self, now: float, window_s: float) -> bool:
+        """Was a request shed for load (concurrency or deadline) within ``window_s``?"""
+        return self.last_shed_at is not None and now - self.last_shed_at <= window_s
+
+    def record_shed_time(self, seconds: float) -> None:
+        """How long the refusal took in this process, from the call's arrival."""
+        self._shed_times.add(seconds)
+
+    def counters(self) -> dict[str, int]:
+        """GetStats names: counters, and the gauges ``admission_limit``, ``in_flight`` and
+        ``shed_p99_us`` (server-side time to refuse, over the last 256 refusals)."""
+        p99 = self._shed_times.quantile(0.99)
+        return {
+            "admitted": self.admitted,
+            **{f"shed_{reason}": n for reason, n in self.shed.items()},
+            "admission_limit": self.limit.value,
+            "in_flight": self.in_flight,
+            "shed_p99_us": 0 if p99 is None else int(p99 * 1e6),
+        }
+
+    def _shed(self, reason: str, message: str, retry_after_s: float, now: float) -> Shed:
         self.shed[reason] += 1
+        if reason != "caller_rate":
+            self.last_shed_at = now
         return Shed(reason, message, retry_after_s)
+
+
+class _Ring:
+    """The last ``size`` values and their quantiles."""
+
+    def __init__(self, size: int) -> None:
+        self._buf = np.zeros(size)
+        self._n = 0
+
+    def add(self, value: float) -> None:
+        self._buf[self._n % len(self._buf)] = value
+        self._n += 1
+
+    def quantile(self, q: float) -> float | None:
+        n = min(self._n, len(self._buf))
+        return None if n == 0 else float(np.quantile(self._buf[:n], q))

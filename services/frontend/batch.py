@@ -39,12 +39,19 @@ class RecRequest:
     sparse_overrides: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Pending:
-    """A request waiting in the batcher, with its absolute deadline (time.monotonic())."""
+    """A request waiting in the batcher, with its absolute deadline (time.monotonic()).
+    ``abandoned`` is set (on the event loop) when its caller stopped waiting: cancelled or out
+    of time. Every stage drops abandoned and expired requests before it spends anything on
+    them."""
 
     request: RecRequest
     deadline: float
+    abandoned: bool = False
+
+    def dead(self, now: float) -> bool:
+        return self.abandoned or self.deadline <= now
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class Recommendation:
     scores: np.ndarray  # float32 [k]
     version: Version
     shard_map_version: int
+    # recommend_pb2.DegradedReason values of a cheaper mode that applied (empty: a full answer)
+    degraded_reasons: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,50 @@ class PreparedBatch:
     @property
     def num_samples(self) -> int:
         return int(self.sample_offsets[-1])
+
+    def subset(self, keep: list[int]) -> "PreparedBatch":
+        """The batch of requests ``keep`` (indices, in order) alone: their samples, and only the
+        user contexts and items they use (so a dropped request's bags are never looked up)."""
+        counts = np.diff(self.sample_offsets)[keep]
+        offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        samples = np.concatenate([np.arange(self.sample_offsets[r], self.sample_offsets[r + 1]) for r in keep])
+        users, user_of_sample = np.unique(self.user_of_sample[samples], return_inverse=True)
+        items, item_of_sample = np.unique(self.item_of_sample[samples], return_inverse=True)
+
+        def take(bags: dict[str, Bags], index: np.ndarray) -> dict[str, Bags]:
+            out = {}
+            for name, b in bags.items():
+                rows, lengths, weights = ragged_take(b.rows, b.lengths, index, b.weights)
+                out[name] = Bags(rows, lengths, weights)
+            return out
+
+        return PreparedBatch(
+            requests=tuple(self.requests[r] for r in keep),
+            sample_offsets=offsets,
+            user_of_sample=user_of_sample.reshape(-1).astype(np.int32),
+            item_of_sample=item_of_sample.reshape(-1).astype(np.int32),
+            user_bags=take(self.user_bags, users),
+            item_bags=take(self.item_bags, items),
+            dense=self.dense[samples],
+        )
+
+
+def ragged_take(
+    values: np.ndarray, lengths: np.ndarray, index: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Bags ``index`` of a CSR (``values``, ``lengths``), in that order, as a new CSR.
+
+    >>> ragged_take(np.array([5, 6, 7]), np.array([2, 1]), np.array([1, 0, 1]))[:2]
+    (array([7, 5, 6, 7]), array([1, 2, 1], dtype=int32))
+    """
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    out_lengths = lengths[index].astype(np.int32)
+    total = int(out_lengths.sum())
+    out_starts = np.cumsum(out_lengths, dtype=np.int64) - out_lengths
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts[index] - out_starts, out_lengths)
+    return values[pos], out_lengths, (None if weights is None else weights[pos])
 
 
 # Bags longer than this are not compared for repeats (long history bags almost never repeat).

@@ -64,6 +64,11 @@ class MicroBatcher(Generic[T, R]):
         self._loop_task: asyncio.Task | None = None
         self.stats = BatcherStats()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch right now."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 

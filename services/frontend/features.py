@@ -25,28 +25,11 @@ from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import ShardrecError, UnavailableError
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
 from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
-from services.frontend.batch import Bags, PreparedBatch, RecRequest
+from services.frontend.batch import Bags, PreparedBatch, RecRequest, ragged_take
 from services.frontend.validate import FeatureLimits, RequestValidator
 
 if TYPE_CHECKING:
     import redis.asyncio
-
-
-def _ragged_take(
-    values: np.ndarray, lengths: np.ndarray, index: np.ndarray, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Bags ``index`` of a CSR (``values``, ``lengths``), in that order, as a new CSR.
-
-    >>> _ragged_take(np.array([5, 6, 7]), np.array([2, 1]), np.array([1, 0, 1]))[:2]
-    (array([7, 5, 6, 7]), array([1, 2, 1], dtype=int32))
-    """
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    out_lengths = lengths[index].astype(np.int32)
-    total = int(out_lengths.sum())
-    out_starts = np.cumsum(out_lengths, dtype=np.int64) - out_lengths
-    pos = np.arange(total, dtype=np.int64) + np.repeat(starts[index] - out_starts, out_lengths)
-    return values[pos], out_lengths, (None if weights is None else weights[pos])
 
 
 class FeaturePrep:
@@ -227,7 +210,7 @@ class FeaturePrep:
             if i >= 0 and f.name in requests[i].sparse_overrides
         ]
         if not overrides:
-            values, lengths, _ = _ragged_take(stored.values, stored.lengths, user_of_ctx)
+            values, lengths, _ = ragged_take(stored.values, stored.lengths, user_of_ctx)
             return Bags(self._to_rows(values, f), lengths)
         # Append the override bags after the stored ones and point their contexts at them.
         index = user_of_ctx.copy()
@@ -244,5 +227,5 @@ class FeaturePrep:
                 [np.ones(len(stored.values), dtype=np.float32)]
                 + [np.ones(len(v), dtype=np.float32) if w is None else w for _, (v, w) in overrides]
             )
-        values, lengths, weights = _ragged_take(src_values, src_lengths, index, src_weights)
+        values, lengths, weights = ragged_take(src_values, src_lengths, index, src_weights)
         return Bags(self._to_rows(values, f), lengths, weights)

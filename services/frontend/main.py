@@ -14,19 +14,22 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.rpc.server import start_aio_server, tune_allocator
+from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
+from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
-from services.frontend.recommender import Recommender
-from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer
+from services.frontend.recommender import DegradePolicy, Recommender
+from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer, add_recommender_to_server
 from services.frontend.validate import FeatureLimits
 from services.ranker.scorer import build_scorer, set_threads
 
@@ -107,6 +110,22 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
     await VersionFollower(view, pipeline, reader, on_switch).run()
 
 
+def _admission(config: FrontendConfig, estimate: ServiceEstimate) -> Admission:
+    """Admission control from the config (docs/overload.md); the queue bounds the limit."""
+    from services.frontend.admission import AdmissionPolicy, CallerLimits, CallerRate, load_caller_limits
+
+    default = CallerRate(config.caller_rate_rps, config.caller_burst)
+    callers = load_caller_limits(config.caller_limits_file, default) if config.caller_limits_file else CallerLimitsConfig(default=default)
+    policy = AdmissionPolicy(
+        enabled=config.admission,
+        latency_target_s=config.latency_target_s,
+        initial_limit=min(64, config.max_queue),
+        min_limit=min(4, config.max_queue),
+        max_limit=config.max_queue,
+    )
+    return Admission(policy, CallerLimits(callers), estimate)
+
+
 async def serve(config: FrontendConfig) -> int:
     set_threads(config.torch_threads)
     tune_allocator()
@@ -135,17 +154,32 @@ async def serve(config: FrontendConfig) -> int:
         from services.core.clients import make_async_redis
 
         redis = make_async_redis(config.redis_url)
-    prep = FeaturePrep(spec, redis, config.redis_prefix, FeatureLimits(max_candidates=config.max_candidates))
+    limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
+    prep = FeaturePrep(spec, redis, config.redis_prefix, limits)
     pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
+    estimate = ServiceEstimate(in_flight_batches=config.max_in_flight_batches)
+
+    async def process(items: list[Pending]) -> list:
+        """The pipeline, timed: each batch that answered someone tells admission its cost."""
+        t0 = time.monotonic()
+        results = await pipeline.process(items)
+        served = sum(isinstance(r, Recommendation) for r in results)
+        if served:
+            estimate.observe_batch(time.monotonic() - t0, served)
+        return results
+
     batcher = MicroBatcher(
-        pipeline.process,
+        process,
         max_batch=config.max_batch,
         max_wait_s=config.max_wait_s,
         max_queue=config.max_queue,
         max_in_flight=config.max_in_flight_batches,
     )
     batcher.start()
-    recommender = Recommender(prep.validator, pipeline, batcher, default_timeout_s=config.default_timeout_s)
+    recommender = Recommender(
+        prep.validator, pipeline, batcher, _admission(config, estimate),
+        default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
+    )  # fmt: skip
     servicer = RecommenderServicer(recommender)
     admin = FrontendAdminServicer(recommender, view)
     server = await start_aio_server(
@@ -153,7 +187,7 @@ async def serve(config: FrontendConfig) -> int:
         config.port,
         max_message_bytes=config.max_message_bytes,
         add_servicers=[
-            lambda s: recommend_pb2_grpc.add_RecommenderServicer_to_server(servicer, s),
+            lambda s: add_recommender_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,

@@ -7,20 +7,32 @@ names them. Runs on the event loop; the ranker's ``Scorer`` keeps the forward pa
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from services.core.checkpoint.manifest import ModelSpec
-from services.core.errors import DeadlineExceededError
+from services.core.errors import DeadlineExceededError, ShardrecError
 from services.core.types import FeatureSide, Version
 from services.frontend.batch import Pending, PreparedBatch, RecRequest, Recommendation, unique_bags
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import FeatureLookup, LookupClient
 from services.frontend.scoring import score_and_rank
 from services.ranker.scorer import Scorer
+
+log = logging.getLogger(__name__)
+# Where a dead request was dropped (the key names its GetStats counter ``dropped_<key>``).
+_STAGES = {"queued": "while queued", "after_features": "after its features were read", "after_lookup": "during its embedding lookup"}
+
+
+def _may_belong_to_one_request(exc: Exception) -> bool:
+    """Bad input (INVALID_ARGUMENT) or a bug (INTERNAL) may be one request's doing; a cluster
+    condition (unavailable, overloaded, out of time, re-routed) is everyone's."""
+    return not isinstance(exc, ShardrecError) or exc.grpc_code in ("INVALID_ARGUMENT", "INTERNAL")
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class RecommendPipeline:
         self._batch_ids = itertools.count(1)
         self.bags_requested = 0  # bags the batches needed, per feature
         self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
+        self.dropped: dict[str, int] = {}  # stage -> dead requests dropped before it
+        self.batch_splits = 0  # batches split to isolate a failure that may be one request's
 
     @property
     def version(self) -> Version:
@@ -51,25 +65,64 @@ class RecommendPipeline:
         self.model = ServingModel(version, scorer)
 
     async def process(self, items: list[Pending]) -> list[Recommendation | BaseException]:
-        """The batcher's ``process``: one result per item, in order; a request whose deadline
-        passed while it was queued gets DEADLINE_EXCEEDED alone."""
-        now = time.monotonic()
-        live = [p for p in items if p.deadline > now]
-        results: dict[int, Recommendation | BaseException] = {
-            id(p): DeadlineExceededError(f"request {p.request.request_id!r} expired while queued") for p in items if p.deadline <= now
-        }
+        """The batcher's ``process``: one result per item, in order. Requests that are dead
+        (expired, or their caller gone) are dropped before every stage, so no Redis read,
+        Lookup or forward pass is spent on them; a failure that may belong to one request
+        (bad input the validation could not see, a bug) is isolated by splitting the batch."""
+        results: dict[int, Recommendation | BaseException] = {}
+        live = self._alive(items, results, "queued")
         if live:
-            for p, r in zip(live, await self._run([p.request for p in live], max(p.deadline for p in live)), strict=True):
-                results[id(p)] = r
+            await self._isolated(live, results)
         return [results[id(p)] for p in items]
 
-    async def _run(self, requests: list[RecRequest], deadline: float) -> list[Recommendation]:
+    def _alive(self, items: list[Pending], results: dict, stage: str) -> list[Pending]:
+        """``items`` still worth working on; the others get their answer in ``results``."""
+        now = time.monotonic()
+        live = []
+        for p in items:
+            if not p.dead(now):
+                live.append(p)
+                continue
+            self.dropped[stage] = self.dropped.get(stage, 0) + 1
+            why = "was cancelled by its caller" if p.abandoned else "ran out of its deadline"
+            results[id(p)] = DeadlineExceededError(
+                f"request {p.request.request_id!r} {why} {_STAGES[stage]}; nothing more was spent on it"
+            )
+        return live
+
+    async def _isolated(self, items: list[Pending], results: dict) -> None:
+        try:
+            await self._run(items, results)
+        except Exception as e:  # noqa: BLE001 - sorted below: isolate, or deliver to the batch
+            if len(items) == 1 or not _may_belong_to_one_request(e):
+                for p in items:
+                    results.setdefault(id(p), e)
+                return
+            self.batch_splits += 1
+            log.warning("batch of %d requests failed (%s); splitting it so only the request at fault fails", len(items), e)
+            half = len(items) // 2
+            await asyncio.gather(self._isolated(items[:half], results), self._isolated(items[half:], results))
+
+    async def _run(self, items: list[Pending], results: dict) -> None:
         model = self.model  # one version for the whole batch: lookups and dense weights
-        batch = await self.prep.prepare(requests)
+        batch = await self.prep.prepare([p.request for p in items])
+        live = self._alive(items, results, "after_features")
+        if not live:
+            return
+        if len(live) < len(items):
+            kept = {id(p) for p in live}
+            batch = batch.subset([i for i, p in enumerate(items) if id(p) in kept])
         features, twins = self._feature_lookups(batch)
-        tag = f"batch-{next(self._batch_ids)}:{requests[0].request_id}"
+        deadline = max(p.deadline for p in live)
+        tag = f"batch-{next(self._batch_ids)}"  # never a caller's string: one batch serves many callers
         result = await self.lookup.lookup(features, version=model.version, timeout_s=deadline - time.monotonic(), request_id=tag)
-        return await score_and_rank(model.scorer, self.spec, batch, result, twins)
+        scoring = self._alive(live, results, "after_lookup")
+        if not scoring:
+            return
+        kept = {id(p) for p in scoring}
+        keep = None if len(scoring) == len(live) else [i for i, p in enumerate(live) if id(p) in kept]
+        for p, rec in zip(scoring, await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep), strict=True):
+            results[id(p)] = rec
 
     def _feature_lookups(self, batch: PreparedBatch) -> tuple[list[FeatureLookup], dict[str, np.ndarray | None]]:
         """The bags to pool, per sparse feature, identical bags once (``unique_bags``); and per
@@ -90,6 +143,8 @@ class RecommendPipeline:
             "item_ids_requested": prep.item_ids_requested,
             "item_ids_unique": prep.item_ids_unique,
             "redis_round_trips": prep.redis_round_trips,
+            "batch_splits": self.batch_splits,
+            **{f"dropped_{stage}": n for stage, n in self.dropped.items()},
             "bags_requested": self.bags_requested,
             "bags_looked_up": self.bags_looked_up,
             "lookup_batches": lk.batches,
@@ -106,4 +161,5 @@ class RecommendPipeline:
             "lookup_response_bytes": lk.response_bytes,
             **{f"wire_bytes_{side}": n for side, n in lk.wire_bytes_by_side.items()},
             **{f"node_rpcs_{node}": n for node, n in lk.per_node_rpcs.items()},  # hedges included
+            **{f"node_ejections_{node}": n for node, n in lk.per_node_ejections.items()},
         }

@@ -3,9 +3,32 @@ encode. Errors become statuses in ``services.core.rpc.errors``."""
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
+
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
+from services.core.errors import InvalidArgumentError
 from services.core.rpc.errors import handle_errors
-from services.frontend.recommender import Recommender
+from services.frontend.recommender import ANONYMOUS, Recommender
+from services.frontend.validate import clean_request_id
+
+# The caller identity per-caller limits apply to; trusted as sent while authentication is off.
+CALLER_KEY = "x-shardrec-caller"
+
+
+def caller_of(metadata) -> str:
+    """The ``x-shardrec-caller`` identity of a call (printable ASCII), else ``anonymous``."""
+    for key, value in metadata or ():
+        if key == CALLER_KEY and isinstance(value, str):
+            return clean_request_id(value) or ANONYMOUS
+    return ANONYMOUS
+
+
+def parse_request(raw: bytes) -> recommend_pb2.RecommendRequest:
+    """A RecommendRequest from its wire bytes; INVALID_ARGUMENT (no class names) when malformed."""
+    try:
+        return recommend_pb2.RecommendRequest.FromString(raw)
+    except DecodeError as e:
+        raise InvalidArgumentError(f"malformed RecommendRequest ({len(raw)} bytes): {e}") from None
 
 
 class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
@@ -15,19 +38,38 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
         self._recommender = recommender
 
     @handle_errors
-    async def Recommend(self, request: recommend_pb2.RecommendRequest, context) -> recommend_pb2.RecommendResponse:
-        rec = await self._recommender.recommend(request, timeout_s=context.time_remaining())
+    async def Recommend(self, request: bytes, context) -> recommend_pb2.RecommendResponse:
+        rec = await self._recommender.recommend(
+            parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(context.invocation_metadata())
+        )
         resp = recommend_pb2.RecommendResponse(
-            request_id=rec.request_id, version=rec.version, shard_map_version=rec.shard_map_version
+            request_id=rec.request_id,
+            version=rec.version,
+            shard_map_version=rec.shard_map_version,
+            degraded=bool(rec.degraded_reasons),
+            degraded_reasons=rec.degraded_reasons,
         )
         for pos, item, score in zip(rec.positions.tolist(), rec.item_ids.tolist(), rec.scores.tolist()):
             resp.items.add(item_id=item, score=score, position=pos)
         return resp
 
 
+def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:
+    """Register ``servicer`` like the generated ``add_RecommenderServicer_to_server``, except
+    that requests reach it as bytes, so a malformed body is INVALID_ARGUMENT, not UNKNOWN."""
+    import grpc
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.Recommend,
+        request_deserializer=None,
+        response_serializer=recommend_pb2.RecommendResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("shardrec.v1.Recommender", {"Recommend": handler}),))
+
+
 class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
-    """Counters of the batcher, feature prep and lookup step; with a cluster ``view``, also
-    ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered right now)."""
+    """Counters of admission, the batcher, feature prep and the lookup step; with a cluster
+    ``view``, also ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered)."""
 
     def __init__(self, recommender: Recommender, view=None) -> None:
         self._recommender = recommender

@@ -26,16 +26,36 @@ class FeatureLimits:
     - ``default_top_k``: the top_k of a request that leaves it unset (0). 0 (the default)
       means there is none and such a request is INVALID_ARGUMENT; N > 0 means
       ``min(N, number of candidates)``.
+    - ``max_abs_dense`` / ``max_abs_weight``: request-time dense values and per-value weights
+      must be finite and at most this in magnitude (a finite but huge value overflows the
+      model into NaN scores).
     """
 
     max_candidates: int = 1000
     default_top_k: int = 0
+    max_abs_dense: float = 1e6
+    max_abs_weight: float = 1e6
 
     def __post_init__(self) -> None:
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.default_top_k < 0:
             raise ValueError(f"default_top_k must be >= 0, got {self.default_top_k}")
+        if not (self.max_abs_dense > 0 and self.max_abs_weight > 0):
+            raise ValueError(f"max_abs_dense and max_abs_weight must be > 0, got {self.max_abs_dense}, {self.max_abs_weight}")
+
+
+# A caller's request id is used in logs and answers: printable ASCII, at most this long.
+MAX_REQUEST_ID_CHARS = 128
+_PRINTABLE = frozenset(range(0x20, 0x7F))
+
+
+def clean_request_id(raw: str) -> str | None:
+    """``raw`` when it is a usable request id (1..128 printable ASCII characters), else None
+    (the caller's id is then replaced by a generated one)."""
+    if not 0 < len(raw) <= MAX_REQUEST_ID_CHARS:
+        return None
+    return raw if all(ord(c) in _PRINTABLE for c in raw) else None
 
 
 class RequestValidator:
@@ -99,8 +119,10 @@ class RequestValidator:
                     f"dense_features[{name!r}]: unknown dense feature of model {spec.name!r} "
                     f"(known: {', '.join(self._dense)})"
                 )
-            if not math.isfinite(value):
-                raise InvalidArgumentError(f"dense_features[{name!r}] = {value}: must be a finite number")
+            if not math.isfinite(value) or abs(value) > self.limits.max_abs_dense:
+                raise InvalidArgumentError(
+                    f"dense_features[{name!r}] = {value}: must be a finite number of magnitude at most {self.limits.max_abs_dense:g}"
+                )
             dense[name] = float(value)
 
         sparse: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -134,10 +156,12 @@ class RequestValidator:
                         f"{field}.weights: feature {name!r} pools by {f.pooling.value}; per-value weights need sum pooling"
                     )
                 weights = np.fromiter(sf.weights, dtype=np.float32, count=m)
-                bad = np.flatnonzero(~np.isfinite(weights))
+                bad = np.flatnonzero(~(np.abs(weights) <= self.limits.max_abs_weight))  # NaN fails too
                 if bad.size:
                     i = int(bad[0])
-                    raise InvalidArgumentError(f"{field}.weights[{i}] = {weights[i]}: weights must be finite")
+                    raise InvalidArgumentError(
+                        f"{field}.weights[{i}] = {weights[i]}: weights must be finite, of magnitude at most {self.limits.max_abs_weight:g}"
+                    )
             self._check_rows(values, f, f"{field}.values")
             sparse[name] = (values, weights)
 

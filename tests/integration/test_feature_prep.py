@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -311,16 +312,26 @@ def test_validate_accepts_and_converts():
     rec = prep.validate(
         req(-(2**62), [4999, 0, 0, 4999], 4, model="demo",
             sparse_features={"user_device": SF(values=[-(2**63)]), "user_country": SF(values=[0], weights=[0.25])},
-            dense_features={"user_activity": -3.5, "item_age": 1e30})
+            dense_features={"user_activity": -3.5, "item_age": 1e6})
     )
     assert rec.user_id == -(2**62) and rec.top_k == 4  # modulo user ids take any int64
     assert rec.candidates.dtype == np.int64 and rec.candidates.tolist() == [4999, 0, 0, 4999]  # repeats allowed
     values, weights = rec.sparse_overrides["user_device"]
     assert values.tolist() == [-(2**63)] and weights is None  # modulo features take any int64
     assert rec.sparse_overrides["user_country"][1].tolist() == [0.25]
-    assert rec.dense_overrides == {"user_activity": -3.5, "item_age": pytest.approx(1e30, rel=1e-6)}
+    assert rec.dense_overrides == {"user_activity": -3.5, "item_age": pytest.approx(1e6, rel=1e-6)}
     assert prep.validate(req(1, [1], 1, model="")).user_id == 1  # empty model = the served one
     assert prep.validate(req(1, list(range(1000)))).candidates.size == 1000
+
+
+@pytest.mark.parametrize("dense, weight", [(3e38, 1.0), (-1e7, 1.0), (1.0, 3e38), (1.0, -2e6), (1.0, float("nan"))])
+def test_finite_but_huge_values_are_refused_naming_the_field(dense, weight):
+    """Finite values the model overflows on (NaN scores answered OK before) are refused."""
+    prep = FeaturePrep(SPEC, None, "", FeatureLimits())
+    field = "dense_features['user_activity']" if abs(dense) > 1e6 else "sparse_features['user_country'].weights[0]"
+    with pytest.raises(InvalidArgumentError, match=re.escape(field)):
+        prep.validate(req(1, [1], 1, sparse_features={"user_country": SF(values=[0], weights=[weight])},
+                          dense_features={"user_activity": dense}))  # fmt: skip
 
 
 def test_default_top_k_rule():

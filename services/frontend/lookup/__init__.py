@@ -44,6 +44,7 @@ class LookupStats:
     response_bytes: int = 0
     ids_sent: int = 0
     per_node_rpcs: dict[str, int] = field(default_factory=dict)
+    per_node_ejections: dict[str, int] = field(default_factory=dict)
     # Embedding payload bytes on the wire (ids, lengths, weights out; pooled vectors, counts
     # back), by feature side: "user" / "item".
     wire_bytes_by_side: dict[str, int] = field(default_factory=dict)

@@ -116,7 +116,7 @@ class ShardCalls:
         try:
             resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=(("x-request-id", call.request_id),))
         except grpc.aio.AioRpcError as e:
-            if e.code() in _EJECT and self._board.failed(node, time.monotonic()):
+            if self._blame(node, e.code(), start) and self._board.failed(node, time.monotonic()):
                 self.ejected(node, describe(e))
             raise
         now = time.monotonic()
@@ -130,9 +130,18 @@ class ShardCalls:
             out.append((u, pooled, counts))
         return out
 
+    def _blame(self, node: str, code: grpc.StatusCode, sent: float) -> bool:
+        """Is ``node`` at fault for a call sent at ``sent`` that failed with ``code``? Unreachable
+        (UNAVAILABLE): yes. Late (DEADLINE_EXCEEDED): only when a peer answered a call sent
+        after it, so the frontend's own queueing never ejects a healthy shard."""
+        if code not in _EJECT:
+            return False
+        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self._board.outpaced(node, sent)
+
     def ejected(self, node: str, why: str) -> None:
         """Count and log an ejection the board just decided."""
         self._stats.ejections += 1
+        self._stats.per_node_ejections[node] = self._stats.per_node_ejections.get(node, 0) + 1
         until = self._board.stats(node).ejected_until or 0.0
         log.warning("ejected shard %s for %.2fs (%s)", node, until - time.monotonic(), why)
 

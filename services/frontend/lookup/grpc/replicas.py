@@ -4,13 +4,17 @@
 recent latencies (for the p95 that delays hedges), outstanding calls, consecutive failures and
 the ejection / probe state. ``HedgeBudget`` caps hedges at a fraction of Lookup RPCs.
 
+Ejection is the core circuit breaker opened by one failure. A node is blamed only for its own
+faults: never for lateness that its peers share (the frontend's own queueing or CPU).
+
 Every method takes the time (``now``, seconds of ``time.monotonic()``) from the caller, so unit
 tests drive the state machines without a clock, gRPC or a cluster. No locks: the frontend's
 event loop is the only caller.
 
 A node's state::
 
-    HEALTHY --error/timeout, or N hedges lost in a row--> EJECTED (base * 2**k, capped)
+    HEALTHY --unreachable; late while a peer answered calls sent after it (``outpaced``);
+              or N hedges lost in a row--> EJECTED (base * 2**k, capped)
     EJECTED --time passes--> PROBING (one call at a time) --success--> HEALTHY
                                                           --error-->   EJECTED (backoff doubled)
 """
@@ -23,6 +27,8 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from services.core.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 
 
 @dataclass(frozen=True)
@@ -118,18 +124,35 @@ class ReplicaState(enum.Enum):
 
 @dataclass
 class ReplicaStats:
+    """One node's latency statistics, outstanding calls and ejection state: ejection is the
+    core circuit breaker (``services.core.breaker``), opened by one failure."""
+
     ewma: PeakEwma
     window: LatencyWindow
+    breaker: CircuitBreaker
     outstanding: int = 0
-    failures: int = 0  # failures in a row (errors, timeouts, stalls); 0 after a success
     hedges_lost: int = 0  # hedges lost in a row; 0 after a success
-    ejected_until: float | None = None  # None: not ejected since its last success
-    probe_in_flight: bool = False
+    last_ok_sent: float | None = None  # when the latest call it answered was sent
+
+    @property
+    def failures(self) -> int:
+        """Failures (ejections) in a row; 0 after a success."""
+        return self.breaker.opens
+
+    @property
+    def ejected_until(self) -> float | None:
+        """None: not ejected since its last success."""
+        return self.breaker.open_until
+
+    @property
+    def probe_in_flight(self) -> bool:
+        return self.breaker.probe_in_flight
 
     def state(self, now: float) -> ReplicaState:
-        if self.ejected_until is None:
-            return ReplicaState.HEALTHY
-        return ReplicaState.EJECTED if now < self.ejected_until else ReplicaState.PROBING
+        return _STATES[self.breaker.state(now)]
+
+
+_STATES = {BreakerState.CLOSED: ReplicaState.HEALTHY, BreakerState.OPEN: ReplicaState.EJECTED, BreakerState.HALF_OPEN: ReplicaState.PROBING}
 
 
 @dataclass
@@ -143,15 +166,15 @@ class ReplicaBoard:
     def stats(self, node: str) -> ReplicaStats:
         s = self.nodes.get(node)
         if s is None:
-            s = self.nodes[node] = ReplicaStats(PeakEwma(self.policy.ewma_decay_s), LatencyWindow(self.policy.latency_window))
+            p = self.policy
+            breaker = CircuitBreaker(BreakerPolicy(failures_to_open=1, open_s=p.eject_s, open_max_s=p.eject_max_s))
+            s = self.nodes[node] = ReplicaStats(PeakEwma(p.ewma_decay_s), LatencyWindow(p.latency_window), breaker)
         return s
 
     # -- choice -------------------------------------------------------------------------------
     def usable(self, node: str, now: float) -> bool:
         """HEALTHY, or PROBING with no probe in flight."""
-        s = self.stats(node)
-        state = s.state(now)
-        return state is ReplicaState.HEALTHY or (state is ReplicaState.PROBING and not s.probe_in_flight)
+        return self.stats(node).breaker.usable(now)
 
     def score(self, node: str, now: float) -> float:
         """Expected cost of one more call: latency EWMA x (outstanding + 1). A node without
@@ -176,37 +199,36 @@ class ReplicaBoard:
         """A call to ``node`` starts; returns True when it is the node's probe."""
         s = self.stats(node)
         s.outstanding += 1
-        probe = s.state(now) is ReplicaState.PROBING and not s.probe_in_flight
-        if probe:
-            s.probe_in_flight = True
-        return probe
+        return s.breaker.begin(now)
 
     def end(self, node: str, probe: bool) -> None:
         """The call ``begin`` started is over (answered, failed or cancelled)."""
         s = self.stats(node)
         s.outstanding -= 1
-        if probe:
-            s.probe_in_flight = False
+        s.breaker.end(probe)
 
     def succeeded(self, node: str, latency_s: float, now: float) -> None:
         s = self.stats(node)
         s.ewma.observe(latency_s, now)
         s.window.add(latency_s)
-        s.failures = s.hedges_lost = 0
-        s.ejected_until = None
+        s.hedges_lost = 0
+        s.last_ok_sent = now - latency_s
+        s.breaker.succeeded()
 
     def failed(self, node: str, now: float) -> bool:
         """An error or timeout that another replica may not have: eject for base * 2**k
         (k = failures in a row before this one, capped). Failures of calls that were in flight
         while the node was already ejected do not extend it. Returns True when it ejected."""
         s = self.stats(node)
-        if s.state(now) is ReplicaState.EJECTED:
-            return False
-        s.failures += 1
         s.hedges_lost = 0
-        p = self.policy
-        s.ejected_until = now + min(p.eject_max_s, p.eject_s * 2 ** (s.failures - 1))
-        return True
+        return s.breaker.failed(now)
+
+    def outpaced(self, node: str, sent: float) -> bool:
+        """Did another node answer a call sent after ``sent``? Only then is a call to ``node``
+        sent at ``sent`` and still unanswered late because of ``node``: when no peer answered
+        anything sent since, every node is slow alike, and the cause is on this side (the
+        frontend's own queueing or CPU), never a shard to eject."""
+        return any(o.last_ok_sent is not None and o.last_ok_sent > sent for n, o in self.nodes.items() if n != node)
 
     def lost_hedge(self, node: str, elapsed_s: float, now: float) -> bool:
         """Another replica answered first and this call was cancelled after ``elapsed_s``: a
