@@ -165,7 +165,8 @@ async def serve(config: FrontendConfig) -> int:
         results = await pipeline.process(items)
         served = sum(isinstance(r, Recommendation) for r in results)
         if served:
-            estimate.observe_batch(time.monotonic() - t0, served)
+            now = time.monotonic()
+            estimate.observe_batch(now - t0, served, now)
         return results
 
     batcher = MicroBatcher(
