@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.obs_args import add_observability_args, observability_config, setup_logs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from services.core.config import LOOKUP_MODES, default_cluster, default_zk
@@ -64,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="degraded mode under shedding: score only the first N candidates of a request (0 = off)")
     serve.add_argument("--max-abs-dense", type=float, default=1e6, help="largest magnitude of a request-time dense value")
     serve.add_argument("--max-abs-weight", type=float, default=1e6, help="largest magnitude of a request-time sparse weight")
-    serve.add_argument("--log-level", default="INFO")
+    add_observability_args(serve)
     serve.set_defaults(func=_serve)
 
 
@@ -79,14 +81,14 @@ def _hedge_delay(raw: str) -> float | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
     import os
     import socket
 
     from services.core.config import FrontendConfig, ZkConfig
     from services.core.errors import ConfigError
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    frontend_id = args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}"
+    setup_logs(args, "frontend", frontend_id)
     if args.inproc and args.lookup not in (None, "inproc"):
         raise ConfigError(f"--inproc means --lookup inproc; it cannot go with --lookup {args.lookup}")
     lookup = "inproc" if args.inproc else (args.lookup or "shards")
@@ -108,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     if lookup == "redis-kv" and not kv_redis:
         raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
     config = FrontendConfig(
-        frontend_id=args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}",
+        frontend_id=frontend_id,
         zk=None if lookup != "shards" else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
@@ -141,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
         degrade_max_candidates=args.degrade_max_candidates,
         max_abs_dense=args.max_abs_dense,
         max_abs_weight=args.max_abs_weight,
+        observability=observability_config(args),
     )
     from services.frontend.main import run
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.obs_args import add_observability_args, observability_config, setup_logs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from services.core.config import ShardConfig, default_cluster, default_zk
@@ -32,16 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--stats-interval-s", type=float, default=5.0, help="publish per-partition load counters in the znode this often")
     serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
-    serve.add_argument("--log-level", default="INFO")
+    add_observability_args(serve)
     serve.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from services.core.config import ShardConfig, ZkConfig
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logs(args, "shard", args.node_id)
     config = ShardConfig(
         node_id=args.node_id,
         zk=ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         version_drain_s=args.version_drain_s,
         partition_drain_s=args.partition_drain_s,
         stats_interval_s=args.stats_interval_s,
+        observability=observability_config(args),
     )
     from services.embedding_shard.main import run
 

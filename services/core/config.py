@@ -31,6 +31,22 @@ class ZkConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics, traces and logs of one process (docs/observability.md)."""
+
+    metrics_port: int | None = None  # HTTP /metrics port; None = no endpoint (0 = any free port)
+    metrics_host: str = "127.0.0.1"
+    trace_sample: float = 0.01  # head sampling of root spans (with an exporter configured)
+    otlp_endpoint: str = ""  # OTLP/gRPC collector host:port; "" = none
+    trace_file: str = ""  # JSON-lines span file (tests, debugging); "" = none
+    log_format: str = "text"  # "text" or "json"
+
+    @property
+    def metrics(self) -> bool:
+        return self.metrics_port is not None
+
+
+@dataclass(frozen=True)
 class ShardConfig:
     """One embedding shard process."""
 
@@ -58,6 +74,7 @@ class ShardConfig:
     partition_drain_s: float = 5.0
     # How often the per-partition load counters are sampled and published in the znode.
     stats_interval_s: float = 5.0
+    observability: ObservabilityConfig = ObservabilityConfig()
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,7 @@ class FrontendConfig:
     # Request-time dense values and weights larger than this in magnitude are refused.
     max_abs_dense: float = 1e6
     max_abs_weight: float = 1e6
+    observability: ObservabilityConfig = ObservabilityConfig()
 
 
 LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")

@@ -29,10 +29,13 @@ from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
+from services.core.metrics import ShardMetrics
 from services.core.rpc.server import start_sync_server, tune_allocator
+from services.core.telemetry import Telemetry
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
 from services.embedding_shard.meter import LoadMeter
+from services.embedding_shard.observe import LookupObserver, shard_reading
 from services.embedding_shard.partition_manager import PartitionManager
 from services.embedding_shard.reconciler import Reconciler
 from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
@@ -144,7 +147,11 @@ def run(config: ShardConfig) -> int:
     )
     meter = LoadMeter(store, interval_s=config.stats_interval_s)
     limits = LookupLimits.of(config)
-    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version)
+    telemetry = Telemetry(config.observability, role="shard", node=config.node_id)
+    metrics = ShardMetrics(telemetry.registry, lambda: shard_reading(store, versions, view.version()), enabled=telemetry.metrics_on)
+    versions.on_load_time = metrics.version_loaded
+    observer = LookupObserver(config.node_id, metrics, telemetry.tracing.tracer)
+    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version, observer=observer)
     server = start_sync_server(
         config.host,
         config.port,
@@ -157,6 +164,9 @@ def run(config: ShardConfig) -> int:
     address = f"{config.advertise_host or config.host}:{server.port}"
     log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
+    metrics_address = telemetry.serve_metrics()
+    if metrics_address:
+        print(f"METRICS {config.node_id} {metrics_address}", flush=True)
     t0 = time.monotonic()
     loaders = loaders_for(reader, version, pids)
     if config.verify_checksums:
@@ -164,11 +174,13 @@ def run(config: ShardConfig) -> int:
     weights = load_rows(loaders, Throttle(config.load_rate_bytes_s, stop))
     if weights is not None:
         store.install(version, weights)
+        metrics.version_loaded(time.monotonic() - t0)
         log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
     if weights is None or stop.is_set():  # asked to stop while loading: never register
         server.stop(0)
         zk.stop()
         zk.close()
+        telemetry.close()
         return 0
     server.set_serving(True)
 
@@ -197,5 +209,6 @@ def run(config: ShardConfig) -> int:
     server.stop(config.grace_s)
     zk.stop()
     zk.close()
+    telemetry.close()
     log.info("node %s stopped", config.node_id)
     return 0

@@ -291,17 +291,9 @@ class Admission:
         """How long the refusal took in this process, from the call's arrival."""
         self._shed_times.add(seconds)
 
-    def counters(self) -> dict[str, int]:
-        """GetStats names: counters, and the gauges ``admission_limit``, ``in_flight`` and
-        ``shed_p99_us`` (server-side time to refuse, over the last 256 refusals)."""
-        p99 = self._shed_times.quantile(0.99)
-        return {
-            "admitted": self.admitted,
-            **{f"shed_{reason}": n for reason, n in self.shed.items()},
-            "admission_limit": self.limit.value,
-            "in_flight": self.in_flight,
-            "shed_p99_us": 0 if p99 is None else int(p99 * 1e6),
-        }
+    def shed_p99_s(self) -> float | None:
+        """Server-side time to refuse, p99 over the last 256 refusals (None before any)."""
+        return self._shed_times.quantile(0.99)
 
     def _shed(self, reason: str, message: str, retry_after_s: float, now: float) -> Shed:
         self.shed[reason] += 1

@@ -14,7 +14,7 @@ requests of a batch are looped over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,8 +50,15 @@ class FeaturePrep:
         redis: "redis.asyncio.Redis | None",
         key_prefix: str,
         limits: FeatureLimits,
+        on_state: Callable[[str], None] = lambda _state: None,
     ) -> None:
         self.spec = spec
+        # The feature store's state for the metrics (core.metrics.FEATURE_STORE_STATES): "ok"
+        # after a read that worked, "lost" after one that could not reach Redis, "none"
+        # without a store. Called on changes only.
+        self._on_state = on_state
+        self._state = "none" if redis is None else "ok"
+        on_state(self._state)
         self.key_prefix = key_prefix
         self.validator = RequestValidator(spec, limits)
         self._redis = redis
@@ -79,12 +86,19 @@ class FeaturePrep:
         try:
             blobs = await self._redis.mget(keys)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
+            self._set_state("lost")
             raise UnavailableError(f"feature store (Redis) unavailable: {e}") from e
         except redis_errors.RedisError as e:
             raise ShardrecError(f"feature store (Redis) MGET of {len(keys)} keys failed: {e}") from e
+        self._set_state("ok")
         self.redis_round_trips += 1
         self.redis_keys += len(keys)
         return blobs
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            self._on_state(state)
 
     def _to_rows(self, values: np.ndarray, f: SparseFeatureSpec) -> np.ndarray:
         rows = self._rows[f.name]

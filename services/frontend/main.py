@@ -20,13 +20,16 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.metrics import FrontendMetrics, FrontendReading
 from services.core.rpc.server import start_aio_server, tune_allocator
+from services.core.telemetry import Telemetry
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
+from services.frontend.observe import Observer, frontend_reading
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.recommender import DegradePolicy, Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer, add_recommender_to_server
@@ -37,7 +40,7 @@ log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
 
 
-async def _connect_cluster(config: FrontendConfig, loop):
+async def _connect_cluster(config: FrontendConfig, loop, observer: Observer):
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
@@ -64,7 +67,8 @@ async def _connect_cluster(config: FrontendConfig, loop):
         hedge_min_delay_s=config.hedge_min_delay_s,
         hedge_budget=config.hedge_budget,
     )
-    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim, policy=policy)
+    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim, policy=policy,
+                              observer=observer)
     return zk, paths, view, reader, lookup
 
 
@@ -134,6 +138,14 @@ async def serve(config: FrontendConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    telemetry = Telemetry(config.observability, role="frontend", node=config.frontend_id)
+    parts: dict = {}  # what the metrics read, once it exists
+    metrics = FrontendMetrics(
+        telemetry.registry,
+        lambda: frontend_reading(parts["recommender"], parts["lookup"], parts.get("view")) if "recommender" in parts else FrontendReading(),
+        enabled=telemetry.metrics_on,
+    )
+    observer = Observer(metrics, telemetry.tracing.tracer)
     zk = view = paths = kv_redis = None
     lookup: LookupClient
     if config.inproc_checkpoint or config.lookup == "inproc":
@@ -145,7 +157,7 @@ async def serve(config: FrontendConfig) -> int:
         version = reader.latest_version()
         lookup, kv_redis = await _baseline_lookup(config, reader, version)
     else:
-        zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
+        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, observer)
         version = view.serving_version
     spec = reader.manifest(version).model
     scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
@@ -155,8 +167,8 @@ async def serve(config: FrontendConfig) -> int:
 
         redis = make_async_redis(config.redis_url)
     limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
-    prep = FeaturePrep(spec, redis, config.redis_prefix, limits)
-    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
+    prep = FeaturePrep(spec, redis, config.redis_prefix, limits, on_state=metrics.feature_store_state)
+    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version, observer)
     estimate = ServiceEstimate(in_flight_batches=config.max_in_flight_batches)
 
     async def process(items: list[Pending]) -> list:
@@ -180,9 +192,11 @@ async def serve(config: FrontendConfig) -> int:
     recommender = Recommender(
         prep.validator, pipeline, batcher, _admission(config, estimate),
         default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
+        observer=observer,
     )  # fmt: skip
+    parts.update(recommender=recommender, lookup=lookup, view=view)
     servicer = RecommenderServicer(recommender)
-    admin = FrontendAdminServicer(recommender, view)
+    admin = FrontendAdminServicer(telemetry.registry)
     server = await start_aio_server(
         config.host,
         config.port,
@@ -195,6 +209,9 @@ async def serve(config: FrontendConfig) -> int:
     )
     address = f"{config.advertise_host or config.host}:{server.port}"
     print(f"LISTENING frontend {address}", flush=True)
+    metrics_address = telemetry.serve_metrics()
+    if metrics_address:
+        print(f"METRICS frontend {metrics_address}", flush=True)
     await server.set_serving(True)
     registration = None
     if zk is not None:
@@ -227,6 +244,7 @@ async def serve(config: FrontendConfig) -> int:
     if zk is not None:
         await loop.run_in_executor(None, zk.stop)
         zk.close()
+    telemetry.close()
     return 0
 
 

@@ -7,7 +7,9 @@ from google.protobuf.message import DecodeError
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.errors import InvalidArgumentError
+from services.core.metrics import LEGACY_GAUGES, frontend_stats
 from services.core.rpc.errors import handle_errors
+from services.core.tracing import extract
 from services.frontend.recommender import ANONYMOUS, Recommender
 from services.frontend.validate import clean_request_id
 
@@ -39,8 +41,9 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
 
     @handle_errors
     async def Recommend(self, request: bytes, context) -> recommend_pb2.RecommendResponse:
+        metadata = context.invocation_metadata()
         rec = await self._recommender.recommend(
-            parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(context.invocation_metadata())
+            parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(metadata), parent=extract(metadata)
         )
         resp = recommend_pb2.RecommendResponse(
             request_id=rec.request_id,
@@ -68,16 +71,19 @@ def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:
 
 
 class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
-    """Counters of admission, the batcher, feature prep and the lookup step; with a cluster
-    ``view``, also ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered)."""
+    """Counters and gauges of admission, the batcher, feature prep and the lookup step, read
+    from the process's Prometheus ``registry`` (``core.metrics.frontend_stats``)."""
 
-    def __init__(self, recommender: Recommender, view=None) -> None:
-        self._recommender = recommender
-        self._view = view
+    def __init__(self, registry) -> None:
+        self._registry = registry
 
     @handle_errors
     async def GetStats(self, request, context) -> recommend_pb2.GetStatsResponse:
-        counters = self._recommender.counters()
-        if self._view is not None:
-            counters["view_live_nodes"] = len(self._view.nodes)
-        return recommend_pb2.GetStatsResponse(counters=counters, version=self._recommender.version)
+        counters, gauges = frontend_stats(self._registry)
+        legacy = {k: int(round(gauges[k])) for k in LEGACY_GAUGES if k in gauges}  # older readers
+        return recommend_pb2.GetStatsResponse(
+            counters={**counters, **legacy},
+            gauges=gauges,
+            version=int(gauges["model_version"]),
+            shard_map_version=int(gauges["shard_map_version"]),
+        )

@@ -32,6 +32,7 @@ from services.localcluster.state import (
     ROLE_FRONTEND,
     ROLE_JOB,
     ROLE_LAUNCHER,
+    ROLE_PROMETHEUS,
     ROLE_REDIS,
     ROLE_SHARD,
     ROLE_ZOOKEEPER,
@@ -100,6 +101,7 @@ class LocalCluster:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._zk: "KazooClient | None" = None
         self._state_written = False
+        self._targets: Path | None = None  # Prometheus's file_sd targets, rewritten with the state
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +124,13 @@ class LocalCluster:
         redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"))
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
+        if cfg.prometheus:
+            from services.localcluster.prometheus import PrometheusServer
+
+            prom = PrometheusServer(cfg.workdir / "prometheus", scrape_interval_s=cfg.scrape_interval_s, log_path=self._fresh_log("prometheus"))
+            self._targets = prom.targets_path
+            self._start_server(prom, f"starting Prometheus on {prom.url}", ROLE_PROMETHEUS, f"127.0.0.1:{prom.port}")
+            self.state.prometheus = prom.url
         self._save()
 
         from services.core.clients import make_kazoo
@@ -136,7 +145,8 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1"],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *cfg.service_args],
+                    metrics=cfg.metrics,
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
         self._run_job(
@@ -251,7 +261,8 @@ class LocalCluster:
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
-                 "--frontend-id", name, *extra_args],
+                 "--frontend-id", name, *cfg.service_args, *extra_args],
+                metrics=cfg.metrics,
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"
@@ -285,9 +296,17 @@ class LocalCluster:
         path.unlink(missing_ok=True)
         return path
 
-    def _spawn(self, name: str, role: str, cli_args: Sequence[str]) -> int:
+    def _spawn(self, name: str, role: str, cli_args: Sequence[str], *, metrics: bool = False) -> int:
         """Start ``shardrec <cli_args>`` as ``name`` (own session, log file) and record it
-        before any signal can interrupt. Returns its pid."""
+        before any signal can interrupt; with ``metrics``, on a free ``--metrics-port`` that
+        the record names (Prometheus finds it there). Returns its pid."""
+        metrics_address = ""
+        if metrics:
+            from services.localcluster.servers import free_port
+
+            port = free_port()
+            metrics_address = f"127.0.0.1:{port}"
+            cli_args = [*cli_args, "--metrics-port", str(port)]
         log_path = self._fresh_log(name)
         env = child_env(PYTHONUNBUFFERED="1")
         with self.guard.deferred():
@@ -301,7 +320,7 @@ class LocalCluster:
                     start_new_session=True,
                 )
             self._children[name] = proc
-            self._add_record(ProcessRecord(name, role, proc.pid, process_start_time(proc.pid), str(log_path)))
+            self._add_record(ProcessRecord(name, role, proc.pid, process_start_time(proc.pid), str(log_path), metrics=metrics_address))
         return proc.pid
 
     def _run_job(self, name: str, head: str, cli_args: Sequence[str]) -> None:
@@ -356,6 +375,17 @@ class LocalCluster:
     def _save(self) -> None:
         write_state(self.config.workdir, self.state)
         self._state_written = True
+        if self._targets is not None:
+            from services.localcluster.prometheus import write_targets
+
+            write_targets(self._targets, self.state)
+
+    def server(self, name: str) -> "ServerProcess":
+        """The ZooKeeper, Redis or Prometheus server this launcher started (to inject faults)."""
+        for s in self._servers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     def detach(self) -> None:
         """Leave the cluster running (``cluster up``): the state file says the launcher is gone."""

@@ -1,0 +1,124 @@
+"""Tracing with OpenTelemetry: the tracer of a process, head sampling, exporters, and W3C trace
+context over gRPC metadata (docs/observability.md, "Traces").
+
+``make_tracing`` is called in a process's ``main`` and its ``Tracing`` passed down. Sampling
+is decided at the head: a span with a sampled parent is sampled (the caller's ``traceparent``,
+or the frontend's for a shard's Lookup); a root span is sampled at ``sample_ratio``; a batch
+span (a root linked to the request spans it serves) is sampled when any of those requests is.
+With no exporter configured nothing is sampled (spans are non-recording, ids still propagate
+and appear in logs and error messages).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+TRACEPARENT = "traceparent"
+
+
+class HeadSampler(Sampler):
+    """ParentBased(TraceIdRatioBased(ratio)), except that a root span linked to a sampled
+    span is sampled: a batch is traced when a request it serves is."""
+
+    def __init__(self, ratio: float) -> None:
+        self._base = ParentBased(TraceIdRatioBased(ratio) if ratio > 0 else ALWAYS_OFF)
+        self._ratio = ratio
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if not parent.is_valid and links and any(link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self._base.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"HeadSampler(ratio={self._ratio})"
+
+
+class JsonLinesExporter(SpanExporter):
+    """Spans to a file, one JSON object a line (``ReadableSpan.to_json``), appended."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by shutdown()
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence) -> SpanExportResult:
+        lines = "".join(s.to_json(indent=None) + "\n" for s in spans)
+        with self._lock:
+            self._file.write(lines)
+            self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    sample_ratio: float = 0.01
+    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; "" = none
+    file: str = ""  # JSON-lines span file; "" = none
+
+    @property
+    def exporting(self) -> bool:
+        return bool(self.otlp_endpoint or self.file)
+
+
+class Tracing:
+    """A process's tracer (``tracer``) and what flushes it (``shutdown``)."""
+
+    def __init__(self, tracer: trace.Tracer, provider: TracerProvider | None) -> None:
+        self.tracer = tracer
+        self._provider = provider
+
+    def shutdown(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+def make_tracing(config: TracingConfig, *, role: str, node: str) -> Tracing:
+    """The tracer of one process: ``role`` is the service name, ``node`` its instance id."""
+    ratio = config.sample_ratio if config.exporting else 0.0
+    provider = TracerProvider(
+        sampler=HeadSampler(ratio),
+        resource=Resource.create({"service.name": f"shardrec-{role}", "service.instance.id": node}),
+    )
+    if config.file:
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(config.file), schedule_delay_millis=500))
+    if config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)))
+    return Tracing(provider.get_tracer("shardrec"), provider)
+
+
+def inject(span: trace.Span) -> tuple[str, str] | None:
+    """The ``traceparent`` metadata pair naming ``span`` (None for an invalid span)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+    value = carrier.get(TRACEPARENT)
+    return None if value is None else (TRACEPARENT, value)
+
+
+def extract(metadata) -> Context | None:
+    """The remote parent in gRPC ``metadata`` (a ``traceparent`` entry), or None."""
+    for key, value in metadata or ():
+        if key == TRACEPARENT and isinstance(value, str):
+            ctx = _PROPAGATOR.extract({TRACEPARENT: value})
+            return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+    return None
+
+
+def recording(span: trace.Span | None) -> bool:
+    return span is not None and span.is_recording()
