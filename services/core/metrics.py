@@ -277,7 +277,6 @@ class ShardReading:
     versions_ready: tuple[int, ...] = ()
     serving_version: int = 0
     target_version: int = 0
-    loading_version: int = 0
     shard_map_version: int = 0
     loads: int = 0
     refusals: int = 0
@@ -323,7 +322,6 @@ def _shard_families(r: ShardReading) -> list:
     for name, doc, value in (
         (SHARD_SERVING_VERSION, "The version this node serves by default (its primary)", r.serving_version),
         ("shardrec_shard_target_version", "The target version published in ZooKeeper (0: none yet)", r.target_version),
-        ("shardrec_shard_loading_version", "The version being loaded now (0: none)", r.loading_version),
         (SHARD_MAP_VERSION, "Active shard map version this process routes by", r.shard_map_version),
     ):
         f = g(name, doc)

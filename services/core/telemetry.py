@@ -19,6 +19,9 @@ class Telemetry:
     endpoint). ``close`` stops the endpoint and flushes the spans."""
 
     def __init__(self, config: ObservabilityConfig, *, role: str, node: str) -> None:
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # no *_created series: they double what is scraped and say little
         self.config = config
         self.registry = CollectorRegistry(auto_describe=False)
         self.tracing: Tracing = make_tracing(

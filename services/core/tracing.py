@@ -11,6 +11,7 @@ and appear in logs and error messages).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,22 +47,26 @@ class HeadSampler(Sampler):
 
 
 class JsonLinesExporter(SpanExporter):
-    """Spans to a file, one JSON object a line (``ReadableSpan.to_json``), appended."""
+    """Spans to a file, one JSON object a line (``ReadableSpan.to_json``), appended with one
+    ``write`` per export, so several processes may share the file."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by shutdown()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence) -> SpanExportResult:
-        lines = "".join(s.to_json(indent=None) + "\n" for s in spans)
+        data = "".join(s.to_json(indent=None) + "\n" for s in spans).encode()
         with self._lock:
-            self._file.write(lines)
-            self._file.flush()
+            if self._fd is None:
+                return SpanExportResult.FAILURE
+            os.write(self._fd, data)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 @dataclass(frozen=True)

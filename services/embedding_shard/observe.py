@@ -115,7 +115,6 @@ def shard_reading(store, versions, map_version: int) -> ShardReading:
         versions_ready=tuple(store.versions_ready),
         serving_version=store.primary,
         target_version=versions.target or 0,
-        loading_version=versions.loading or 0,
         shard_map_version=map_version,
         loads=versions.loads,
         refusals=versions.refusals,

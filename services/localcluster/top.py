@@ -125,7 +125,7 @@ def frame(procs: dict[str, tuple[str, Samples | None, Samples | None]], interval
             row["version"] = int(total(after, m.SHARD_SERVING_VERSION))
             row["ready"] = sorted(int(v) for v in by_label(after, m.SHARD_VERSION_READY, "version"))
             row["bytes"] = total(after, m.SHARD_PARTITION_BYTES)
-            row["partitions"] = len(by_label(after, m.SHARD_PARTITION_BYTES, "partition"))
+            row["partitions"] = sum(1 for (n, _lab) in after if n == m.SHARD_PARTITION_BYTES)
     f.nodes = [shard_rows[k] for k in sorted(shard_rows)]
     return f
 
@@ -142,7 +142,7 @@ def render(fr: Frame, title: str):  # noqa: ANN201 - a rich renderable
     from rich.console import Group
     from rich.table import Table
 
-    fe = Table(title=f"{title}: frontends (last {fr.interval_s:g}s)", title_justify="left")
+    fe = Table(title=f"{title}: frontends (last {fr.interval_s:.1f}s)", title_justify="left")
     for col in ("FRONTEND", "QPS", "P50 MS", "P99 MS", "ERRORS/S", "SHEDS/S", "IN FLIGHT", "QUEUED", "LIMIT", "VERSION", "MAP", "FEATURES"):
         fe.add_column(col, justify="left" if col in ("FRONTEND", "ERRORS/S", "SHEDS/S", "FEATURES") else "right")
     for r in fr.frontends:
@@ -171,6 +171,8 @@ def cluster_top(workdir: Path, *, interval_s: float = 2.0, once: bool = False, o
     from rich.console import Console
 
     console = Console(file=out) if out is not None else Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 150)  # a script's frame: no column cut short
     state = read_state(workdir)
     if state is None:
         console.print(f"no local cluster in {workdir}; start one with `shardrec cluster up`")
