@@ -16,7 +16,7 @@ from services.control.text import human_bytes, table
 
 if TYPE_CHECKING:
     from services.core.checkpoint.manifest import Manifest
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
     from services.core.placement import PlacementSpec, ShardMap
     from services.core.types import TableSpec
 
@@ -48,7 +48,7 @@ def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, versio
     return initial
 
 
-def init_cluster(store: "ShardMapStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:
+def init_cluster(store: "ClusterStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:
     """Publish ``initial``: the model pointer, the target and serving versions, then the active
     map. FailedPreconditionError when the cluster has an active map already, unless ``force``
     (then the map replaces it, version + 1, and any rebalance in progress is given up).
@@ -89,7 +89,7 @@ class PlacementView:
     frontends: Mapping[str, Mapping[str, Any]]
 
 
-def read_placement(store: "ShardMapStore") -> PlacementView:
+def read_placement(store: "ClusterStore") -> PlacementView:
     """NotFoundError when the cluster has no active shard map."""
     smap, znode_version = store.read_active()
     target = store.read_target()

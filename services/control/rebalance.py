@@ -21,7 +21,7 @@ from services.control.cluster import maybe
 from services.control.text import human_bytes
 
 if TYPE_CHECKING:
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
     from services.core.placement import ShardMap
     from services.core.placement import Move, NodeSummary, PlannerConfig
     from services.core.rebalance import PlanRequest, Progress, RebalancePlan
@@ -31,7 +31,7 @@ DEFAULT_NODE_MEMORY_BYTES = 64 << 30
 DEFAULT_REPLICATE_MAX_BYTES = 1 << 20
 
 
-def model_tables(store: "ShardMapStore") -> list["TableSpec"]:
+def model_tables(store: "ClusterStore") -> list["TableSpec"]:
     """The tables of the model the cluster serves (from its checkpoint's manifest)."""
     from services.core.checkpoint.reader import CheckpointReader
 
@@ -40,7 +40,7 @@ def model_tables(store: "ShardMapStore") -> list["TableSpec"]:
     return list(reader.manifest(version).model.tables)
 
 
-def read_progress(store: "ShardMapStore", active: "ShardMap", target: "ShardMap", tables: Sequence["TableSpec"],
+def read_progress(store: "ClusterStore", active: "ShardMap", target: "ShardMap", tables: Sequence["TableSpec"],
                   nodes: Mapping[str, Mapping[str, Any]] | None = None,
                   frontends: Mapping[str, Mapping[str, Any]] | None = None) -> "Progress":
     """Where the move from ``active`` to ``target`` stands (``core.rebalance.progress``), from
@@ -85,7 +85,7 @@ class Overview:
     tables: Sequence["TableSpec"]
 
 
-def read_overview(store: "ShardMapStore") -> Overview:
+def read_overview(store: "ClusterStore") -> Overview:
     smap, _ = store.read_active()
     found = store.read_target()
     return Overview(smap, None if found is None else found[0], store.live_nodes(), model_tables(store))
@@ -104,7 +104,7 @@ class PlanResult:
     in_progress: "ShardMap | None"  # the target of a move not finished yet, if any
 
 
-def plan_rebalance(store: "ShardMapStore", request: "PlanRequest", *, node_memory_bytes: int = DEFAULT_NODE_MEMORY_BYTES,
+def plan_rebalance(store: "ClusterStore", request: "PlanRequest", *, node_memory_bytes: int = DEFAULT_NODE_MEMORY_BYTES,
                    config: "PlannerConfig | None" = None) -> PlanResult:
     """Plan the target map for ``request`` from the active map, the model's tables and the load
     the shards measured (``core.rebalance.plan_target``). Changes nothing."""
@@ -134,7 +134,7 @@ class RebalanceStatus:
     nodes: Mapping[str, Mapping[str, Any]]
 
 
-def read_status(store: "ShardMapStore") -> RebalanceStatus:
+def read_status(store: "ClusterStore") -> RebalanceStatus:
     active, _ = store.read_active()
     found = store.read_target()
     nodes = store.live_nodes()
@@ -143,7 +143,7 @@ def read_status(store: "ShardMapStore") -> RebalanceStatus:
     return RebalanceStatus(active, found[0], read_progress(store, active, found[0], model_tables(store), nodes), nodes)
 
 
-def abort_rebalance(store: "ShardMapStore") -> tuple["ShardMap", "ShardMap | None"]:
+def abort_rebalance(store: "ClusterStore") -> tuple["ShardMap", "ShardMap | None"]:
     """Delete the target map of a move in progress (before the switch). Returns the active map
     and the target given up (None when no move was in progress)."""
     active, _ = store.read_active()
@@ -161,8 +161,8 @@ class ClusterWatch:
     """The live nodes and frontends and the target map, kept by watches; ``changed`` is set on
     every event. Callbacks run on watch threads and only record."""
 
-    def __init__(self, client: Any, store: "ShardMapStore") -> None:
-        from services.core.discovery.shard_map_store import MembersWatch
+    def __init__(self, client: Any, store: "ClusterStore") -> None:
+        from services.core.discovery.members import MembersWatch
 
         self.changed = threading.Event()
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -195,7 +195,7 @@ class ClusterWatch:
             w.cancel()
 
 
-def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, timeout_s: float,
+def apply_plan(client: Any, store: "ClusterStore", plan: "RebalancePlan", *, timeout_s: float,
                out: TextIO | None = None, confirm: Callable[[str], bool] | None = None) -> bool:
     """Write the plan's target (or find it already written), wait until it is ready, switch;
     progress lines go to ``out`` (default stdout). ``confirm``, when given, is asked first
@@ -251,7 +251,7 @@ def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, ti
     return True
 
 
-def wait_ready(store: "ShardMapStore", watch: ClusterWatch, active: "ShardMap", target: "ShardMap",
+def wait_ready(store: "ClusterStore", watch: ClusterWatch, active: "ShardMap", target: "ShardMap",
                tables: Sequence["TableSpec"], timeout_s: float, out: TextIO) -> "Progress | None":
     """Block until the move is ready (its Progress) or give up (None, with the reason printed)."""
     from services.core.rebalance import same_map

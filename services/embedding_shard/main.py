@@ -26,7 +26,7 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ShardConfig
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
@@ -89,7 +89,7 @@ def node_data(
     }
 
 
-def _read_maps(maps: ShardMapStore):  # noqa: ANN202
+def _read_maps(maps: ClusterStore):  # noqa: ANN202
     """The target map, then the active map, fresh from ZooKeeper (that order: a rebalance
     deletes the target only when or after it switches the active map)."""
     from services.core.errors import NotFoundError
@@ -115,7 +115,7 @@ def run(config: ShardConfig) -> int:
 
     paths = ZkPaths(config.zk.cluster)
     zk = make_kazoo(config.zk)
-    maps = ShardMapStore(zk, paths)
+    maps = ClusterStore(zk, paths)
     view = MapView()
     maps.watch_active(view.set)  # kazoo thread: only stores the parsed map
     log.info("node %s waiting for the shard map of cluster %s", config.node_id, config.zk.cluster)

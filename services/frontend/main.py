@@ -95,10 +95,10 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
 async def _follow_versions(view, pipeline: RecommendPipeline, reader: CheckpointReader, registration, loop) -> None:
     """Switch to each target version once it is servable; report it in this frontend's znode
     and as the cluster's serving version (``services.frontend.versions``)."""
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
     from services.frontend.versions import VersionFollower
 
-    maps = ShardMapStore(view.zk, view.paths)
+    maps = ClusterStore(view.zk, view.paths)
 
     async def on_switch(version: int) -> None:
         await loop.run_in_executor(None, registration.update, {**registration.data, "version": version})

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import UnavailableError
 from services.core.placement import ShardMap
@@ -46,7 +46,7 @@ class ClusterView:
         self.zk = self._zk = zk
         self.paths = self._paths = paths
         self._loop = loop
-        self._store = ShardMapStore(zk, paths)
+        self._store = ClusterStore(zk, paths)
         self._watched: set[str] = set()
         self.shard_map: ShardMap | None = None
         self.nodes: dict[str, NodeInfo] = {}

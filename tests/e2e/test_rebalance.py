@@ -24,7 +24,7 @@ from services.control.rebalance import apply_plan, plan_rebalance, read_overview
 from services.control.rebalance_report import format_show
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import PlannerConfig, TablePlacementSpec, diff
 from services.core.rebalance import PlanRequest, RebalancePlan
@@ -100,7 +100,7 @@ def live(zk_server, redis_server, spawn, small_checkpoint):
 
 def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_path, capsys):
     zk, paths, hosts, spawn, address, lag = live
-    store = ShardMapStore(zk, paths)
+    store = ClusterStore(zk, paths)
     requests = random_requests(60, seed=17)
 
     def measured() -> bool:  # every node holding something reports its ids/s: the planner sees real load

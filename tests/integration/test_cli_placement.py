@@ -12,7 +12,7 @@ from kazoo.client import KazooClient
 from services.admin.cli import main
 from services.core.config import ZkConfig
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import node_ids
 from services.core.types import TableSpec
@@ -55,7 +55,7 @@ def test_placement_init_and_show(tmp_path: Path, zk: KazooClient, zk_config: ZkC
     out = capsys.readouterr().out
     assert "shard map version 1 over 3 nodes" in out and "shard-2" in out and "users/2" in out
 
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     m, _ = store.read_active()
     assert m.version == 1 and m.nodes == node_ids(3) and m.num_partitions("users") == 3
     assert store.read_model() == {"uri": str(ckpt), "name": "tiny"}

@@ -1,4 +1,4 @@
-"""ZooKeeper recipes against a real ZooKeeper: registration, shard map store, outages."""
+"""ZooKeeper recipes against a real ZooKeeper: registration, cluster store, outages."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kazoo.protocol.states import KazooState
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import ConfigError, FailedPreconditionError, NotFoundError, UnavailableError
 from services.core.placement import PlacementSpec, initial_shard_map, node_ids
@@ -67,7 +67,7 @@ def test_registration_appears_updates_and_disappears(zk: KazooClient, member: Ka
     reg.register()
     assert owner(zk, path) == member.client_id[0]
     assert node_data(zk, path)["versions_ready"] == [1]
-    assert ShardMapStore(zk, zk_paths).live_nodes() == {"shard-0": reg.data}
+    assert ClusterStore(zk, zk_paths).live_nodes() == {"shard-0": reg.data}
 
     reg.update({"node_id": "shard-0", "address": "127.0.0.1:1", "versions_ready": [1, 2]})
     assert node_data(zk, path)["versions_ready"] == [1, 2]
@@ -77,15 +77,15 @@ def test_registration_appears_updates_and_disappears(zk: KazooClient, member: Ka
     reg.deregister()
     assert zk.exists(path) is None
     reg.deregister()  # idempotent
-    assert ShardMapStore(zk, zk_paths).live_nodes() == {}
+    assert ClusterStore(zk, zk_paths).live_nodes() == {}
 
 
 def test_frontend_registration(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
     reg = NodeRegistration(member, zk_paths.frontend("fe-1"), {"address": "127.0.0.1:2", "version": 1})
     reg.register()
-    assert ShardMapStore(zk, zk_paths).live_frontends() == {"fe-1": {"address": "127.0.0.1:2", "version": 1}}
+    assert ClusterStore(zk, zk_paths).live_frontends() == {"fe-1": {"address": "127.0.0.1:2", "version": 1}}
     member.stop()  # closing the session removes the ephemeral node at once
-    assert ShardMapStore(zk, zk_paths).live_frontends() == {}
+    assert ClusterStore(zk, zk_paths).live_frontends() == {}
 
 
 def test_reregisters_after_session_expiry(zk_server, zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
@@ -169,11 +169,11 @@ def test_stale_node_of_a_crashed_process_is_taken_over(
     assert node_data(zk, path) == {"pid": os.getpid()}
 
 
-# ---- shard map store -----------------------------------------------------------------------------
+# ---- cluster store --------------------------------------------------------------------------------
 
 
 def test_shard_map_compare_and_set(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
-    a, b = ShardMapStore(zk, zk_paths), ShardMapStore(member, zk_paths)
+    a, b = ClusterStore(zk, zk_paths), ClusterStore(member, zk_paths)
     with pytest.raises(NotFoundError, match="placement init"):
         a.read_active()
     v0 = a.write_active(smap(1), None)
@@ -190,7 +190,7 @@ def test_shard_map_compare_and_set(zk: KazooClient, member: KazooClient, zk_path
 
 
 def test_target_map_lifecycle(zk: KazooClient, zk_paths: ZkPaths) -> None:
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     assert store.read_target() is None
     store.clear_target()  # idempotent when absent
     v = store.write_target(smap(2, nodes=3), None)
@@ -204,7 +204,7 @@ def test_target_map_lifecycle(zk: KazooClient, zk_paths: ZkPaths) -> None:
 
 
 def test_model_and_versions(zk: KazooClient, zk_paths: ZkPaths) -> None:
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     with pytest.raises(NotFoundError):
         store.read_serving_version()
     store.write_model("file:///ckpt", "demo")
@@ -226,8 +226,8 @@ def test_watch_active_delivers_every_change(zk: KazooClient, member: KazooClient
             seen.append(None if m is None else m.version)
             threads.add(threading.current_thread().name)
 
-    store = ShardMapStore(zk, zk_paths)
-    watch = ShardMapStore(member, zk_paths).watch_active(on_map)
+    store = ClusterStore(zk, zk_paths)
+    watch = ClusterStore(member, zk_paths).watch_active(on_map)
     assert seen == [None]  # first call: synchronous, no map yet
     v = store.write_active(smap(1), None)
     wait_for(lambda: seen[-1] == 1, 5, "the watch to deliver map version 1")
@@ -251,7 +251,7 @@ def test_watch_active_delivers_every_change(zk: KazooClient, member: KazooClient
 def test_zookeeper_restart_keeps_data_and_registrations(zk_server, zk_config: ZkConfig, zk_paths: ZkPaths) -> None:
     client = make_kazoo(zk_config)
     try:
-        store = ShardMapStore(client, zk_paths, timeout_s=0.5)
+        store = ClusterStore(client, zk_paths, timeout_s=0.5)
         store.write_active(smap(1), None)
         reg = NodeRegistration(client, zk_paths.node("shard-0"), {"node_id": "shard-0"})
         reg.register()

@@ -24,7 +24,7 @@ from services.core import wire
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import FailedPreconditionError
 from services.core.placement import PlannerConfig, ShardMap, TablePlacementSpec
@@ -67,8 +67,8 @@ class Live:
     root: str
 
     @property
-    def store(self) -> ShardMapStore:
-        return ShardMapStore(self.zk, self.paths)
+    def store(self) -> ClusterStore:
+        return ClusterStore(self.zk, self.paths)
 
     def znode(self, node: str) -> dict:
         return json.loads(self.zk.get(self.paths.node(node))[0])

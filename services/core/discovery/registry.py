@@ -21,25 +21,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
-from kazoo.exceptions import (
-    BadVersionError,
-    ConnectionLoss,
-    NodeExistsError,
-    NoNodeError,
-    OperationTimeoutError,
-    SessionExpiredError,
-)
+from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError
 from kazoo.protocol.states import KazooState
 
+from services.core.discovery.watches import CONNECTION_ERRORS as _CONNECTION_ERRORS
 from services.core.errors import ConfigError, InvalidArgumentError, UnavailableError
 
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
 
 log = logging.getLogger(__name__)
-
-# Kazoo errors that mean "ZooKeeper is not reachable right now", not "the request was wrong".
-_CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
 
 def _encode(data: Mapping[str, Any]) -> bytes:
