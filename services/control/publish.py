@@ -20,7 +20,7 @@ def model_reader(store: "ClusterStore") -> "CheckpointReader":
     """A reader of the checkpoint root the cluster's model pointer names."""
     from services.core.checkpoint.reader import CheckpointReader
 
-    return CheckpointReader(store.read_model()["uri"])
+    return CheckpointReader(store.read_model().uri)
 
 
 def publish_version(store: "ClusterStore", reader: "CheckpointReader", version: int) -> str:
@@ -81,17 +81,17 @@ def format_status(st: dict[str, Any]) -> str:
             cells, ready = [], 0
             for r in replicas:
                 d = nodes.get(r)
-                versions = d.get("versions_ready", []) if d else []
+                versions = d.versions_ready if d else ()
                 ready += target in versions
                 cells.append(f"{r}[{','.join(map(str, versions))}]" if d else f"{r}[down]")
             rows.append((name, str(p), f"{ready}/{len(replicas)}", " ".join(cells)))
     lines.append(table(rows))
     for node, d in sorted(nodes.items()):
-        if d.get("loading"):
-            lines.append(f"{node}: loading version {d['loading']}")
-        err = d.get("load_error")
-        if err:
-            lines.append(f"{node}: REFUSED version {err.get('version')}: {err.get('error')}")
-    for fid, d in sorted(st["frontends"].items()):
-        lines.append(f"frontend {fid}: serving version {d.get('version')}")
+        if d.loading:
+            lines.append(f"{node}: loading version {d.loading}")
+        err = d.load_error
+        if err is not None:
+            lines.append(f"{node}: REFUSED version {err.version}: {err.error}")
+    for fid, f in sorted(st["frontends"].items()):
+        lines.append(f"frontend {fid}: serving version {f.version}")
     return "\n".join(lines)

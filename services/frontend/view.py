@@ -10,11 +10,10 @@ keeps serving; kazoo re-arms the watches when the session comes back.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
 
 from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import ModelPointer, NodeRecord, RecordError
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import UnavailableError
 from services.core.placement import ShardMap
@@ -22,21 +21,16 @@ from services.core.placement import ShardMap
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    node_id: str
-    address: str
-    partitions: frozenset[str]
-    versions_ready: frozenset[int]
-
-
-def parse_node(node_id: str, data: bytes) -> NodeInfo | None:
+def parse_node(node_id: str, data: bytes) -> NodeRecord | None:
     try:
-        d = json.loads(data)
-        return NodeInfo(node_id, str(d["address"]), frozenset(d.get("partitions", ())), frozenset(int(v) for v in d.get("versions_ready", ())))
-    except (ValueError, KeyError, TypeError):
-        log.warning("ignoring node %s: malformed znode data %r", node_id, data[:200])
+        record = NodeRecord.from_bytes(data, f"node {node_id}")
+    except RecordError as e:
+        log.warning("ignoring node %s: %s", node_id, e)
         return None
+    if not record.address:
+        log.warning("ignoring node %s: its znode names no address", node_id)
+        return None
+    return record
 
 
 class ClusterView:
@@ -49,14 +43,14 @@ class ClusterView:
         self._store = ClusterStore(zk, paths)
         self._watched: set[str] = set()
         self.shard_map: ShardMap | None = None
-        self.nodes: dict[str, NodeInfo] = {}
+        self.nodes: dict[str, NodeRecord] = {}
         # Last address each node registered with, kept after it leaves: when the view says a
         # partition has no live replica (a ZooKeeper hiccup, a session being re-established),
         # the fan-out still tries these before giving up. An RPC, not a watch, is the verdict.
         self.last_addresses: dict[str, str] = {}
         self.serving_version: int = 0
         self.target_version: int = 0
-        self.model: dict = {}
+        self.model: ModelPointer | None = None
         self._changed = asyncio.Event()
 
     # -- start (blocking ZooKeeper reads: call from an executor thread) -----------------------

@@ -218,11 +218,10 @@ class LocalCluster:
                     d = live.get(node)
                     if d is not None:
                         pending.remove(node)
-                        self._set_address(node, str(d.get("address", "")))
-                        parts = d.get("partitions", [])
+                        self._set_address(node, d.address)
                         self.progress.line(
-                            f"  {node} registered at {d.get('address', '?')} ({time.monotonic() - t0:.1f}s after start): "
-                            f"{len(parts)} partitions ({' '.join(parts)}), versions ready {d.get('versions_ready', [])}"
+                            f"  {node} registered at {d.address or '?'} ({time.monotonic() - t0:.1f}s after start): "
+                            f"{len(d.partitions)} partitions ({' '.join(d.partitions)}), versions ready {list(d.versions_ready)}"
                         )
                     else:
                         self._check_alive(node, f"{node} exited before it registered")

@@ -105,7 +105,7 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
 
     def measured() -> bool:  # every node holding something reports its ids/s: the planner sees real load
         nodes = store.live_nodes()
-        return all(any(h["ids_per_s"] > 0 for h in d["held"].values()) for d in nodes.values() if d["held"])
+        return all(any(h.ids_per_s > 0 for h in d.held.values()) for d in nodes.values() if d.held)
 
     moves: list[tuple[str, float, float]] = []
 
@@ -124,7 +124,7 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
     def move(name: str, request: PlanRequest | None = None, out: str | None = None) -> None:
         out = out or plan(name, request)
         t0 = time.monotonic()
-        assert apply_plan(zk, store, RebalancePlan.load(out), timeout_s=60)
+        assert apply_plan(store, RebalancePlan.load(out), timeout_s=60)
         moves.append((name, t0, time.monotonic()))
         active, _ = store.read_active()
         assert active.to_json() == RebalancePlan.load(out).target.to_json()

@@ -84,7 +84,7 @@ class Live:
 
     def apply(self, plan: str, timeout_s: float = 600.0) -> bool:
         """``rebalance apply PLAN --yes``: True once the plan's map is the active one."""
-        return apply_plan(self.zk, self.store, RebalancePlan.load(plan), timeout_s=timeout_s)
+        return apply_plan(self.store, RebalancePlan.load(plan), timeout_s=timeout_s)
 
     def status(self) -> str:
         """The report of ``rebalance status``."""

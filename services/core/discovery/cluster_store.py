@@ -1,9 +1,10 @@
 """The cluster's coordination state in ZooKeeper: shard maps, model pointer, versions, members.
 
 ``ClusterStore`` reads and writes the persistent znodes of one cluster (paths from ZkPaths,
-JSON everywhere, see docs/zookeeper.md). Shard maps are written with compare-and-set on the
-znode version, so two writers (two rebalances, a rebalance and an operator) can never both win:
-the loser gets FailedPreconditionError and must re-read.
+their JSON through ``records.py``, see docs/zookeeper.md) and reads or watches its members.
+Shard maps are written with compare-and-set on the znode version, so two writers (two
+rebalances, a rebalance and an operator) can never both win: the loser gets
+FailedPreconditionError and must re-read.
 
 Threads: every method except the watch callbacks blocks on ZooKeeper round trips; call them
 from any thread but a kazoo callback thread (in asyncio code: from an executor). Watch
@@ -17,22 +18,16 @@ on shard maps makes that safe).
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError
 
-from services.core.discovery.members import MembersWatch
+from services.core.discovery.members import MembersWatch, Parse
+from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord, RecordError, VersionRecord
 from services.core.discovery.watches import ZnodeWatch, unavailable_when_unreachable, watch_znode
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.errors import (
-    ConfigError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    UnavailableError,
-)
+from services.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from services.core.placement import ShardMap
 
 if TYPE_CHECKING:
@@ -41,17 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ShardMapCallback = Callable[["ShardMap | None"], None]
-
-
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _load(path: str, data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise ConfigError(f"znode {path} does not hold valid JSON: {e}") from e
+R = TypeVar("R")
 
 
 class ClusterStore:
@@ -161,28 +146,30 @@ class ClusterStore:
         return self._watch_map(self._paths.shardmap_target, callback)
 
     # -- model pointer and versions -----------------------------------------------------------
-    def read_model(self) -> dict[str, Any]:
-        """``{"uri": ..., "name": ...}``: where shards read checkpoint versions from."""
-        return self._read_json(self._paths.model_checkpoint, "model checkpoint")
+    def read_model(self) -> ModelPointer:
+        """Where shards and frontends read checkpoint versions from. NotFoundError if never
+        written."""
+        path = self._paths.model_checkpoint
+        return ModelPointer.from_bytes(self._read(path, "model checkpoint"), f"znode {path}")
 
     def write_model(self, uri: str, name: str) -> None:
         if not uri:
             raise InvalidArgumentError("model checkpoint uri must be non-empty")
-        self._put(self._paths.model_checkpoint, {"uri": uri, "name": name})
+        self._put(self._paths.model_checkpoint, ModelPointer(uri, name).to_bytes())
 
     def read_serving_version(self) -> int:
         """The model version frontends serve. NotFoundError if never written."""
         return self._read_version(self._paths.serving_version, "serving version")
 
     def write_serving_version(self, version: int) -> None:
-        self._put(self._paths.serving_version, {"version": self._check_version(version)})
+        self._put(self._paths.serving_version, VersionRecord(self._check_version(version)).to_bytes())
 
     def read_target_version(self) -> int:
         """The model version shards should load next. NotFoundError if never written."""
         return self._read_version(self._paths.target_version, "target version")
 
     def write_target_version(self, version: int) -> None:
-        self._put(self._paths.target_version, {"version": self._check_version(version)})
+        self._put(self._paths.target_version, VersionRecord(self._check_version(version)).to_bytes())
 
     def watch_serving_version(self, callback: Callable[[int | None], None]) -> ZnodeWatch:
         """Call ``callback(version | None)`` now and after every change of the serving version
@@ -194,36 +181,26 @@ class ClusterStore:
         return self._watch_version(self._paths.target_version, callback)
 
     def _watch_version(self, path: str, callback: Callable[[int | None], None]) -> ZnodeWatch:
-        def parse(data: bytes) -> int:
-            try:
-                return int(_load(path, data)["version"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(f"znode {path} must hold {{\"version\": N}}: {e!r}") from e
-
-        return self._watch(path, parse, callback)
-
-    def watch_frontend_versions(self, callback: Callable[[dict[str, int]], None]) -> MembersWatch:
-        """Call ``callback({frontend_id: version served})`` whenever a frontend joins, leaves or
-        switches version. Calls come from the watch's own thread, never overlap, and must not
-        block for long; the first arrives once ZooKeeper answered."""
-
-        def version_of(data: dict[str, Any]) -> int | None:
-            v = data.get("version")
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-        def deliver(members: dict[str, dict[str, Any]]) -> None:
-            callback({fid: v for fid, d in members.items() if (v := version_of(d)) is not None})
-
-        return MembersWatch(self._client, self._paths.frontends, deliver)
+        return self._watch(path, lambda data: VersionRecord.from_bytes(data, f"znode {path}").version, callback)
 
     # -- membership ---------------------------------------------------------------------------
-    def live_nodes(self) -> dict[str, dict[str, Any]]:
-        """Every registered shard node: node id -> its znode's JSON (see registry)."""
-        return self._live_children(self._paths.nodes)
+    def live_nodes(self) -> dict[str, NodeRecord]:
+        """Every registered shard node: node id -> its record (a malformed one is skipped)."""
+        return self._live_children(self._paths.nodes, NodeRecord.from_bytes)
 
-    def live_frontends(self) -> dict[str, dict[str, Any]]:
-        """Every registered frontend: frontend id -> its znode's JSON."""
-        return self._live_children(self._paths.frontends)
+    def live_frontends(self) -> dict[str, FrontendRecord]:
+        """Every registered frontend: frontend id -> its record (a malformed one is skipped)."""
+        return self._live_children(self._paths.frontends, FrontendRecord.from_bytes)
+
+    def watch_nodes(self, callback: Callable[[dict[str, NodeRecord]], None]) -> MembersWatch[NodeRecord]:
+        """Call ``callback({node_id: record})`` whenever a shard node joins, leaves or rewrites
+        its znode (``members.MembersWatch``: from the watch's own thread, never overlapping;
+        the callback only hands off)."""
+        return MembersWatch(self._client, self._paths.nodes, NodeRecord.from_bytes, callback)
+
+    def watch_frontends(self, callback: Callable[[dict[str, FrontendRecord]], None]) -> MembersWatch[FrontendRecord]:
+        """Same as ``watch_nodes`` for the live frontends."""
+        return MembersWatch(self._client, self._paths.frontends, FrontendRecord.from_bytes, callback)
 
     # -- internals ----------------------------------------------------------------------------
     def _wait(self, what: str, result: Any, *, write: bool = False) -> Any:
@@ -277,23 +254,16 @@ class ClusterStore:
     def _watch(self, path: str, parse: Callable[[bytes], Any], callback: Callable[[Any], None]) -> ZnodeWatch:
         return watch_znode(self._client, path, parse, callback)
 
-    def _read_json(self, path: str, what: str) -> dict[str, Any]:
+    def _read(self, path: str, what: str) -> bytes:
         with unavailable_when_unreachable(f"read {what} of {self._paths.cluster!r}"):
             try:
                 data, _stat = self._wait(f"read {what}", self._client.get_async(path))
             except NoNodeError as e:
                 raise NotFoundError(f"cluster {self._paths.cluster!r} has no {what} ({path})") from e
-        value = _load(path, data)
-        if not isinstance(value, dict):
-            raise ConfigError(f"znode {path} must hold a JSON object, got {value!r}")
-        return value
+        return data or b""
 
     def _read_version(self, path: str, what: str) -> int:
-        value = self._read_json(path, what)
-        try:
-            return int(value["version"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"znode {path} must hold {{\"version\": N}}, got {value!r}") from e
+        return VersionRecord.from_bytes(self._read(path, what), f"znode {path}").version
 
     @staticmethod
     def _check_version(version: int) -> int:
@@ -301,9 +271,8 @@ class ClusterStore:
             raise InvalidArgumentError(f"a model version must be an integer >= 1, got {version!r}")
         return version
 
-    def _put(self, path: str, value: dict[str, Any]) -> None:
+    def _put(self, path: str, payload: bytes) -> None:
         """Set or create (with parents) a persistent znode, last writer wins."""
-        payload = _dump(value)
         what = f"write {path}"
         with unavailable_when_unreachable(what):
             while True:
@@ -318,7 +287,7 @@ class ClusterStore:
                 except NodeExistsError:
                     continue  # created in between: set it
 
-    def _live_children(self, parent: str) -> dict[str, dict[str, Any]]:
+    def _live_children(self, parent: str, parse: Parse[R]) -> dict[str, R]:
         what = f"list {parent}"
         with unavailable_when_unreachable(what):
             try:
@@ -326,17 +295,15 @@ class ClusterStore:
             except NoNodeError:
                 return {}
             pending = [(name, self._client.get_async(f"{parent}/{name}")) for name in sorted(children)]
-            out: dict[str, dict[str, Any]] = {}
+            out: dict[str, R] = {}
             for name, result in pending:
                 try:
                     data, _stat = self._wait(what, result)
                 except NoNodeError:
                     continue  # left in between
                 try:
-                    value = _load(f"{parent}/{name}", data)
-                except ConfigError as e:
+                    out[name] = parse(data or b"", f"{parent}/{name}")
+                except RecordError as e:
                     log.warning("skipping %s/%s: %s", parent, name, e)
-                    continue
-                out[name] = value if isinstance(value, dict) else {"value": value}
         return out
 

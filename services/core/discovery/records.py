@@ -286,7 +286,7 @@ class ModelPointer:
     name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "name": self.name}
+        return {"name": self.name, "uri": self.uri}
 
     def to_bytes(self) -> bytes:
         return _encode(self.to_dict())
