@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -249,6 +250,42 @@ def test_watch_active_delivers_every_change(zk: KazooClient, member: KazooClient
     store.write_active(smap(5), v + 3)
     assert store.read_active()[0].version == 5
     assert seen == [None, 1, 2, 3]
+
+
+def test_members_watch_delivers_records_and_leaves_out_malformed_ones(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
+    seen: list[dict[str, NodeRecord]] = []
+    lock = threading.Lock()
+
+    def on_nodes(nodes: dict[str, NodeRecord]) -> None:  # the watch's own thread: only records
+        with lock:
+            seen.append(nodes)
+
+    def last() -> dict[str, NodeRecord]:
+        with lock:
+            return seen[-1] if seen else {}
+
+    watch = ClusterStore(zk, zk_paths).watch_nodes(on_nodes, dialable=True)
+    try:
+        first = NodeRegistration(member, zk_paths.node("shard-0"), NodeRecord(node_id="shard-0", address="h:1", versions_ready=(1,)))
+        first.register()
+        wait_for(lambda: last() == {"shard-0": first.record}, 5, "shard-0 to join")
+        first.update(dataclasses.replace(first.record, versions_ready=(1, 2)))
+        wait_for(lambda: last()["shard-0"].versions_ready == (1, 2), 5, "shard-0's new version")
+
+        second = NodeRegistration(member, zk_paths.node("shard-1"), b"garbage")
+        second.register()
+        second.update(NodeRecord(node_id="shard-1"))  # valid, but names no address: not dialable
+        second.update(NodeRecord(node_id="shard-1", address="h:2"))
+        wait_for(lambda: set(last()) == {"shard-0", "shard-1"}, 5, "shard-1 to join once it is well-formed")
+        with lock:
+            assert all(s.get("shard-1", second.record) == second.record for s in seen), "a malformed shard-1 was delivered"
+
+        first.deregister()
+        wait_for(lambda: set(last()) == {"shard-1"}, 5, "shard-0 to leave")
+        first.register()  # the same DataWatch picks it up again
+        wait_for(lambda: set(last()) == {"shard-0", "shard-1"}, 5, "shard-0 to come back")
+    finally:
+        watch.cancel()
 
 
 # ---- outages -------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def test_format_processes_and_zk_view() -> None:
         map_version=2,
         map_nodes=("shard-0", "shard-1"),
         partitions_of={"shard-0": ("users/0",), "shard-1": ("users/1",)},
-        nodes={"shard-0": NodeRecord(address="127.0.0.1:4000", partitions=("users/0",), versions_ready=(1,), serving_version=1, map_version=2)},
+        nodes={"shard-0": NodeRecord(address="127.0.0.1:4000", partitions=("users/0",), versions_ready=(1,),
+                                     serving_version=1, map_version=2)},
         frontends={"frontend-a": FrontendRecord(address="127.0.0.1:8500", version=1)},
     )
     text = format_zk_view(view)

@@ -19,6 +19,7 @@ on shard maps makes that safe).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError
@@ -192,11 +193,12 @@ class ClusterStore:
         """Every registered frontend: frontend id -> its record (a malformed one is skipped)."""
         return self._live_children(self._paths.frontends, FrontendRecord.from_bytes)
 
-    def watch_nodes(self, callback: Callable[[dict[str, NodeRecord]], None]) -> MembersWatch[NodeRecord]:
+    def watch_nodes(self, callback: Callable[[dict[str, NodeRecord]], None], *, dialable: bool = False) -> MembersWatch[NodeRecord]:
         """Call ``callback({node_id: record})`` whenever a shard node joins, leaves or rewrites
         its znode (``members.MembersWatch``: from the watch's own thread, never overlapping;
-        the callback only hands off)."""
-        return MembersWatch(self._client, self._paths.nodes, NodeRecord.from_bytes, callback)
+        the callback only hands off). ``dialable``: a node whose znode names no address is
+        left out, like a malformed one."""
+        return MembersWatch(self._client, self._paths.nodes, partial(NodeRecord.from_bytes, dialable=dialable), callback)
 
     def watch_frontends(self, callback: Callable[[dict[str, FrontendRecord]], None]) -> MembersWatch[FrontendRecord]:
         """Same as ``watch_nodes`` for the live frontends."""

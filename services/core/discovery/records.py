@@ -216,8 +216,12 @@ class NodeRecord:
         return _encode(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "node znode") -> "NodeRecord":
-        return cls._read(_Fields.decode(data, where))
+    def from_bytes(cls, data: bytes, where: str = "node znode", *, dialable: bool = False) -> "NodeRecord":
+        """``dialable``: also refuse a record that names no address (what a frontend routes to)."""
+        record = cls._read(_Fields.decode(data, where))
+        if dialable and not record.address:
+            raise RecordError(f"{where} names no address")
+        return record
 
     @classmethod
     def _read(cls, f: _Fields) -> "NodeRecord":
