@@ -204,11 +204,11 @@ class LocalCluster:
 
     def _wait_shards(self, shard_ids: Sequence[str], t0: float) -> None:
         """Wait until every shard registered in ZooKeeper; fail fast when one exits."""
-        from services.core.discovery.shard_map_store import ShardMapStore
+        from services.core.discovery.cluster_store import ClusterStore
         from services.core.discovery.zk_paths import ZkPaths
 
         assert self._zk is not None
-        store = ShardMapStore(self._zk, ZkPaths(self.config.cluster))
+        store = ClusterStore(self._zk, ZkPaths(self.config.cluster))
         deadline = t0 + self.config.start_timeout_s
         pending = list(shard_ids)
         with self.progress.step(f"waiting for {len(shard_ids)} shards to load and register in ZooKeeper"):
@@ -218,11 +218,10 @@ class LocalCluster:
                     d = live.get(node)
                     if d is not None:
                         pending.remove(node)
-                        self._set_address(node, str(d.get("address", "")))
-                        parts = d.get("partitions", [])
+                        self._set_address(node, d.address)
                         self.progress.line(
-                            f"  {node} registered at {d.get('address', '?')} ({time.monotonic() - t0:.1f}s after start): "
-                            f"{len(parts)} partitions ({' '.join(parts)}), versions ready {d.get('versions_ready', [])}"
+                            f"  {node} registered at {d.address or '?'} ({time.monotonic() - t0:.1f}s after start): "
+                            f"{len(d.partitions)} partitions ({' '.join(d.partitions)}), versions ready {list(d.versions_ready)}"
                         )
                     else:
                         self._check_alive(node, f"{node} exited before it registered")

@@ -11,8 +11,9 @@ from kazoo.client import KazooClient
 
 from services.admin.cli import main
 from services.core.config import ZkConfig
+from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import ModelPointer, NodeRecord
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import node_ids
 from services.core.types import TableSpec
@@ -55,10 +56,10 @@ def test_placement_init_and_show(tmp_path: Path, zk: KazooClient, zk_config: ZkC
     out = capsys.readouterr().out
     assert "shard map version 1 over 3 nodes" in out and "shard-2" in out and "users/2" in out
 
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     m, _ = store.read_active()
     assert m.version == 1 and m.nodes == node_ids(3) and m.num_partitions("users") == 3
-    assert store.read_model() == {"uri": str(ckpt), "name": "tiny"}
+    assert store.read_model() == ModelPointer(uri=str(ckpt), name="tiny")
     assert (store.read_serving_version(), store.read_target_version()) == (2, 2)
 
     assert main(init) == 1  # refuses to overwrite
@@ -69,7 +70,7 @@ def test_placement_init_and_show(tmp_path: Path, zk: KazooClient, zk_config: ZkC
     assert store.read_active()[0].version == 2
     capsys.readouterr()
 
-    NodeRegistration(zk, zk_paths.node("shard-1"), {"node_id": "shard-1", "address": "127.0.0.1:9", "versions_ready": [2]}).register()
+    NodeRegistration(zk, zk_paths.node("shard-1"), NodeRecord(node_id="shard-1", address="127.0.0.1:9", versions_ready=(2,))).register()
     assert main(["placement", "show", *common]) == 0
     out = capsys.readouterr().out
     assert "active shard map version 2" in out

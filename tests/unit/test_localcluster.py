@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord
 from services.localcluster.config import DEFAULT_SPEC, REPO_ROOT, LocalClusterConfig, existing_model, resolve_spec
 from services.localcluster.console import Progress
 from services.localcluster.demo import (
@@ -179,13 +180,14 @@ def test_format_processes_and_zk_view() -> None:
     assert rows[3].split()[:4] == ["shard-0", "3", "running", "127.0.0.1:4000"]
 
     view = ZkView(
-        model={"name": "demo", "uri": "/w/model"},
+        model=ModelPointer(uri="/w/model", name="demo"),
         serving_version=1,
         map_version=2,
         map_nodes=("shard-0", "shard-1"),
         partitions_of={"shard-0": ("users/0",), "shard-1": ("users/1",)},
-        nodes={"shard-0": {"address": "127.0.0.1:4000", "partitions": ["users/0"], "versions_ready": [1], "serving_version": 1, "map_version": 2}},
-        frontends={"frontend-a": {"address": "127.0.0.1:8500", "version": 1}},
+        nodes={"shard-0": NodeRecord(address="127.0.0.1:4000", partitions=("users/0",), versions_ready=(1,),
+                                     serving_version=1, map_version=2)},
+        frontends={"frontend-a": FrontendRecord(address="127.0.0.1:8500", version=1)},
     )
     text = format_zk_view(view)
     assert "serving version 1, active shard map version 2" in text
