@@ -26,7 +26,7 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ShardConfig
 from services.core.discovery.cluster_store import ClusterStore
-from services.core.discovery.records import FrontendRecord, NodeRecord, parse_held
+from services.core.discovery.records import FrontendRecord, NodeRecord
 from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
@@ -76,7 +76,7 @@ def node_record(
     """The node's znode (docs/zookeeper.md): ``partitions`` are the held partitions of the
     active map's layout (``table/p``); ``held`` every partition held with its bytes and load;
     then what the version and partition managers report."""
-    held = parse_held(meter.report())
+    held = meter.report()
     layout = store.num_partitions
     return NodeRecord(
         node_id=config.node_id,
@@ -89,7 +89,9 @@ def node_record(
         map_version=map_version,
         overlay_bytes=store.overlay_bytes(),
         pid=os.getpid(),
-    ).with_status(versions.status(), partitions.status())
+        **versions.status(),
+        **partitions.status(),
+    )
 
 
 def served_versions(frontends: dict[str, FrontendRecord]) -> list[int]:

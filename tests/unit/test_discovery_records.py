@@ -17,7 +17,6 @@ from services.core.discovery.records import (
     PartitionError,
     RecordError,
     VersionRecord,
-    parse_held,
 )
 from services.core.errors import ConfigError
 
@@ -89,28 +88,6 @@ def test_malformed_node_records_raise_record_error(data, field):
     with pytest.raises(RecordError, match=field) as e:
         NodeRecord.from_bytes(data, where="/shardrec/c/nodes/shard-0")
     assert isinstance(e.value, ConfigError) and "/shardrec/c/nodes/shard-0" in str(e.value)
-
-
-def test_with_status_reads_the_shard_managers_fragments():
-    base = NodeRecord(node_id="shard-0", address="h:1", versions_ready=(1,))
-    record = base.with_status(
-        {"loading": 2, "load_error": None},
-        {"target_map_version": 5, "partitions_loading": ["users/0of1"], "partitions_draining": ["users/0of2"],
-         "partition_error": {"partition": "users/0of1", "error": "disk"}},
-    )
-    assert record.loading == 2 and record.target_map_version == 5
-    assert record.partitions_loading == ("users/0of1",) and record.partitions_draining == ("users/0of2",)
-    assert record.partition_error == PartitionError("users/0of1", "disk")
-    assert record.node_id == "shard-0" and record.versions_ready == (1,)
-    with pytest.raises(RecordError, match="'loading'"):
-        base.with_status({"loading": "two"})
-
-
-def test_parse_held_reads_the_load_meters_report():
-    report = {"items/0of2": {"bytes": 10, "lookups": 2, "ids": 30, "ids_per_s": 1.5}}
-    assert parse_held(report) == {"items/0of2": HeldPartition(10, 2, 30, 1.5)}
-    with pytest.raises(RecordError):
-        parse_held({"items/0of2": {"bytes": "ten"}})
 
 
 def test_frontend_record_bytes_of_before():

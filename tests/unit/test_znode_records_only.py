@@ -48,15 +48,6 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "services/admin/cmd_rebalance.py": (frozenset({"partitions"}), "--set builds a placement spec entry"),
     "services/frontend/lookup/baselines/redis_kv.py": (frozenset({"version"}), "the redis-kv baseline's meta key in Redis"),
     "services/frontend/lookup/baselines/redis_kv_store.py": (frozenset({"version"}), "the redis-kv baseline's meta key in Redis"),
-    # The shard's managers report their part of the node's znode as dicts keyed as on the wire,
-    # which main.py reads into its NodeRecord (NodeRecord.with_status, parse_held). They should
-    # hand typed records instead; that change belongs to the shard's own restructuring.
-    "services/embedding_shard/versions.py": (
-        frozenset({"loading", "load_error", "version", "error"}), "VersionManager.status(): read by NodeRecord.with_status"),
-    "services/embedding_shard/partitions.py": (
-        frozenset({"target_map_version", "partitions_loading", "partitions_draining", "partition_error", "partition", "error",
-                   "bytes", "lookups", "ids", "ids_per_s"}),
-        "PartitionManager.status() and LoadMeter.report(): read by NodeRecord.with_status and parse_held"),
 }
 
 

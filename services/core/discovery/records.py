@@ -159,12 +159,6 @@ class PartitionError:
         return None if f is None else cls(f.str("partition"), f.str("error"))
 
 
-def parse_held(held: Mapping[str, Mapping[str, Any]], where: str = "held") -> dict[str, HeldPartition]:
-    """``held`` keyed as on the wire (``{"items/1of2": {"bytes", "lookups", "ids", "ids_per_s"}}``,
-    what the shard's load meter reports) as records."""
-    return {name: HeldPartition._read(f) for name, f in _Fields.of(dict(held), where).items()}
-
-
 @dataclass(frozen=True)
 class NodeRecord:
     """A live shard's znode: where to dial it, what it holds and serves, how a load went.
@@ -244,15 +238,6 @@ class NodeRecord:
             partitions_draining=f.strs("partitions_draining"),
             partition_error=PartitionError._read(f.obj("partition_error")),
         )
-
-    def with_status(self, *fragments: Mapping[str, Any]) -> "NodeRecord":
-        """This record with the fields of ``fragments`` replaced: pieces of the znode keyed as
-        on the wire (what the shard's version and partition managers report, ``status()``),
-        read as ``from_bytes`` reads them."""
-        merged = self.to_dict()
-        for fragment in fragments:
-            merged.update(fragment)
-        return NodeRecord._read(_Fields.of(merged, "node status"))
 
 
 # -- frontends/<frontend_id> --------------------------------------------------------------------
