@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InitialPlacement:
-    """The first placement of a checkpoint's model version over ``nodes`` nodes."""
+    """The first placement of a checkpoint's model version over ``nodes`` nodes; ``checkpoint``
+    is an absolute URI (``initial_placement`` makes it one)."""
 
     checkpoint: str
     manifest: "Manifest"
@@ -38,9 +39,13 @@ class InitialPlacement:
 
 def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, version: int | None = None) -> InitialPlacement:
     """Read the model of ``checkpoint``'s ``version`` (default: the latest complete one) and
-    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper."""
+    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper. The
+    placement names the checkpoint by its absolute URI (``absolute_uri``): that is what the
+    model pointer publishes, for shards started in any directory."""
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import absolute_uri
 
+    checkpoint = absolute_uri(checkpoint)
     reader = CheckpointReader(checkpoint)
     manifest = reader.manifest(reader.latest_version() if version is None else version)
     initial = InitialPlacement(checkpoint, manifest, spec, nodes)
