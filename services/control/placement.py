@@ -53,6 +53,26 @@ def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, versio
     return initial
 
 
+def planned_spec(tables: Sequence["TableSpec"], nodes: int) -> "PlacementSpec":
+    """The placement spec the planner chooses for ``tables`` on ``nodes`` nodes when nobody
+    wrote one (``shardrec cluster up --checkpoint`` without ``--spec``): ``plan`` with no load
+    measured yet and the defaults of ``rebalance plan`` (nodes of 64 GiB, tables up to 1 MiB
+    replicated), each table's shape then pinned as the plan left it (docs/placement.md,
+    "Initial placement"). Pure."""
+    from services.control.rebalance import DEFAULT_NODE_MEMORY_BYTES, DEFAULT_REPLICATE_MAX_BYTES
+    from services.core.placement import NodeCapacity, PlacementSpec, PlannerConfig, TableLoad, node_ids, plan
+    from services.core.rebalance import kept_shape
+
+    smap = plan(
+        [TableLoad(t, 0.0) for t in tables],
+        [NodeCapacity(n, DEFAULT_NODE_MEMORY_BYTES) for n in node_ids(nodes)],
+        None,
+        PlannerConfig(replicate_max_bytes=DEFAULT_REPLICATE_MAX_BYTES),
+        version=1,
+    )
+    return PlacementSpec(tables={name: kept_shape(smap, name, nodes) for name in sorted(smap.tables)})
+
+
 def init_cluster(store: "ShardMapStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:
     """Publish ``initial``: the model pointer, the target and serving versions, then the active
     map. FailedPreconditionError when the cluster has an active map already, unless ``force``
