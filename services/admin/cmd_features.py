@@ -1,7 +1,8 @@
 """``shardrec features``: stored user / item features in Redis (docs/features.md).
 
-- ``load --checkpoint URI --redis URL [--prefix P] [--batch N] [--version V]``: read
-  ``features/users.npz`` and ``features/items.npz`` below the checkpoint root, validate them
+- ``load --checkpoint URI --redis URL [--prefix P] [--batch N] [--version V] [--features ROOT]``:
+  read ``features/users.npz`` and ``features/items.npz`` below the checkpoint root (or below
+  ``--features ROOT``), validate them
   against the model manifest of the latest complete version (or ``--version``), encode them as
   fixed-width records and write them with pipelined MSETs of ``--batch`` entities. Nothing of a
   side is written when its rows are invalid. A progress line (entities/s) goes to stderr, a
@@ -22,13 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--prefix", default="", help="key prefix (the frontend must use the same); default none")
     load.add_argument("--batch", type=int, default=5000, help="entities per MSET (default 5000)")
     load.add_argument("--version", type=int, default=None, help="manifest version to read the model from (default: latest complete)")
+    load.add_argument(
+        "--features", default=None, metavar="ROOT", help="read features/{users,items}.npz below this folder instead (e.g. another checkpoint root)"
+    )
     load.set_defaults(func=_load)
 
 
 def _load(args: argparse.Namespace) -> int:
     from services.control.features import load_features
 
-    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version)
+    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version, features=args.features)
     print(f"model {result['model']!r} version {result['version']} -> {args.redis} (prefix {args.prefix!r})")
     for name in ("users", "items"):
         entry = result[name]

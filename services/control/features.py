@@ -13,9 +13,11 @@ def load_features(
     batch: int = 5000,
     version: int | None = None,
     progress: bool = True,
+    features: str | None = None,
 ) -> dict[str, object]:
-    """Validate ``features/{users,items}.npz`` of ``checkpoint`` against the model of its
-    latest complete version (or ``version``) and write them to Redis at ``redis_url`` as
+    """Validate ``features/{users,items}.npz`` of ``checkpoint`` (or of the root ``features``,
+    e.g. another checkpoint's) against the model of the checkpoint's latest complete version
+    (or ``version``) and write them to Redis at ``redis_url`` as
     fixed-width records under ``prefix``, ``batch`` entities per MSET (docs/features.md).
     Both sides are read and validated before anything is written. With ``progress``, a line
     per side (entities/s) goes to stderr. Returns the model name, the version, and per side
@@ -23,6 +25,7 @@ def load_features(
     import time
 
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import CheckpointStore, absolute_uri
     from services.core.clients import make_redis
     from services.core.features import FeatureLayout, write_feature_rows
     from services.core.synth import load_feature_rows
@@ -32,13 +35,14 @@ def load_features(
         from services.core.errors import ConfigError
 
         raise ConfigError(f"--batch must be >= 1, got {batch}")
-    reader = CheckpointReader(checkpoint)
+    reader = CheckpointReader(absolute_uri(checkpoint))
+    source = reader.store if features is None else CheckpointStore(absolute_uri(features))
     v = reader.latest_version() if version is None else version
     spec = reader.manifest(v).model
     sides = []
     for side in (FeatureSide.USER, FeatureSide.ITEM):
         layout = FeatureLayout(spec, side)
-        rows = load_feature_rows(reader.store, side)
+        rows = load_feature_rows(source, side)
         layout.validate(rows, rows.get(layout.id_key, []))
         sides.append((side, layout, rows))
 

@@ -6,7 +6,8 @@ batch in ONE Redis round trip (one MGET of the unique user keys and the unique c
 keys), applies request overrides, maps raw values to table rows and deduplicates: items are
 unique per batch; user-side bags are built once per user context (a user id without
 request-time sparse overrides, shared by the batch, or one request's own overridden features),
-never once per candidate.
+never once per candidate; a candidate repeated within a request is scored once
+(``DistinctCandidates``).
 
 Everything over ids is vectorized (``np.unique``, ``np.repeat``, CSR gathers); only the R
 requests of a batch are looped over.
@@ -25,7 +26,7 @@ from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import ShardrecError, UnavailableError
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
 from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
-from services.frontend.batch import Bags, PreparedBatch, RecRequest, ragged_take
+from services.frontend.batch import Bags, DistinctCandidates, PreparedBatch, RecRequest, ragged_take
 from services.frontend.validate import FeatureLimits, RequestValidator
 
 if TYPE_CHECKING:
@@ -206,6 +207,7 @@ class FeaturePrep:
             user_bags=user_bags,
             item_bags=item_bags,
             dense=dense,
+            scored=DistinctCandidates.of(sample_offsets, item_of_sample),
         )
 
     def _user_bags(

@@ -20,6 +20,7 @@ from services.core.config import child_env
 from services.core.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
+from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
 from services.localcluster.processes import (
     SignalGuard,
     process_alive,
@@ -113,6 +114,7 @@ class LocalCluster:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._save()
         self._ensure_model()
+        spec = self._placement_spec()
 
         from services.localcluster.servers import RedisServer, ZkServer
 
@@ -151,9 +153,9 @@ class LocalCluster:
                 note["detail"] = f"(pid {pid})"
         self._run_job(
             "placement-init",
-            f"placement init ({cfg.spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
+            f"placement init ({spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
             ["placement", "init", "--checkpoint", str(cfg.checkpoint), "--nodes", str(cfg.nodes),
-             "--spec", str(cfg.spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
+             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
         )  # fmt: skip
         self._wait_shards(shard_ids, t_shards)
 
@@ -161,11 +163,7 @@ class LocalCluster:
             self.state.ready = True
             self._save()
             return
-        self._run_job(
-            "features-load",
-            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis.url, "--prefix", cfg.redis_prefix],
-        )
+        self._load_features(redis.url)
         self._start_frontend(zk.hosts, redis.url)
         self.state.ready = True
         self._save()
@@ -188,7 +186,11 @@ class LocalCluster:
 
     def _ensure_model(self) -> None:
         cfg = self.config
-        root = cfg.checkpoint
+        if cfg.checkpoint_uri is not None:
+            _version, what = describe_checkpoint(cfg.checkpoint_uri)
+            self.progress.line(f"serving the checkpoint {cfg.checkpoint_uri}: {what}")
+            return
+        root = Path(cfg.checkpoint)
         found = existing_model(root, cfg.preset)
         if found is not None and found[0] > 0:
             self.progress.line(f"using the demo model in {root} (preset {cfg.preset}, seed {cfg.seed}, version {found[0]})")
@@ -203,6 +205,31 @@ class LocalCluster:
             ["model", "synth", "--out", str(root), "--preset", cfg.preset, "--seed", str(cfg.seed)],
         )
 
+    def _placement_spec(self) -> Path:
+        """The spec file to place the model with: the given one, else the planner's, written
+        to ``<workdir>/placement.json``."""
+        cfg = self.config
+        if cfg.spec is not None:
+            return cfg.spec
+        path = cfg.workdir / SPEC_FILE
+        shapes = write_planned_spec(str(cfg.checkpoint), cfg.nodes, path)
+        self.progress.line(f"placement planned for {cfg.nodes} nodes (no --spec), written to {path}: {shapes}")
+        return path
+
+    def _load_features(self, redis_url: str) -> None:
+        """``features load`` of the model's feature files; none at all: a note, and every
+        entity gets the manifest's defaults (docs/features.md)."""
+        cfg = self.config
+        if not feature_files(cfg.features):
+            self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
+            return
+        source = [] if cfg.features_root is None else ["--features", cfg.features_root]
+        self._run_job(
+            "features-load",
+            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source],
+        )
+
     def _start_server(self, server: "ServerProcess", head: str, role: str, address: str) -> None:
         self._servers.append(server)
         with self.progress.step(head) as note:
@@ -214,11 +241,11 @@ class LocalCluster:
 
     def _wait_shards(self, shard_ids: Sequence[str], t0: float) -> None:
         """Wait until every shard registered in ZooKeeper; fail fast when one exits."""
-        from services.core.discovery.shard_map_store import ShardMapStore
+        from services.core.discovery.cluster_store import ClusterStore
         from services.core.discovery.zk_paths import ZkPaths
 
         assert self._zk is not None
-        store = ShardMapStore(self._zk, ZkPaths(self.config.cluster))
+        store = ClusterStore(self._zk, ZkPaths(self.config.cluster))
         deadline = t0 + self.config.start_timeout_s
         pending = list(shard_ids)
         with self.progress.step(f"waiting for {len(shard_ids)} shards to load and register in ZooKeeper"):
@@ -228,11 +255,10 @@ class LocalCluster:
                     d = live.get(node)
                     if d is not None:
                         pending.remove(node)
-                        self._set_address(node, str(d.get("address", "")))
-                        parts = d.get("partitions", [])
+                        self._set_address(node, d.address)
                         self.progress.line(
-                            f"  {node} registered at {d.get('address', '?')} ({time.monotonic() - t0:.1f}s after start): "
-                            f"{len(parts)} partitions ({' '.join(parts)}), versions ready {d.get('versions_ready', [])}"
+                            f"  {node} registered at {d.address or '?'} ({time.monotonic() - t0:.1f}s after start): "
+                            f"{len(d.partitions)} partitions ({' '.join(d.partitions)}), versions ready {list(d.versions_ready)}"
                         )
                     else:
                         self._check_alive(node, f"{node} exited before it registered")

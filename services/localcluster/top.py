@@ -83,50 +83,81 @@ def _hist(before: Samples, after: Samples, name: str, **labels: str) -> tuple[fl
 
 
 @dataclass
+class FrontendRow:
+    process: str
+    qps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: dict[str, float]  # status code -> per second
+    sheds: dict[str, float]  # reason -> per second
+    in_flight: float
+    queued: float
+    limit: float
+    model_version: int
+    map_version: int
+    feature_store: str
+
+
+@dataclass
+class NodeRow:
+    """A shard node as the frontends see it (summed over them) and as it serves."""
+
+    node: str
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    outstanding: float | None = None
+    ejected: bool = False
+    served_rps: float | None = None
+    serving_version: int | None = None
+    ready: list[int] = field(default_factory=list)
+    held: int | None = None  # partitions
+    held_bytes: float | None = None
+
+
+@dataclass
 class Frame:
     interval_s: float
-    frontends: list[dict] = field(default_factory=list)
-    nodes: list[dict] = field(default_factory=list)
+    frontends: list[FrontendRow] = field(default_factory=list)
+    nodes: list[NodeRow] = field(default_factory=list)
     down: list[str] = field(default_factory=list)
 
 
 def frame(procs: dict[str, tuple[str, Samples | None, Samples | None]], interval_s: float) -> Frame:
-    """Rows of one frame from ``{name: (role, scrape before, scrape after)}``. Pure."""
+    """Rows of one frame from ``{process: (role, scrape before, scrape after)}``. Pure."""
     f = Frame(interval_s)
-    shard_rows: dict[str, dict] = {}
-    for name, (role, before, after) in sorted(procs.items()):
+    rows: dict[str, NodeRow] = {}
+    for proc, (role, before, after) in sorted(procs.items()):
         if after is None or before is None:
-            f.down.append(name)
+            f.down.append(proc)
             continue
         rate = lambda n, **kw: (total(after, n, **kw) - total(before, n, **kw)) / interval_s  # noqa: E731
         if role == ROLE_FRONTEND:
             n, p50, p99 = _hist(before, after, m.RECOMMEND_LATENCY)
-            errors = {code: v for code, v in by_label(after, m.RECOMMEND_LATENCY + "_count", "code").items() if code != "OK"}
-            errors = {c: (v - total(before, m.RECOMMEND_LATENCY + "_count", code=c)) / interval_s for c, v in errors.items()}
+            codes = [c for c in by_label(after, m.RECOMMEND_LATENCY + "_count", "code") if c != "OK"]
+            errors = {c: rate(m.RECOMMEND_LATENCY + "_count", code=c) for c in codes}
             state = next((s for s, v in by_label(after, m.FEATURE_STORE_STATE, "state").items() if v == 1), "?")
-            f.frontends.append({
-                "name": name, "qps": n / interval_s, "p50_ms": _ms(p50), "p99_ms": _ms(p99),
-                "errors": {c: r for c, r in errors.items() if r > 0},
-                "sheds": {r: v for r in m.SHED_REASONS if (v := rate(m.SHED + "_total", reason=r)) > 0},
-                "in_flight": total(after, m.IN_FLIGHT), "queued": total(after, m.QUEUE_DEPTH),
-                "limit": total(after, m.ADMISSION_LIMIT), "version": int(total(after, m.MODEL_VERSION)),
-                "map": int(total(after, m.SHARD_MAP_VERSION)), "features": state,
-            })  # fmt: skip
+            f.frontends.append(FrontendRow(
+                proc, n / interval_s, _ms(p50), _ms(p99), {c: r for c, r in errors.items() if r > 0},
+                {r: v for r in m.SHED_REASONS if (v := rate(m.SHED + "_total", reason=r)) > 0},
+                total(after, m.IN_FLIGHT), total(after, m.QUEUE_DEPTH), total(after, m.ADMISSION_LIMIT),
+                int(total(after, m.MODEL_VERSION)), int(total(after, m.SHARD_MAP_VERSION)), state,
+            ))  # fmt: skip
             for node in by_label(after, m.LOOKUP_RPCS + "_total", "node"):
-                row = shard_rows.setdefault(node, {"name": node})
-                c, q50, q99 = _hist(before, after, m.LOOKUP_LATENCY, node=node)
-                row["rps"] = row.get("rps", 0.0) + rate(m.LOOKUP_RPCS + "_total", node=node)
-                row["p50_ms"], row["p99_ms"] = _ms(q50), _ms(q99)
-                row["outstanding"] = row.get("outstanding", 0) + total(after, m.LOOKUP_OUTSTANDING, node=node)
-                row["ejected"] = row.get("ejected", False) or total(after, m.NODE_EJECTED, node=node) > 0
+                row = rows.setdefault(node, NodeRow(node))
+                _c, q50, q99 = _hist(before, after, m.LOOKUP_LATENCY, node=node)
+                row.rps = (row.rps or 0.0) + rate(m.LOOKUP_RPCS + "_total", node=node)
+                row.p50_ms, row.p99_ms = _ms(q50), _ms(q99)
+                row.outstanding = (row.outstanding or 0) + total(after, m.LOOKUP_OUTSTANDING, node=node)
+                row.ejected = row.ejected or total(after, m.NODE_EJECTED, node=node) > 0
         elif role == ROLE_SHARD:
-            row = shard_rows.setdefault(name, {"name": name})
-            row["served_rps"] = rate(m.SHARD_LOOKUP_LATENCY + "_count")
-            row["version"] = int(total(after, m.SHARD_SERVING_VERSION))
-            row["ready"] = sorted(int(v) for v in by_label(after, m.SHARD_VERSION_READY, "version"))
-            row["bytes"] = total(after, m.SHARD_PARTITION_BYTES)
-            row["partitions"] = sum(1 for (n, _lab) in after if n == m.SHARD_PARTITION_BYTES)
-    f.nodes = [shard_rows[k] for k in sorted(shard_rows)]
+            row = rows.setdefault(proc, NodeRow(proc))
+            row.served_rps = rate(m.SHARD_LOOKUP_LATENCY + "_count")
+            row.serving_version = int(total(after, m.SHARD_SERVING_VERSION))
+            row.ready = sorted(int(v) for v in by_label(after, m.SHARD_VERSION_READY, "version"))
+            row.held_bytes = total(after, m.SHARD_PARTITION_BYTES)
+            row.held = sum(1 for (n, _lab) in after if n == m.SHARD_PARTITION_BYTES)
+    f.nodes = [rows[k] for k in sorted(rows)]
     return f
 
 
@@ -146,19 +177,19 @@ def render(fr: Frame, title: str):  # noqa: ANN201 - a rich renderable
     for col in ("FRONTEND", "QPS", "P50 MS", "P99 MS", "ERRORS/S", "SHEDS/S", "IN FLIGHT", "QUEUED", "LIMIT", "VERSION", "MAP", "FEATURES"):
         fe.add_column(col, justify="left" if col in ("FRONTEND", "ERRORS/S", "SHEDS/S", "FEATURES") else "right")
     for r in fr.frontends:
-        fe.add_row(r["name"], _num(r["qps"]), _num(r["p50_ms"]), _num(r["p99_ms"]),
-                   " ".join(f"{c}={v:.1f}" for c, v in sorted(r["errors"].items())) or "0",
-                   " ".join(f"{c}={v:.1f}" for c, v in sorted(r["sheds"].items())) or "0",
-                   _num(r["in_flight"], "{:.0f}"), _num(r["queued"], "{:.0f}"), _num(r["limit"], "{:.0f}"),
-                   str(r["version"]), str(r["map"]), r["features"])  # fmt: skip
+        fe.add_row(r.process, _num(r.qps), _num(r.p50_ms), _num(r.p99_ms),
+                   " ".join(f"{c}={v:.1f}" for c, v in sorted(r.errors.items())) or "0",
+                   " ".join(f"{c}={v:.1f}" for c, v in sorted(r.sheds.items())) or "0",
+                   _num(r.in_flight, "{:.0f}"), _num(r.queued, "{:.0f}"), _num(r.limit, "{:.0f}"),
+                   str(r.model_version), str(r.map_version), r.feature_store)  # fmt: skip
     nodes = Table(title="shard nodes (Lookup as the frontends see it, and as the node serves it)", title_justify="left")
     for col in ("NODE", "LOOKUPS/S", "P50 MS", "P99 MS", "OUTSTANDING", "EJECTED", "SERVED/S", "VERSION", "READY", "PARTITIONS", "MIB"):
         nodes.add_column(col, justify="left" if col in ("NODE", "EJECTED", "READY") else "right")
     for r in fr.nodes:
-        nodes.add_row(r["name"], _num(r.get("rps")), _num(r.get("p50_ms")), _num(r.get("p99_ms")), _num(r.get("outstanding"), "{:.0f}"),
-                      "yes" if r.get("ejected") else "no", _num(r.get("served_rps")), str(r.get("version", "-")),
-                      ",".join(map(str, r.get("ready", []))) or "-", str(r.get("partitions", "-")),
-                      _num(r.get("bytes") and r["bytes"] / 2**20))  # fmt: skip
+        nodes.add_row(r.node, _num(r.rps), _num(r.p50_ms), _num(r.p99_ms), _num(r.outstanding, "{:.0f}"),
+                      "yes" if r.ejected else "no", _num(r.served_rps), _num(r.serving_version, "{}"),
+                      ",".join(map(str, r.ready)) or "-", _num(r.held, "{}"),
+                      _num(None if r.held_bytes is None else r.held_bytes / 2**20))  # fmt: skip
     parts = [fe, nodes]
     if fr.down:
         parts.append(f"not answering: {', '.join(fr.down)}")

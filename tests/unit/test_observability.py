@@ -170,5 +170,5 @@ def test_top_quantiles_and_rates_from_two_scrapes():
     after = top.parse(generate_latest(fm_reg).decode())
     frame = top.frame({"frontend": ("frontend", before, after), "shard-0": ("shard", None, None)}, 2.0)
     row = frame.frontends[0]
-    assert row["qps"] == pytest.approx(10.0) and 3 <= row["p50_ms"] <= 5 and row["errors"] == {"UNAVAILABLE": 0.5}
-    assert frame.down == ["shard-0"] and frame.nodes[0]["name"] == "shard-0"
+    assert row.qps == pytest.approx(10.0) and 3 <= row.p50_ms <= 5 and row.errors == {"UNAVAILABLE": 0.5}
+    assert frame.down == ["shard-0"] and frame.nodes[0].node == "shard-0"
