@@ -22,9 +22,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-_PROPAGATOR = TraceContextTextMapPropagator()
 TRACEPARENT = "traceparent"
 
 
@@ -109,20 +106,36 @@ def make_tracing(config: TracingConfig, *, role: str, node: str) -> Tracing:
 
 
 def inject(span: trace.Span) -> tuple[str, str] | None:
-    """The ``traceparent`` metadata pair naming ``span`` (None for an invalid span)."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-    value = carrier.get(TRACEPARENT)
-    return None if value is None else (TRACEPARENT, value)
+    """The ``traceparent`` metadata pair naming ``span`` (None for an invalid span): W3C
+    version 00, written directly (what the SDK's propagator writes, for a fraction of its
+    cost: this runs once per Lookup RPC)."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return TRACEPARENT, f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags) & 0xFF:02x}"
+
+
+def remote_parent(metadata) -> trace.SpanContext | None:
+    """The span context a ``traceparent`` entry of gRPC ``metadata`` names (W3C version 00:
+    ``00-<trace id>-<span id>-<flags>``), or None when there is none or it is malformed."""
+    for key, value in metadata or ():
+        if key != TRACEPARENT or not isinstance(value, str):
+            continue
+        parts = value.split("-")
+        if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+            return None
+        try:
+            ctx = trace.SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True, trace_flags=trace.TraceFlags(int(parts[3], 16)))
+        except ValueError:
+            return None
+        return ctx if ctx.is_valid else None
+    return None
 
 
 def extract(metadata) -> Context | None:
-    """The remote parent in gRPC ``metadata`` (a ``traceparent`` entry), or None."""
-    for key, value in metadata or ():
-        if key == TRACEPARENT and isinstance(value, str):
-            ctx = _PROPAGATOR.extract({TRACEPARENT: value})
-            return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
-    return None
+    """The remote parent in gRPC ``metadata`` as a context to start a child span in, or None."""
+    parent = remote_parent(metadata)
+    return None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
 def recording(span: trace.Span | None) -> bool:

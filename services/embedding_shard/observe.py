@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from services.core.errors import ShardrecError
 from services.core.logs import FailureLog, ids_suffix, request_scope
 from services.core.metrics import PartitionReading, ShardMetrics, ShardReading
-from services.core.tracing import extract
+from services.core.tracing import remote_parent
 
 log = logging.getLogger("shardrec.shard.lookups")
 REQUEST_ID_KEY = "x-request-id"
@@ -73,7 +73,12 @@ class LookupObserver:
         re-raised with ``(request id R, trace T)`` appended to its message."""
         t0 = time.perf_counter()
         request_id = next((v for k, v in metadata or () if k == REQUEST_ID_KEY and isinstance(v, str)), None)
-        span = self.tracer.start_span("Lookup", context=extract(metadata), kind=SpanKind.SERVER)
+        parent = remote_parent(metadata)
+        if parent is not None and not parent.trace_flags.sampled:
+            span = trace.NonRecordingSpan(parent)  # the frontend did not sample it: only its ids, for the logs
+        else:
+            context = None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent))
+            span = self.tracer.start_span("Lookup", context=context, kind=SpanKind.SERVER)
         if span.is_recording():
             span.set_attributes({"shardrec.node": self.node_id, "shardrec.request_bytes": request_bytes})
         code = "OK"
