@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import json
 import logging
 import sys
@@ -60,6 +61,18 @@ def ids_suffix() -> str:
     if tid:
         parts.append(f"trace {tid}")
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def with_ids(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` whose message ends with ``ids_suffix()`` (``exc`` itself when there
+    are no ids): one exception object may answer every request of a batch, so it is never
+    changed in place."""
+    suffix = ids_suffix()
+    if not suffix:
+        return exc
+    out = copy.copy(exc)
+    out.args = (f"{exc}{suffix}",)
+    return out
 
 
 class _Context(logging.Filter):

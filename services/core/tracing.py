@@ -138,5 +138,14 @@ def extract(metadata) -> Context | None:
     return None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
+def end_span(span: trace.Span, code: str) -> None:
+    """End an RPC's span with its gRPC status code name (an ERROR status unless ``OK``)."""
+    if span.is_recording():
+        if code != "OK":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        span.set_attribute("rpc.grpc.status_code", code)
+    span.end()
+
+
 def recording(span: trace.Span | None) -> bool:
     return span is not None and span.is_recording()

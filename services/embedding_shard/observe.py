@@ -10,19 +10,18 @@ counters read at scrape time.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Iterator
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 from services.core.errors import ShardrecError
-from services.core.logs import FailureLog, ids_suffix, request_scope
+from services.core.logs import FailureLog, request_scope, with_ids
 from services.core.metrics import PartitionReading, ShardMetrics, ShardReading
-from services.core.tracing import remote_parent
+from services.core.tracing import end_span, remote_parent
 
 log = logging.getLogger("shardrec.shard.lookups")
 REQUEST_ID_KEY = "x-request-id"
@@ -89,22 +88,16 @@ class LookupObserver:
                 except ShardrecError as e:
                     code = e.grpc_code
                     self.failures.failed(code, f"Lookup {request_id or '-'}", str(e))
-                    suffix = ids_suffix()
-                    if not suffix:
+                    out = with_ids(e)
+                    if out is e:
                         raise
-                    out = copy.copy(e)
-                    out.args = (f"{e}{suffix}",)
                     raise out from e
                 except Exception:
                     code = "INTERNAL"  # the edge logs it with its traceback under an incident id
                     raise
         finally:
             self.metrics.lookup_done(code, time.perf_counter() - t0)
-            if span.is_recording():
-                if code != "OK":
-                    span.set_status(Status(StatusCode.ERROR, code))
-                span.set_attribute("rpc.grpc.status_code", code)
-            span.end()
+            end_span(span, code)
 
 
 def shard_reading(store, versions, map_version: int) -> ShardReading:

@@ -10,20 +10,19 @@ Runs on the event loop (``frontend_reading`` on the metrics thread: it copies wh
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Iterator
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind
 from prometheus_client import CollectorRegistry
 
 from services.core.errors import ShardrecError
-from services.core.logs import FailureLog, ids_suffix, request_scope
+from services.core.logs import FailureLog, request_scope, with_ids
 from services.core.metrics import FrontendMetrics, FrontendReading, NodeReading
-from services.core.tracing import recording
+from services.core.tracing import end_span, recording
 
 log = logging.getLogger("shardrec.frontend.requests")
 
@@ -77,16 +76,13 @@ class Observer:
                 except BaseException as e:
                     code = _code_of(e)
                     self.failures.failed(code, f"Recommend {scope.request_id or '-'}", str(e) or type(e).__name__)
-                    if isinstance(e, ShardrecError):
-                        raise _with_ids(e) from e
-                    raise
+                    out = with_ids(e) if isinstance(e, ShardrecError) else e
+                    if out is e:
+                        raise
+                    raise out from e
         finally:
             self.metrics.request_done(code, time.monotonic() - t0)
-            if span.is_recording():
-                if code != "OK":
-                    span.set_status(Status(StatusCode.ERROR, code))
-                span.set_attribute("rpc.grpc.status_code", code)
-            span.end()
+            end_span(span, code)
             if scope._token is not None:
                 scope._token.__exit__(None, None, None)
 
@@ -130,17 +126,6 @@ def _code_of(exc: BaseException) -> str:
     import asyncio
 
     return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-
-
-def _with_ids(exc: ShardrecError) -> ShardrecError:
-    """A copy of ``exc`` (one exception may answer every request of a batch) whose message
-    ends with the request and trace ids of the current context."""
-    suffix = ids_suffix()
-    if not suffix:
-        return exc
-    out = copy.copy(exc)
-    out.args = (f"{exc}{suffix}",)
-    return out
 
 
 def frontend_reading(recommender, lookup, view) -> FrontendReading:
