@@ -143,10 +143,11 @@ class FrontendReading:
 
 class FrontendMetrics:
     """The frontend's metrics on ``registry``: hot-path histograms, and a collector that reads
-    ``read()`` at scrape time. ``enabled`` False: histograms record nothing (the collector
-    still serves GetStats). Event loop only, but for ``collect``."""
+    ``read()`` at scrape time (set ``read`` once the serving objects exist; until then the
+    counters read 0). ``enabled`` False: histograms record nothing (the collector still
+    serves GetStats). Event loop only, but for ``collect``."""
 
-    def __init__(self, registry: CollectorRegistry, read: Callable[[], FrontendReading], *, enabled: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry, read: Callable[[], FrontendReading] = FrontendReading, *, enabled: bool = True) -> None:
         hist = registry if enabled else None
         self.registry = registry
         self._latency = _Histograms(hist, RECOMMEND_LATENCY, "Recommend latency in this frontend, arrival to answer, by status code", ("code",), LATENCY_BUCKETS_S)
@@ -154,7 +155,8 @@ class FrontendMetrics:
         self._batch = _Histograms(hist, BATCH_SIZE, "Requests per micro-batch", (), BATCH_BUCKETS)
         self._lookup = _Histograms(hist, LOOKUP_LATENCY, "Lookup RPC latency per shard node (answered calls)", ("node",), LATENCY_BUCKETS_S)
         self._state = "none"
-        registry.register(_Collector(lambda: _frontend_families(read(), self._state)))
+        self.read = read
+        registry.register(_Collector(lambda: _frontend_families(self.read(), self._state)))
 
     def request_done(self, code: str, seconds: float) -> None:
         self._latency.child(code).observe(seconds)

@@ -21,7 +21,7 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.metrics import FrontendMetrics, FrontendReading
+from services.core.metrics import FrontendMetrics
 from services.core.rpc.server import start_aio_server, tune_allocator
 from services.core.telemetry import Telemetry
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
@@ -140,12 +140,7 @@ async def serve(config: FrontendConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     telemetry = Telemetry(config.observability, role="frontend", node=config.frontend_id)
-    parts: dict = {}  # what the metrics read, once it exists
-    metrics = FrontendMetrics(
-        telemetry.registry,
-        lambda: frontend_reading(parts["recommender"], parts["lookup"], parts.get("view")) if "recommender" in parts else FrontendReading(),
-        enabled=telemetry.metrics_on,
-    )
+    metrics = FrontendMetrics(telemetry.registry, enabled=telemetry.metrics_on)
     observer = Observer(metrics, telemetry.tracing.tracer)
     zk = view = paths = kv_redis = None
     lookup: LookupClient
@@ -195,7 +190,7 @@ async def serve(config: FrontendConfig) -> int:
         default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
         observer=observer,
     )  # fmt: skip
-    parts.update(recommender=recommender, lookup=lookup, view=view)
+    metrics.read = lambda: frontend_reading(recommender, lookup, view)
     servicer = RecommenderServicer(recommender)
     admin = FrontendAdminServicer(telemetry.registry)
     server = await start_aio_server(
