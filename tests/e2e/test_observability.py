@@ -291,10 +291,10 @@ def test_every_documented_metric_moves(obs: Obs):
         bad_id.request_id = "bad\nid"
         call(obs.frontend, bad_id)
 
-        # Overload: a second frontend (scraped once Prometheus reads the new targets file), a
+        # Overload: a second frontend (one request a batch; scraped once Prometheus reads the new targets file), a
         # burst while Redis is paused: its two batches wait on the store, the rest queue, are
         # shed (degraded mode on under shedding), or die waiting.
-        small = obs.cluster.start_frontend("frontend-small", ["--max-queue", "8", "--degrade-max-candidates", "10"])
+        small = obs.cluster.start_frontend("frontend-small", ["--max-queue", "8", "--max-batch", "1", "--degrade-max-candidates", "10"])
         wait_for(lambda: any(t["labels"].get("process") == "frontend-small" and t["health"] == "up" for t in targets(obs.prometheus)),
                  20, "Prometheus to scrape a frontend started later", interval_s=0.2)  # fmt: skip
         redis = obs.cluster.server("redis")
