@@ -15,16 +15,19 @@ def load_features(
     progress: bool = True,
 ) -> dict[str, object]:
     """Validate ``features/{users,items}.npz`` of ``checkpoint`` against the model of its
-    latest complete version (or ``version``) and write them to Redis at ``redis_url`` as
-    fixed-width records under ``prefix``, ``batch`` entities per MSET (docs/features.md).
-    Both sides are read and validated before anything is written. With ``progress``, a line
-    per side (entities/s) goes to stderr. Returns the model name, the version, and per side
-    (``"users"``, ``"items"``) its WriteStats and layout."""
+    latest complete version (or ``version``) and write them to Redis at ``redis_url`` as a new
+    generation of fixed-width records under ``prefix``, ``batch`` entities per MSET, then switch
+    the store's marker to it and delete the generation it replaced (docs/features.md). Both
+    sides are read and validated before anything is written. With ``progress``, a line per side
+    (entities/s) goes to stderr. Returns the model name, the version, the LoadResult
+    (``"load"``: marker, replaced marker, keys deleted) and per side (``"users"``, ``"items"``)
+    its WriteStats and layout. LoadBusyError while another load of the store runs."""
     import time
 
     from services.core.checkpoint.reader import CheckpointReader
     from services.core.clients import make_redis
-    from services.core.features import FeatureLayout, write_feature_rows
+    from services.core.feature_store import StoreKeys, load_generation
+    from services.core.features import FeatureLayout
     from services.core.synth import load_feature_rows
     from services.core.types import FeatureSide
 
@@ -38,31 +41,30 @@ def load_features(
     sides = []
     for side in (FeatureSide.USER, FeatureSide.ITEM):
         layout = FeatureLayout(spec, side)
-        rows = load_feature_rows(reader.store, side)
-        layout.validate(rows, rows.get(layout.id_key, []))
-        sides.append((side, layout, rows))
+        sides.append((layout, load_feature_rows(reader.store, side)))  # validated by load_generation
 
     tty = sys.stderr.isatty()
+    last = {"users": 0.0, "items": 0.0}
+
+    def say(name: str, done: int, total: int, seconds: float) -> None:
+        now = time.monotonic()
+        if progress and (done == total or now - last[name] >= (0.5 if tty else 5.0)):
+            last[name] = now
+            rate = done / seconds if seconds > 0 else 0.0
+            line = f"{name}: {done:,}/{total:,} ({rate:,.0f} entities/s)"
+            if tty:  # one line, rewritten in place
+                print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    keys = StoreKeys.of(prefix, sides[0][0], sides[1][0])
     client = make_redis(redis_url)
-    out: dict[str, object] = {"model": spec.name, "version": v}
     try:
-        for side, layout, rows in sides:
-            name = f"{side.value}s"
-            last = [0.0]
-
-            def say(done: int, total: int, seconds: float, name: str = name, last: list[float] = last) -> None:
-                now = time.monotonic()
-                if progress and (done == total or now - last[0] >= (0.5 if tty else 5.0)):
-                    last[0] = now
-                    rate = done / seconds if seconds > 0 else 0.0
-                    line = f"{name}: {done:,}/{total:,} ({rate:,.0f} entities/s)"
-                    if tty:  # one line, rewritten in place
-                        print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-                    else:
-                        print(line, file=sys.stderr, flush=True)
-
-            stats = write_feature_rows(client, layout, rows, prefix, batch=batch, progress=say)
-            out[name] = {"stats": stats, "layout": layout}
+        result = load_generation(client, keys, sides, source=reader.store.uri, version=v, batch=batch, progress=say)
     finally:
         client.close()
+    assert result is not None
+    out: dict[str, object] = {"model": spec.name, "version": v, "load": result, "keys": keys}
+    for (layout, _rows), name, stats in zip(sides, ("users", "items"), result.written):
+        out[name] = {"stats": stats, "layout": layout}
     return out

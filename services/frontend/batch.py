@@ -11,6 +11,8 @@ A ``PreparedBatch`` of R requests with C_r candidates each (S = sum C_r samples)
     user_bags[f]        Bags with U bags, for every user-side sparse feature f
     item_bags[f]        Bags with I bags, for every item-side sparse feature f
     dense               float32 [S, num_dense], manifest order, request overrides applied
+    feature_defaults    True when the feature store could not be read and every stored feature
+                        took its default (only where the operator chose that over failing)
 
 A user context is a user id without request-time sparse overrides (shared by every request of
 that user in the batch) or one request's own overridden features: user-side bags are looked up
@@ -86,6 +88,7 @@ class PreparedBatch:
     user_bags: dict[str, Bags]
     item_bags: dict[str, Bags]
     dense: np.ndarray
+    feature_defaults: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -116,6 +119,7 @@ class PreparedBatch:
             user_bags=take(self.user_bags, users),
             item_bags=take(self.item_bags, items),
             dense=self.dense[samples],
+            feature_defaults=self.feature_defaults,
         )
 
 

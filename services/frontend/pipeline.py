@@ -11,10 +11,11 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import DeadlineExceededError, ShardrecError
 from services.core.types import FeatureSide, Version
@@ -54,6 +55,7 @@ class RecommendPipeline:
         self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
         self.dropped: dict[str, int] = {}  # stage -> dead requests dropped before it
         self.batch_splits = 0  # batches split to isolate a failure that may be one request's
+        self.degraded_feature_defaults = 0  # answers computed from feature defaults (store lost, operator's choice)
 
     @property
     def version(self) -> Version:
@@ -105,7 +107,7 @@ class RecommendPipeline:
 
     async def _run(self, items: list[Pending], results: dict) -> None:
         model = self.model  # one version for the whole batch: lookups and dense weights
-        batch = await self.prep.prepare([p.request for p in items])
+        batch = await self.prep.prepare([p.request for p in items], deadline=max(p.deadline for p in items))
         live = self._alive(items, results, "after_features")
         if not live:
             return
@@ -122,6 +124,9 @@ class RecommendPipeline:
         kept = {id(p) for p in scoring}
         keep = None if len(scoring) == len(live) else [i for i, p in enumerate(live) if id(p) in kept]
         for p, rec in zip(scoring, await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep), strict=True):
+            if batch.feature_defaults:
+                self.degraded_feature_defaults += 1
+                rec = replace(rec, degraded_reasons=(*rec.degraded_reasons, recommend_pb2.DEGRADED_FEATURE_DEFAULTS))
             results[id(p)] = rec
 
     def _feature_lookups(self, batch: PreparedBatch) -> tuple[list[FeatureLookup], dict[str, np.ndarray | None]]:
@@ -144,6 +149,8 @@ class RecommendPipeline:
             "item_ids_unique": prep.item_ids_unique,
             "redis_round_trips": prep.redis_round_trips,
             "batch_splits": self.batch_splits,
+            "degraded_feature_defaults": self.degraded_feature_defaults,
+            **prep.store.counters(),
             **{f"dropped_{stage}": n for stage, n in self.dropped.items()},
             "bags_requested": self.bags_requested,
             "bags_looked_up": self.bags_looked_up,

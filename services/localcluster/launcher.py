@@ -119,7 +119,9 @@ class LocalCluster:
         zk = ZkServer(zk_dir, log_path=self._fresh_log("zookeeper"))
         self._start_server(zk, f"starting ZooKeeper on {zk.hosts}", ROLE_ZOOKEEPER, zk.hosts)
         self.state.zk = zk.hosts
-        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"))
+        redis_dir = cfg.workdir / "redis"
+        shutil.rmtree(redis_dir, ignore_errors=True)  # fresh, like ZooKeeper: no features of a past run
+        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"))
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         self._save()

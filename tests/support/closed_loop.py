@@ -24,9 +24,17 @@ class Reply(NamedTuple):
     latency_s: float
 
 
+class Failure(NamedTuple):
+    index: int
+    error: grpc.RpcError
+    start: float
+    latency_s: float
+
+
 class ClosedLoop:
     """``clients`` threads over ``requests`` (client i sends i, i + clients, ...). ``seen[i]``
-    is client i's replies in the order they came back."""
+    is client i's replies in the order they came back; ``errors`` every failed call's error and
+    ``failures`` the same with its request, start time and latency."""
 
     def __init__(self, address: str, requests, clients: int = 2, timeout_s: float = 10.0) -> None:
         self.address = address
@@ -36,6 +44,7 @@ class ClosedLoop:
         self.stop = threading.Event()
         self.seen: list[list[Reply]] = [[] for _ in range(clients)]
         self.errors: list[grpc.RpcError] = []
+        self.failures: list[Failure] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
@@ -49,6 +58,7 @@ class ClosedLoop:
                     resp = stub.Recommend(self.requests[k], timeout=self.timeout_s)
                     self.seen[i].append(Reply(k, resp, t0, time.monotonic() - t0))
                 except grpc.RpcError as e:
+                    self.failures.append(Failure(k, e, t0, time.monotonic() - t0))
                     self.errors.append(e)
                 n += self.clients
 

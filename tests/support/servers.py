@@ -60,13 +60,89 @@ class ZkServer(local_servers.ZkServer):
 
 
 class RedisServer(local_servers.RedisServer):
-    """``redis-server`` on loopback without persistence (``--save '' --appendonly no``).
-    Killed at interpreter exit if the session ends without teardown."""
+    """``redis-server`` on loopback, without persistence unless asked (``persistence``, read at
+    each start; ``replica_of`` a primary's port). Killed at interpreter exit if the session ends
+    without teardown."""
 
     install_hint = _INSTALL_HINT
 
-    def __init__(self, work_dir: Path, port: int | None = None) -> None:
+    def __init__(self, work_dir: Path, port: int | None = None, *, persistence: bool = False, replica_of: int | None = None) -> None:
+        super().__init__(work_dir, port, persistence=persistence, replica_of=replica_of, kill_at_exit=True)
+
+
+class SentinelServer(local_servers.ServerProcess):
+    """One ``redis-sentinel`` (Debian's redis-sentinel package) watching the primary on
+    ``127.0.0.1:primary_port`` as ``master``, quorum 1, so the test's failovers are quick: the
+    primary is down after ``down_after_ms`` without an answer, and a failover that stalls is
+    retried after ``failover_timeout_ms``. ``url`` is the ``redis+sentinel://`` URL of the
+    primary it watches. Killed at interpreter exit if the session ends without teardown."""
+
+    name = "sentinel"
+    install_hint = "install the redis-sentinel Debian package (`make setup` does)"
+
+    def __init__(
+        self, work_dir: Path, primary_port: int, *, master: str = "features", down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000, port: int | None = None,
+    ) -> None:  # fmt: skip
+        import shutil
+
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            raise MissingServerError(f"Redis Sentinel cannot start: redis-sentinel not found; {self.install_hint}")
+        self._binary = binary
         super().__init__(work_dir, port, kill_at_exit=True)
+        self.master = master
+        self.config_path = self.work_dir / "sentinel.conf"  # sentinel rewrites it: its own copy
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    "daemonize no",
+                    f"dir {self.work_dir}",
+                    f"sentinel monitor {master} 127.0.0.1 {primary_port} 1",
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}",
+                    f"sentinel failover-timeout {master} {failover_timeout_ms}",
+                    f"sentinel parallel-syncs {master} 1",
+                    "",
+                ]
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.master}"
+
+    def _argv(self) -> list[str]:
+        return [self._binary, str(self.config_path)]
+
+    def _client(self, timeout_s: float):  # noqa: ANN202
+        from services.core.clients import make_redis
+
+        return make_redis(f"redis://127.0.0.1:{self.port}/0", timeout_s=timeout_s, retries=0)
+
+    def _probe(self, timeout_s: float) -> bool:
+        return local_servers.redis_pings(f"redis://127.0.0.1:{self.port}/0", timeout_s)
+
+    def primary_port(self) -> int | None:
+        """The port of the primary the sentinel names now (None when it names none)."""
+        client = self._client(1.0)
+        try:
+            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        finally:
+            client.close()
+        return None if not addr else int(addr[1])
+
+    def replicas_known(self) -> int:
+        """How many replicas of the primary the sentinel knows and sees up (whether they are in
+        sync, ask them: ``INFO replication``)."""
+        client = self._client(1.0)
+        try:
+            replicas = client.execute_command("SENTINEL", "REPLICAS", self.master)
+        finally:
+            client.close()
+        fields = [r if isinstance(r, dict) else dict(zip(r[::2], r[1::2])) for r in replicas]
+        return sum(b"down" not in f.get(b"flags", b"") for f in fields)
 
 
 # -- opt-in Docker path ---------------------------------------------------------------------
