@@ -186,6 +186,7 @@ def load_generation(
     version: int = 0,
     batch: int = 5000,
     only_if_missing: bool = False,
+    min_generation: int = 1,
     lock_ttl_s: float = 30.0,
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> LoadResult | None:
@@ -195,6 +196,8 @@ def load_generation(
     Holds the store's lock throughout (LoadBusyError when another load holds it). Generations
     that are not live (a dead load's, or all of them when the marker is gone) are deleted first. With ``only_if_missing``, returns None without
     writing when a marker exists once the lock is held (the self-healing reload: idempotent).
+    ``min_generation``: the new generation's number is at least this (a reader that knew
+    generation N before Redis lost the counter passes N + 1, so numbers keep growing).
     On any failure the new generation is deleted and the marker left as it was; Redis refusing
     writes for memory (``maxmemory``, ``noeviction``) is ResourceExhaustedError.
     ``progress(side, done, total, seconds)`` follows each pipelined round trip.
@@ -218,6 +221,9 @@ def load_generation(
             return None
         deleted = _drop_unused(client, keys, live=None if old is None else old.generation)
         generation = int(client.incr(keys.counter))
+        if generation < min_generation:
+            generation = min_generation
+            client.set(keys.counter, generation)
         client.sadd(keys.generations, generation)
         try:
             renewed = [time.monotonic()]

@@ -135,7 +135,9 @@ def _feature_reload(config: FrontendConfig, reader: CheckpointReader, version: i
             if read_marker(client, keys) is not None:
                 return None
             sides = [(layout, load_feature_rows(reader.store, layout.side)) for layout in (prep.user_layout, prep.item_layout)]
-            return load_generation(client, keys, sides, source=reader.store.uri, version=version, only_if_missing=True)
+            seen = prep.store.marker
+            return load_generation(client, keys, sides, source=reader.store.uri, version=version, only_if_missing=True,
+                                   min_generation=1 if seen is None else seen.generation + 1)  # fmt: skip
         finally:
             client.close()
 
