@@ -1,5 +1,5 @@
 # Every target installs what it needs on a fresh machine: a venv with torch==2.13.0 and the
-# project, and the Debian packages zookeeper and redis-server when they are missing.
+# project, and the Debian packages zookeeper, redis-server and redis-sentinel when missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -31,10 +31,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 sysdeps:
-	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1; then \
-		echo "installing zookeeper and redis-server (Debian packages)"; \
+	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1 || \
+	    ! command -v redis-sentinel >/dev/null 2>&1; then \
+		echo "installing zookeeper, redis-server and redis-sentinel (Debian packages)"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server redis-sentinel >/dev/null; \
 	fi
 
 test: setup

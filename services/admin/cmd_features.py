@@ -7,6 +7,9 @@
   entities, then switch the store's marker to it and delete the generation it replaced.
   Nothing is written when the rows are invalid. A progress line (entities/s) goes to stderr, a
   summary to stdout. The work is ``services.control.features``.
+- ``status --checkpoint URI --redis URL [--prefix P] [--version V]``: the store's marker (live
+  generation, entity counts, when and from where it was loaded) or that it is lost, the
+  generations that may have records, and a load in progress. Exit code 3 when it is lost.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--batch", type=int, default=5000, help="entities per MSET (default 5000)")
     load.add_argument("--version", type=int, default=None, help="manifest version to read the model from (default: latest complete)")
     load.set_defaults(func=_load)
+    status = sub.add_parser("status", help="the feature store's live generation, or that it is lost")
+    status.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint root: a folder or file:// URI (for the model's layouts)")
+    status.add_argument("--redis", required=True, metavar="URL", help="Redis URL (redis:// or redis+sentinel://)")
+    status.add_argument("--prefix", default="", help="key prefix (as loaded); default none")
+    status.add_argument("--version", type=int, default=None, help="manifest version to read the model from (default: latest complete)")
+    status.set_defaults(func=_status)
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -47,3 +56,25 @@ def _load(args: argparse.Namespace) -> int:
             f"keys {layout.key(prefix, 0).decode()[:-1]}<id>"
         )
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from services.control.features import feature_store_status
+
+    st = feature_store_status(args.checkpoint, args.redis, prefix=args.prefix, version=args.version)
+    keys, marker = st["keys"], st["marker"]
+    print(f"feature store {keys.marker} at {args.redis}")  # type: ignore[attr-defined]
+    if marker is None:
+        print("  LOST: no marker (Redis restarted without its data, was flushed, or the features were never loaded); "
+              "frontends answer UNAVAILABLE until a frontend's feature sync or 'shardrec features load' reloads it")  # fmt: skip
+    else:
+        m = marker
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.loaded_at))  # type: ignore[attr-defined]
+        print(f"  generation {m.generation}: {m.users:,} users, {m.items:,} items, loaded {when} "  # type: ignore[attr-defined]
+              f"from {m.source or '?'} version {m.version} (load {m.load_id})")  # type: ignore[attr-defined]  # fmt: skip
+    print(f"  generations with records: {st['generations'] or 'none'}")
+    if st["lock_ms"] is not None:
+        print(f"  a load is in progress (its lock expires in {st['lock_ms']} ms unless renewed)")
+    return 0 if marker is not None else 3

@@ -68,3 +68,30 @@ def load_features(
     for (layout, _rows), name, stats in zip(sides, ("users", "items"), result.written):
         out[name] = {"stats": stats, "layout": layout}
     return out
+
+
+def feature_store_status(checkpoint: str, redis_url: str, *, prefix: str = "", version: int | None = None) -> dict[str, object]:
+    """What ``shardrec features status`` prints: for the model of ``checkpoint`` (latest
+    complete version, or ``version``) under ``prefix``, the store's keys, its live marker (None:
+    the store is lost or was never loaded), the generations that may have records, and how long
+    a load in progress still holds the lock (None: no load runs)."""
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.clients import make_redis
+    from services.core.feature_store import StoreKeys, read_marker
+    from services.core.features import FeatureLayout
+    from services.core.types import FeatureSide
+
+    reader = CheckpointReader(checkpoint)
+    spec = reader.manifest(reader.latest_version() if version is None else version).model
+    keys = StoreKeys.of(prefix, FeatureLayout(spec, FeatureSide.USER), FeatureLayout(spec, FeatureSide.ITEM))
+    client = make_redis(redis_url, timeout_s=5.0)
+    try:
+        lock_ms = int(client.pttl(keys.lock))
+        return {
+            "keys": keys,
+            "marker": read_marker(client, keys),
+            "generations": sorted(int(g) for g in client.smembers(keys.generations)),
+            "lock_ms": lock_ms if lock_ms >= 0 else None,
+        }
+    finally:
+        client.close()

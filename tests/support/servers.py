@@ -2,7 +2,8 @@
 
 ``ZkServer`` runs ZooKeeper 3.8 standalone (Debian's ``/usr/share/java/zookeeper.jar``) with a
 tick of 200 ms, so a session of 1 s expires in about 1 s; ``RedisServer`` runs ``redis-server``
-without persistence. Both listen on a free loopback port, log to a file in their work
+without persistence (unless asked), ``SentinelServer`` a ``redis-sentinel`` watching one primary
+(tests start those per module). All listen on a free loopback port, log to a file in their work
 directory, and can be stopped, restarted on the same port and data, paused (SIGSTOP) and
 resumed (SIGCONT) to inject faults for real.
 
@@ -37,7 +38,7 @@ from services.localcluster.servers import (  # noqa: F401  (re-exported for test
 ZK_TICK_MS = 200
 ZK_MIN_SESSION_TIMEOUT_MS = 400
 
-_INSTALL_HINT = "run `make test`, which installs the zookeeper and redis-server Debian packages"
+_INSTALL_HINT = "run `make test`, which installs the zookeeper, redis-server and redis-sentinel Debian packages"
 
 _QUIET_LOG = logging.getLogger("tests.support.servers.probe")
 _QUIET_LOG.setLevel(logging.CRITICAL)
@@ -78,7 +79,7 @@ class SentinelServer(local_servers.ServerProcess):
     primary it watches. Killed at interpreter exit if the session ends without teardown."""
 
     name = "sentinel"
-    install_hint = "install the redis-sentinel Debian package (`make setup` does)"
+    install_hint = _INSTALL_HINT
 
     def __init__(
         self, work_dir: Path, primary_port: int, *, master: str = "features", down_after_ms: int = 500,
