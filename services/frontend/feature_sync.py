@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class FeatureSync:
-    """``publish(state)`` is awaited with each new store state (and once at start).
+    """``publish(state)`` is awaited with each new store state (``publish_state``, then ``run``).
     ``reload()`` (None: this frontend never reloads) loads a lost store if it is still lost when
     the lock is held, blocking, in a thread; it returns the load or None. ``check_s``: the marker
     is read when no answer came from Redis for that long; ``retry_s``: the pause after a failed
@@ -46,18 +46,23 @@ class FeatureSync:
         self._wake = asyncio.Event()
         self._reloading: asyncio.Task | None = None
         self._next_reload_at = 0.0
+        self._published: FeatureStoreState | None = None
         self.reloads = 0  # generations this frontend loaded
         self.reload_failures = 0
         store.on_change = self._wake.set
 
+    async def publish_state(self) -> FeatureStoreState:
+        """Publish the store's state if it changed since the last time; return it."""
+        state = self._store.state
+        if state is not self._published:
+            self._published = state
+            await self._publish(state)
+        return state
+
     async def run(self) -> None:
         """Until cancelled (the reload thread, if any, finishes its load)."""
-        published = None
         while True:
-            state = self._store.state
-            if state is not published:
-                published = state
-                await self._publish(state)
+            state = await self.publish_state()
             if state is FeatureStoreState.LOST and self._reload is not None:
                 self._maybe_reload()
             try:

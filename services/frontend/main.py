@@ -250,12 +250,13 @@ async def serve(config: FrontendConfig) -> int:
     address = f"{config.advertise_host or config.host}:{server.port}"
     print(f"LISTENING frontend {address}", flush=True)
     await server.set_health(LIVE, True)
-    publish = _publish_health(server, defaults_on_loss)
-    await publish(prep.store.state)
     sync_task = None
-    if redis is not None:
+    if redis is None:
+        await server.set_health(READINESS, True)
+    else:
         reload = _feature_reload(config, reader, version, prep) if config.feature_sync else None
-        sync = FeatureSync(prep.store, publish, reload, check_s=config.feature_check_s)
+        sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), reload, check_s=config.feature_check_s)
+        await sync.publish_state()
         sync_task = asyncio.create_task(sync.run())
     registration = None
     if zk is not None:

@@ -11,6 +11,7 @@ over a primary, a replica and a sentinel; timed bounds are the targets times fiv
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -18,10 +19,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services._proto.shardrec.v1 import recommend_pb2
 from services.control.features import load_features
 from services.core.clients import make_redis
 from services.core.rpc.server import LIVENESS
-from tests.e2e.test_recommend import check_response, checkpoint, random_requests, reference, stats  # noqa: F401
+from tests.e2e.test_recommend import check_response, checkpoint, random_requests, reference, send_all, stats  # noqa: F401
 from tests.e2e.test_replica_faults import CachedReference, answered, delta
 from tests.support.closed_loop import ClosedLoop
 from tests.support.cluster import start_cluster, start_frontend, zk_namespace
@@ -262,3 +264,30 @@ def test_sentinel_failover_under_load_loses_no_answer(replicated, reference):  #
     assert not late, [(f.start - recovered, f.error.details()) for f in late]  # failures only inside the failover window
     assert d["feature_store_lost_total"] == 0 and d["feature_syncs"] == 0, d
     assert serving_s < 5.0 * MARGIN
+
+
+def test_opted_in_defaults_are_flagged_degraded_and_keep_the_frontend_ready(shards, plain, checkpoint, reference):  # noqa: F811
+    """``--on-feature-loss defaults``: a lost store gives answers computed from feature defaults,
+    each flagged degraded with its reason; readiness stays SERVING, the store's own health says
+    NOT_SERVING. (Its own prefix on the module's Redis, no reload: it stays lost.)"""
+    plain.redis.ensure_running()
+    spawn, paths, zk_hosts = shards
+    keys = load_features(checkpoint, plain.redis.url, prefix="fd:", progress=False)["keys"]
+    address = start_frontend(spawn, zk_hosts, paths.cluster, plain.redis.url, "fd:", "--on-feature-loss", "defaults",
+                             "--feature-sync", "off")  # fmt: skip
+    requests = random_requests(8, seed=35)
+    for req, resp in zip(requests, asyncio.run(send_all(address, requests, 4)), strict=True):
+        check_response(reference, req, resp)
+        assert not resp.degraded
+    client = make_redis(plain.redis.url)
+    try:
+        client.delete(keys.marker)
+    finally:
+        client.close()
+    before = stats(address)
+    responses = asyncio.run(send_all(address, requests, 4))
+    after = stats(address)
+    assert all(r.degraded and list(r.degraded_reasons) == [recommend_pb2.DEGRADED_FEATURE_DEFAULTS] for r in responses)
+    d = delta(before, after)
+    assert d["degraded_feature_defaults"] == len(requests) and d["feature_store_lost_total"] == 1 and d["feature_syncs"] == 0, d
+    assert health(address) == SERVING and health(address, "shardrec.feature_store") == NOT_SERVING
