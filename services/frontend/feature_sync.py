@@ -5,15 +5,18 @@ lost, reloads it from the checkpoint's feature files under the store's lock: one
 a new generation, the others wait for its marker. Why the reload lives here and not in a
 process of its own: docs/features.md ("Self-healing").
 
-Event loop only; the reload itself runs in an executor thread with its own Redis client.
+Event loop only; the reload itself runs in a process of its own (``reload_lost_store``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 from services.core.errors import ShardrecError
 from services.core.feature_store import LoadBusyError, LoadResult
@@ -22,25 +25,63 @@ from services.frontend.feature_store import FeatureStoreClient, FeatureStoreStat
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ReloadSource:
+    """Where a reload finds the feature files and the store: the checkpoint and the manifest
+    version the frontend serves (its layouts), Redis and the key prefix."""
+
+    checkpoint: str
+    version: int
+    redis_url: str
+    prefix: str
+
+
+def reload_lost_store(source: ReloadSource, min_generation: int) -> LoadResult | None:
+    """Load the checkpoint's feature files as a new generation if the store has no marker (also
+    once its lock is held); None when it has one. Runs in a spawned process: a load is seconds of
+    CPU (the demo preset: 700k records), which in a thread would compete with serving for the
+    GIL (measured about 3x slower on a busy 2-core machine)."""
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.core.clients import make_redis
+    from services.core.feature_store import StoreKeys, load_generation, read_marker
+    from services.core.features import FeatureLayout
+    from services.core.synth import load_feature_rows
+    from services.core.types import FeatureSide
+
+    reader = CheckpointReader(source.checkpoint)
+    spec = reader.manifest(source.version).model
+    layouts = (FeatureLayout(spec, FeatureSide.USER), FeatureLayout(spec, FeatureSide.ITEM))
+    keys = StoreKeys.of(source.prefix, *layouts)
+    client = make_redis(source.redis_url, timeout_s=10.0)
+    try:
+        if read_marker(client, keys) is not None:
+            return None
+        sides = [(layout, load_feature_rows(reader.store, layout.side)) for layout in layouts]
+        return load_generation(client, keys, sides, source=reader.store.uri, version=source.version,
+                               only_if_missing=True, min_generation=min_generation)  # fmt: skip
+    finally:
+        client.close()
+
+
 class FeatureSync:
     """``publish(state)`` is awaited with each new store state (``publish_state``, then ``run``).
-    ``reload()`` (None: this frontend never reloads) loads a lost store if it is still lost when
-    the lock is held, blocking, in a thread; it returns the load or None. ``check_s``: the marker
-    is read when no answer came from Redis for that long; ``retry_s``: the pause after a failed
-    reload."""
+    ``source`` (None: this frontend never reloads) is what ``reload_lost_store`` loads, in a
+    spawned process, when the store is lost. ``check_s``: the marker is read when no answer came
+    from Redis for that long; ``retry_s``: the pause after a failed reload."""
 
     def __init__(
         self,
         store: FeatureStoreClient,
         publish: Callable[[FeatureStoreState], Awaitable[None]],
-        reload: Callable[[], LoadResult | None] | None,
+        source: ReloadSource | None,
         *,
         check_s: float = 1.0,
         retry_s: float = 2.0,
     ) -> None:
         self._store = store
         self._publish = publish
-        self._reload = reload
+        self._source = source
+        self._executor: ProcessPoolExecutor | None = None
         self._check_s = check_s
         self._retry_s = retry_s
         self._wake = asyncio.Event()
@@ -63,7 +104,7 @@ class FeatureSync:
         """Until cancelled (the reload thread, if any, finishes its load)."""
         while True:
             state = await self.publish_state()
-            if state is FeatureStoreState.LOST and self._reload is not None:
+            if state is FeatureStoreState.LOST and self._source is not None:
                 self._maybe_reload()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._check_s)
@@ -84,8 +125,15 @@ class FeatureSync:
     async def _reload_once(self) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
+        if self._executor is None:
+            import multiprocessing
+
+            # spawn, never fork a process that runs grpc; one process per reload, then it exits
+            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+        seen = self._store.marker
+        reload = functools.partial(reload_lost_store, self._source, 1 if seen is None else seen.generation + 1)
         try:
-            result = await loop.run_in_executor(None, self._reload)  # type: ignore[arg-type]
+            result = await loop.run_in_executor(self._executor, reload)
         except LoadBusyError as e:
             log.info("feature store lost; another load is under way (%s)", e)
             self._next_reload_at = time.monotonic() + self._check_s
@@ -108,9 +156,11 @@ class FeatureSync:
             self._wake.set()
 
     async def close(self) -> None:
-        """Wait for a reload in flight (its thread cannot be interrupted)."""
+        """Wait for a reload in flight, then let its process go."""
         if self._reloading is not None:
             await asyncio.gather(self._reloading, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def counters(self) -> dict[str, int]:
         return {"feature_syncs": self.reloads, "feature_sync_failures": self.reload_failures}

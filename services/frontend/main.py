@@ -22,13 +22,12 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import ShardrecError
-from services.core.feature_store import LoadResult
 from services.core.rpc.server import LIVENESS, start_aio_server, tune_allocator
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
 from services.frontend.feature_store import FeatureStoreConfig, FeatureStoreState
-from services.frontend.feature_sync import FeatureSync
+from services.frontend.feature_sync import FeatureSync, ReloadSource
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
@@ -118,30 +117,6 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
         await loop.run_in_executor(None, maps.write_serving_version, version)
 
     await VersionFollower(view, pipeline, reader, on_switch).run()
-
-
-def _feature_reload(config: FrontendConfig, reader: CheckpointReader, version: int, prep: FeaturePrep):
-    """What ``FeatureSync`` runs in a thread when the store is lost: the checkpoint's feature
-    files as a new generation, unless a marker is there (another frontend reloaded it)."""
-
-    def reload() -> LoadResult | None:
-        from services.core.clients import make_redis
-        from services.core.feature_store import load_generation, read_marker
-        from services.core.synth import load_feature_rows
-
-        keys = prep.store.keys
-        client = make_redis(config.redis_url, timeout_s=10.0)
-        try:
-            if read_marker(client, keys) is not None:
-                return None
-            sides = [(layout, load_feature_rows(reader.store, layout.side)) for layout in (prep.user_layout, prep.item_layout)]
-            seen = prep.store.marker
-            return load_generation(client, keys, sides, source=reader.store.uri, version=version, only_if_missing=True,
-                                   min_generation=1 if seen is None else seen.generation + 1)  # fmt: skip
-        finally:
-            client.close()
-
-    return reload
 
 
 def _publish_health(server, defaults_on_loss: bool):
@@ -254,8 +229,8 @@ async def serve(config: FrontendConfig) -> int:
     if redis is None:
         await server.set_health(READINESS, True)
     else:
-        reload = _feature_reload(config, reader, version, prep) if config.feature_sync else None
-        sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), reload, check_s=config.feature_check_s)
+        source = ReloadSource(reader.store.uri, version, config.redis_url, config.redis_prefix) if config.feature_sync else None
+        sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), source, check_s=config.feature_check_s)
         await sync.publish_state()
         sync_task = asyncio.create_task(sync.run())
     registration = None

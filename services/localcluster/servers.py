@@ -380,7 +380,7 @@ def redis_pings(url: str, timeout_s: float) -> bool:
     client = make_redis(url, timeout_s=timeout_s, retries=0)
     try:
         return bool(client.ping())
-    except redis.exceptions.ConnectionError:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # not up, or busy loading its data
         return False
     finally:
         client.close()
