@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from services.core.errors import ShardrecError
@@ -67,7 +68,8 @@ class FeatureSync:
     """``publish(state)`` is awaited with each new store state (``publish_state``, then ``run``).
     ``source`` (None: this frontend never reloads) is what ``reload_lost_store`` loads, in a
     spawned process, when the store is lost. ``check_s``: the marker is read when no answer came
-    from Redis for that long; ``retry_s``: the pause after a failed reload."""
+    from Redis for that long; ``retry_s``: the pause after a failed reload, doubled for each
+    failure in a row up to 16 times."""
 
     def __init__(
         self,
@@ -90,6 +92,7 @@ class FeatureSync:
         self._published: FeatureStoreState | None = None
         self.reloads = 0  # generations this frontend loaded
         self.reload_failures = 0
+        self._failed_in_a_row = 0
         store.on_change = self._wake.set
 
     async def publish_state(self) -> FeatureStoreState:
@@ -101,7 +104,7 @@ class FeatureSync:
         return state
 
     async def run(self) -> None:
-        """Until cancelled (the reload thread, if any, finishes its load)."""
+        """Until cancelled (a reload in flight finishes in its process; ``close`` waits for it)."""
         while True:
             state = await self.publish_state()
             if state is FeatureStoreState.LOST and self._source is not None:
@@ -139,9 +142,14 @@ class FeatureSync:
             self._next_reload_at = time.monotonic() + self._check_s
         except Exception as e:  # noqa: BLE001 - logged, counted and retried: the store stays lost meanwhile
             self.reload_failures += 1
-            self._next_reload_at = time.monotonic() + self._retry_s
-            log.error("feature store lost and its reload failed (retry in %.0f s): %s", self._retry_s, e)
+            wait_s = self._retry_s * 2 ** min(self._failed_in_a_row, 4)
+            self._failed_in_a_row += 1
+            self._next_reload_at = time.monotonic() + wait_s
+            if isinstance(e, BrokenProcessPool):  # the reload's process died: a new one next time
+                self._executor = None
+            log.error("feature store lost and its reload failed (retry in %.0f s): %s", wait_s, e)
         else:
+            self._failed_in_a_row = 0
             if result is not None:
                 self.reloads += 1
                 m = result.marker

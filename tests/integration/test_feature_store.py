@@ -232,3 +232,53 @@ def test_sentinel_urls_reach_the_primary(own_redis, tmp_path):
         assert asyncio.run(main()) == b"v"
     finally:
         sentinel.close()
+
+
+def test_racing_frontends_reload_a_lost_store_once_and_publish_readiness(checkpoint, redis_server, redis_client, redis_prefix):
+    """Two frontends' FeatureSync (no traffic: the idle marker check notices the loss): one load
+    between them, in a spawned process, and each publishes OK -> LOST -> OK."""
+    from services.core.checkpoint.reader import CheckpointReader
+    from services.frontend.feature_sync import FeatureSync, ReloadSource
+
+    keys = keys_of(redis_prefix)
+    load_features(checkpoint, redis_server.url, prefix=redis_prefix, progress=False)
+    source = ReloadSource(checkpoint, CheckpointReader(checkpoint).latest_version(), redis_server.url, redis_prefix)
+
+    async def main():
+        clients = [make_async_redis(redis_server.url, timeout_s=0.5, retries=0) for _ in range(2)]
+        stores = [FeatureStoreClient(c, keys, USER, ITEM, FeatureStoreConfig(reloads=True)) for c in clients]
+        published: list[list[FeatureStoreState]] = [[], []]
+
+        def publisher(i):
+            async def publish(state):
+                published[i].append(state)
+
+            return publish
+
+        syncs = [FeatureSync(store, publisher(i), source, check_s=0.05) for i, store in enumerate(stores)]
+        tasks = [asyncio.create_task(s.run()) for s in syncs]
+        try:
+            await until(lambda: all(p == [FeatureStoreState.OK] for p in published), 10)
+            redis_client.delete(keys.marker)
+            done = [FeatureStoreState.OK, FeatureStoreState.LOST, FeatureStoreState.OK]
+            await until(lambda: all(p == done for p in published), 60)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in syncs:
+                await s.close()
+            for c in clients:
+                await c.aclose()
+        return syncs, stores
+
+    syncs, stores = asyncio.run(main())
+    assert sum(s.reloads for s in syncs) == 1 and sum(s.reload_failures for s in syncs) == 0
+    marker = read_marker(redis_client, keys)
+    assert all(s.marker == marker for s in stores) and marker.generation > 1 and (marker.users, marker.items) == (2000, 5000)
+
+
+async def until(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true within {timeout_s} s"
+        await asyncio.sleep(0.01)
