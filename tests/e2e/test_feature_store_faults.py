@@ -100,6 +100,15 @@ def answered_after(load: ClosedLoop, t: float) -> float | None:
     return min(done) - t if done else None
 
 
+def answers_again(load: ClosedLoop, t: float, timeout_s: float, what: str) -> float:
+    """Wait for correct answers to requests sent after ``t``, then for 20 more; the seconds from
+    ``t`` to the first of them."""
+    wait_for(lambda: answered_after(load, t) is not None, timeout_s, what)
+    seconds = answered_after(load, t)
+    more_ok(load, 20, f"more of {what}")
+    return seconds  # type: ignore[return-value]
+
+
 def check_answers(load: ClosedLoop, requests, reference) -> None:  # noqa: F811
     """Every OK answer equals the reference and none is degraded."""
     oracle = CachedReference(reference)
@@ -150,9 +159,7 @@ def kill_and_restart(store: Store, reference, seed: int):  # noqa: F811
         assert health(store.address, LIVENESS) == SERVING and health(store.address, "shardrec.feature_store") == NOT_SERVING
         store.redis.start()
         restarted = time.monotonic()
-        wait_for(lambda: answered_after(load, restarted) is not None, 30 * MARGIN, "correct answers after the restart")
-        healed_s = answered_after(load, restarted)
-        more_ok(load, 20, "requests after the restart")
+        healed_s = answers_again(load, restarted, 30 * MARGIN, "correct answers after the restart")
         wait_for(lambda: health(store.address) == SERVING, 10, "the frontend to be ready again")
         after = stats(store.address)
     check_answers(load, requests, reference)
@@ -194,9 +201,7 @@ def test_redis_stalled_fails_requests_fast_and_recovers_after_sigcont(healthy, r
         finally:
             healthy.redis.resume()
         resumed = time.monotonic()
-        wait_for(lambda: answered_after(load, resumed) is not None, 2 * MARGIN, "correct answers after SIGCONT")
-        back_s = answered_after(load, resumed)
-        more_ok(load, 20, "requests after the stall")
+        back_s = answers_again(load, resumed, 2 * MARGIN, "correct answers after SIGCONT")
         after = stats(healthy.address)
     check_answers(load, requests, reference)
     failed = explicit_failures(load)
@@ -248,9 +253,7 @@ def test_sentinel_failover_under_load_loses_no_answer(replicated, reference):  #
         killed = time.monotonic()
         wait_for(lambda: store.sentinel.primary_port() == store.replica.port, 30, "the sentinel to promote the replica")
         promoted = time.monotonic()
-        wait_for(lambda: answered_after(load, promoted) is not None, 5 * MARGIN, "correct answers after the promotion")
-        serving_s = answered_after(load, promoted)
-        more_ok(load, 20, "requests after the failover")
+        serving_s = answers_again(load, promoted, 5 * MARGIN, "correct answers after the promotion")
         after = stats(store.address)
     check_answers(load, requests, reference)
     failed = explicit_failures(load)
