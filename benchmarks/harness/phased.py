@@ -13,6 +13,7 @@ their latency, admitted p99, and how long p99 takes to come back after a burst.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,8 +71,9 @@ async def drive_phases(
     seed: int = 0,
     at: Sequence[tuple[float, Callable[[], Any]]] = (),
 ) -> Records:
-    """Run the schedule; ``at``: (seconds from start, callable) events (e.g. SIGSTOP a shard),
-    each run once on the loop at its time. Returns after every call ended."""
+    """Run the schedule; ``at``: (seconds from start, callable) events (e.g. SIGSTOP a shard,
+    read the frontend's counters), each run once on the loop at its time (a coroutine function
+    is awaited, events in order). Returns after every call ended."""
     rec = Records(tuple(phases), base_rps, deadline_s)
     rng = np.random.default_rng(seed)
     clock = time.perf_counter
@@ -101,7 +103,9 @@ async def drive_phases(
     async def events() -> None:
         for when, fn in sorted(at, key=lambda e: e[0]):
             await asyncio.sleep(max(0.0, when - (clock() - t0)))
-            fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
 
     ev = asyncio.create_task(events())
     start = 0.0

@@ -56,6 +56,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=_scaling)
 
+    ov = bench.add_parser("overload", help="goodput, sheds and recovery at 1x, 2x, 3x saturation (docs/benchmarks.md)")
+    ov.add_argument("--preset", default="demo", help="model size: small, demo or large")
+    ov.add_argument("--spec", default="deploy/placement/mixed.json")
+    ov.add_argument("--nodes", type=int, default=3)
+    ov.add_argument("--workdir", default="var/bench-overload", help="model, logs and state of the benchmark cluster")
+    ov.add_argument("--out", default="bench-results/overload", help="folder for overload.json and overload.png")
+    ov.add_argument("--runs", type=int, default=3, help="runs; figures are their medians, every run reported")
+    ov.add_argument("--burst-s", type=float, default=30.0, help="length of the 3x phase")
+    ov.add_argument("--phase-s", type=float, default=5.0, help="length of the 1x and 2x phases")
+    ov.add_argument("--calm-s", type=float, default=8.0, help="length of the 0.5x phases before and after")
+    ov.add_argument("--stop-s", type=float, default=4.0, help="how long one shard is SIGSTOPped during the burst (0 = none)")
+    ov.add_argument("--deadline-ms", type=float, default=1000.0)
+    ov.add_argument("--slo-ms", type=float, default=50.0, help="p99 that defines saturation")
+    ov.add_argument("--sweep-start", type=float, default=60.0)
+    ov.add_argument("--frontend-args", default="", help="further flags of the frontend under test, e.g. '--admission off'")
+    ov.add_argument("--address", default="", help="drive this frontend instead of starting a cluster (needs --saturation-rps)")
+    ov.add_argument("--saturation-rps", type=float, default=None, help="skip the sweep: the 1x rate")
+    ov.add_argument("--stop-pid", type=int, default=None, help="with --address: the shard to SIGSTOP during the burst")
+    ov.add_argument("--seed", type=int, default=0)
+    ov.set_defaults(func=_overload)
+
     run = bench.add_parser("run", help="drive a running frontend")
     run.add_argument("--address", default="", help="frontend host:port (default: the cluster in --workdir)")
     run.add_argument("--workdir", default="var/demo", help="a `shardrec cluster up` workdir: its frontend and pids")
@@ -129,5 +150,34 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, sweep=args.sweep, duration_s=args.duration_s, warmup_s=args.warmup_s,
         slo_ms=args.slo_ms, sweep_start_rps=args.sweep_start, deadline_ms=args.deadline_ms, label=args.label,
         out_dir=Path(args.out), seed=args.seed,
+    ))  # fmt: skip
+    return 0
+
+
+def _overload(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from benchmarks.harness.phased import Phase
+    from benchmarks.overload import OverloadConfig, overload
+    from services.core.errors import ConfigError
+    from services.localcluster.config import LocalClusterConfig, resolve_spec
+
+    if args.address and args.saturation_rps is None:
+        raise ConfigError("--address needs --saturation-rps (the sweep runs against the cluster this command starts)")
+    phases = (Phase("0.5x before", 0.5, args.calm_s), Phase("1x", 1.0, args.phase_s), Phase("2x", 2.0, args.phase_s),
+              Phase("3x", 3.0, args.burst_s), Phase("0.5x after", 0.5, args.calm_s))  # fmt: skip
+    cluster = None
+    if not args.address:
+        cluster = LocalClusterConfig(
+            workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
+            nodes=args.nodes, seed=args.seed, cluster="bench",
+        )  # fmt: skip
+    overload(OverloadConfig(
+        out_dir=Path(args.out), cluster=cluster, address=args.address, saturation_rps=args.saturation_rps,
+        stop_pid=args.stop_pid, runs=args.runs, phases=phases, stop_after_s=min(8.0, args.burst_s / 3),
+        stop_for_s=args.stop_s, deadline_s=args.deadline_ms / 1000.0, slo_ms=args.slo_ms,
+        sweep_start_rps=args.sweep_start, frontend_args=tuple(shlex.split(args.frontend_args)), seed=args.seed,
+        extra={"preset": args.preset},
     ))  # fmt: skip
     return 0

@@ -1,7 +1,8 @@
 """``shardrec features``: stored user / item features in Redis (docs/features.md).
 
-- ``load --checkpoint URI --redis URL [--prefix P] [--batch N] [--version V]``: read
-  ``features/users.npz`` and ``features/items.npz`` below the checkpoint root, validate them
+- ``load --checkpoint URI --redis URL [--prefix P] [--batch N] [--version V] [--features ROOT]``:
+  read ``features/users.npz`` and ``features/items.npz`` below the checkpoint root (or below
+  ``--features ROOT``), validate them
   against the model manifest of the latest complete version (or ``--version``), encode them as
   fixed-width records and write them as a new generation with pipelined MSETs of ``--batch``
   entities, then switch the store's marker to it and delete the generation it replaced.
@@ -27,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--prefix", default="", help="key prefix (the frontend must use the same); default none")
     load.add_argument("--batch", type=int, default=5000, help="entities per MSET (default 5000)")
     load.add_argument("--version", type=int, default=None, help="manifest version to read the model from (default: latest complete)")
+    load.add_argument(
+        "--features", default=None, metavar="ROOT", help="read features/{users,items}.npz below this folder instead (e.g. another checkpoint root)"
+    )
     load.set_defaults(func=_load)
     status = sub.add_parser("status", help="the feature store's live generation, or that it is lost")
     status.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint root: a folder or file:// URI (for the model's layouts)")
@@ -39,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace) -> int:
     from services.control.features import load_features
 
-    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version)
+    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version, features=args.features)
     load, keys = result["load"], result["keys"]
     replaced = "none" if load.replaced is None else f"generation {load.replaced.generation}"  # type: ignore[attr-defined]
     print(f"model {result['model']!r} version {result['version']} -> {args.redis} (prefix {args.prefix!r}): "

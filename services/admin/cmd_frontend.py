@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(every stored feature at its default, the answer flagged degraded)")
     serve.add_argument("--feature-sync", choices=("on", "off"), default="on",
                        help="reload a lost feature store from the checkpoint's feature files (one frontend at a time)")
+    serve.add_argument("--features", default="", metavar="ROOT",
+                       help="where that reload finds features/{users,items}.npz (default: the served checkpoint's root)")
     serve.add_argument("--feature-check-ms", type=float, default=1000.0,
                        help="read the feature store's marker when no batch did for this long")
     serve.add_argument("--frontend-id", default="", help="id in ZooKeeper (default frontend-<host>-<pid>)")
@@ -128,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         on_feature_loss=args.on_feature_loss,
         feature_sync=args.feature_sync == "on",
         feature_check_s=args.feature_check_ms / 1000.0,
+        features_root=args.features,
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,

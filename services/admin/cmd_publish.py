@@ -23,7 +23,7 @@ from services.admin.cmd_placement import zk_args
 
 if TYPE_CHECKING:
     from services.core.checkpoint.reader import CheckpointReader
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
-def _with_cluster(args: argparse.Namespace, action: Callable[["ShardMapStore", "CheckpointReader"], str]) -> int:
+def _with_cluster(args: argparse.Namespace, action: Callable[["ClusterStore", "CheckpointReader"], str]) -> int:
     """Print what ``action`` returns; a refusal (ShardrecError) is printed as FAILED, exit 1."""
     from services.control.cluster import open_cluster
     from services.control.publish import model_reader

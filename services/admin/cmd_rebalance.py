@@ -159,8 +159,8 @@ def _apply(args: argparse.Namespace) -> int:
     plan = RebalancePlan.load(args.plan)
     if plan.cluster != args.cluster:
         raise ConfigError(f"{args.plan} was made for cluster {plan.cluster!r}, not {args.cluster!r}")
-    with open_cluster(args.zk, args.cluster) as (client, store):
-        applied = apply_plan(client, store, plan, timeout_s=args.timeout_s, confirm=None if args.yes else _confirm)
+    with open_cluster(args.zk, args.cluster) as (_client, store):
+        applied = apply_plan(store, plan, timeout_s=args.timeout_s, confirm=None if args.yes else _confirm)
     return 0 if applied else 1
 
 

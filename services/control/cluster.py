@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
 
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
 
 T = TypeVar("T")
 
@@ -16,13 +16,13 @@ T = TypeVar("T")
 @contextmanager
 def open_cluster(
     zk_hosts: str, cluster: str, *, session_timeout_s: float | None = None, connect_timeout_s: float | None = None,
-) -> Iterator[tuple["KazooClient", "ShardMapStore"]]:
+) -> Iterator[tuple["KazooClient", "ClusterStore"]]:
     """A started kazoo client (``core.clients.make_kazoo``) and the cluster's store; both closed
     at exit. Timeouts default to ``ZkConfig``'s; the store's reads wait ``connect_timeout_s``
     when it is given. UnavailableError when ZooKeeper does not answer."""
     from services.core.clients import make_kazoo
     from services.core.config import ZkConfig
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
     from services.core.discovery.zk_paths import ZkPaths
 
     timeouts: dict[str, float] = {}
@@ -33,7 +33,7 @@ def open_cluster(
     client = make_kazoo(ZkConfig(hosts=zk_hosts, cluster=cluster, **timeouts))
     try:
         reads = {} if connect_timeout_s is None else {"timeout_s": connect_timeout_s}
-        yield client, ShardMapStore(client, ZkPaths(cluster), **reads)
+        yield client, ClusterStore(client, ZkPaths(cluster), **reads)
     finally:
         client.stop()
         client.close()

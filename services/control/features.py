@@ -13,18 +13,22 @@ def load_features(
     batch: int = 5000,
     version: int | None = None,
     progress: bool = True,
+    features: str | None = None,
 ) -> dict[str, object]:
-    """Validate ``features/{users,items}.npz`` of ``checkpoint`` against the model of its
-    latest complete version (or ``version``) and write them to Redis at ``redis_url`` as a new
-    generation of fixed-width records under ``prefix``, ``batch`` entities per MSET, then switch
-    the store's marker to it and delete the generation it replaced (docs/features.md). Both
-    sides are read and validated before anything is written. With ``progress``, a line per side
-    (entities/s) goes to stderr. Returns the model name, the version, the LoadResult
-    (``"load"``: marker, replaced marker, keys deleted) and per side (``"users"``, ``"items"``)
-    its WriteStats and layout. LoadBusyError while another load of the store runs."""
+    """Validate ``features/{users,items}.npz`` of ``checkpoint`` (or of the root ``features``,
+    e.g. another checkpoint's) against the model of the checkpoint's latest complete version
+    (or ``version``) and write them to Redis at ``redis_url`` as a new generation of
+    fixed-width records under ``prefix``, ``batch`` entities per MSET, then switch the store's
+    marker to it (the marker's ``source`` names the root the rows came from) and delete the
+    generation it replaced (docs/features.md). Both sides are read and validated before
+    anything is written. With ``progress``, a line per side (entities/s) goes to stderr.
+    Returns the model name, the version, the LoadResult (``"load"``: marker, replaced marker,
+    keys deleted), the store's keys (``"keys"``) and per side (``"users"``, ``"items"``) its
+    WriteStats and layout. LoadBusyError while another load of the store runs."""
     import time
 
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import CheckpointStore, absolute_uri
     from services.core.clients import make_redis
     from services.core.feature_store import StoreKeys, load_generation
     from services.core.features import FeatureLayout
@@ -35,13 +39,14 @@ def load_features(
         from services.core.errors import ConfigError
 
         raise ConfigError(f"--batch must be >= 1, got {batch}")
-    reader = CheckpointReader(checkpoint)
+    reader = CheckpointReader(absolute_uri(checkpoint))
+    source = reader.store if features is None else CheckpointStore(absolute_uri(features))
     v = reader.latest_version() if version is None else version
     spec = reader.manifest(v).model
     sides = []
     for side in (FeatureSide.USER, FeatureSide.ITEM):
         layout = FeatureLayout(spec, side)
-        sides.append((layout, load_feature_rows(reader.store, side)))  # validated by load_generation
+        sides.append((layout, load_feature_rows(source, side)))  # validated by load_generation
 
     tty = sys.stderr.isatty()
     last = {"users": 0.0, "items": 0.0}
@@ -60,7 +65,7 @@ def load_features(
     keys = StoreKeys.of(prefix, sides[0][0], sides[1][0])
     client = make_redis(redis_url)
     try:
-        result = load_generation(client, keys, sides, source=reader.store.uri, version=v, batch=batch, progress=say)
+        result = load_generation(client, keys, sides, source=source.uri, version=v, batch=batch, progress=say)
     finally:
         client.close()
     assert result is not None

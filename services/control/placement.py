@@ -12,18 +12,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from services.control.cluster import maybe
-from services.control.text import human_bytes, table
+from services.control.text import human_bytes, node_cells, table
 
 if TYPE_CHECKING:
     from services.core.checkpoint.manifest import Manifest
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
+    from services.core.discovery.records import FrontendRecord, NodeRecord
     from services.core.placement import PlacementSpec, ShardMap
     from services.core.types import TableSpec
 
 
 @dataclass(frozen=True)
 class InitialPlacement:
-    """The first placement of a checkpoint's model version over ``nodes`` nodes."""
+    """The first placement of a checkpoint's model version over ``nodes`` nodes; ``checkpoint``
+    is an absolute URI (``initial_placement`` makes it one)."""
 
     checkpoint: str
     manifest: "Manifest"
@@ -38,9 +40,13 @@ class InitialPlacement:
 
 def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, version: int | None = None) -> InitialPlacement:
     """Read the model of ``checkpoint``'s ``version`` (default: the latest complete one) and
-    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper."""
+    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper. The
+    placement names the checkpoint by its absolute URI (``absolute_uri``): that is what the
+    model pointer publishes, for shards started in any directory."""
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import absolute_uri
 
+    checkpoint = absolute_uri(checkpoint)
     reader = CheckpointReader(checkpoint)
     manifest = reader.manifest(reader.latest_version() if version is None else version)
     initial = InitialPlacement(checkpoint, manifest, spec, nodes)
@@ -48,7 +54,27 @@ def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, versio
     return initial
 
 
-def init_cluster(store: "ShardMapStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:
+def planned_spec(tables: Sequence["TableSpec"], nodes: int) -> "PlacementSpec":
+    """The placement spec the planner chooses for ``tables`` on ``nodes`` nodes when nobody
+    wrote one (``shardrec cluster up --checkpoint`` without ``--spec``): ``plan`` with no load
+    measured yet and the defaults of ``rebalance plan`` (nodes of 64 GiB, tables up to 1 MiB
+    replicated), each table's shape then pinned as the plan left it (docs/placement.md,
+    "Initial placement"). Pure."""
+    from services.control.rebalance import DEFAULT_NODE_MEMORY_BYTES, DEFAULT_REPLICATE_MAX_BYTES
+    from services.core.placement import NodeCapacity, PlacementSpec, PlannerConfig, TableLoad, node_ids, plan
+    from services.core.rebalance import kept_shape
+
+    smap = plan(
+        [TableLoad(t, 0.0) for t in tables],
+        [NodeCapacity(n, DEFAULT_NODE_MEMORY_BYTES) for n in node_ids(nodes)],
+        None,
+        PlannerConfig(replicate_max_bytes=DEFAULT_REPLICATE_MAX_BYTES),
+        version=1,
+    )
+    return PlacementSpec(tables={name: kept_shape(smap, name, nodes) for name in sorted(smap.tables)})
+
+
+def init_cluster(store: "ClusterStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:
     """Publish ``initial``: the model pointer, the target and serving versions, then the active
     map. FailedPreconditionError when the cluster has an active map already, unless ``force``
     (then the map replaces it, version + 1, and any rebalance in progress is given up).
@@ -85,11 +111,11 @@ class PlacementView:
     znode_version: int
     facts: tuple[tuple[str, Any], ...]
     target: "ShardMap | None"
-    nodes: Mapping[str, Mapping[str, Any]]
-    frontends: Mapping[str, Mapping[str, Any]]
+    nodes: Mapping[str, "NodeRecord"]
+    frontends: Mapping[str, "FrontendRecord"]
 
 
-def read_placement(store: "ShardMapStore") -> PlacementView:
+def read_placement(store: "ClusterStore") -> PlacementView:
     """NotFoundError when the cluster has no active shard map."""
     smap, znode_version = store.read_active()
     target = store.read_target()
@@ -98,7 +124,7 @@ def read_placement(store: "ShardMapStore") -> PlacementView:
     facts = tuple(
         (what, maybe(read))
         for what, read in (
-            ("model", store.read_model),
+            ("model", lambda: store.read_model().to_dict()),
             ("serving version", store.read_serving_version),
             ("target version", store.read_target_version),
         )
@@ -114,7 +140,7 @@ def format_view(cluster: str, view: PlacementView) -> str:
     lines.append(f"  target shard map: {'version %d' % view.target.version if view.target else '(none)'}")
     lines += ["", format_tables(smap), "", format_nodes(smap, view.nodes)]
     if view.frontends:
-        lines += ["", "frontends: " + ", ".join(f"{fid} ({d.get('address', '?')})" for fid, d in sorted(view.frontends.items()))]
+        lines += ["", "frontends: " + ", ".join(f"{fid} ({f.address or '?'})" for fid, f in sorted(view.frontends.items()))]
     return "\n".join(lines)
 
 
@@ -140,7 +166,7 @@ def format_tables(smap: "ShardMap") -> str:
     return table(rows)
 
 
-def format_nodes(smap: "ShardMap", live: Mapping[str, Mapping[str, Any]]) -> str:
+def format_nodes(smap: "ShardMap", live: Mapping[str, "NodeRecord"]) -> str:
     """Every node of the map and every live node: alive, address, ready versions, owned partitions."""
     rows = [("NODE", "LIVE", "ADDRESS", "READY", "SERVING", "MAP", "OWNS")]
     for node in list(smap.nodes) + sorted(set(live) - set(smap.nodes)):
@@ -149,8 +175,5 @@ def format_nodes(smap: "ShardMap", live: Mapping[str, Mapping[str, Any]]) -> str
         if d is None:
             rows.append((node, "no", "-", "-", "-", "-", owns))
         else:
-            ready = ",".join(str(v) for v in d.get("versions_ready", [])) or "-"
-            rows.append(
-                (node, "yes", str(d.get("address", "?")), ready, str(d.get("serving_version", "-")), str(d.get("map_version", "-")), owns)
-            )
+            rows.append((node, "yes", *node_cells(d), owns))
     return table(rows)

@@ -13,17 +13,17 @@ from services.control.text import table
 
 if TYPE_CHECKING:
     from services.core.checkpoint.reader import CheckpointReader
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
 
 
-def model_reader(store: "ShardMapStore") -> "CheckpointReader":
+def model_reader(store: "ClusterStore") -> "CheckpointReader":
     """A reader of the checkpoint root the cluster's model pointer names."""
     from services.core.checkpoint.reader import CheckpointReader
 
-    return CheckpointReader(store.read_model()["uri"])
+    return CheckpointReader(store.read_model().uri)
 
 
-def publish_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
+def publish_version(store: "ClusterStore", reader: "CheckpointReader", version: int) -> str:
     """Verify ``version`` and set it as the target. FailedPreconditionError when it is a delta
     whose parent is not the serving version; CheckpointError when it is incomplete or corrupt.
     Returns a line saying what was published."""
@@ -39,7 +39,7 @@ def publish_version(store: "ShardMapStore", reader: "CheckpointReader", version:
     return f"published version {version} ({m.kind}, parent {m.parent}); the cluster serves {serving} until every partition is ready"
 
 
-def rollback_version(store: "ShardMapStore", reader: "CheckpointReader", version: int) -> str:
+def rollback_version(store: "ClusterStore", reader: "CheckpointReader", version: int) -> str:
     """Make ``version``, an ancestor of the serving version, the target again."""
     from services.core.checkpoint import lineage
 
@@ -50,7 +50,7 @@ def rollback_version(store: "ShardMapStore", reader: "CheckpointReader", version
     return f"rolling back from version {serving} to {version}; the next delta must have parent {version}"
 
 
-def read_status(store: "ShardMapStore") -> dict[str, Any]:
+def read_status(store: "ClusterStore") -> dict[str, Any]:
     """Target and serving versions, the active map, live nodes and frontends (``checkpoint status``)."""
     smap, _ = store.read_active()
     return {
@@ -72,17 +72,17 @@ def format_status(st: dict[str, Any]) -> str:
             cells, ready = [], 0
             for r in replicas:
                 d = nodes.get(r)
-                versions = d.get("versions_ready", []) if d else []
+                versions = d.versions_ready if d else ()
                 ready += target in versions
                 cells.append(f"{r}[{','.join(map(str, versions))}]" if d else f"{r}[down]")
             rows.append((name, str(p), f"{ready}/{len(replicas)}", " ".join(cells)))
     lines.append(table(rows))
     for node, d in sorted(nodes.items()):
-        if d.get("loading"):
-            lines.append(f"{node}: loading version {d['loading']}")
-        err = d.get("load_error")
-        if err:
-            lines.append(f"{node}: REFUSED version {err.get('version')}: {err.get('error')}")
-    for fid, d in sorted(st["frontends"].items()):
-        lines.append(f"frontend {fid}: serving version {d.get('version')}")
+        if d.loading:
+            lines.append(f"{node}: loading version {d.loading}")
+        err = d.load_error
+        if err is not None:
+            lines.append(f"{node}: REFUSED version {err.version}: {err.error}")
+    for fid, f in sorted(st["frontends"].items()):
+        lines.append(f"frontend {fid}: serving version {f.version}")
     return "\n".join(lines)

@@ -15,13 +15,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
 
 from services.control.cluster import maybe
 from services.control.text import human_bytes
 
 if TYPE_CHECKING:
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
+    from services.core.discovery.records import FrontendRecord, NodeRecord
     from services.core.placement import ShardMap
     from services.core.placement import Move, NodeSummary, PlannerConfig
     from services.core.rebalance import PlanRequest, Progress, RebalancePlan
@@ -31,18 +32,18 @@ DEFAULT_NODE_MEMORY_BYTES = 64 << 30
 DEFAULT_REPLICATE_MAX_BYTES = 1 << 20
 
 
-def model_tables(store: "ShardMapStore") -> list["TableSpec"]:
+def model_tables(store: "ClusterStore") -> list["TableSpec"]:
     """The tables of the model the cluster serves (from its checkpoint's manifest)."""
     from services.core.checkpoint.reader import CheckpointReader
 
-    reader = CheckpointReader(store.read_model()["uri"])
+    reader = CheckpointReader(store.read_model().uri)
     version = maybe(store.read_serving_version) or reader.latest_version()
     return list(reader.manifest(version).model.tables)
 
 
-def read_progress(store: "ShardMapStore", active: "ShardMap", target: "ShardMap", tables: Sequence["TableSpec"],
-                  nodes: Mapping[str, Mapping[str, Any]] | None = None,
-                  frontends: Mapping[str, Mapping[str, Any]] | None = None) -> "Progress":
+def read_progress(store: "ClusterStore", active: "ShardMap", target: "ShardMap", tables: Sequence["TableSpec"],
+                  nodes: Mapping[str, "NodeRecord"] | None = None,
+                  frontends: Mapping[str, "FrontendRecord"] | None = None) -> "Progress":
     """Where the move from ``active`` to ``target`` stands (``core.rebalance.progress``), from
     the given live nodes and frontends or, when None, the ones ZooKeeper has now."""
     from services.core.rebalance import progress, required_versions
@@ -81,11 +82,11 @@ class Overview:
 
     active: "ShardMap"
     target: "ShardMap | None"
-    nodes: Mapping[str, Mapping[str, Any]]
+    nodes: Mapping[str, "NodeRecord"]
     tables: Sequence["TableSpec"]
 
 
-def read_overview(store: "ShardMapStore") -> Overview:
+def read_overview(store: "ClusterStore") -> Overview:
     smap, _ = store.read_active()
     found = store.read_target()
     return Overview(smap, None if found is None else found[0], store.live_nodes(), model_tables(store))
@@ -104,7 +105,7 @@ class PlanResult:
     in_progress: "ShardMap | None"  # the target of a move not finished yet, if any
 
 
-def plan_rebalance(store: "ShardMapStore", request: "PlanRequest", *, node_memory_bytes: int = DEFAULT_NODE_MEMORY_BYTES,
+def plan_rebalance(store: "ClusterStore", request: "PlanRequest", *, node_memory_bytes: int = DEFAULT_NODE_MEMORY_BYTES,
                    config: "PlannerConfig | None" = None) -> PlanResult:
     """Plan the target map for ``request`` from the active map, the model's tables and the load
     the shards measured (``core.rebalance.plan_target``). Changes nothing."""
@@ -131,10 +132,10 @@ class RebalanceStatus:
     active: "ShardMap"
     target: "ShardMap | None"
     progress: "Progress | None"
-    nodes: Mapping[str, Mapping[str, Any]]
+    nodes: Mapping[str, "NodeRecord"]
 
 
-def read_status(store: "ShardMapStore") -> RebalanceStatus:
+def read_status(store: "ClusterStore") -> RebalanceStatus:
     active, _ = store.read_active()
     found = store.read_target()
     nodes = store.live_nodes()
@@ -143,7 +144,7 @@ def read_status(store: "ShardMapStore") -> RebalanceStatus:
     return RebalanceStatus(active, found[0], read_progress(store, active, found[0], model_tables(store), nodes), nodes)
 
 
-def abort_rebalance(store: "ShardMapStore") -> tuple["ShardMap", "ShardMap | None"]:
+def abort_rebalance(store: "ClusterStore") -> tuple["ShardMap", "ShardMap | None"]:
     """Delete the target map of a move in progress (before the switch). Returns the active map
     and the target given up (None when no move was in progress)."""
     active, _ = store.read_active()
@@ -161,28 +162,26 @@ class ClusterWatch:
     """The live nodes and frontends and the target map, kept by watches; ``changed`` is set on
     every event. Callbacks run on watch threads and only record."""
 
-    def __init__(self, client: Any, store: "ShardMapStore") -> None:
-        from services.core.discovery.shard_map_store import MembersWatch
-
+    def __init__(self, store: "ClusterStore") -> None:
         self.changed = threading.Event()
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self.frontends: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, "NodeRecord"] = {}
+        self.frontends: dict[str, "FrontendRecord"] = {}
         self.nodes_seen = threading.Event()
         self.target: "ShardMap | None" = None
         self._watches = [
-            MembersWatch(client, store.paths.nodes, self._on_nodes),
-            MembersWatch(client, store.paths.frontends, self._on_frontends),
+            store.watch_nodes(self._on_nodes),
+            store.watch_frontends(self._on_frontends),
             store.watch_target(self._on_target),
             store.watch_serving_version(lambda _v: self.changed.set()),
             store.watch_target_version(lambda _v: self.changed.set()),
         ]
 
-    def _on_nodes(self, members: dict[str, dict[str, Any]]) -> None:
+    def _on_nodes(self, members: dict[str, "NodeRecord"]) -> None:
         self.nodes = members
         self.nodes_seen.set()
         self.changed.set()
 
-    def _on_frontends(self, members: dict[str, dict[str, Any]]) -> None:
+    def _on_frontends(self, members: dict[str, "FrontendRecord"]) -> None:
         self.frontends = members
         self.changed.set()
 
@@ -195,7 +194,7 @@ class ClusterWatch:
             w.cancel()
 
 
-def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, timeout_s: float,
+def apply_plan(store: "ClusterStore", plan: "RebalancePlan", *, timeout_s: float,
                out: TextIO | None = None, confirm: Callable[[str], bool] | None = None) -> bool:
     """Write the plan's target (or find it already written), wait until it is ready, switch;
     progress lines go to ``out`` (default stdout). ``confirm``, when given, is asked first
@@ -238,7 +237,7 @@ def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, ti
     else:
         target_zv = found[1]
         print(f"resuming: the target shard map (version {plan.target.version}) is already written", file=out)
-    watch = ClusterWatch(client, store)
+    watch = ClusterWatch(store)
     try:
         prog = wait_ready(store, watch, active, plan.target, tables, timeout_s, out)
     finally:
@@ -251,7 +250,7 @@ def apply_plan(client: Any, store: "ShardMapStore", plan: "RebalancePlan", *, ti
     return True
 
 
-def wait_ready(store: "ShardMapStore", watch: ClusterWatch, active: "ShardMap", target: "ShardMap",
+def wait_ready(store: "ClusterStore", watch: ClusterWatch, active: "ShardMap", target: "ShardMap",
                tables: Sequence["TableSpec"], timeout_s: float, out: TextIO) -> "Progress | None":
     """Block until the move is ready (its Progress) or give up (None, with the reason printed)."""
     from services.core.rebalance import same_map

@@ -31,10 +31,9 @@ def format_show(cluster: str, view: "Overview") -> str:
         if d is None:
             rows.append((node, "no", where.strip() or "-", "-", owns, "-", "-"))
             continue
-        held = d.get("held") if isinstance(d.get("held"), dict) else {}
-        load = sum(float(h.get("ids_per_s", 0.0)) for h in held.values())
-        rows.append((node, "yes", where.strip() or "-", human_bytes(int(d.get("memory_bytes", 0))), owns, f"{load:.1f}",
-                     " ".join(sorted(held)) or "-"))
+        load = sum(h.ids_per_s for h in d.held.values())
+        rows.append((node, "yes", where.strip() or "-", human_bytes(d.memory_bytes), owns, f"{load:.1f}",
+                     " ".join(sorted(d.held)) or "-"))
     lines.append(table(rows))
     loads = measured_load(live)
     by_name = {t.name: t for t in tables}
@@ -95,10 +94,9 @@ def format_status(status: "RebalanceStatus") -> str:
             rows += [(str(a.pid), a.node_id, human_bytes(a.size_bytes), a.state, a.detail) for a in prog.adds]
             lines.append(table(rows))
     for node, d in sorted(nodes.items()):
-        draining = d.get("partitions_draining") or []
-        if draining:
-            lines.append(f"{node}: draining {' '.join(draining)}")
-        err = d.get("partition_error")
-        if err:
-            lines.append(f"{node}: cannot load {err.get('partition')}: {err.get('error')}")
+        if d.partitions_draining:
+            lines.append(f"{node}: draining {' '.join(d.partitions_draining)}")
+        err = d.partition_error
+        if err is not None:
+            lines.append(f"{node}: cannot load {err.partition}: {err.error}")
     return "\n".join(lines)

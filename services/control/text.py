@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from services.core.discovery.records import NodeRecord
 
 
 def table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
@@ -20,3 +23,14 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def node_cells(node: "NodeRecord") -> tuple[str, str, str, str]:
+    """A live node's ADDRESS, READY (versions, ``1,2``), SERVING and MAP columns; ``?`` or ``-``
+    for what its znode does not say."""
+    ready = ",".join(str(v) for v in node.versions_ready) or "-"
+    return node.address or "?", ready, _or_dash(node.serving_version), _or_dash(node.map_version)
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -77,6 +77,7 @@ class FrontendConfig:
     on_feature_loss: str = "fail"
     feature_sync: bool = True
     feature_check_s: float = 1.0
+    features_root: str = ""  # where a reload finds features/{users,items}.npz ("" = the checkpoint root)
     host: str = "127.0.0.1"
     port: int = 0
     advertise_host: str = ""

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.core.errors import ConfigError
 from services.core.placement import (
@@ -27,6 +27,9 @@ from services.core.placement import (
     plan,
 )
 from services.core.types import PartitionId, ShardingType, TableSpec
+
+if TYPE_CHECKING:
+    from services.core.discovery.records import FrontendRecord, NodeRecord
 
 PLAN_FORMAT = "shardrec.rebalance-plan/v1"
 
@@ -119,20 +122,15 @@ def plan_target(
     return plan(loads, capacity, current, config, version=current.version + 1)
 
 
-def measured_load(nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def measured_load(nodes: Mapping[str, NodeRecord]) -> dict[str, float]:
     """Ids looked up per second per table, summed over every partition every live node
-    reports (``held[...]["ids_per_s"]`` in its znode)."""
+    reports (``held[...].ids_per_s`` in its znode)."""
     out: dict[str, float] = {}
-    for data in nodes.values():
-        for name, h in _held(data).items():
+    for node in nodes.values():
+        for name, h in node.held.items():
             table = name.rpartition("/")[0]
-            out[table] = out.get(table, 0.0) + float(h.get("ids_per_s", 0.0) or 0.0)
+            out[table] = out.get(table, 0.0) + h.ids_per_s
     return out
-
-
-def _held(data: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-    held = data.get("held")
-    return held if isinstance(held, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,16 +186,16 @@ def same_map(a: ShardMap, b: ShardMap) -> bool:
 
 
 def required_versions(
-    serving: int | None, target_version: int | None, frontends: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]]
+    serving: int | None, target_version: int | None, frontends: Mapping[str, FrontendRecord], nodes: Mapping[str, NodeRecord]
 ) -> frozenset[int]:
     """The model versions a new owner must hold a partition at before the switch: the serving
     version, every version a live frontend serves, and the target version once some live node
     holds it (frontends may switch to it any moment) unless a node refused it."""
     out = {v for v in (serving,) if v}
-    out |= {int(d["version"]) for d in frontends.values() if isinstance(d.get("version"), int)}
+    out |= {f.version for f in frontends.values() if f.version is not None}
     if target_version:
-        held = any(target_version in d.get("versions_ready", ()) for d in nodes.values())
-        refused = any((d.get("load_error") or {}).get("version") == target_version for d in nodes.values())
+        held = any(target_version in n.versions_ready for n in nodes.values())
+        refused = any(n.load_error is not None and n.load_error.version == target_version for n in nodes.values())
         if held and not refused:
             out.add(target_version)
     return frozenset(out)
@@ -248,14 +246,14 @@ def progress(
     active: ShardMap,
     target: ShardMap,
     tables: Sequence[TableSpec],
-    nodes: Mapping[str, Mapping[str, Any]],
+    nodes: Mapping[str, NodeRecord],
     versions: frozenset[int],
 ) -> Progress:
     """Where the move from ``active`` to ``target`` stands, from the live nodes' znodes
     (``held``, ``versions_ready``, ``partitions_loading``, ``partition_error``)."""
     def holds(node: str, pid: PartitionId) -> bool:
-        d = nodes.get(node)
-        return d is not None and str(pid) in _held(d) and versions <= set(d.get("versions_ready", ()))
+        n = nodes.get(node)
+        return n is not None and str(pid) in n.held and versions <= set(n.versions_ready)
 
     adds = []
     for m in diff(active, target, tables):
@@ -272,18 +270,18 @@ def progress(
     return Progress(tuple(adds), total - len(not_ready), total, tuple(not_ready), versions)
 
 
-def _add_state(pid: PartitionId, node: str, size: int, d: Mapping[str, Any] | None, versions: frozenset[int]) -> AddState:
-    if d is None:
+def _add_state(pid: PartitionId, node: str, size: int, n: NodeRecord | None, versions: frozenset[int]) -> AddState:
+    if n is None:
         return AddState(pid, node, size, "down", "no live shard process with this node id")
-    if str(pid) in _held(d):
-        missing = sorted(versions - set(d.get("versions_ready", ())))
+    if str(pid) in n.held:
+        missing = sorted(versions - set(n.versions_ready))
         if missing:
             return AddState(pid, node, size, "versions", f"not yet at version(s) {missing}")
         return AddState(pid, node, size, "ready")
-    err = d.get("partition_error") or {}
-    if err.get("partition") == str(pid):
-        return AddState(pid, node, size, "error", str(err.get("error", "")))
-    loading = d.get("partitions_loading") or []
+    err = n.partition_error
+    if err is not None and err.partition == str(pid):
+        return AddState(pid, node, size, "error", err.error)
+    loading = n.partitions_loading
     if loading and loading[0] == str(pid):
         return AddState(pid, node, size, "loading")
     return AddState(pid, node, size, "queued")

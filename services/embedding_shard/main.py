@@ -25,8 +25,9 @@ import torch
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ShardConfig
+from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import FrontendRecord, NodeRecord
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.rpc.server import start_sync_server, tune_allocator
@@ -68,31 +69,37 @@ class MapView:
             return self._map
 
 
-def node_data(
+def node_record(
     config: ShardConfig, address: str, store: TableStore, map_version: int,
     versions: VersionManager, partitions: PartitionManager, meter: LoadMeter,
-) -> dict:
+) -> NodeRecord:
     """The node's znode (docs/zookeeper.md): ``partitions`` are the held partitions of the
-    active map's layout (``table/p``); ``held`` every partition held with its bytes and load."""
+    active map's layout (``table/p``); ``held`` every partition held with its bytes and load;
+    then what the version and partition managers report."""
     held = meter.report()
     layout = store.num_partitions
-    return {
-        "node_id": config.node_id,
-        "address": address,
-        "partitions": sorted(str(p.key) for p in store.held() if layout.get(p.table) == p.num_partitions),
-        "held": held,
-        "memory_bytes": sum(h["bytes"] for h in held.values()),
-        "versions_ready": store.versions_ready,
-        "serving_version": store.primary,
-        "map_version": map_version,
-        "overlay_bytes": store.overlay_bytes(),
-        "pid": os.getpid(),
+    return NodeRecord(
+        node_id=config.node_id,
+        address=address,
+        partitions=tuple(sorted(str(p.key) for p in store.held() if layout.get(p.table) == p.num_partitions)),
+        held=held,
+        memory_bytes=sum(h.size_bytes for h in held.values()),
+        versions_ready=tuple(store.versions_ready),
+        serving_version=store.primary,
+        map_version=map_version,
+        overlay_bytes=store.overlay_bytes(),
+        pid=os.getpid(),
         **versions.status(),
         **partitions.status(),
-    }
+    )
 
 
-def _read_maps(maps: ShardMapStore):  # noqa: ANN202
+def served_versions(frontends: dict[str, FrontendRecord]) -> list[int]:
+    """The model versions the live frontends serve (the shard keeps their rows)."""
+    return [f.version for f in frontends.values() if f.version is not None]
+
+
+def _read_maps(maps: ClusterStore):  # noqa: ANN202
     """The target map, then the active map, fresh from ZooKeeper (that order: a rebalance
     deletes the target only when or after it switches the active map)."""
     from services.core.errors import NotFoundError
@@ -118,7 +125,7 @@ def run(config: ShardConfig) -> int:
 
     paths = ZkPaths(config.zk.cluster)
     zk = make_kazoo(config.zk)
-    maps = ShardMapStore(zk, paths)
+    maps = ClusterStore(zk, paths)
     view = MapView()
     maps.watch_active(view.set)  # kazoo thread: only stores the parsed map
     log.info("node %s waiting for the shard map of cluster %s", config.node_id, config.zk.cluster)
@@ -128,7 +135,7 @@ def run(config: ShardConfig) -> int:
         return 0
     model = maps.read_model()
     version = maps.read_serving_version()
-    reader = CheckpointReader(model["uri"])
+    reader = CheckpointReader(model.uri)
     manifest = reader.manifest(version)
     pids = list(smap.partition_ids_of(config.node_id))
 
@@ -172,17 +179,17 @@ def run(config: ShardConfig) -> int:
         return 0
     server.set_serving(True)
 
-    def data() -> dict:
-        return node_data(config, address, store, view.version(), versions, partitions, meter)
+    def record() -> NodeRecord:
+        return node_record(config, address, store, view.version(), versions, partitions, meter)
 
-    registration = NodeRegistration(zk, paths.node(config.node_id), data())
+    registration = NodeRegistration(zk, paths.node(config.node_id), record())
     registration.register()
     log.info("node %s registered at %s", config.node_id, paths.node(config.node_id))
     print(f"READY {config.node_id} {address}", flush=True)
 
-    versions.on_change = partitions.on_change = meter.on_change = lambda: registration.update(data())
+    versions.on_change = partitions.on_change = meter.on_change = lambda: registration.update(record())
     maps.watch_serving_version(versions.set_serving)
-    maps.watch_frontend_versions(lambda served: versions.set_frontend_versions(served.values()))
+    maps.watch_frontends(lambda frontends: versions.set_frontend_versions(served_versions(frontends)))
     maps.watch_target_version(versions.set_target)
     maps.watch_active(partitions.set_active)
     maps.watch_target(partitions.set_target)

@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from services.core.discovery.records import HeldPartition
 from services.core.types import PartitionId
 from services.embedding_shard.store import TableStore
 
@@ -56,14 +57,14 @@ class LoadMeter:
             self.on_change()
         return self._interval_s
 
-    def report(self) -> dict[str, dict]:
-        """``{"items/1of2": {"bytes", "lookups", "ids", "ids_per_s"}}`` for every held partition."""
+    def report(self) -> dict[str, HeldPartition]:
+        """``{"items/1of2": HeldPartition(bytes, lookups, ids, ids_per_s)}`` for every held partition."""
         out = {}
         for pid, table in sorted(self._store.partitions().items(), key=lambda kv: str(kv[0])):
-            out[str(pid)] = {
-                "bytes": self._store.size_bytes(pid),
-                "lookups": table.lookups,
-                "ids": table.ids,
-                "ids_per_s": round(self._rates.get(pid, 0.0), 3),
-            }
+            out[str(pid)] = HeldPartition(
+                size_bytes=self._store.size_bytes(pid),
+                lookups=table.lookups,
+                ids=table.ids,
+                ids_per_s=round(self._rates.get(pid, 0.0), 3),
+            )
         return out

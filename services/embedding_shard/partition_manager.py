@@ -28,8 +28,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from services.core.checkpoint.reader import CheckpointReader
+from services.core.discovery.records import PartitionError
 from services.core.errors import ShardrecError
 from services.core.placement import ShardMap, owned_partitions
 from services.core.types import PartitionId
@@ -74,7 +76,7 @@ class PartitionManager:
         self._unowned_since: dict[PartitionId, float] = {}
         self._retry_at: dict[PartitionId, float] = {}
         self.loading: PartitionId | None = None
-        self.error: dict | None = None
+        self.error: PartitionError | None = None
         self._pending: list[PartitionId] = []
 
     # -- any thread (kazoo watches) -------------------------------------------------------------
@@ -91,15 +93,16 @@ class PartitionManager:
         """The partitions of this node in the active and target maps, as last delivered."""
         return self._known(owned_partitions(self._node_id, self._active, self._target))
 
-    def status(self) -> dict:
-        """What the node's znode reports about partitions beyond ``partitions`` and ``held``."""
+    def status(self) -> dict[str, Any]:
+        """What the node's znode reports about partitions beyond ``partitions`` and ``held``: its
+        ``NodeRecord`` fields by name."""
         target = self._target
-        return {
-            "target_map_version": None if target is None else target.version,
-            "partitions_loading": [str(p) for p in self._pending],
-            "partitions_draining": sorted(str(p) for p in self._unowned_since),
-            "partition_error": self.error,
-        }
+        return dict(
+            target_map_version=None if target is None else target.version,
+            partitions_loading=tuple(str(p) for p in self._pending),
+            partitions_draining=tuple(sorted(str(p) for p in self._unowned_since)),
+            partition_error=self.error,
+        )
 
     # -- the reconciler thread ------------------------------------------------------------------
     def reconcile(self) -> float | None:
@@ -184,12 +187,12 @@ class PartitionManager:
             overlays = {loader.version: loader.load_changes().pair() for loader in loaders if not loader.full}
             self._store.add_partition(pid, weights, overlays)
         except (ShardrecError, OSError, ValueError) as e:
-            self.error = {"partition": str(pid), "error": str(e)}
+            self.error = PartitionError(str(pid), str(e))
             self._retry_at[pid] = time.monotonic() + LOAD_RETRY_S
             log.error("cannot load partition %s (trying again in %.0fs): %s", pid, LOAD_RETRY_S, e)
         else:
             self._retry_at.pop(pid, None)
-            if self.error is not None and self.error.get("partition") == str(pid):
+            if self.error is not None and self.error.partition == str(pid):
                 self.error = None
             log.info(
                 "partition %s ready at versions %s in %.2fs (%.1f KiB)",

@@ -30,9 +30,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from services.core.checkpoint import lineage
 from services.core.checkpoint.reader import CheckpointReader
+from services.core.discovery.records import LoadError
 from services.core.errors import ShardrecError
 from services.core.types import Version
 from services.embedding_shard.loader import Throttle, load_changes, load_rows, loaders_for, verify_all
@@ -69,7 +71,7 @@ class VersionManager:
         self._unused_since: dict[Version, float] = {}
         self._refused: Version | None = None  # the target last refused (not retried)
         self.loading: Version | None = None
-        self.load_error: dict | None = None
+        self.load_error: LoadError | None = None
         self.last_load_s: float | None = None
 
     # -- any thread (kazoo watches) -------------------------------------------------------------
@@ -87,9 +89,10 @@ class VersionManager:
         self._frontend_versions = frozenset(versions)
         self._wake()
 
-    def status(self) -> dict:
-        """What the node's znode reports about versions, beyond ``versions_ready``."""
-        return {"loading": self.loading, "load_error": self.load_error}
+    def status(self) -> dict[str, Any]:
+        """What the node's znode reports about versions, beyond ``versions_ready``: its
+        ``NodeRecord`` fields by name."""
+        return dict(loading=self.loading, load_error=self.load_error)
 
     # -- the reconciler thread ------------------------------------------------------------------
     def reconcile(self) -> float | None:
@@ -115,7 +118,7 @@ class VersionManager:
         except (ShardrecError, OSError, ValueError) as e:
             with self._lock:
                 self._refused = target
-            self.load_error = {"version": target, "error": str(e)}
+            self.load_error = LoadError(target, str(e))
             log.error("refused version %d, still serving %d: %s", target, self._store.primary, e)
         else:
             self.load_error = None

@@ -88,31 +88,42 @@ class LatencyLimit:
 
 
 class ServiceEstimate:
-    """What a request costs this frontend, from the batches it ran.
+    """What a request costs this frontend, from the batches it ran in the last ``horizon_s``.
 
-    ``fastest_s``: the shortest batch of the recent ones (a floor no request beats);
-    ``per_request_s``: EWMA of batch time / batch size, divided by the batches that run at
-    once: the marginal cost of one more queued request (conservative at low load, where
-    batches are small)."""
+    ``fastest_s``: the shortest recent batch (a floor no request beats); ``per_request_s``:
+    EWMA of batch time / batch size, divided by the batches that run at once: the marginal cost
+    of one more queued request (conservative at low load, where batches are small). Batches
+    older than the horizon are forgotten, so a slow spell (a paused shard) cannot keep
+    refusing short deadlines once it is over: with nothing recent, nothing is refused."""
 
-    def __init__(self, *, in_flight_batches: int, recent: int = 32, alpha: float = 0.2) -> None:
+    def __init__(self, *, in_flight_batches: int, horizon_s: float = 5.0, recent: int = 64, alpha: float = 0.2) -> None:
         self._slots = max(1, in_flight_batches)
-        self._recent: deque[float] = deque(maxlen=recent)
+        self._horizon_s = horizon_s
+        self._recent: deque[tuple[float, float]] = deque(maxlen=recent)  # (when, seconds)
         self._alpha = alpha
-        self.per_request_s: float | None = None
+        self._per_request_s: float | None = None
 
-    def observe_batch(self, seconds: float, size: int) -> None:
-        self._recent.append(seconds)
+    def observe_batch(self, seconds: float, size: int, now: float) -> None:
+        self._recent.append((now, seconds))
         cost = seconds / max(1, size) / self._slots
-        self.per_request_s = cost if self.per_request_s is None else (1 - self._alpha) * self.per_request_s + self._alpha * cost
+        prev = self._per_request_s
+        self._per_request_s = cost if prev is None else (1 - self._alpha) * prev + self._alpha * cost
 
-    @property
-    def fastest_s(self) -> float:
-        return min(self._recent) if self._recent else 0.0
+    def _forget(self, now: float) -> None:
+        while self._recent and now - self._recent[0][0] > self._horizon_s:
+            self._recent.popleft()
 
-    def expected_s(self, queued_ahead: int) -> float:
+    def fastest_s(self, now: float) -> float:
+        self._forget(now)
+        return min(s for _, s in self._recent) if self._recent else 0.0
+
+    def per_request_s(self, now: float) -> float:
+        self._forget(now)
+        return (self._per_request_s or 0.0) if self._recent else 0.0
+
+    def expected_s(self, queued_ahead: int, now: float) -> float:
         """Expected time from admission to answer of a request with ``queued_ahead`` before it."""
-        return self.fastest_s + queued_ahead * (self.per_request_s or 0.0)
+        return self.fastest_s(now) + queued_ahead * self.per_request_s(now)
 
 
 class TokenBucket:
@@ -254,7 +265,7 @@ class Admission:
                     self.policy.latency_target_s,
                     now,
                 )
-            expected = self.estimate.expected_s(queued)
+            expected = self.estimate.expected_s(queued, now)
             if expected > remaining_s:
                 return self._shed(
                     "deadline",

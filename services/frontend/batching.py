@@ -28,6 +28,7 @@ class BatcherStats:
     multi_item_batches: int = 0
     largest_batch: int = 0
     rejected_full: int = 0
+    dropped_gone: int = 0  # queued requests whose callers were gone before a batch formed
 
 
 @dataclass
@@ -108,6 +109,7 @@ class MicroBatcher(Generic[T, R]):
                     except TimeoutError:
                         break
             live = [p for p in batch if not p.future.done()]  # callers that gave up are dropped
+            self.stats.dropped_gone += len(batch) - len(live)
             if not live:
                 self._slots.release()
                 continue

@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReloadSource:
-    """Where a reload finds the feature files and the store: the checkpoint and the manifest
-    version the frontend serves (its layouts), Redis and the key prefix."""
+    """What a reload loads and where: the checkpoint and manifest version the frontend serves
+    (its layouts), the root of the feature files (``features/{users,items}.npz``), Redis and
+    the key prefix."""
 
     checkpoint: str
     version: int
+    features: str
     redis_url: str
     prefix: str
 
@@ -57,8 +59,8 @@ def reload_lost_store(source: ReloadSource, min_generation: int) -> LoadResult |
     try:
         if read_marker(client, keys) is not None:
             return None
-        sides = [(layout, load_feature_rows(reader.store, layout.side)) for layout in layouts]
-        return load_generation(client, keys, sides, source=reader.store.uri, version=source.version,
+        sides = [(layout, load_feature_rows(source.features, layout.side)) for layout in layouts]
+        return load_generation(client, keys, sides, source=source.features, version=source.version,
                                only_if_missing=True, min_generation=min_generation)  # fmt: skip
     finally:
         client.close()

@@ -3,10 +3,11 @@ dense matrix of a ``PreparedBatch`` (see ``services/frontend/batch.py`` and docs
 
 ``await FeaturePrep.prepare(requests)`` reads the stored user and item records of the whole
 batch in ONE Redis round trip (one MGET of the store's marker, the unique user keys and the
-unique candidate item keys: ``feature_store.FeatureStoreClient``), applies request overrides, maps raw values to table rows and deduplicates: items are
-unique per batch; user-side bags are built once per user context (a user id without
+unique candidate item keys: ``feature_store.FeatureStoreClient``), applies request overrides,
+maps raw values to table rows and deduplicates: items are unique per batch; user-side bags are built once per user context (a user id without
 request-time sparse overrides, shared by the batch, or one request's own overridden features),
-never once per candidate.
+never once per candidate; a candidate repeated within a request is scored once
+(``DistinctCandidates``).
 
 Everything over ids is vectorized (``np.unique``, ``np.repeat``, CSR gathers); only the R
 requests of a batch are looped over.
@@ -25,7 +26,7 @@ from services.core.errors import ShardrecError
 from services.core.feature_store import StoreKeys
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
 from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
-from services.frontend.batch import Bags, PreparedBatch, RecRequest, ragged_take
+from services.frontend.batch import Bags, DistinctCandidates, PreparedBatch, RecRequest, ragged_take
 from services.frontend.feature_store import FeatureStoreClient, FeatureStoreConfig
 from services.frontend.validate import FeatureLimits, RequestValidator
 
@@ -191,6 +192,7 @@ class FeaturePrep:
             user_bags=user_bags,
             item_bags=item_bags,
             dense=dense,
+            scored=DistinctCandidates.of(sample_offsets, item_of_sample),
             feature_defaults=got.defaults,
         )
 

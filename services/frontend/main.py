@@ -12,6 +12,7 @@ NOT_SERVING -> finish in-flight calls within the grace period -> exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -64,7 +65,7 @@ async def _connect_cluster(config: FrontendConfig, loop):
         config.ready_timeout_s,
         "a shard map, a serving version and a live replica of every partition",
     )
-    reader = CheckpointReader(view.model["uri"])
+    reader = CheckpointReader(view.model.uri)
     spec = reader.manifest(view.serving_version).model
     policy = ReplicaPolicy(
         eject_s=config.eject_s,
@@ -107,14 +108,14 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
 async def _follow_versions(view, pipeline: RecommendPipeline, reader: CheckpointReader, registration, loop) -> None:
     """Switch to each target version once it is servable; report it in this frontend's znode
     and as the cluster's serving version (``services.frontend.versions``)."""
-    from services.core.discovery.shard_map_store import ShardMapStore
+    from services.core.discovery.cluster_store import ClusterStore
     from services.frontend.versions import VersionFollower
 
-    maps = ShardMapStore(view.zk, view.paths)
+    cluster = ClusterStore(view.zk, view.paths)
 
     async def on_switch(version: int) -> None:
-        await loop.run_in_executor(None, registration.update, {**registration.data, "version": version})
-        await loop.run_in_executor(None, maps.write_serving_version, version)
+        await loop.run_in_executor(None, registration.update, dataclasses.replace(registration.record, version=version))
+        await loop.run_in_executor(None, cluster.write_serving_version, version)
 
     await VersionFollower(view, pipeline, reader, on_switch).run()
 
@@ -194,7 +195,8 @@ async def serve(config: FrontendConfig) -> int:
         results = await pipeline.process(items)
         served = sum(isinstance(r, Recommendation) for r in results)
         if served:
-            estimate.observe_batch(time.monotonic() - t0, served)
+            now = time.monotonic()
+            estimate.observe_batch(now - t0, served, now)
         return results
 
     batcher = MicroBatcher(
@@ -229,16 +231,18 @@ async def serve(config: FrontendConfig) -> int:
     if redis is None:
         await server.set_health(READINESS, True)
     else:
-        source = ReloadSource(reader.store.uri, version, config.redis_url, config.redis_prefix) if config.feature_sync else None
+        features = config.features_root or reader.store.uri
+        source = ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix) if config.feature_sync else None
         sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), source, check_s=config.feature_check_s)
         await sync.publish_state()
         sync_task = asyncio.create_task(sync.run())
     registration = None
     if zk is not None:
+        from services.core.discovery.records import FrontendRecord
         from services.core.discovery.registry import NodeRegistration
 
-        data = {"frontend_id": config.frontend_id, "address": address, "version": version, "pid": os.getpid()}
-        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), data)
+        record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid())
+        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record)
         await loop.run_in_executor(None, registration.register)
     follower_task = None
     if view is not None:

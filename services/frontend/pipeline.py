@@ -55,6 +55,7 @@ class RecommendPipeline:
         self.bags_looked_up = 0  # distinct bags actually pooled (identical bags pooled once)
         self.dropped: dict[str, int] = {}  # stage -> dead requests dropped before it
         self.batch_splits = 0  # batches split to isolate a failure that may be one request's
+        self.answered_too_late = 0  # answers computed for callers already gone (wasted work)
         self.degraded_feature_defaults = 0  # answers computed from feature defaults (store lost, operator's choice)
 
     @property
@@ -123,11 +124,15 @@ class RecommendPipeline:
             return
         kept = {id(p) for p in scoring}
         keep = None if len(scoring) == len(live) else [i for i, p in enumerate(live) if id(p) in kept]
-        for p, rec in zip(scoring, await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep), strict=True):
+        answers = await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep)
+        now = time.monotonic()
+        for p, rec in zip(scoring, answers, strict=True):
             if batch.feature_defaults:
                 self.degraded_feature_defaults += 1
                 rec = replace(rec, degraded_reasons=(*rec.degraded_reasons, recommend_pb2.DEGRADED_FEATURE_DEFAULTS))
             results[id(p)] = rec
+            if p.dead(now):
+                self.answered_too_late += 1  # computed in full for a caller already gone
 
     def _feature_lookups(self, batch: PreparedBatch) -> tuple[list[FeatureLookup], dict[str, np.ndarray | None]]:
         """The bags to pool, per sparse feature, identical bags once (``unique_bags``); and per
@@ -149,6 +154,7 @@ class RecommendPipeline:
             "item_ids_unique": prep.item_ids_unique,
             "redis_round_trips": prep.redis_round_trips,
             "batch_splits": self.batch_splits,
+            "answered_too_late": self.answered_too_late,
             "degraded_feature_defaults": self.degraded_feature_defaults,
             **prep.store.counters(),
             **{f"dropped_{stage}": n for stage, n in self.dropped.items()},

@@ -123,6 +123,7 @@ class Recommender:
             "multi_request_batches": b.multi_item_batches,
             "largest_batch": b.largest_batch,
             "rejected_queue_full": b.rejected_full,
+            "dropped_gone": b.dropped_gone,
             "queued": self._batcher.queued,
             **self._pipeline.counters(),
         }

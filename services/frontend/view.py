@@ -1,20 +1,20 @@
 """The frontend's view of its cluster, fed only by ZooKeeper watches (no polling).
 
-``ClusterView`` holds the active ShardMap, the live shard nodes (address, partitions and
-versions ready, from their ephemeral znodes), the serving version and the model's checkpoint.
-It is owned by the event loop: kazoo watch callbacks only hand their event to the loop with
-``call_soon_threadsafe``. During a ZooKeeper outage no callback fires, so the last good view
-keeps serving; kazoo re-arms the watches when the session comes back.
+``ClusterView`` holds the active ShardMap, the live shard nodes (their ``NodeRecord``: address,
+partitions and versions ready, from their ephemeral znodes), the serving version and the
+model's checkpoint. It is owned by the event loop: the watch callbacks (kazoo's, and the
+members watch's own thread) only hand their event to the loop with ``call_soon_threadsafe``.
+During a ZooKeeper outage no callback fires, so the last good view keeps serving; kazoo re-arms
+the watches when the session comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
 
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import ModelPointer, NodeRecord
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import UnavailableError
 from services.core.placement import ShardMap
@@ -22,63 +22,37 @@ from services.core.placement import ShardMap
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    node_id: str
-    address: str
-    partitions: frozenset[str]
-    versions_ready: frozenset[int]
-
-
-def parse_node(node_id: str, data: bytes) -> NodeInfo | None:
-    try:
-        d = json.loads(data)
-        return NodeInfo(node_id, str(d["address"]), frozenset(d.get("partitions", ())), frozenset(int(v) for v in d.get("versions_ready", ())))
-    except (ValueError, KeyError, TypeError):
-        log.warning("ignoring node %s: malformed znode data %r", node_id, data[:200])
-        return None
-
-
 class ClusterView:
     """Snapshot getters are cheap and return immutable objects; call them on the loop."""
 
     def __init__(self, zk, paths: ZkPaths, loop: asyncio.AbstractEventLoop) -> None:
-        self.zk = self._zk = zk
-        self.paths = self._paths = paths
+        self.zk = zk
+        self.paths = paths
         self._loop = loop
-        self._store = ShardMapStore(zk, paths)
-        self._watched: set[str] = set()
+        self._store = ClusterStore(zk, paths)
         self.shard_map: ShardMap | None = None
-        self.nodes: dict[str, NodeInfo] = {}
+        self.nodes: dict[str, NodeRecord] = {}
         # Last address each node registered with, kept after it leaves: when the view says a
         # partition has no live replica (a ZooKeeper hiccup, a session being re-established),
         # the fan-out still tries these before giving up. An RPC, not a watch, is the verdict.
         self.last_addresses: dict[str, str] = {}
         self.serving_version: int = 0
         self.target_version: int = 0
-        self.model: dict = {}
+        self.model: ModelPointer | None = None
         self._changed = asyncio.Event()
 
     # -- start (blocking ZooKeeper reads: call from an executor thread) -----------------------
     def start_blocking(self) -> None:
         self.model = self._store.read_model()
-        self._zk.ensure_path(self._paths.nodes)
         self._store.watch_active(lambda smap: self._hop(self._set_map, smap))
         self._store.watch_serving_version(lambda v: self._hop(self._set_version, "serving_version", v))
         self._store.watch_target_version(lambda v: self._hop(self._set_version, "target_version", v))
-        self._zk.ChildrenWatch(self._paths.nodes, lambda children: self._hop(self._children, list(children)))
+        self._store.watch_nodes(lambda nodes: self._hop(self._set_nodes, nodes), dialable=True)
 
-    # -- kazoo threads -> loop ----------------------------------------------------------------
+    # -- kazoo and members-watch threads -> loop ----------------------------------------------
     def _hop(self, fn, *args) -> None:
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
-
-    def _watch_node(self, node_id: str) -> None:
-        # Runs in an executor thread: DataWatch reads the znode once when created.
-        def on_data(data, stat, *_):
-            self._hop(self._node_data, node_id, data)
-
-        self._zk.DataWatch(self._paths.node(node_id), on_data)
 
     # -- loop ---------------------------------------------------------------------------------
     def _notify(self) -> None:
@@ -96,22 +70,16 @@ class ClusterView:
             setattr(self, which, version)
             self._notify()
 
-    def _children(self, children: list[str]) -> None:
-        for node_id in children:
-            if node_id not in self._watched:
-                self._watched.add(node_id)  # one DataWatch per node id, for its whole life
-                self._loop.run_in_executor(None, self._watch_node, node_id)
-
-    def _node_data(self, node_id: str, data: bytes | None) -> None:
-        info = parse_node(node_id, data) if data else None
-        if info is None:
-            if self.nodes.pop(node_id, None) is not None:
-                log.info("node %s left", node_id)
-        else:
+    def _set_nodes(self, nodes: dict[str, NodeRecord]) -> None:
+        """The live nodes, as the members watch delivered them (a malformed znode, or one that
+        names no address, is left out there with a warning)."""
+        for node_id, record in nodes.items():
             if node_id not in self.nodes:
-                log.info("node %s joined at %s", node_id, info.address)
-            self.nodes[node_id] = info
-            self.last_addresses[node_id] = info.address
+                log.info("node %s joined at %s", node_id, record.address)
+            self.last_addresses[node_id] = record.address
+        for node_id in self.nodes.keys() - nodes.keys():
+            log.info("node %s left", node_id)
+        self.nodes = nodes
         self._notify()
 
     async def changed(self) -> None:

@@ -20,6 +20,7 @@ from services.core.config import child_env
 from services.core.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
+from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
 from services.localcluster.processes import (
     SignalGuard,
     process_alive,
@@ -100,6 +101,7 @@ class LocalCluster:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._zk: "KazooClient | None" = None
         self._state_written = False
+        self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +113,7 @@ class LocalCluster:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._save()
         self._ensure_model()
+        spec = self._placement_spec()
 
         from services.localcluster.servers import RedisServer, ZkServer
 
@@ -143,9 +146,9 @@ class LocalCluster:
                 note["detail"] = f"(pid {pid})"
         self._run_job(
             "placement-init",
-            f"placement init ({cfg.spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
+            f"placement init ({spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
             ["placement", "init", "--checkpoint", str(cfg.checkpoint), "--nodes", str(cfg.nodes),
-             "--spec", str(cfg.spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
+             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
         )  # fmt: skip
         self._wait_shards(shard_ids, t_shards)
 
@@ -153,11 +156,7 @@ class LocalCluster:
             self.state.ready = True
             self._save()
             return
-        self._run_job(
-            "features-load",
-            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis.url, "--prefix", cfg.redis_prefix],
-        )
+        self._load_features(redis.url)
         self._start_frontend(zk.hosts, redis.url)
         self.state.ready = True
         self._save()
@@ -180,7 +179,11 @@ class LocalCluster:
 
     def _ensure_model(self) -> None:
         cfg = self.config
-        root = cfg.checkpoint
+        if cfg.checkpoint_uri is not None:
+            _version, what = describe_checkpoint(cfg.checkpoint_uri)
+            self.progress.line(f"serving the checkpoint {cfg.checkpoint_uri}: {what}")
+            return
+        root = Path(cfg.checkpoint)
         found = existing_model(root, cfg.preset)
         if found is not None and found[0] > 0:
             self.progress.line(f"using the demo model in {root} (preset {cfg.preset}, seed {cfg.seed}, version {found[0]})")
@@ -195,6 +198,33 @@ class LocalCluster:
             ["model", "synth", "--out", str(root), "--preset", cfg.preset, "--seed", str(cfg.seed)],
         )
 
+    def _placement_spec(self) -> Path:
+        """The spec file to place the model with: the given one, else the planner's, written
+        to ``<workdir>/placement.json``."""
+        cfg = self.config
+        if cfg.spec is not None:
+            return cfg.spec
+        path = cfg.workdir / SPEC_FILE
+        shapes = write_planned_spec(str(cfg.checkpoint), cfg.nodes, path)
+        self.progress.line(f"placement planned for {cfg.nodes} nodes (no --spec), written to {path}: {shapes}")
+        return path
+
+    def _load_features(self, redis_url: str) -> None:
+        """``features load`` of the model's feature files; none at all: a note, and the
+        frontends run without a feature store, every entity with the manifest's defaults
+        (docs/features.md)."""
+        cfg = self.config
+        if not feature_files(cfg.features):
+            self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
+            self._feature_store = False
+            return
+        source = [] if cfg.features_root is None else ["--features", cfg.features_root]
+        self._run_job(
+            "features-load",
+            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source],
+        )
+
     def _start_server(self, server: "ServerProcess", head: str, role: str, address: str) -> None:
         self._servers.append(server)
         with self.progress.step(head) as note:
@@ -206,11 +236,11 @@ class LocalCluster:
 
     def _wait_shards(self, shard_ids: Sequence[str], t0: float) -> None:
         """Wait until every shard registered in ZooKeeper; fail fast when one exits."""
-        from services.core.discovery.shard_map_store import ShardMapStore
+        from services.core.discovery.cluster_store import ClusterStore
         from services.core.discovery.zk_paths import ZkPaths
 
         assert self._zk is not None
-        store = ShardMapStore(self._zk, ZkPaths(self.config.cluster))
+        store = ClusterStore(self._zk, ZkPaths(self.config.cluster))
         deadline = t0 + self.config.start_timeout_s
         pending = list(shard_ids)
         with self.progress.step(f"waiting for {len(shard_ids)} shards to load and register in ZooKeeper"):
@@ -220,11 +250,10 @@ class LocalCluster:
                     d = live.get(node)
                     if d is not None:
                         pending.remove(node)
-                        self._set_address(node, str(d.get("address", "")))
-                        parts = d.get("partitions", [])
+                        self._set_address(node, d.address)
                         self.progress.line(
-                            f"  {node} registered at {d.get('address', '?')} ({time.monotonic() - t0:.1f}s after start): "
-                            f"{len(parts)} partitions ({' '.join(parts)}), versions ready {d.get('versions_ready', [])}"
+                            f"  {node} registered at {d.address or '?'} ({time.monotonic() - t0:.1f}s after start): "
+                            f"{len(d.partitions)} partitions ({' '.join(d.partitions)}), versions ready {list(d.versions_ready)}"
                         )
                     else:
                         self._check_alive(node, f"{node} exited before it registered")
@@ -247,10 +276,14 @@ class LocalCluster:
         (``extra_args`` are further ``frontend serve`` flags, e.g. ``--lookup inproc``); it is
         recorded like every child and stopped by ``stop()``. Returns its address once READY."""
         cfg = self.config
+        if not self._feature_store:  # Redis still serves the redis-kv baseline's rows
+            store = ["--kv-redis", self.state.redis_url]
+        else:  # a lost store is reloaded from where it was loaded
+            store = ["--redis", self.state.redis_url, *(["--features", cfg.features_root] if cfg.features_root else [])]
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
                  "--frontend-id", name, *extra_args],

@@ -5,27 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, TYPE_CHECKING, Mapping
 
-from services.control.text import table
+from services.control.text import node_cells, table
 from services.core.errors import ShardrecError
 from services.localcluster.console import Progress
 from services.localcluster.demo import call_instructions
 from services.localcluster.processes import process_alive, stop_processes, stop_recorded
 from services.localcluster.state import STATE_FILE, ClusterState, read_state, remove_state, state_path
 
+if TYPE_CHECKING:
+    from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord
+
 
 @dataclass(frozen=True)
 class ZkView:
     """What ZooKeeper says about a cluster (read by ``cluster status``)."""
 
-    model: Mapping[str, Any] | None
+    model: "ModelPointer | None"
     serving_version: int | None
     map_version: int | None
     map_nodes: tuple[str, ...]
     partitions_of: Mapping[str, tuple[str, ...]]
-    nodes: Mapping[str, Mapping[str, Any]]
-    frontends: Mapping[str, Mapping[str, Any]]
+    nodes: Mapping[str, "NodeRecord"]
+    frontends: Mapping[str, "FrontendRecord"]
 
 
 def format_processes(state: ClusterState, alive: Mapping[str, bool]) -> str:
@@ -38,28 +41,26 @@ def format_processes(state: ClusterState, alive: Mapping[str, bool]) -> str:
 
 def format_zk_view(view: ZkView) -> str:
     """Live nodes with their partitions and versions, the map version, live frontends. Pure."""
-    model = view.model or {}
+    model = view.model
     lines = [
-        f"  model {model.get('name', '?')!r} at {model.get('uri', '?')}, serving version "
+        f"  model {'?' if model is None else model.name!r} at {'?' if model is None else model.uri}, serving version "
         f"{'-' if view.serving_version is None else view.serving_version}, active shard map version "
         f"{'-' if view.map_version is None else view.map_version}"
     ]
     rows = [("NODE", "LIVE", "ADDRESS", "READY", "SERVING", "MAP", "PARTITIONS")]
     for node in list(view.map_nodes) + sorted(set(view.nodes) - set(view.map_nodes)):
         d = view.nodes.get(node)
-        parts = " ".join(d.get("partitions", [])) if d else " ".join(view.partitions_of.get(node, ()))
+        parts = " ".join(d.partitions) if d else " ".join(view.partitions_of.get(node, ()))
         if d is None:
             rows.append((node, "no", "-", "-", "-", "-", f"(owns {parts or '-'})"))
         else:
-            ready = ",".join(str(v) for v in d.get("versions_ready", [])) or "-"
-            rows.append(
-                (node, "yes", str(d.get("address", "?")), ready, str(d.get("serving_version", "-")), str(d.get("map_version", "-")), parts or "-")
-            )
+            rows.append((node, "yes", *node_cells(d), parts or "-"))
     lines.append(table(rows, indent="  "))
     if view.frontends:
         lines.append(
             "  frontends: "
-            + ", ".join(f"{fid} ({d.get('address', '?')}, version {d.get('version', '?')})" for fid, d in sorted(view.frontends.items()))
+            + ", ".join(f"{fid} ({f.address or '?'}, version {'?' if f.version is None else f.version})"
+                        for fid, f in sorted(view.frontends.items()))
         )
     else:
         lines.append("  frontends: (none live)")

@@ -24,7 +24,7 @@ from services.control.rebalance import apply_plan, plan_rebalance, read_overview
 from services.control.rebalance_report import format_show
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import PlannerConfig, TablePlacementSpec, diff
 from services.core.rebalance import PlanRequest, RebalancePlan
@@ -100,12 +100,12 @@ def live(zk_server, redis_server, spawn, small_checkpoint):
 
 def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_path, capsys):
     zk, paths, hosts, spawn, address, lag = live
-    store = ShardMapStore(zk, paths)
+    store = ClusterStore(zk, paths)
     requests = random_requests(60, seed=17)
 
     def measured() -> bool:  # every node holding something reports its ids/s: the planner sees real load
         nodes = store.live_nodes()
-        return all(any(h["ids_per_s"] > 0 for h in d["held"].values()) for d in nodes.values() if d["held"])
+        return all(any(h.ids_per_s > 0 for h in d.held.values()) for d in nodes.values() if d.held)
 
     moves: list[tuple[str, float, float]] = []
 
@@ -124,7 +124,7 @@ def test_live_rebalance_under_load_fails_no_request(live, small_reference, tmp_p
     def move(name: str, request: PlanRequest | None = None, out: str | None = None) -> None:
         out = out or plan(name, request)
         t0 = time.monotonic()
-        assert apply_plan(zk, store, RebalancePlan.load(out), timeout_s=60)
+        assert apply_plan(store, RebalancePlan.load(out), timeout_s=60)
         moves.append((name, t0, time.monotonic()))
         active, _ = store.read_active()
         assert active.to_json() == RebalancePlan.load(out).target.to_json()

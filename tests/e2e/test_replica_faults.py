@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from services.core.checkpoint.reader import CheckpointReader
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.types import PoolingType
 from services.frontend.batch import Bags
@@ -214,7 +214,7 @@ def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa:
         client = GrpcLookupClient(view, ChannelPool(64 << 20), dim=dim, policy=ReplicaPolicy(hedge_budget=0.0))
         oracle = InprocLookupClient(reader, version)
         try:
-            store = ShardMapStore(served.zk, served.paths)
+            store = ClusterStore(served.zk, served.paths)
             smap, znode_version = await loop.run_in_executor(None, store.read_active)
             holders = set(smap.tables["tags"].partitions[0])
             newcomer = next(n for n in smap.nodes if n not in holders)

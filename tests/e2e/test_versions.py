@@ -18,7 +18,7 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_delta
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.reference import ReferenceRecommender
 from services.core.synth import synthesize
@@ -78,7 +78,7 @@ def live(zk_server, redis_server, tmp_path, spawn):
 def test_five_deltas_under_load_every_response_matches_its_version(live):
     root, address, zk, paths, hosts = live
     requests = random_requests(60, seed=5)
-    store = ShardMapStore(zk, paths)
+    store = ClusterStore(zk, paths)
     versions = list(range(1, 2 + DELTAS))
     with ClosedLoop(address, requests, CLIENTS) as load:
         wait_for(lambda: 1 in load.versions(), 60, "responses at version 1")

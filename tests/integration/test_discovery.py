@@ -1,7 +1,8 @@
-"""ZooKeeper recipes against a real ZooKeeper: registration, shard map store, outages."""
+"""ZooKeeper recipes against a real ZooKeeper: registration, cluster store, outages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -13,8 +14,9 @@ from kazoo.protocol.states import KazooState
 
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
+from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord
 from services.core.discovery.registry import NodeRegistration
-from services.core.discovery.shard_map_store import ShardMapStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import ConfigError, FailedPreconditionError, NotFoundError, UnavailableError
 from services.core.placement import PlacementSpec, initial_shard_map, node_ids
@@ -32,6 +34,11 @@ def owner(zk: KazooClient, path: str) -> int | None:
 
 def node_data(zk: KazooClient, path: str) -> dict:
     return json.loads(zk.get(path)[0])
+
+
+def payload(**fields) -> bytes:
+    """A registration's data, encoded as the records encode theirs."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
 def smap(version: int = 1, nodes: int = 2):
@@ -63,13 +70,13 @@ def test_make_kazoo_names_the_hosts_when_nothing_answers() -> None:
 
 def test_registration_appears_updates_and_disappears(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
     path = zk_paths.node("shard-0")
-    reg = NodeRegistration(member, path, {"node_id": "shard-0", "address": "127.0.0.1:1", "versions_ready": [1]})
+    reg = NodeRegistration(member, path, NodeRecord(node_id="shard-0", address="127.0.0.1:1", versions_ready=(1,)))
     reg.register()
     assert owner(zk, path) == member.client_id[0]
     assert node_data(zk, path)["versions_ready"] == [1]
-    assert ShardMapStore(zk, zk_paths).live_nodes() == {"shard-0": reg.data}
+    assert ClusterStore(zk, zk_paths).live_nodes() == {"shard-0": reg.record}
 
-    reg.update({"node_id": "shard-0", "address": "127.0.0.1:1", "versions_ready": [1, 2]})
+    reg.update(NodeRecord(node_id="shard-0", address="127.0.0.1:1", versions_ready=(1, 2)))
     assert node_data(zk, path)["versions_ready"] == [1, 2]
 
     reg.register()  # idempotent: our own node is kept
@@ -77,22 +84,22 @@ def test_registration_appears_updates_and_disappears(zk: KazooClient, member: Ka
     reg.deregister()
     assert zk.exists(path) is None
     reg.deregister()  # idempotent
-    assert ShardMapStore(zk, zk_paths).live_nodes() == {}
+    assert ClusterStore(zk, zk_paths).live_nodes() == {}
 
 
 def test_frontend_registration(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
-    reg = NodeRegistration(member, zk_paths.frontend("fe-1"), {"address": "127.0.0.1:2", "version": 1})
+    reg = NodeRegistration(member, zk_paths.frontend("fe-1"), payload(address="127.0.0.1:2", version=1))
     reg.register()
-    assert ShardMapStore(zk, zk_paths).live_frontends() == {"fe-1": {"address": "127.0.0.1:2", "version": 1}}
+    assert ClusterStore(zk, zk_paths).live_frontends() == {"fe-1": FrontendRecord(address="127.0.0.1:2", version=1)}
     member.stop()  # closing the session removes the ephemeral node at once
-    assert ShardMapStore(zk, zk_paths).live_frontends() == {}
+    assert ClusterStore(zk, zk_paths).live_frontends() == {}
 
 
 def test_reregisters_after_session_expiry(zk_server, zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
     path = zk_paths.node("shard-1")
     states: list[str] = []
     member.add_listener(states.append)
-    reg = NodeRegistration(member, path, {"node_id": "shard-1", "versions_ready": [3]})
+    reg = NodeRegistration(member, path, payload(node_id="shard-1", versions_ready=[3]))
     reg.register()
     old_session = expire_session(zk_server.hosts, member)
 
@@ -112,12 +119,12 @@ def test_update_while_disconnected_is_applied_on_reconnection(
     zk_server, zk: KazooClient, member: KazooClient, zk_paths: ZkPaths
 ) -> None:
     path = zk_paths.node("shard-2")
-    reg = NodeRegistration(member, path, {"versions_ready": [1]})
+    reg = NodeRegistration(member, path, payload(versions_ready=[1]))
     reg.register()
     zk_server.pause()
     try:
         wait_for(lambda: not member.connected, 10, "the member to notice the frozen ZooKeeper")
-        updater = threading.Thread(target=reg.update, args=({"versions_ready": [1, 2]},))
+        updater = threading.Thread(target=reg.update, args=(payload(versions_ready=[1, 2]),))
         updater.start()
         updater.join(5)
         assert not updater.is_alive(), "update() blocked while disconnected"
@@ -132,8 +139,8 @@ def test_update_while_disconnected_is_applied_on_reconnection(
 
 def test_same_id_in_two_live_sessions_is_refused(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
     path = zk_paths.node("shard-0")
-    NodeRegistration(zk, path, {"pid": 1}).register()
-    other = NodeRegistration(member, path, {"pid": 2}, stale_wait_s=0.3)
+    NodeRegistration(zk, path, payload(pid=1)).register()
+    other = NodeRegistration(member, path, payload(pid=2), stale_wait_s=0.3)
     with pytest.raises(ConfigError, match="another live ZooKeeper session"):
         other.register()
     assert owner(zk, path) == zk.client_id[0]
@@ -152,7 +159,7 @@ def test_stale_node_of_a_crashed_process_is_taken_over(
         from services.core.config import ZkConfig
         from services.core.discovery.registry import NodeRegistration
         client = make_kazoo(ZkConfig({zk_config.hosts!r}, {zk_config.cluster!r}, session_timeout_s=1.0))
-        NodeRegistration(client, {path!r}, {{"pid": os.getpid()}}).register()
+        NodeRegistration(client, {path!r}, b'{{"pid":%d}}' % os.getpid()).register()
         print("registered", flush=True)
         threading.Event().wait()
         """
@@ -163,17 +170,17 @@ def test_stale_node_of_a_crashed_process_is_taken_over(
     assert node_data(zk, path) == {"pid": proc.pid}
     proc.kill()  # SIGKILL: its session lives on in ZooKeeper until it times out
 
-    reg = NodeRegistration(member, path, {"pid": os.getpid()}, stale_wait_s=10)
+    reg = NodeRegistration(member, path, payload(pid=os.getpid()), stale_wait_s=10)
     reg.register()  # waits (on a watch) for the dead session to expire, then takes over
     assert owner(zk, path) == member.client_id[0] != dead_session
     assert node_data(zk, path) == {"pid": os.getpid()}
 
 
-# ---- shard map store -----------------------------------------------------------------------------
+# ---- cluster store --------------------------------------------------------------------------------
 
 
 def test_shard_map_compare_and_set(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
-    a, b = ShardMapStore(zk, zk_paths), ShardMapStore(member, zk_paths)
+    a, b = ClusterStore(zk, zk_paths), ClusterStore(member, zk_paths)
     with pytest.raises(NotFoundError, match="placement init"):
         a.read_active()
     v0 = a.write_active(smap(1), None)
@@ -190,7 +197,7 @@ def test_shard_map_compare_and_set(zk: KazooClient, member: KazooClient, zk_path
 
 
 def test_target_map_lifecycle(zk: KazooClient, zk_paths: ZkPaths) -> None:
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     assert store.read_target() is None
     store.clear_target()  # idempotent when absent
     v = store.write_target(smap(2, nodes=3), None)
@@ -204,14 +211,14 @@ def test_target_map_lifecycle(zk: KazooClient, zk_paths: ZkPaths) -> None:
 
 
 def test_model_and_versions(zk: KazooClient, zk_paths: ZkPaths) -> None:
-    store = ShardMapStore(zk, zk_paths)
+    store = ClusterStore(zk, zk_paths)
     with pytest.raises(NotFoundError):
         store.read_serving_version()
     store.write_model("file:///ckpt", "demo")
     store.write_serving_version(3)
     store.write_target_version(4)
     store.write_target_version(5)
-    assert store.read_model() == {"uri": "file:///ckpt", "name": "demo"}
+    assert store.read_model() == ModelPointer(uri="file:///ckpt", name="demo")
     assert (store.read_serving_version(), store.read_target_version()) == (3, 5)
     assert json.loads(zk.get(zk_paths.serving_version)[0]) == {"version": 3}
 
@@ -226,8 +233,8 @@ def test_watch_active_delivers_every_change(zk: KazooClient, member: KazooClient
             seen.append(None if m is None else m.version)
             threads.add(threading.current_thread().name)
 
-    store = ShardMapStore(zk, zk_paths)
-    watch = ShardMapStore(member, zk_paths).watch_active(on_map)
+    store = ClusterStore(zk, zk_paths)
+    watch = ClusterStore(member, zk_paths).watch_active(on_map)
     assert seen == [None]  # first call: synchronous, no map yet
     v = store.write_active(smap(1), None)
     wait_for(lambda: seen[-1] == 1, 5, "the watch to deliver map version 1")
@@ -245,15 +252,51 @@ def test_watch_active_delivers_every_change(zk: KazooClient, member: KazooClient
     assert seen == [None, 1, 2, 3]
 
 
+def test_members_watch_delivers_records_and_leaves_out_malformed_ones(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
+    seen: list[dict[str, NodeRecord]] = []
+    lock = threading.Lock()
+
+    def on_nodes(nodes: dict[str, NodeRecord]) -> None:  # the watch's own thread: only records
+        with lock:
+            seen.append(nodes)
+
+    def last() -> dict[str, NodeRecord]:
+        with lock:
+            return seen[-1] if seen else {}
+
+    watch = ClusterStore(zk, zk_paths).watch_nodes(on_nodes, dialable=True)
+    try:
+        first = NodeRegistration(member, zk_paths.node("shard-0"), NodeRecord(node_id="shard-0", address="h:1", versions_ready=(1,)))
+        first.register()
+        wait_for(lambda: last() == {"shard-0": first.record}, 5, "shard-0 to join")
+        first.update(dataclasses.replace(first.record, versions_ready=(1, 2)))
+        wait_for(lambda: last()["shard-0"].versions_ready == (1, 2), 5, "shard-0's new version")
+
+        second = NodeRegistration(member, zk_paths.node("shard-1"), b"garbage")
+        second.register()
+        second.update(NodeRecord(node_id="shard-1"))  # valid, but names no address: not dialable
+        second.update(NodeRecord(node_id="shard-1", address="h:2"))
+        wait_for(lambda: set(last()) == {"shard-0", "shard-1"}, 5, "shard-1 to join once it is well-formed")
+        with lock:
+            assert all(s.get("shard-1", second.record) == second.record for s in seen), "a malformed shard-1 was delivered"
+
+        first.deregister()
+        wait_for(lambda: set(last()) == {"shard-1"}, 5, "shard-0 to leave")
+        first.register()  # the same DataWatch picks it up again
+        wait_for(lambda: set(last()) == {"shard-0", "shard-1"}, 5, "shard-0 to come back")
+    finally:
+        watch.cancel()
+
+
 # ---- outages -------------------------------------------------------------------------------------
 
 
 def test_zookeeper_restart_keeps_data_and_registrations(zk_server, zk_config: ZkConfig, zk_paths: ZkPaths) -> None:
     client = make_kazoo(zk_config)
     try:
-        store = ShardMapStore(client, zk_paths, timeout_s=0.5)
+        store = ClusterStore(client, zk_paths, timeout_s=0.5)
         store.write_active(smap(1), None)
-        reg = NodeRegistration(client, zk_paths.node("shard-0"), {"node_id": "shard-0"})
+        reg = NodeRegistration(client, zk_paths.node("shard-0"), payload(node_id="shard-0"))
         reg.register()
         port = zk_server.port
         zk_server.stop()
@@ -266,7 +309,7 @@ def test_zookeeper_restart_keeps_data_and_registrations(zk_server, zk_config: Zk
         wait_for(lambda: client.connected, 10, "the client to reconnect after the restart")
         assert store.read_active()[0] == smap(1)
         wait_for(
-            lambda: store.live_nodes() == {"shard-0": {"node_id": "shard-0"}},
+            lambda: store.live_nodes() == {"shard-0": NodeRecord(node_id="shard-0")},
             10,
             "the registration to be present after the restart (session kept or re-registered)",
         )

@@ -8,6 +8,7 @@ import asyncio
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,6 +268,20 @@ def test_loader_refuses_invalid_rows_and_writes_nothing(tmp_path, redis_server, 
     with pytest.raises(CheckpointError, match="'item_category': item 9 has value 50, outside \\[0, 50\\)"):
         load_features(str(tmp_path), redis_server.url, prefix=redis_prefix, progress=False)
     assert list(redis_client.scan_iter(match=redis_prefix + "*")) == []
+
+
+def test_features_of_another_root_load_for_a_checkpoint_without_its_own(tmp_path, checkpoint, redis_server, redis_client, redis_prefix):
+    import shutil
+
+    from services.core.errors import CheckpointError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(Path(checkpoint) / "versions", bare / "versions")  # the model, no features/
+    with pytest.raises(CheckpointError, match="missing feature file features/users.npz"):
+        load_features(str(bare), redis_server.url, prefix=redis_prefix, progress=False)
+    result = load_features(str(bare), redis_server.url, prefix=redis_prefix, features=checkpoint, progress=False)
+    assert result["users"]["stats"].entities == 2000 and result["items"]["stats"].entities == 5000
+    assert redis_client.dbsize() >= 7000
 
 
 # -- validate ---------------------------------------------------------------------------------

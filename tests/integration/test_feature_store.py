@@ -242,7 +242,7 @@ def test_racing_frontends_reload_a_lost_store_once_and_publish_readiness(checkpo
 
     keys = keys_of(redis_prefix)
     load_features(checkpoint, redis_server.url, prefix=redis_prefix, progress=False)
-    source = ReloadSource(checkpoint, CheckpointReader(checkpoint).latest_version(), redis_server.url, redis_prefix)
+    source = ReloadSource(checkpoint, CheckpointReader(checkpoint).latest_version(), checkpoint, redis_server.url, redis_prefix)
 
     async def main():
         clients = [make_async_redis(redis_server.url, timeout_s=0.5, retries=0) for _ in range(2)]

@@ -24,7 +24,7 @@ from services.core import wire
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import FailedPreconditionError
 from services.core.placement import PlannerConfig, ShardMap, TablePlacementSpec
@@ -67,8 +67,8 @@ class Live:
     root: str
 
     @property
-    def store(self) -> ShardMapStore:
-        return ShardMapStore(self.zk, self.paths)
+    def store(self) -> ClusterStore:
+        return ClusterStore(self.zk, self.paths)
 
     def znode(self, node: str) -> dict:
         return json.loads(self.zk.get(self.paths.node(node))[0])
@@ -84,7 +84,7 @@ class Live:
 
     def apply(self, plan: str, timeout_s: float = 600.0) -> bool:
         """``rebalance apply PLAN --yes``: True once the plan's map is the active one."""
-        return apply_plan(self.zk, self.store, RebalancePlan.load(plan), timeout_s=timeout_s)
+        return apply_plan(self.store, RebalancePlan.load(plan), timeout_s=timeout_s)
 
     def status(self) -> str:
         """The report of ``rebalance status``."""

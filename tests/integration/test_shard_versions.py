@@ -24,7 +24,7 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_delta
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.errors import ShardrecError
 from services.core.reference import ReferenceModel
@@ -63,7 +63,7 @@ class Node:
         self.smap = cluster.smap
         self.channel = grpc.insecure_channel(cluster.addresses["shard-0"])
         self.stub = embedding_pb2_grpc.EmbeddingShardStub(self.channel)
-        self.store = ShardMapStore(zk, paths)
+        self.store = ClusterStore(zk, paths)
 
     def znode(self) -> dict:
         return json.loads(self.zk.get(self.paths.node("shard-0"))[0])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from services.control.placement import init_cluster, initial_placement
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
-from services.core.discovery.shard_map_store import ShardMapStore
+from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import PlacementSpec, ShardMap
 from tests.support.processes import ProcessFactory, ServiceProcess
@@ -36,7 +36,7 @@ def publish_cluster(zk, paths: ZkPaths, checkpoint: str, spec: dict, num_nodes: 
     the versions (``version``, default the latest complete one, is both serving and target),
     then the shard map."""
     initial = initial_placement(checkpoint, PlacementSpec.from_json(spec), num_nodes, version)
-    smap, _cleared = init_cluster(ShardMapStore(zk, paths), initial)
+    smap, _cleared = init_cluster(ClusterStore(zk, paths), initial)
     return smap
 
 

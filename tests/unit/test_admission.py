@@ -51,13 +51,23 @@ def test_limit_stays_within_its_bounds():
 
 
 def test_service_estimate_floor_plus_share_of_the_queue():
-    est = ServiceEstimate(in_flight_batches=2, alpha=1.0)
-    assert est.expected_s(10) == 0.0  # nothing measured yet: admit
-    est.observe_batch(0.010, 1)
-    est.observe_batch(0.040, 20)
-    assert est.fastest_s == pytest.approx(0.010)
-    assert est.per_request_s == pytest.approx(0.001)  # 40 ms / 20 / 2 slots
-    assert est.expected_s(30) == pytest.approx(0.040)
+    est = ServiceEstimate(in_flight_batches=2, alpha=1.0, horizon_s=5.0)
+    assert est.expected_s(10, 0.0) == 0.0  # nothing measured yet: admit
+    est.observe_batch(0.010, 1, 0.0)
+    est.observe_batch(0.040, 20, 1.0)
+    assert est.fastest_s(1.0) == pytest.approx(0.010)
+    assert est.per_request_s(1.0) == pytest.approx(0.001)  # 40 ms / 20 / 2 slots
+    assert est.expected_s(30, 1.0) == pytest.approx(0.040)
+
+
+def test_service_estimate_forgets_a_slow_spell():
+    """Batches slowed by a fault (a paused shard) must not refuse short deadlines for ever."""
+    est = ServiceEstimate(in_flight_batches=2, horizon_s=5.0)
+    est.observe_batch(1.2, 1, 10.0)
+    assert est.expected_s(0, 12.0) == pytest.approx(1.2)
+    assert est.expected_s(5, 15.5) == 0.0  # forgotten: nothing recent, nothing refused
+    est.observe_batch(0.008, 1, 16.0)
+    assert est.expected_s(0, 16.0) == pytest.approx(0.008)
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_burst():
@@ -94,7 +104,7 @@ def test_admission_sheds_past_the_limit_and_counts_why():
 
 def test_admission_refuses_at_once_what_cannot_meet_its_deadline():
     a = admission()
-    a.estimate.observe_batch(0.008, 1)
+    a.estimate.observe_batch(0.008, 1, 0.0)
     shed = a.check("c", 0.002, 0, 0.0)
     assert shed is not None and shed.reason == "deadline" and "2.0 ms left" in shed.message
     assert a.check("c", 0.5, 0, 0.0) is None and a.in_flight == 1
@@ -103,7 +113,7 @@ def test_admission_refuses_at_once_what_cannot_meet_its_deadline():
 def test_admission_disabled_keeps_only_caller_rates():
     p = AdmissionPolicy(enabled=False, initial_limit=1, min_limit=1)
     a = Admission(p, CallerLimits(CallerLimitsConfig(default=CallerRate(1.0, 1.0))), ServiceEstimate(in_flight_batches=1))
-    a.estimate.observe_batch(1.0, 1)
+    a.estimate.observe_batch(1.0, 1, 0.0)
     assert a.check("c", 0.001, 100, 0.0) is None  # over the limit and the deadline: still admitted
     shed = a.check("c", 0.001, 100, 0.0)
     assert shed is not None and shed.reason == "caller_rate"

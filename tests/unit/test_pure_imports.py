@@ -1,6 +1,6 @@
-"""The pure parts of core (types, config, placement, checkpoint format, ZooKeeper paths) and the
-light CLI commands import neither torch nor grpc nor a ZooKeeper or Redis client, each checked in
-a fresh interpreter."""
+"""The pure parts of core (types, config, placement, checkpoint format, ZooKeeper paths and
+records) and the light CLI commands import neither torch nor grpc nor a ZooKeeper or Redis
+client, each checked in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ PURE_CORE = (
     "services.core.checkpoint.reader",
     "services.core.checkpoint.writer",
     "services.core.discovery.zk_paths",
+    "services.core.discovery.records",
     "services.core.placement",
     *sorted(f"services.core.placement.{p.stem}" for p in PLACEMENT.glob("*.py") if p.stem != "__init__"),
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.control.rebalance import progress_line
+from services.core.discovery.records import FrontendRecord, HeldPartition, LoadError, NodeRecord, PartitionError
 from services.core.errors import ConfigError
 from services.core.placement import PlacementSpec, PlannerConfig, ShardMap, TablePlacementSpec, initial_shard_map, node_ids
 from services.core.rebalance import (
@@ -94,26 +95,26 @@ def test_plan_file_round_trip(tmp_path):
 
 def test_measured_load_adds_every_partition_of_every_node():
     nodes = {
-        "a": {"held": {"items/0of2": {"ids_per_s": 10.0}, "users/0of1": {"ids_per_s": 1.5}}},
-        "b": {"held": {"items/1of2": {"ids_per_s": 12.0}, "items/0of1": {"ids_per_s": 3.0}}},
-        "c": {},
+        "a": NodeRecord(held={"items/0of2": HeldPartition(ids_per_s=10.0), "users/0of1": HeldPartition(ids_per_s=1.5)}),
+        "b": NodeRecord(held={"items/1of2": HeldPartition(ids_per_s=12.0), "items/0of1": HeldPartition(ids_per_s=3.0)}),
+        "c": NodeRecord(),
     }
     assert measured_load(nodes) == {"items": 25.0, "users": 1.5}
 
 
 @pytest.mark.parametrize("serving, target, frontends, nodes, want", [
     (1, 1, {}, {}, {1}),
-    (1, 2, {"f": {"version": 1}}, {"a": {"versions_ready": [1]}}, {1}),  # nobody holds 2 yet
-    (1, 2, {"f": {"version": 1}}, {"a": {"versions_ready": [1, 2]}}, {1, 2}),  # frontends may switch any moment
-    (1, 2, {}, {"a": {"versions_ready": [1, 2]}, "b": {"load_error": {"version": 2}}}, {1}),  # refused: never served
-    (2, 2, {"f": {"version": 1}, "g": {"version": 2}}, {}, {1, 2}),
+    (1, 2, {"f": FrontendRecord(version=1)}, {"a": NodeRecord(versions_ready=(1,))}, {1}),  # nobody holds 2 yet
+    (1, 2, {"f": FrontendRecord(version=1)}, {"a": NodeRecord(versions_ready=(1, 2))}, {1, 2}),  # frontends may switch any moment
+    (1, 2, {}, {"a": NodeRecord(versions_ready=(1, 2)), "b": NodeRecord(load_error=LoadError(2))}, {1}),  # refused: never served
+    (2, 2, {"f": FrontendRecord(version=1), "g": FrontendRecord(version=2)}, {}, {1, 2}),
 ])
 def test_required_versions(serving, target, frontends, nodes, want):
     assert required_versions(serving, target, frontends, nodes) == frozenset(want)
 
 
 def _node(held, versions=(1,), **extra):
-    return {"held": {p: {"bytes": 1} for p in held}, "versions_ready": list(versions), **extra}
+    return NodeRecord(held={p: HeldPartition(size_bytes=1) for p in held}, versions_ready=tuple(versions), **extra)
 
 
 def test_progress_is_done_only_when_every_load_is_held_at_every_required_version():
@@ -123,7 +124,7 @@ def test_progress_is_done_only_when_every_load_is_held_at_every_required_version
     users = "users/0of1"
     nodes = {
         "shard-0": _node(held["shard-0"] + [users]),
-        "shard-1": _node(held["shard-1"], partitions_loading=[users]),
+        "shard-1": _node(held["shard-1"], partitions_loading=(users,)),
         # shard-2 is down
     }
     p = progress(active, target, TABLES, nodes, frozenset({1}))
@@ -139,7 +140,7 @@ def test_progress_is_done_only_when_every_load_is_held_at_every_required_version
     nodes["shard-2"] = _node(held["shard-2"] + [users], versions=(1, 2))
     p = progress(active, target, TABLES, nodes, frozenset({1}))
     assert p.done and p.bytes_ready == p.bytes_total
-    nodes["shard-0"] = _node([], partition_error={"partition": users, "error": "disk on fire"})
+    nodes["shard-0"] = _node([], partition_error=PartitionError(users, "disk on fire"))
     p = progress(active, target, TABLES, nodes, frozenset({1}))
     assert {a.node_id: (a.state, a.detail) for a in p.adds}["shard-0"] == ("error", "disk on fire")
     assert PartitionId("users", 0, 1) not in p.not_ready and not p.done

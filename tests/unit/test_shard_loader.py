@@ -117,7 +117,7 @@ def test_a_users_only_node_loads_a_version_whose_items_file_is_corrupt(ckpt):
             part, _ = snapshot.resolve(2, "users", pid.partition, np.empty(0, np.int64), strict=True)
             np.testing.assert_array_equal(part.weight.numpy(), tables[2]["users"][pid.partition :: 2])
     assert items_store.primary == 1 and items_store.versions_ready == [1]
-    assert items_node.load_error["version"] == 2 and "tables/items.rows.npy: sha256" in items_node.load_error["error"]
+    assert items_node.load_error.version == 2 and "tables/items.rows.npy: sha256" in items_node.load_error.error
 
 
 def test_changes_apply_like_the_old_path(ckpt):

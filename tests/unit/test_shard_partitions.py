@@ -72,7 +72,7 @@ def test_loads_what_the_target_gives_at_every_version_then_drops_what_no_map_giv
         ids = [1, 3, 4, 9]
         got, lengths = _pool(store, v, "users", 1, ids)
         np.testing.assert_allclose(got, reference_pool(tables[v]["users"], ids, lengths, PoolingType.SUM), rtol=1e-5, atol=1e-6)
-    assert pm.reconcile() is None and pm.status()["partitions_loading"] == []
+    assert pm.reconcile() is None and pm.status()["partitions_loading"] == ()
     # The switch: the target's deletion is watched before the active map's change. A fresh
     # read (target, then active) says users/0of1 is still owned: nothing drops.
     zk.update(active=TARGET, target=None)
@@ -93,7 +93,7 @@ def test_drops_after_the_drain_and_reports_it(node):
     pm.set_active(narrowed)
     wait = pm.reconcile()
     assert 29.0 < wait <= 30.0 and HALF in store.held()
-    assert pm.status()["partitions_draining"] == [str(HALF)]
+    assert pm.status()["partitions_draining"] == (str(HALF),)
 
 
 def test_a_load_is_abandoned_when_the_target_goes(node):
@@ -121,5 +121,5 @@ def test_load_meter_reports_ids_per_second_over_the_window(node):
     now[0] += 5.0
     meter.tick()
     report = meter.report()
-    assert report[str(HALF)]["ids"] == 500 and report[str(HALF)]["ids_per_s"] == 100.0
-    assert report[str(HALF)]["bytes"] == store.size_bytes(HALF) and changes
+    assert report[str(HALF)].ids == 500 and report[str(HALF)].ids_per_s == 100.0
+    assert report[str(HALF)].size_bytes == store.size_bytes(HALF) and changes

@@ -15,49 +15,40 @@ znode, so the methods are thread-safe.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from kazoo.exceptions import (
-    BadVersionError,
-    ConnectionLoss,
-    NodeExistsError,
-    NoNodeError,
-    OperationTimeoutError,
-    SessionExpiredError,
-)
+from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError
 from kazoo.protocol.states import KazooState
 
-from services.core.errors import ConfigError, InvalidArgumentError, UnavailableError
+from services.core.discovery.records import ZnodeRecord
+from services.core.discovery.watches import CONNECTION_ERRORS as _CONNECTION_ERRORS
+from services.core.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
 
 log = logging.getLogger(__name__)
 
-# Kazoo errors that mean "ZooKeeper is not reachable right now", not "the request was wrong".
-_CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
+T = TypeVar("T", bound="ZnodeRecord | bytes")
 
 
-def _encode(data: Mapping[str, Any]) -> bytes:
-    try:
-        return json.dumps(dict(data), sort_keys=True, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(f"registration data must be JSON-serialisable: {e}") from e
+def _encode(record: "ZnodeRecord | bytes") -> bytes:
+    return record if isinstance(record, bytes) else record.to_bytes()
 
 
-class NodeRegistration:
-    """Keeps one EPHEMERAL znode at ``path`` holding ``data`` as JSON, across session losses.
+class NodeRegistration(Generic[T]):
+    """Keeps one EPHEMERAL znode at ``path`` holding ``record`` (a ``NodeRecord`` or
+    ``FrontendRecord`` of ``records.py``, or bytes already encoded), across session losses.
 
     - ``register()`` creates it (parents too). A node left at ``path`` by an older session of
       this object is replaced. A node held by another session is waited for up to
       ``stale_wait_s`` (a crashed predecessor's session expires within its timeout); if it is
       still there, the other session is alive and ``register`` raises ConfigError: two
       processes were given the same node id.
-    - ``update(data)`` replaces the data (e.g. a new ready version).
+    - ``update(record)`` replaces the data (e.g. a new ready version).
     - ``deregister()`` deletes the znode if this object holds it; idempotent.
     - After a session expiry (kazoo state LOST, then CONNECTED with a new session) the znode
       is created again with the latest data, on a kazoo handler thread.
@@ -69,14 +60,14 @@ class NodeRegistration:
         self,
         client: "KazooClient",
         path: str,
-        data: Mapping[str, Any],
+        record: T,
         *,
         stale_wait_s: float | None = None,
     ) -> None:
         self._client = client
         self._path = path
-        self._payload = _encode(data)
-        self._data = dict(data)
+        self._payload = _encode(record)
+        self._record = record
         if stale_wait_s is None:
             stale_wait_s = 2.0 * getattr(client, "_session_timeout", 10_000) / 1000.0
         self._stale_wait_s = stale_wait_s
@@ -94,9 +85,10 @@ class NodeRegistration:
         return self._path
 
     @property
-    def data(self) -> dict[str, Any]:
+    def record(self) -> T:
+        """What the znode holds (or will hold once ZooKeeper is reachable): the last record given."""
         with self._lock:
-            return dict(self._data)
+            return self._record
 
     @property
     def session_id(self) -> int | None:
@@ -123,13 +115,14 @@ class NodeRegistration:
             self._listen()
             self._zk_call("register", self._ensure_present)
 
-    def update(self, data: Mapping[str, Any]) -> None:
-        """Replace the data. If the client is disconnected, return at once: the data is written
-        when it reconnects (never lost, never raised about); other errors are raised. (If the
-        connection drops during the call, kazoo holds the request until it reconnects.)"""
-        payload = _encode(data)
+    def update(self, record: T) -> None:
+        """Replace the data with ``record``. If the client is disconnected, return at once: the
+        data is written when it reconnects (never lost, never raised about); other errors are
+        raised. (If the connection drops during the call, kazoo holds the request until it
+        reconnects.)"""
+        payload = _encode(record)
         with self._lock:
-            self._data = dict(data)
+            self._record = record
             self._payload = payload
             if not self._wanted:
                 return

@@ -1,13 +1,14 @@
-"""Every ZooKeeper path shardrec uses, spelled here and nowhere else (see docs/zookeeper.md).
+"""Every ZooKeeper path shardrec uses, spelled here and nowhere else (see docs/zookeeper.md);
+what each znode holds is a record of ``records.py``.
 
     /shardrec/<cluster>/
-        nodes/<node_id>          EPHEMERAL  a live shard: {address, partitions, versions_ready, ...}
-        frontends/<frontend_id>  EPHEMERAL  a live frontend: {address, version}
-        shardmap/active          the ShardMap requests are routed with (JSON, carries map version)
+        nodes/<node_id>          EPHEMERAL  a live shard: NodeRecord (address, partitions, ...)
+        frontends/<frontend_id>  EPHEMERAL  a live frontend: FrontendRecord (address, version)
+        shardmap/active          the ShardMap requests are routed with (carries the map version)
         shardmap/target          the ShardMap a rebalance moves towards (absent when none)
-        model/checkpoint         {"uri": ..., "name": ...}: where every shard reads versions
-        model/serving_version    {"version": N}: what frontends serve
-        model/target_version     {"version": N}: what shards should load next
+        model/checkpoint         ModelPointer (uri, name): where every shard reads versions
+        model/serving_version    VersionRecord: what frontends serve
+        model/target_version     VersionRecord: what shards should load next
 """
 
 from __future__ import annotations

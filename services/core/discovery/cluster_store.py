@@ -1,9 +1,10 @@
 """The cluster's coordination state in ZooKeeper: shard maps, model pointer, versions, members.
 
-``ShardMapStore`` reads and writes the persistent znodes of one cluster (paths from ZkPaths,
-JSON everywhere, see docs/zookeeper.md). Shard maps are written with compare-and-set on the
-znode version, so two writers (two rebalances, a rebalance and an operator) can never both win:
-the loser gets FailedPreconditionError and must re-read.
+``ClusterStore`` reads and writes the persistent znodes of one cluster (paths from ZkPaths,
+their JSON through ``records.py``, see docs/zookeeper.md) and reads or watches its members.
+Shard maps are written with compare-and-set on the znode version, so two writers (two
+rebalances, a rebalance and an operator) can never both win: the loser gets
+FailedPreconditionError and must re-read.
 
 Threads: every method except the watch callbacks blocks on ZooKeeper round trips; call them
 from any thread but a kazoo callback thread (in asyncio code: from an executor). Watch
@@ -17,30 +18,17 @@ on shard maps makes that safe).
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from kazoo.exceptions import (
-    BadVersionError,
-    ConnectionLoss,
-    NodeExistsError,
-    NoNodeError,
-    OperationTimeoutError,
-    RolledBackError,
-    SessionExpiredError,
-)
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError
 
+from services.core.discovery.members import MembersWatch, Parse
+from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord, RecordError, VersionRecord
+from services.core.discovery.watches import ZnodeWatch, unavailable_when_unreachable, watch_znode
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.errors import (
-    ConfigError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    UnavailableError,
-)
+from services.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from services.core.placement import ShardMap
 
 if TYPE_CHECKING:
@@ -48,48 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
-
 ShardMapCallback = Callable[["ShardMap | None"], None]
+R = TypeVar("R")
 
 
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _load(path: str, data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise ConfigError(f"znode {path} does not hold valid JSON: {e}") from e
-
-
-@contextmanager
-def _zk(what: str) -> Iterator[None]:
-    """Turn "ZooKeeper unreachable" kazoo errors into UnavailableError naming the operation."""
-    try:
-        yield
-    except _CONNECTION_ERRORS as e:
-        raise UnavailableError(f"{what}: ZooKeeper unreachable ({e!r})") from e
-
-
-class MapWatch:
-    """Handle of a shard-map watch. ``cancel()`` stops callbacks; kazoo drops the underlying
-    watch at the next change of the znode. Thread-safe."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-class ShardMapStore:
+class ClusterStore:
     """Reads and writes one cluster's persistent coordination znodes over an injected client.
 
     The client is owned by the caller (``services.core.clients.make_kazoo``). Thread-safe: it
@@ -140,7 +91,7 @@ class ShardMapStore:
         """
         path = self._paths.shardmap_target
         what = f"clear target shard map of {self._paths.cluster!r}"
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             try:
                 self._wait(
                     what,
@@ -165,7 +116,7 @@ class ShardMapStore:
         tx = self._client.transaction()
         tx.set_data(self._paths.shardmap_active, target.to_bytes(), version=expected_active)
         tx.delete(self._paths.shardmap_target, version=expected_target)
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             results = self._wait(what, tx.commit_async(), write=True)
         failed = [(name, r) for name, r in zip(("active", "target"), results) if isinstance(r, Exception)]
         real = [(name, r) for name, r in failed if not isinstance(r, RolledBackError)]
@@ -179,7 +130,7 @@ class ShardMapStore:
             raise FailedPreconditionError(f"{what}: the transaction was rolled back ({failed[0][1]!r}); re-read")
         return results[0].version
 
-    def watch_active(self, callback: ShardMapCallback) -> MapWatch:
+    def watch_active(self, callback: ShardMapCallback) -> ZnodeWatch:
         """Call ``callback(ShardMap | None)`` now and after every change of the active map.
 
         The first call happens in the calling thread, before this returns; later calls run on
@@ -191,74 +142,67 @@ class ShardMapStore:
         """
         return self._watch_map(self._paths.shardmap_active, callback)
 
-    def watch_target(self, callback: ShardMapCallback) -> MapWatch:
+    def watch_target(self, callback: ShardMapCallback) -> ZnodeWatch:
         """Same as ``watch_active`` for the target map (None: no rebalance in progress)."""
         return self._watch_map(self._paths.shardmap_target, callback)
 
     # -- model pointer and versions -----------------------------------------------------------
-    def read_model(self) -> dict[str, Any]:
-        """``{"uri": ..., "name": ...}``: where shards read checkpoint versions from."""
-        return self._read_json(self._paths.model_checkpoint, "model checkpoint")
+    def read_model(self) -> ModelPointer:
+        """Where shards and frontends read checkpoint versions from. NotFoundError if never
+        written."""
+        path = self._paths.model_checkpoint
+        return ModelPointer.from_bytes(self._read(path, "model checkpoint"), f"znode {path}")
 
     def write_model(self, uri: str, name: str) -> None:
         if not uri:
             raise InvalidArgumentError("model checkpoint uri must be non-empty")
-        self._put(self._paths.model_checkpoint, {"uri": uri, "name": name})
+        self._put(self._paths.model_checkpoint, ModelPointer(uri, name).to_bytes())
 
     def read_serving_version(self) -> int:
         """The model version frontends serve. NotFoundError if never written."""
         return self._read_version(self._paths.serving_version, "serving version")
 
     def write_serving_version(self, version: int) -> None:
-        self._put(self._paths.serving_version, {"version": self._check_version(version)})
+        self._put(self._paths.serving_version, VersionRecord(self._check_version(version)).to_bytes())
 
     def read_target_version(self) -> int:
         """The model version shards should load next. NotFoundError if never written."""
         return self._read_version(self._paths.target_version, "target version")
 
     def write_target_version(self, version: int) -> None:
-        self._put(self._paths.target_version, {"version": self._check_version(version)})
+        self._put(self._paths.target_version, VersionRecord(self._check_version(version)).to_bytes())
 
-    def watch_serving_version(self, callback: Callable[[int | None], None]) -> MapWatch:
+    def watch_serving_version(self, callback: Callable[[int | None], None]) -> ZnodeWatch:
         """Call ``callback(version | None)`` now and after every change of the serving version
         (same threading rules as ``watch_active``; a malformed value is logged, not delivered)."""
         return self._watch_version(self._paths.serving_version, callback)
 
-    def watch_target_version(self, callback: Callable[[int | None], None]) -> MapWatch:
+    def watch_target_version(self, callback: Callable[[int | None], None]) -> ZnodeWatch:
         """Same as ``watch_serving_version`` for the target version."""
         return self._watch_version(self._paths.target_version, callback)
 
-    def _watch_version(self, path: str, callback: Callable[[int | None], None]) -> MapWatch:
-        def parse(data: bytes) -> int:
-            try:
-                return int(_load(path, data)["version"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(f"znode {path} must hold {{\"version\": N}}: {e!r}") from e
-
-        return self._watch(path, parse, callback)
-
-    def watch_frontend_versions(self, callback: Callable[[dict[str, int]], None]) -> "MembersWatch":
-        """Call ``callback({frontend_id: version served})`` whenever a frontend joins, leaves or
-        switches version. Calls come from the watch's own thread, never overlap, and must not
-        block for long; the first arrives once ZooKeeper answered."""
-
-        def version_of(data: dict[str, Any]) -> int | None:
-            v = data.get("version")
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-        def deliver(members: dict[str, dict[str, Any]]) -> None:
-            callback({fid: v for fid, d in members.items() if (v := version_of(d)) is not None})
-
-        return MembersWatch(self._client, self._paths.frontends, deliver)
+    def _watch_version(self, path: str, callback: Callable[[int | None], None]) -> ZnodeWatch:
+        return self._watch(path, lambda data: VersionRecord.from_bytes(data, f"znode {path}").version, callback)
 
     # -- membership ---------------------------------------------------------------------------
-    def live_nodes(self) -> dict[str, dict[str, Any]]:
-        """Every registered shard node: node id -> its znode's JSON (see registry)."""
-        return self._live_children(self._paths.nodes)
+    def live_nodes(self) -> dict[str, NodeRecord]:
+        """Every registered shard node: node id -> its record (a malformed one is skipped)."""
+        return self._live_children(self._paths.nodes, NodeRecord.from_bytes)
 
-    def live_frontends(self) -> dict[str, dict[str, Any]]:
-        """Every registered frontend: frontend id -> its znode's JSON."""
-        return self._live_children(self._paths.frontends)
+    def live_frontends(self) -> dict[str, FrontendRecord]:
+        """Every registered frontend: frontend id -> its record (a malformed one is skipped)."""
+        return self._live_children(self._paths.frontends, FrontendRecord.from_bytes)
+
+    def watch_nodes(self, callback: Callable[[dict[str, NodeRecord]], None], *, dialable: bool = False) -> MembersWatch[NodeRecord]:
+        """Call ``callback({node_id: record})`` whenever a shard node joins, leaves or rewrites
+        its znode (``members.MembersWatch``: from the watch's own thread, never overlapping;
+        the callback only hands off). ``dialable``: a node whose znode names no address is
+        left out, like a malformed one."""
+        return MembersWatch(self._client, self._paths.nodes, partial(NodeRecord.from_bytes, dialable=dialable), callback)
+
+    def watch_frontends(self, callback: Callable[[dict[str, FrontendRecord]], None]) -> MembersWatch[FrontendRecord]:
+        """Same as ``watch_nodes`` for the live frontends."""
+        return MembersWatch(self._client, self._paths.frontends, FrontendRecord.from_bytes, callback)
 
     # -- internals ----------------------------------------------------------------------------
     def _wait(self, what: str, result: Any, *, write: bool = False) -> Any:
@@ -273,7 +217,7 @@ class ShardMapStore:
 
     def _read_map(self, path: str, which: str) -> tuple[ShardMap, int] | None:
         what = f"read {which} shard map of {self._paths.cluster!r}"
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             try:
                 data, stat = self._wait(what, self._client.get_async(path))
             except NoNodeError:
@@ -284,7 +228,7 @@ class ShardMapStore:
         smap.validate()
         payload = smap.to_bytes()
         what = f"write {which} shard map of {self._paths.cluster!r}"
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             if expected is None:
                 try:
                     self._wait(what, self._client.create_async(path, payload, makepath=True), write=True)
@@ -306,51 +250,22 @@ class ShardMapStore:
                 ) from e
         return stat.version
 
-    def _watch_map(self, path: str, callback: ShardMapCallback) -> MapWatch:
+    def _watch_map(self, path: str, callback: ShardMapCallback) -> ZnodeWatch:
         return self._watch(path, lambda data: ShardMap.from_bytes(data or b""), callback)
 
-    def _watch(self, path: str, parse: Callable[[bytes], Any], callback: Callable[[Any], None]) -> MapWatch:
-        """DataWatch ``path``: ``callback(parse(data))``, or ``callback(None)`` when the znode
-        does not exist; a value ``parse`` refuses (ConfigError) is logged and not delivered."""
-        watch = MapWatch(path)
+    def _watch(self, path: str, parse: Callable[[bytes], Any], callback: Callable[[Any], None]) -> ZnodeWatch:
+        return watch_znode(self._client, path, parse, callback)
 
-        def on_data(data: bytes | None, stat: Any, event: Any = None) -> bool | None:
-            # Kazoo thread (the caller's thread for the first call). Never raises: kazoo would
-            # retry a TypeError with fewer arguments.
-            if watch.cancelled:
-                return False  # tells kazoo to drop the watch
-            try:
-                value = None if stat is None else parse(data or b"")
-            except ConfigError as e:
-                log.error("ignoring malformed value at %s: %s", path, e)
-                return None
-            try:
-                callback(value)
-            except Exception:
-                log.exception("watch callback for %s raised", path)
-            return None
-
-        with _zk(f"watch {path}"):
-            self._client.DataWatch(path, on_data)
-        return watch
-
-    def _read_json(self, path: str, what: str) -> dict[str, Any]:
-        with _zk(f"read {what} of {self._paths.cluster!r}"):
+    def _read(self, path: str, what: str) -> bytes:
+        with unavailable_when_unreachable(f"read {what} of {self._paths.cluster!r}"):
             try:
                 data, _stat = self._wait(f"read {what}", self._client.get_async(path))
             except NoNodeError as e:
                 raise NotFoundError(f"cluster {self._paths.cluster!r} has no {what} ({path})") from e
-        value = _load(path, data)
-        if not isinstance(value, dict):
-            raise ConfigError(f"znode {path} must hold a JSON object, got {value!r}")
-        return value
+        return data or b""
 
     def _read_version(self, path: str, what: str) -> int:
-        value = self._read_json(path, what)
-        try:
-            return int(value["version"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"znode {path} must hold {{\"version\": N}}, got {value!r}") from e
+        return VersionRecord.from_bytes(self._read(path, what), f"znode {path}").version
 
     @staticmethod
     def _check_version(version: int) -> int:
@@ -358,11 +273,10 @@ class ShardMapStore:
             raise InvalidArgumentError(f"a model version must be an integer >= 1, got {version!r}")
         return version
 
-    def _put(self, path: str, value: dict[str, Any]) -> None:
+    def _put(self, path: str, payload: bytes) -> None:
         """Set or create (with parents) a persistent znode, last writer wins."""
-        payload = _dump(value)
         what = f"write {path}"
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             while True:
                 try:
                     self._wait(what, self._client.set_async(path, payload), write=True)
@@ -375,101 +289,23 @@ class ShardMapStore:
                 except NodeExistsError:
                     continue  # created in between: set it
 
-    def _live_children(self, parent: str) -> dict[str, dict[str, Any]]:
+    def _live_children(self, parent: str, parse: Parse[R]) -> dict[str, R]:
         what = f"list {parent}"
-        with _zk(what):
+        with unavailable_when_unreachable(what):
             try:
                 children = self._wait(what, self._client.get_children_async(parent))
             except NoNodeError:
                 return {}
             pending = [(name, self._client.get_async(f"{parent}/{name}")) for name in sorted(children)]
-            out: dict[str, dict[str, Any]] = {}
+            out: dict[str, R] = {}
             for name, result in pending:
                 try:
                     data, _stat = self._wait(what, result)
                 except NoNodeError:
                     continue  # left in between
                 try:
-                    value = _load(f"{parent}/{name}", data)
-                except ConfigError as e:
+                    out[name] = parse(data or b"", f"{parent}/{name}")
+                except RecordError as e:
                     log.warning("skipping %s/%s: %s", parent, name, e)
-                    continue
-                out[name] = value if isinstance(value, dict) else {"value": value}
         return out
 
-
-class MembersWatch:
-    """The children of ``path`` and each child's JSON, delivered whole to ``callback`` on every
-    change (a child joins, leaves or rewrites its data).
-
-    Kazoo watch callbacks only enqueue events; a private daemon thread sets the per-child data
-    watches (a ZooKeeper read, never done on a kazoo callback thread) and calls ``callback``,
-    so calls never overlap. Each child id gets one DataWatch for the process's life (a child
-    that leaves and comes back is picked up by the same watch).
-    """
-
-    def __init__(self, client: "KazooClient", path: str, callback: Callable[[dict[str, dict[str, Any]]], None]) -> None:
-        import queue
-
-        self._client = client
-        self._path = path
-        self._callback = callback
-        self._events: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
-        self._members: dict[str, dict[str, Any]] = {}
-        self._watched: set[str] = set()
-        self._cancelled = False
-        with _zk(f"watch {path}"):
-            client.ensure_path(path)
-        threading.Thread(target=self._run, name=f"members-watch {path}", daemon=True).start()
-        client.ChildrenWatch(path, self._on_children)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._events.put(("stop", None))
-
-    def _on_children(self, children: list[str]) -> bool | None:
-        if self._cancelled:
-            return False
-        self._events.put(("children", list(children)))
-        return None
-
-    def _run(self) -> None:
-        while True:
-            kind, value = self._events.get()
-            if kind == "stop":
-                return
-            if kind == "children":
-                for child in value:
-                    if child not in self._watched:
-                        self._watched.add(child)
-                        self._watch_child(child)
-                continue
-            child, data = value
-            if data is None:
-                changed = self._members.pop(child, None) is not None
-            else:
-                try:
-                    parsed = _load(f"{self._path}/{child}", data)
-                except ConfigError as e:
-                    log.warning("ignoring %s/%s: %s", self._path, child, e)
-                    continue
-                changed = self._members.get(child) != parsed
-                self._members[child] = parsed if isinstance(parsed, dict) else {"value": parsed}
-            if changed:
-                try:
-                    self._callback(dict(self._members))
-                except Exception:
-                    log.exception("members watch callback for %s raised", self._path)
-
-    def _watch_child(self, child: str) -> None:
-        def on_data(data: bytes | None, stat: Any, event: Any = None) -> bool | None:
-            if self._cancelled:
-                return False
-            self._events.put(("data", (child, None if stat is None else data)))
-            return None
-
-        try:
-            self._client.DataWatch(f"{self._path}/{child}", on_data)
-        except _CONNECTION_ERRORS as e:  # the session comes back with the watch re-armed by kazoo
-            log.warning("members watch %s: cannot watch %s yet (%r)", self._path, child, e)
-            self._watched.discard(child)
