@@ -176,11 +176,14 @@ def test_a_stalled_redis_fails_reads_fast_opens_the_breaker_and_is_probed_back(s
         await store.read(USERS, ITEMS)
         own_redis.pause()
         try:
-            with pytest.raises(DeadlineExceededError):  # a deadline shorter than the ceiling is the batch's, not Redis's
+            with pytest.raises(DeadlineExceededError):  # a batch's short deadline: not Redis's fault
                 await store.read(USERS, ITEMS, deadline=time.monotonic() + 0.02)
             assert store.breaker.failures == 0
+            with pytest.raises(DeadlineExceededError):  # cut short, but over half the ceiling: Redis's fault too
+                await store.read(USERS, ITEMS, deadline=time.monotonic() + 0.07)
+            assert store.breaker.failures == 1
             waits = []
-            for _ in range(3):  # failures_to_open
+            for _ in range(2):  # failures_to_open 3
                 t0 = time.monotonic()
                 with pytest.raises(UnavailableError, match=r"feature store \(Redis\) unavailable: no answer within 100 ms"):
                     await store.read(USERS, ITEMS)
