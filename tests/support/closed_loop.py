@@ -26,10 +26,12 @@ class Reply(NamedTuple):
 
 class ClosedLoop:
     """``clients`` threads over ``requests`` (client i sends i, i + clients, ...). ``seen[i]``
-    is client i's replies in the order they came back."""
+    is client i's replies in the order they came back. ``options`` are the channels' options
+    (e.g. a service config balancing over several frontends)."""
 
-    def __init__(self, address: str, requests, clients: int = 2, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, requests, clients: int = 2, timeout_s: float = 10.0, options=None) -> None:
         self.address = address
+        self.options = list(options or [])
         self.requests = requests
         self.clients = clients
         self.timeout_s = timeout_s
@@ -39,7 +41,7 @@ class ClosedLoop:
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        with grpc.insecure_channel(self.address, options=self.options) as ch:
             stub = recommend_pb2_grpc.RecommenderStub(ch)
             n = i
             while not self.stop.is_set():
