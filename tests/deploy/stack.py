@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -58,11 +59,22 @@ class Stack:
     """The compose project ``project`` of deploy/compose.yaml with the small model and the
     frontends published on ``ports`` (127.0.0.1)."""
 
-    def __init__(self, project: str, ports: dict[str, int], tag: str = "dev", preset: str = "small") -> None:
+    def __init__(self, project: str, ports: dict[str, int], log_dir: Path, tag: str = "dev", preset: str = "small") -> None:
         self.project = project
         self.ports = ports
+        self.log_dir = log_dir
         self.tag = tag
         self.preset = preset
+        self.timeline: list[tuple[float, str]] = []  # (time.monotonic(), what happened)
+        self.replaced_logs: list[Path] = []  # the logs of containers replaced, kept for a failure report
+
+    def mark(self, what: str) -> None:
+        self.timeline.append((time.monotonic(), what))
+
+    def during(self, t: float) -> str:
+        """The last timeline step at or before ``t``."""
+        steps = [what for when, what in self.timeline if when <= t]
+        return steps[-1] if steps else "before the first step"
 
     def env(self, tag: str | None = None) -> dict[str, str]:
         return {
@@ -110,14 +122,26 @@ class Stack:
             reply = recommend_pb2_grpc.FrontendAdminStub(ch).GetStats(recommend_pb2.GetStatsRequest(), timeout=5)
             return dict(reply.counters)
 
-    def wait_in_rotation(self, node: str, timeout_s: float) -> None:
-        """Every frontend sees all shards registered, and has sent ``node`` Lookups since: the
-        node takes traffic again (a replaced node is a new address: a new channel)."""
+    def wait_in_rotation(self, node: str, timeout_s: float, lookups: int = 20) -> None:
+        """Every frontend sees all shards registered and has sent ``node`` ``lookups`` Lookups
+        since: the node takes traffic again. SERVING and registered is not enough: a new
+        container may get the old one's IP, and the frontend's channel to that address is then
+        in gRPC's reconnect backoff for seconds (it fails over meanwhile, and ejects the node,
+        which then gets one probe at a time), so the next shard may stop only after this."""
         for fe in FRONTENDS:
             wait_for(lambda: self.stats(fe).get("view_live_nodes") == len(SHARDS), timeout_s, f"{fe} to see every shard")
             before = self.stats(fe).get(f"node_rpcs_{node}", 0)
-            wait_for(lambda: self.stats(fe).get(f"node_rpcs_{node}", 0) > before, timeout_s,
-                     f"{fe} to send Lookups to {node}", interval_s=0.1)
+            wait_for(lambda: self.stats(fe).get(f"node_rpcs_{node}", 0) >= before + lookups, timeout_s,
+                     f"{fe} to send {lookups} Lookups to {node}", interval_s=0.1)
+
+    def between(self, start: float, begin: str, end: str) -> bool:
+        """Whether ``start`` lies between a timeline step ``begin`` and the next ``end``."""
+        for i, (when, what) in enumerate(self.timeline):
+            if what == begin and when <= start:
+                until = next((w for w, x in self.timeline[i + 1 :] if x == end), float("inf"))
+                if start <= until:
+                    return True
+        return False
 
     def wait_serving_clients(self, frontend: str, timeout_s: float) -> None:
         """The balanced client sends ``frontend`` requests again (it left the rotation while
@@ -125,6 +149,25 @@ class Stack:
         before = self.stats(frontend).get("requests_batched", 0)
         wait_for(lambda: self.stats(frontend).get("requests_batched", 0) > before + 10, timeout_s,
                  f"clients to reach {frontend} again", interval_s=0.1)
+
+    def replace(self, service: str, tag: str, timeout_s: float) -> None:
+        """Recreate ``service`` from image tag ``tag`` (compose stops the old container: SIGTERM,
+        up to its stop_grace_period; then starts the new one), keeping the old one's log."""
+        old = self.container(service)
+        log_path = self.log_dir / f"{service}-{old[:12]}.log"
+        with open(log_path, "wb") as out:  # follows the old container until compose removes it
+            follower = subprocess.Popen(["docker", "logs", "-f", "-t", old], stdout=out, stderr=subprocess.STDOUT)
+        self.replaced_logs.append(log_path)
+        self.mark(f"replace {service} with {tag}")
+        try:
+            self.compose("up", "-d", "--no-deps", "--no-build", service, tag=tag, timeout_s=timeout_s)
+        finally:
+            try:
+                follower.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+                follower.wait()
+        self.mark(f"{service} recreated")
 
     def copy_out(self, service: str, path: str, dest: Path) -> Path:
         """``docker cp`` a path (a volume's too) out of a service's container."""

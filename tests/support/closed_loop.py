@@ -38,6 +38,7 @@ class ClosedLoop:
         self.stop = threading.Event()
         self.seen: list[list[Reply]] = [[] for _ in range(clients)]
         self.errors: list[grpc.RpcError] = []
+        self.error_starts: list[float] = []  # time.monotonic() each failed request was sent
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
@@ -51,6 +52,7 @@ class ClosedLoop:
                     resp = stub.Recommend(self.requests[k], timeout=self.timeout_s)
                     self.seen[i].append(Reply(k, resp, t0, time.monotonic() - t0))
                 except grpc.RpcError as e:
+                    self.error_starts.append(t0)
                     self.errors.append(e)
                 n += self.clients
 
