@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--default-timeout-ms", type=float, default=1000.0, help="deadline of a call that has none")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     serve.add_argument("--torch-threads", type=int, default=1)
-    serve.add_argument("--grace-s", type=float, default=5.0)
+    serve.add_argument("--grace-s", type=float, default=5.0, help="at shutdown, how long in-flight calls may take to finish")
+    serve.add_argument("--lame-duck-s", type=float, default=1.0,
+                       help="at shutdown, how long health says NOT_SERVING while calls are still taken (callers move away)")
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--eject-s", type=float, default=1.0, help="first ejection of a shard that errors or times out; doubles per failure in a row")
     serve.add_argument("--eject-max-s", type=float, default=10.0, help="longest ejection")
@@ -143,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=args.torch_threads,
         grace_s=args.grace_s,
+        lame_duck_s=args.lame_duck_s,
         lookup=lookup,
         checkpoint=args.checkpoint if lookup != "shards" else "",
         kv_redis_url=kv_redis if lookup == "redis-kv" else "",

@@ -92,6 +92,8 @@ class FrontendConfig:
     torch_threads: int = 1
     max_message_bytes: int = 256 * 1024 * 1024
     grace_s: float = 5.0
+    # NOT_SERVING this long before refusing new calls at shutdown (docs/deploy.md, rolling upgrades).
+    lame_duck_s: float = 1.0
     ready_timeout_s: float = 120.0
     # The lookup step: "shards" (the cluster), or a comparison baseline that takes its model from
     # ``checkpoint``: "inproc" (the monolith, also selected by ``inproc_checkpoint``),

@@ -257,9 +257,14 @@ async def serve(config: FrontendConfig) -> int:
     if sync_task is not None:
         sync_task.cancel()
         await sync.close()  # type: ignore[union-attr]
-    log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
+    log.info("frontend stopping: deregister, NOT_SERVING for %.1fs, then drain %.1fs", config.lame_duck_s, config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
+    # Lame duck: health says NOT_SERVING while calls are still taken, so balancers and callers'
+    # health checks move away before new calls are refused (a call that arrives as the server
+    # stops would be cancelled, not refused, and not retried elsewhere).
+    await server.set_serving(False)
+    await asyncio.sleep(config.lame_duck_s)
     await server.stop(config.grace_s)
     await batcher.stop()
     await lookup.close()

@@ -19,6 +19,7 @@ Every method here is called from the pytest main thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -152,8 +153,9 @@ DOCKER_ENV = "SHARDREC_TEST_DOCKER"
 
 
 def docker_available() -> tuple[bool, str]:
-    """(True, "") when ``SHARDREC_TEST_DOCKER=1``, testcontainers is installed and a Docker
-    engine answers a ping; otherwise (False, why)."""
+    """(True, "") when ``SHARDREC_TEST_DOCKER=1``, testcontainers is installed, a Docker
+    engine answers a ping and the ZooKeeper and Redis images are there (``make image`` builds
+    them from Debian's packages, no registry needed); otherwise (False, why)."""
     if os.environ.get(DOCKER_ENV) != "1":
         return False, f"set {DOCKER_ENV}=1 to run servers in Docker containers"
     try:
@@ -162,28 +164,47 @@ def docker_available() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"testcontainers is not installed (pip install '.[docker]'): {e}"
     try:
-        docker.from_env(timeout=3).ping()
+        client = docker.from_env(timeout=3)
+        client.ping()
     except Exception as e:  # any failure to reach the engine means: no Docker here
         return False, f"no Docker engine answers: {e}"
+    try:
+        for image in (DockerZkServer.image, DockerRedisServer.image):
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                return False, f"image {image} is missing: run `make image` (deploy/build_images.py)"
+    finally:
+        client.close()
     return True, ""
 
 
 class _DockerServer:
-    """A server in a container on a fixed host port, so stop()/start() keep the address.
+    """A server in a container on a fixed host port (127.0.0.1 only), so stop()/start() keep
+    the address.
 
-    Data survives stop()/start() because the container is stopped, not removed.
+    Data survives stop()/start() because the container is stopped, not removed. The images are
+    the ones ``make image`` builds locally; testcontainers' reaper (Ryuk) is off because its
+    image cannot be pulled without a registry: ``close()`` removes the container, and an
+    ``atexit`` hook does so if the session ends without teardown.
     """
 
     image = ""
     container_port = 0
 
     def __init__(self, port: int | None = None) -> None:
+        from testcontainers.core.config import testcontainers_config
         from testcontainers.core.container import DockerContainer
 
+        testcontainers_config.ryuk_disabled = True
         self.port = port or free_port()
-        self._container = DockerContainer(self.image).with_bind_ports(self.container_port, self.port)
+        self._container = DockerContainer(self.image)
+        # published on loopback only (with_bind_ports takes no host address; docker-py does)
+        self._container.ports[str(self.container_port)] = ("127.0.0.1", self.port)
         self._configure(self._container)
+        self._closed = False
         self._container.start()
+        atexit.register(self.close)
         self._paused = False
         self._wait_ready()
 
@@ -229,7 +250,11 @@ class _DockerServer:
             self.start()
 
     def close(self) -> None:
-        self._container.stop()
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._container.stop()  # removes the container and its volumes
 
     def log_text(self) -> str:
         out, err = self._container.get_logs()
@@ -237,7 +262,10 @@ class _DockerServer:
 
 
 class DockerZkServer(_DockerServer):
-    image = "zookeeper:3.8"
+    """``shardrec-zookeeper:3.8`` (deploy/images/, configured like the official image by ZOO_*
+    variables) with the test settings of ``ZkServer``."""
+
+    image = "shardrec-zookeeper:3.8"
     container_port = 2181
 
     def _configure(self, container) -> None:  # noqa: ANN001
@@ -253,8 +281,13 @@ class DockerZkServer(_DockerServer):
 
 
 class DockerRedisServer(_DockerServer):
-    image = "redis:7"
+    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``."""
+
+    image = "shardrec-redis:7"
     container_port = 6379
+
+    def _configure(self, container) -> None:  # noqa: ANN001
+        container.with_command(["redis-server", "--save", "", "--appendonly", "no"])
 
     @property
     def url(self) -> str:
