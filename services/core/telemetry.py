@@ -43,7 +43,8 @@ class Telemetry:
 
         server, _thread = start_http_server(self.config.metrics_port or 0, self.config.metrics_host, registry=self.registry)
         self._server = server
-        self.metrics_address = f"{self.config.metrics_host}:{server.server_port}"
+        host = self.config.metrics_host
+        self.metrics_address = f"[{host}]:{server.server_port}" if ":" in host else f"{host}:{server.server_port}"
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return self.metrics_address
 

@@ -128,10 +128,13 @@ def _code_of(exc: BaseException) -> str:
     return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
 
 
-def frontend_reading(recommender, lookup, view) -> FrontendReading:
-    """Every counter and level of the frontend's serving objects (copied, so a scrape from the
-    metrics thread sees a consistent-enough picture without locking the loop)."""
+def frontend_reading(recommender, lookup, view, sync=None) -> FrontendReading:
+    """Every counter and level of the frontend's serving objects, and of its feature store
+    reloads (``sync``); copied, so a scrape from the metrics thread sees a consistent-enough
+    picture without locking the loop."""
     r = recommender.reading()
+    if sync is not None:
+        r.feature_store_reloads = {"ok": sync.reloads, "failed": sync.reload_failures}
     st = lookup.stats
     r.lookup_batches, r.lookup_ids = st.batches, st.ids_sent
     r.lookup_hedge_wins, r.lookup_hedges_cancelled = st.hedge_wins, st.hedges_cancelled

@@ -11,14 +11,15 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from opentelemetry import trace
 
+from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import DeadlineExceededError, ShardrecError
-from services.core.metrics import FrontendReading
+from services.core.metrics import FEATURE_STORE_FAILURES, FrontendReading
 from services.core.types import FeatureSide, Version
 from services.frontend.batch import Pending, PreparedBatch, RecRequest, Recommendation, unique_bags
 from services.frontend.features import FeaturePrep
@@ -60,6 +61,7 @@ class RecommendPipeline:
         self.dropped: dict[str, int] = {}  # stage -> dead requests dropped before it
         self.batch_splits = 0  # batches split to isolate a failure that may be one request's
         self.answered_too_late = 0  # answers computed for callers already gone (wasted work)
+        self.degraded_feature_defaults = 0  # answers computed from feature defaults (store lost, operator's choice)
 
     @property
     def version(self) -> Version:
@@ -120,7 +122,7 @@ class RecommendPipeline:
     async def _run(self, items: list[Pending], results: dict) -> None:
         model = self.model  # one version for the whole batch: lookups and dense weights
         with self._obs.stage("features"):
-            batch = await self.prep.prepare([p.request for p in items])
+            batch = await self.prep.prepare([p.request for p in items], deadline=max(p.deadline for p in items))
         live = self._alive(items, results, "after_features")
         if not live:
             return
@@ -141,6 +143,9 @@ class RecommendPipeline:
             answers = await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep)
         now = time.monotonic()
         for p, rec in zip(scoring, answers, strict=True):
+            if batch.feature_defaults:
+                self.degraded_feature_defaults += 1
+                rec = replace(rec, degraded_reasons=(*rec.degraded_reasons, recommend_pb2.DEGRADED_FEATURE_DEFAULTS))
             results[id(p)] = rec
             if p.dead(now):
                 self.answered_too_late += 1  # computed in full for a caller already gone
@@ -166,3 +171,12 @@ class RecommendPipeline:
         r.dropped.update(self.dropped)
         r.bags_requested, r.bags_looked_up = self.bags_requested, self.bags_looked_up
         r.model_version = self.model.version
+        r.degraded["feature_defaults"] = self.degraded_feature_defaults
+        st = prep.store
+        r.feature_store = st.state.name.lower() if st.configured else "none"
+        r.feature_store_generation = 0 if st.marker is None else st.marker.generation
+        r.feature_store_lost, r.feature_store_switches, r.feature_store_marker_reads = st.lost_total, st.switches, st.marker_reads
+        r.feature_store_default_batches = st.defaults_served
+        r.feature_store_failures = dict(zip(FEATURE_STORE_FAILURES, (st.timeouts, st.errors, st.fast_failures), strict=True))
+        r.feature_store_breaker_opens = st.breaker.times_opened
+        r.feature_store_breaker_open = st.breaker.open_until is not None

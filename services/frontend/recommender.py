@@ -111,7 +111,7 @@ class Recommender:
                 pending.abandoned = True  # answered, failed, timed out or cancelled: nothing more to do for it
                 now = time.monotonic()
                 self._admission.finished(now - t0, now)
-            return replace(rec, degraded_reasons=reasons) if reasons else rec
+            return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
 
     def _maybe_degrade(self, req: RecRequest, now: float) -> tuple[RecRequest, tuple[int, ...]]:
         d = self._degrade
@@ -130,7 +130,7 @@ class Recommender:
             shed={**a.shed, "queue_full": b.rejected_full},
             dropped={"batching": b.dropped_gone},
             request_ids_replaced=self.request_ids_replaced,
-            degraded=self.degraded_candidates_capped,
+            degraded={"candidates_capped": self.degraded_candidates_capped},
             batches=b.batches,
             batched_requests=b.items,
             multi_request_batches=b.multi_item_batches,

@@ -3,6 +3,7 @@ encode. Errors become statuses in ``services.core.rpc.errors``."""
 
 from __future__ import annotations
 
+
 from google.protobuf.message import DecodeError
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc

@@ -20,6 +20,7 @@ from services.core.config import child_env
 from services.core.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
+from services.localcluster.prometheus import PrometheusServer, write_targets
 from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
 from services.localcluster.processes import (
     SignalGuard,
@@ -103,6 +104,7 @@ class LocalCluster:
         self._zk: "KazooClient | None" = None
         self._state_written = False
         self._targets: Path | None = None  # Prometheus's file_sd targets, rewritten with the state
+        self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,12 +125,12 @@ class LocalCluster:
         zk = ZkServer(zk_dir, log_path=self._fresh_log("zookeeper"))
         self._start_server(zk, f"starting ZooKeeper on {zk.hosts}", ROLE_ZOOKEEPER, zk.hosts)
         self.state.zk = zk.hosts
-        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"))
+        redis_dir = cfg.workdir / "redis"
+        shutil.rmtree(redis_dir, ignore_errors=True)  # fresh, like ZooKeeper: no features of a past run
+        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"))
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         if cfg.prometheus:
-            from services.localcluster.prometheus import PrometheusServer
-
             prom = PrometheusServer(cfg.workdir / "prometheus", scrape_interval_s=cfg.scrape_interval_s, log_path=self._fresh_log("prometheus"))
             self._targets = prom.targets_path
             self._start_server(prom, f"starting Prometheus on {prom.url}", ROLE_PROMETHEUS, f"127.0.0.1:{prom.port}")
@@ -217,11 +219,13 @@ class LocalCluster:
         return path
 
     def _load_features(self, redis_url: str) -> None:
-        """``features load`` of the model's feature files; none at all: a note, and every
-        entity gets the manifest's defaults (docs/features.md)."""
+        """``features load`` of the model's feature files; none at all: a note, and the
+        frontends run without a feature store, every entity with the manifest's defaults
+        (docs/features.md)."""
         cfg = self.config
         if not feature_files(cfg.features):
             self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
+            self._feature_store = False
             return
         source = [] if cfg.features_root is None else ["--features", cfg.features_root]
         self._run_job(
@@ -281,10 +285,14 @@ class LocalCluster:
         (``extra_args`` are further ``frontend serve`` flags, e.g. ``--lookup inproc``); it is
         recorded like every child and stopped by ``stop()``. Returns its address once READY."""
         cfg = self.config
+        if not self._feature_store:  # Redis still serves the redis-kv baseline's rows
+            store = ["--kv-redis", self.state.redis_url]
+        else:  # a lost store is reloaded from where it was loaded
+            store = ["--redis", self.state.redis_url, *(["--features", cfg.features_root] if cfg.features_root else [])]
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
                  "--frontend-id", name, *cfg.service_args, *extra_args],
@@ -402,8 +410,6 @@ class LocalCluster:
         write_state(self.config.workdir, self.state)
         self._state_written = True
         if self._targets is not None:
-            from services.localcluster.prometheus import write_targets
-
             write_targets(self._targets, self.state)
 
     def server(self, name: str) -> "ServerProcess":

@@ -96,10 +96,19 @@ async def open_loop(address: str, requests, rate: float, duration_s: float) -> l
             except grpc.RpcError as e:
                 out.append((t0, time.time() - t0, e.code().name))
 
-        tasks, start, n = [], time.monotonic(), int(rate * duration_s)
-        for i in range(n):
-            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))  # the arrival schedule
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task] = []
+        n, start = int(rate * duration_s), loop.time()
+        all_sent = loop.create_future()
+
+        def send(i: int) -> None:  # the arrival schedule: call i at start + i / rate
             tasks.append(asyncio.ensure_future(one(requests[i % len(requests)])))
+            if i == n - 1:
+                all_sent.set_result(None)
+
+        for i in range(n):
+            loop.call_at(start + i / rate, send, i)
+        await all_sent
         await asyncio.gather(*tasks)
     return out
 
@@ -278,9 +287,10 @@ class Recorder:
 
 
 def test_every_documented_metric_moves(obs: Obs):
-    """Traffic, a bad request id, an overloaded frontend in degraded mode while Redis is paused
-    (sheds, queue, dead requests dropped), a stopped shard (SIGSTOP: hedges, stall retries,
-    ejection), a published delta, a corrupt one, a Redis restart, a killed shard: every metric
+    """Traffic, a bad request id, an overloaded frontend in degraded modes while Redis is paused
+    (sheds, queue, dead requests dropped, store timeouts, its breaker, defaults), a stopped shard
+    (SIGSTOP: hedges, stall retries, ejection), a published delta, a corrupt one, a Redis
+    restart (the store lost and reloaded), a killed shard: every metric
     of docs/observability.md moves (levels that describe the cluster equal what they describe;
     the exempt ones say why in the doc). Every endpoint is scraped four times a second."""
     rec = Recorder(obs)
@@ -291,21 +301,24 @@ def test_every_documented_metric_moves(obs: Obs):
         bad_id.request_id = "bad\nid"
         call(obs.frontend, bad_id)
 
-        # Overload: a second frontend (one request a batch; scraped once Prometheus reads the new targets file), a
-        # burst while Redis is paused: its two batches wait on the store, the rest queue, are
-        # shed (degraded mode on under shedding), or die waiting.
-        small = obs.cluster.start_frontend("frontend-small", ["--max-queue", "8", "--max-batch", "1", "--degrade-max-candidates", "10"])
+        # Overload: a second frontend (one request a batch, features defaults on loss; scraped
+        # once Prometheus reads the new targets file), bursts while Redis is paused: two batches
+        # wait on the store (timeouts open its breaker), the rest queue, are shed, or die
+        # waiting; then, the breaker open, answers from defaults, degraded for both reasons.
+        small = obs.cluster.start_frontend("frontend-small", [
+            "--max-queue", "8", "--max-batch", "1", "--degrade-max-candidates", "10", "--on-feature-loss", "defaults"])
         wait_for(lambda: any(t["labels"].get("process") == "frontend-small" and t["health"] == "up" for t in targets(obs.prometheus)),
                  20, "Prometheus to scrape a frontend started later", interval_s=0.2)  # fmt: skip
         redis = obs.cluster.server("redis")
         redis.pause()
         try:
-            codes = asyncio.run(burst(small, obs.requests, 40, timeout_s=0.6))
+            codes = run_scraped(rec, burst(small, obs.requests, 40, timeout_s=0.3))
+            big = [r for r in obs.requests if len(r.candidate_item_ids) > 10]
+            degraded = asyncio.run(burst(small, big, 4, timeout_s=3.0))  # within a second of the sheds
         finally:
             redis.resume()
-        assert "RESOURCE_EXHAUSTED" in codes and "DEADLINE_EXCEEDED" in codes, codes
-        big = [r for r in obs.requests if len(r.candidate_item_ids) > 10]
-        assert "OK" in asyncio.run(burst(small, big, 4, timeout_s=5.0))  # within a second of the sheds: degraded
+        assert "RESOURCE_EXHAUSTED" in codes, codes
+        assert "OK" in degraded, degraded
 
         # A stopped shard: hedges, stall retries, an ejection.
         victim = obs.cluster.state.record("shard-1")
@@ -357,7 +370,7 @@ def test_every_documented_metric_moves(obs: Obs):
             stuck.append(name)
     assert not stuck, stuck
     states = {dict(lab)["state"] for _n, _r, s in rec.scrapes for (n, lab), v in s.items() if n == m.FEATURE_STORE_STATE and v == 1}
-    assert {"ok", "lost"} <= states
+    assert {"ok", "lost", "unreachable"} <= states, states
 
 
 def test_alert_rules_and_dashboard_name_only_scraped_metrics(obs: Obs):
@@ -395,6 +408,18 @@ async def burst(address: str, requests, n: int, timeout_s: float) -> list[str]:
                 return e.code().name
 
         return list(await asyncio.gather(*(one(requests[i % len(requests)]) for i in range(n))))
+
+
+def run_scraped(rec: Recorder, coro):
+    """Run ``coro`` on a thread while ``rec`` scrapes back to back until it is done (a queue
+    that lives a few hundred milliseconds is seen); its result."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(asyncio.run(coro)))
+    thread.start()
+    while thread.is_alive():
+        rec()
+    thread.join()
+    return out[0]
 
 
 def ok(address: str, req) -> bool:

@@ -34,6 +34,8 @@ def frontend_reading() -> m.FrontendReading:
         multi_request_batches=2, largest_batch=5, wire_bytes={"user": 7}, queued=2, in_flight=3, admission_limit=40,
         shed_p99_s=0.0002, live_nodes=3, model_version=2, shard_map_version=1, bags_requested=9, bags_looked_up=8,
         nodes={"shard-0": m.NodeReading(rpcs={"primary": 4, "hedge": 1}, errors={"UNAVAILABLE": 1}, ejections=1, failovers=1)},
+        feature_store="lost", feature_store_generation=3, feature_store_failures={"timeout": 2}, feature_store_breaker_open=True,
+        feature_store_reloads={"ok": 1}, degraded={"feature_defaults": 4},
     )  # fmt: skip
 
 
@@ -49,7 +51,6 @@ def registries() -> tuple[CollectorRegistry, CollectorRegistry]:
     fm.stage("queue", 0.001)
     fm.batch(3)
     fm.lookup("shard-0", 0.002)
-    fm.feature_store_state("lost")
     sm = m.ShardMetrics(sr, shard_reading)
     sm.lookup_done("OK", 0.001)
     sm.pooled(0.0005)
@@ -94,6 +95,8 @@ def test_get_stats_reads_the_registry_under_the_legacy_names():
     assert counters["node_ejections_shard-0"] == 1 and counters["lookup_failovers"] == 1 and counters["wire_bytes_user"] == 7
     assert gauges["queued"] == 2 and gauges["in_flight"] == 3 and gauges["admission_limit"] == 40
     assert gauges["shed_p99_us"] == 200 and gauges["view_live_nodes"] == 3 and gauges["shard_map_version"] == 1
+    assert counters["redis_timeouts"] == 2 and counters["feature_syncs"] == 1 and counters["degraded_feature_defaults"] == 4
+    assert gauges["feature_store_state"] == 1 and gauges["feature_store_generation"] == 3 and gauges["redis_breaker_open"] == 1
     assert not set(gauges) & set(counters)
 
 

@@ -12,6 +12,9 @@ from grpc_reflection.v1alpha import reflection
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health name of liveness: SERVING from start until stop, whatever the process's readiness
+# ("" and each service name; a frontend's follow what serving needs). docs/failure-modes.md.
+LIVENESS = "shardrec.liveness"
 
 
 def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
@@ -51,8 +54,9 @@ class SyncServer:
     service_names: tuple[str, ...]
 
     def set_serving(self, serving: bool) -> None:
+        """Liveness and readiness together (start, stop)."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.service_names):
+        for name in ("", *self.service_names, LIVENESS):
             self.health.set(name, status)
 
     def stop(self, grace_s: float) -> None:
@@ -97,8 +101,13 @@ class AioServer:
     service_names: tuple[str, ...]
 
     async def set_serving(self, serving: bool) -> None:
+        """Liveness and readiness together (start, stop)."""
+        await self.set_health(("", *self.service_names, LIVENESS), serving)
+
+    async def set_health(self, names: Iterable[str], serving: bool) -> None:
+        """SERVING or NOT_SERVING for the health ``names`` only (e.g. readiness without liveness)."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.service_names):
+        for name in names:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:

@@ -1,94 +1,43 @@
-"""Every Prometheus metric of shardrec, spelled here and nowhere else (docs/observability.md
-lists them with their labels). Each process builds one ``CollectorRegistry`` in its ``main``
-and passes it down; nothing here is a module-level singleton.
-
-Two kinds of metric, by cost:
-
-- **Hot path**: histograms observed while serving (``FrontendMetrics``, ``ShardMetrics``):
-  one observe per stage per batch, per request for its queue wait and total, per Lookup RPC.
-  Label children are created once and cached. With metrics off they are no-ops.
-- **At scrape time**: counters and gauges read from the plain integer counters the serving
-  objects already keep (``FrontendReading``, ``ShardReading``, filled by the frontend and the
-  shard), so a counter costs an integer increment while serving, nothing more.
-
-``FrontendAdmin.GetStats`` reads the same registry (``frontend_stats``): its legacy names are
-mapped from the samples here, counters and gauges apart.
-"""
+"""The frontend's metrics (``FrontendMetrics``), the counters it reads at scrape time
+(``FrontendReading``), and ``GetStats`` from the registry under its legacy names
+(``frontend_stats``). docs/observability.md lists them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
 
-# Seconds; dense around a 50 ms latency objective.
-LATENCY_BUCKETS_S = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-LOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-# Recommend stages timed separately (the total, by status code, is its own histogram).
-STAGES = ("queue", "features", "lookup", "score")
-SHED_REASONS = ("caller_rate", "concurrency", "deadline", "queue_full")
-# Where dead requests were dropped: "batching" = the caller was gone before a batch formed.
-DROP_STAGES = ("batching", "queued", "after_features", "after_lookup")
-LOOKUP_KINDS = ("primary", "hedge", "stall_retry")
-FEATURE_STORE_STATES = ("ok", "degraded", "lost", "none")
-
-RECOMMEND_LATENCY = "shardrec_recommend_latency_seconds"
-STAGE_LATENCY = "shardrec_recommend_stage_seconds"
-BATCH_SIZE = "shardrec_batch_size"
-LOOKUP_LATENCY = "shardrec_lookup_latency_seconds"
-SHARD_LOOKUP_LATENCY = "shardrec_shard_lookup_seconds"
-SHARD_POOLING = "shardrec_shard_pooling_seconds"
-SHARD_VERSION_LOAD = "shardrec_shard_version_load_seconds"
-# Names that other modules read (``cluster top``); every other name is written below only.
-SHED = "shardrec_shed"
-LOOKUP_RPCS = "shardrec_lookup_rpcs"
-IN_FLIGHT = "shardrec_in_flight_requests"
-QUEUE_DEPTH = "shardrec_queue_depth"
-ADMISSION_LIMIT = "shardrec_admission_limit"
-MODEL_VERSION = "shardrec_model_version"
-SHARD_MAP_VERSION = "shardrec_shard_map_version"
-FEATURE_STORE_STATE = "shardrec_feature_store_state"
-LOOKUP_OUTSTANDING = "shardrec_lookup_outstanding"
-NODE_EJECTED = "shardrec_lookup_node_ejected"
-SHARD_SERVING_VERSION = "shardrec_shard_serving_version"
-SHARD_VERSION_READY = "shardrec_shard_version_ready"
-SHARD_PARTITION_BYTES = "shardrec_shard_partition_bytes"
-
-
-class _NoOp:
-    """A histogram child that records nothing (metrics off)."""
-
-    def observe(self, _value: float) -> None:
-        pass
-
-
-_NOOP = _NoOp()
-
-
-class _Histograms:
-    """One histogram family with its children cached by label values."""
-
-    def __init__(self, registry: CollectorRegistry | None, name: str, doc: str, labels: tuple[str, ...], buckets) -> None:
-        self._family = None if registry is None else Histogram(name, doc, labels, buckets=buckets, registry=registry)
-        self._children: dict[tuple[str, ...], object] = {}
-
-    def child(self, *values: str):
-        c = self._children.get(values)
-        if c is None:
-            if self._family is None:
-                c = _NOOP
-            else:
-                c = self._family.labels(*values) if values else self._family
-            self._children[values] = c
-        return c
-
-
-# -- the frontend ------------------------------------------------------------------------------
-
+from services.core.metrics.base import (
+    ADMISSION_LIMIT,
+    BATCH_BUCKETS,
+    BATCH_SIZE,
+    DEGRADED_REASONS,
+    DROP_STAGES,
+    FEATURE_STORE_FAILURES,
+    FEATURE_STORE_STATE,
+    FEATURE_STORE_STATES,
+    IN_FLIGHT,
+    LATENCY_BUCKETS_S,
+    LOOKUP_KINDS,
+    LOOKUP_LATENCY,
+    LOOKUP_OUTSTANDING,
+    LOOKUP_RPCS,
+    MODEL_VERSION,
+    NODE_EJECTED,
+    QUEUE_DEPTH,
+    RECOMMEND_LATENCY,
+    SHARD_MAP_VERSION,
+    SHED,
+    SHED_REASONS,
+    STAGE_LATENCY,
+    Samples,
+    _Collector,
+    _counter,
+    _gauge,
+    _Histograms,
+)
 
 @dataclass
 class NodeReading:
@@ -112,7 +61,7 @@ class FrontendReading:
     dropped: dict[str, int] = field(default_factory=dict)  # DROP_STAGES
     wasted: int = 0  # answers computed for callers already gone
     request_ids_replaced: int = 0
-    degraded: int = 0
+    degraded: dict[str, int] = field(default_factory=dict)  # DEGRADED_REASONS
     batches: int = 0
     batched_requests: int = 0
     multi_request_batches: int = 0
@@ -139,6 +88,16 @@ class FrontendReading:
     partitions_without_replica: int = 0
     model_version: int = 0
     shard_map_version: int = 0
+    feature_store: str = "none"  # FEATURE_STORE_STATES
+    feature_store_generation: int = 0
+    feature_store_lost: int = 0
+    feature_store_switches: int = 0
+    feature_store_marker_reads: int = 0
+    feature_store_default_batches: int = 0
+    feature_store_failures: dict[str, int] = field(default_factory=dict)  # FEATURE_STORE_FAILURES
+    feature_store_breaker_opens: int = 0
+    feature_store_breaker_open: bool = False
+    feature_store_reloads: dict[str, int] = field(default_factory=dict)  # ok, failed
 
 
 class FrontendMetrics:
@@ -154,9 +113,8 @@ class FrontendMetrics:
         self._stage = _Histograms(hist, STAGE_LATENCY, "Recommend time per stage: queue per request; features, lookup, score per batch", ("stage",), LATENCY_BUCKETS_S)
         self._batch = _Histograms(hist, BATCH_SIZE, "Requests per micro-batch", (), BATCH_BUCKETS)
         self._lookup = _Histograms(hist, LOOKUP_LATENCY, "Lookup RPC latency per shard node (answered calls)", ("node",), LATENCY_BUCKETS_S)
-        self._state = "none"
         self.read = read
-        registry.register(_Collector(lambda: _frontend_families(self.read(), self._state)))
+        registry.register(_Collector(lambda: _frontend_families(self.read())))
 
     def request_done(self, code: str, seconds: float) -> None:
         self._latency.child(code).observe(seconds)
@@ -170,22 +128,8 @@ class FrontendMetrics:
     def lookup(self, node: str, seconds: float) -> None:
         self._lookup.child(node).observe(seconds)
 
-    def feature_store_state(self, state: str) -> None:
-        """The feature store's state, one of FEATURE_STORE_STATES (set by feature prep)."""
-        if state not in FEATURE_STORE_STATES:
-            raise ValueError(f"feature store state must be one of {FEATURE_STORE_STATES}, got {state!r}")
-        self._state = state
 
-
-def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, labels=list(labels))
-
-
-def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=list(labels))
-
-
-def _frontend_families(r: FrontendReading, feature_state: str) -> list:
+def _frontend_families(r: FrontendReading) -> list:
     c, g = _counter, _gauge
     fams = []
 
@@ -203,7 +147,10 @@ def _frontend_families(r: FrontendReading, feature_state: str) -> list:
     fams += [shed, dropped]
     fams.append(one(c("shardrec_wasted_requests", "Answers computed in full for callers already gone"), r.wasted))
     fams.append(one(c("shardrec_request_ids_replaced", "Unusable request ids replaced by generated ones"), r.request_ids_replaced))
-    fams.append(one(c("shardrec_degraded_requests", "Requests answered in degraded mode (candidates capped)"), r.degraded))
+    degraded = c("shardrec_degraded_requests", "Requests answered in a degraded mode, by reason", ["reason"])
+    for reason in DEGRADED_REASONS:
+        degraded.add_metric([reason], r.degraded.get(reason, 0))
+    fams.append(degraded)
     fams.append(one(c("shardrec_batches", "Micro-batches formed"), r.batches))
     fams.append(one(c("shardrec_batched_requests", "Requests that joined a micro-batch"), r.batched_requests))
     fams.append(one(c("shardrec_multi_request_batches", "Micro-batches of more than one request"), r.multi_request_batches))
@@ -255,127 +202,49 @@ def _frontend_families(r: FrontendReading, feature_state: str) -> list:
     if r.live_nodes is not None:
         fams.append(one(g("shardrec_live_shard_nodes", "Shard nodes registered in this frontend's view"), r.live_nodes))
         fams.append(one(g("shardrec_partitions_without_replica", "Partitions of the active map with no live replica"), r.partitions_without_replica))
-    state = g(FEATURE_STORE_STATE, "1 for the feature store's current state (ok, degraded, lost, none)", ["state"])
+    state = g(FEATURE_STORE_STATE, "1 for the feature store's current state (ok, lost, unreachable, none)", ["state"])
     for s in FEATURE_STORE_STATES:
-        state.add_metric([s], 1 if s == feature_state else 0)
+        state.add_metric([s], 1 if s == r.feature_store else 0)
     fams.append(state)
+    fams += _feature_store_families(r)
     return fams
 
 
-# -- the shard --------------------------------------------------------------------------------
-
-
-@dataclass
-class PartitionReading:
-    lookups: int = 0
-    ids: int = 0
-    bags: int = 0
-    bytes: int = 0
-
-
-@dataclass
-class ShardReading:
-    partitions: dict[tuple[str, str], PartitionReading] = field(default_factory=dict)  # (table, partition) ->
-    versions_ready: tuple[int, ...] = ()
-    serving_version: int = 0
-    target_version: int = 0
-    shard_map_version: int = 0
-    loads: int = 0
-    refusals: int = 0
-
-
-class ShardMetrics:
-    """The shard's metrics on ``registry`` (histograms from any RPC thread; prometheus_client
-    locks its own values), and a collector reading ``read()`` at scrape time."""
-
-    def __init__(self, registry: CollectorRegistry, read: Callable[[], ShardReading], *, enabled: bool = True) -> None:
-        hist = registry if enabled else None
-        self.registry = registry
-        self._lookup = _Histograms(hist, SHARD_LOOKUP_LATENCY, "Lookup RPCs handled, receipt to answer, by status code", ("code",), LATENCY_BUCKETS_S)
-        self._pooling = _Histograms(hist, SHARD_POOLING, "Pooling time of one Lookup (every group, one snapshot)", (), LATENCY_BUCKETS_S)
-        self._load = _Histograms(hist, SHARD_VERSION_LOAD, "Time to load a model version (delta or base), refused ones included", (), LOAD_BUCKETS_S)
-        registry.register(_Collector(lambda: _shard_families(read())))
-
-    def lookup_done(self, code: str, seconds: float) -> None:
-        self._lookup.child(code).observe(seconds)
-
-    def pooled(self, seconds: float) -> None:
-        self._pooling.child().observe(seconds)
-
-    def version_loaded(self, seconds: float) -> None:
-        self._load.child().observe(seconds)
-
-
-def _shard_families(r: ShardReading) -> list:
+def _feature_store_families(r: FrontendReading) -> list:
     c, g = _counter, _gauge
-    lookups = c("shardrec_shard_partition_lookups", "Lookups that read a partition", ["table", "partition"])
-    ids = c("shardrec_shard_partition_ids", "Ids pooled from a partition", ["table", "partition"])
-    bags = c("shardrec_shard_partition_bags", "Bags pooled from a partition", ["table", "partition"])
-    held = g(SHARD_PARTITION_BYTES, "Bytes a partition holds over every version (weights and overlays)", ["table", "partition"])
-    for (table, part), p in sorted(r.partitions.items()):
-        lookups.add_metric([table, part], p.lookups)
-        ids.add_metric([table, part], p.ids)
-        bags.add_metric([table, part], p.bags)
-        held.add_metric([table, part], p.bytes)
-    ready = g(SHARD_VERSION_READY, "1 for every model version this node holds ready", ["version"])
-    for v in r.versions_ready:
-        ready.add_metric([str(v)], 1)
-    fams = [lookups, ids, bags, held, ready]
+    fams = []
     for name, doc, value in (
-        (SHARD_SERVING_VERSION, "The version this node serves by default (its primary)", r.serving_version),
-        ("shardrec_shard_target_version", "The target version published in ZooKeeper (0: none yet)", r.target_version),
-        (SHARD_MAP_VERSION, "Active shard map version this process routes by", r.shard_map_version),
+        ("shardrec_feature_store_lost", "Times the feature store was found lost (Redis answered without its marker)", r.feature_store_lost),
+        ("shardrec_feature_store_generation_switches", "Feature store generations followed (reloads seen)", r.feature_store_switches),
+        ("shardrec_feature_store_marker_reads", "Reads of the feature store's marker alone", r.feature_store_marker_reads),
+        ("shardrec_feature_store_default_batches", "Batches answered with feature defaults (store lost, operator's choice)", r.feature_store_default_batches),
+        ("shardrec_feature_store_breaker_opens", "Times the feature store's circuit breaker opened", r.feature_store_breaker_opens),
     ):
-        f = g(name, doc)
+        f = c(name, doc)
         f.add_metric([], value)
         fams.append(f)
-    loads = c("shardrec_shard_version_loads", "Model version loads by result", ["result"])
-    loads.add_metric(["ok"], r.loads)
-    loads.add_metric(["refused"], r.refusals)
-    fams.append(loads)
-    return fams
-
-
-class _Collector:
-    """A prometheus_client custom collector over a function returning metric families."""
-
-    def __init__(self, families: Callable[[], list]) -> None:
-        self._families = families
-
-    def collect(self):
-        return iter(self._families())
-
-    def describe(self):
-        return []  # families vary with the nodes and partitions seen: no fixed description
-
-
-# -- GetStats, from the registry ----------------------------------------------------------------
-
-
-class Samples:
-    """The samples of a registry, summed by name and label filter."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.rows: list[tuple[str, Mapping[str, str], float]] = [
-            (s.name, s.labels, s.value) for fam in registry.collect() for s in fam.samples
-        ]
-
-    def sum(self, name: str, **labels: str) -> float:
-        return sum(v for n, lab, v in self.rows if n == name and all(lab.get(k) == want for k, want in labels.items()))
-
-    def by(self, name: str, label: str, **labels: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for n, lab, v in self.rows:
-            if n == name and label in lab and all(lab.get(k) == want for k, want in labels.items()):
-                out[lab[label]] = out.get(lab[label], 0.0) + v
-        return out
-
-    def has(self, name: str) -> bool:
-        return any(n == name for n, _, _ in self.rows)
+    failures = c("shardrec_feature_store_failures", "Failed feature store calls: timeout, error, fast_failure (refused by the open breaker)", ["kind"])
+    for kind in FEATURE_STORE_FAILURES:
+        failures.add_metric([kind], r.feature_store_failures.get(kind, 0))
+    reloads = c("shardrec_feature_store_reloads", "Reloads of a lost feature store by this frontend, by result", ["result"])
+    for result in ("ok", "failed"):
+        reloads.add_metric([result], r.feature_store_reloads.get(result, 0))
+    gen = g("shardrec_feature_store_generation", "The feature store generation last seen (0: none)")
+    gen.add_metric([], r.feature_store_generation)
+    open_ = g("shardrec_feature_store_breaker_open", "1 while the feature store's circuit breaker is open")
+    open_.add_metric([], 1 if r.feature_store_breaker_open else 0)
+    return [*fams, failures, reloads, gen, open_]
 
 
 # Levels that GetStats also repeats among its counters, for readers older than its ``gauges``.
-LEGACY_GAUGES = ("queued", "in_flight", "admission_limit", "shed_p99_us", "largest_batch", "view_live_nodes")
+LEGACY_GAUGES = (
+    "queued", "in_flight", "admission_limit", "shed_p99_us", "largest_batch", "view_live_nodes",
+    "feature_store_state", "feature_store_generation", "redis_breaker_open",
+)  # fmt: skip
+
+
+def _state(s: Samples) -> str:
+    return next((st for st, v in s.by(FEATURE_STORE_STATE, "state").items() if v == 1), "none")
 
 
 def frontend_stats(registry: CollectorRegistry) -> tuple[dict[str, int], dict[str, float]]:
@@ -389,7 +258,18 @@ def frontend_stats(registry: CollectorRegistry) -> tuple[dict[str, int], dict[st
         **{f"shed_{r}": t(SHED, reason=r) for r in SHED_REASONS if r != "queue_full"},
         "rejected_queue_full": t(SHED, reason="queue_full"),
         "request_ids_replaced": t("shardrec_request_ids_replaced"),
-        "degraded_candidates_capped": t("shardrec_degraded_requests"),
+        "degraded_candidates_capped": t("shardrec_degraded_requests", reason="candidates_capped"),
+        "degraded_feature_defaults": t("shardrec_degraded_requests", reason="feature_defaults"),
+        "feature_store_lost_total": t("shardrec_feature_store_lost"),
+        "feature_store_switches": t("shardrec_feature_store_generation_switches"),
+        "feature_store_marker_reads": t("shardrec_feature_store_marker_reads"),
+        "feature_store_defaults_batches": t("shardrec_feature_store_default_batches"),
+        "redis_timeouts": t("shardrec_feature_store_failures", kind="timeout"),
+        "redis_errors": t("shardrec_feature_store_failures", kind="error"),
+        "redis_fast_failures": t("shardrec_feature_store_failures", kind="fast_failure"),
+        "redis_breaker_opens": t("shardrec_feature_store_breaker_opens"),
+        "feature_syncs": t("shardrec_feature_store_reloads", result="ok"),
+        "feature_sync_failures": t("shardrec_feature_store_reloads", result="failed"),
         "batches": t("shardrec_batches"),
         "requests_batched": t("shardrec_batched_requests"),
         "multi_request_batches": t("shardrec_multi_request_batches"),
@@ -426,6 +306,10 @@ def frontend_stats(registry: CollectorRegistry) -> tuple[dict[str, int], dict[st
         "largest_batch": s.sum("shardrec_largest_batch"),
         "model_version": s.sum(MODEL_VERSION),
         "shard_map_version": s.sum(SHARD_MAP_VERSION),
+        # FeatureStoreState's values: OK 0 (also without a store), LOST 1, UNREACHABLE 2
+        "feature_store_state": float({"lost": 1, "unreachable": 2}.get(_state(s), 0)),
+        "feature_store_generation": s.sum("shardrec_feature_store_generation"),
+        "redis_breaker_open": s.sum("shardrec_feature_store_breaker_open"),
     }
     if s.has("shardrec_live_shard_nodes"):
         gauges["view_live_nodes"] = s.sum("shardrec_live_shard_nodes")
