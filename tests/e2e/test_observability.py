@@ -335,8 +335,10 @@ def test_every_documented_metric_moves(obs: Obs):
         publish_delta(obs, 3, corrupt=True)
         wait_for(lambda: sum_over(obs, ROLE_SHARD, "shardrec_shard_version_loads_total", result="refused") > 0, 60, "a refusal", interval_s=0.2)
 
-        # The feature store lost, then back.
+        # The feature store unreachable, then restarted empty (no append-only file): lost, and
+        # reloaded by a frontend.
         redis.stop()
+        redis.persistence = False
         try:
             with pytest.raises(grpc.RpcError):
                 call(obs.frontend, obs.requests[2], timeout_s=3.0)
