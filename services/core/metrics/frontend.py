@@ -129,51 +129,83 @@ class FrontendMetrics:
         self._lookup.child(node).observe(seconds)
 
 
+def _single(kind, rows) -> list:
+    """One unlabelled family per ``(name, doc, value)`` row."""
+    out = []
+    for name, doc, value in rows:
+        f = kind(name, doc)
+        f.add_metric([], value)
+        out.append(f)
+    return out
+
+
+def _by(f, label_values, counts) -> object:
+    """``f`` with one sample per label value (0 where ``counts`` has none)."""
+    for v in label_values:
+        f.add_metric([v], counts.get(v, 0))
+    return f
+
+
 def _frontend_families(r: FrontendReading) -> list:
     c, g = _counter, _gauge
-    fams = []
+    fams = _single(c, (
+        ("shardrec_admitted", "Recommend calls admitted", r.admitted),
+        ("shardrec_wasted_requests", "Answers computed in full for callers already gone", r.wasted),
+        ("shardrec_request_ids_replaced", "Unusable request ids replaced by generated ones", r.request_ids_replaced),
+        ("shardrec_batches", "Micro-batches formed", r.batches),
+        ("shardrec_batched_requests", "Requests that joined a micro-batch", r.batched_requests),
+        ("shardrec_multi_request_batches", "Micro-batches of more than one request", r.multi_request_batches),
+        ("shardrec_batch_splits", "Failed batches split to isolate the request at fault", r.batch_splits),
+        ("shardrec_feature_store_round_trips", "Feature store (Redis) round trips", r.feature_store_round_trips),
+        ("shardrec_lookup_batches", "Micro-batches sent to the lookup step", r.lookup_batches),
+        ("shardrec_lookup_hedge_wins", "Hedge RPCs whose answer was used", r.lookup_hedge_wins),
+        ("shardrec_lookup_hedges_cancelled", "Lookup RPCs cancelled: late calls a hedge beat, hedges not needed", r.lookup_hedges_cancelled),
+        ("shardrec_lookup_ids", "Ids sent to shards", r.lookup_ids),
+        ("shardrec_feature_store_lost", "Times the feature store was found lost (Redis answered without its marker)", r.feature_store_lost),
+        ("shardrec_feature_store_generation_switches", "Feature store generations followed (reloads seen)", r.feature_store_switches),
+        ("shardrec_feature_store_marker_reads", "Reads of the feature store's marker alone", r.feature_store_marker_reads),
+        ("shardrec_feature_store_default_batches", "Batches answered with feature defaults (store lost, operator's choice)", r.feature_store_default_batches),
+        ("shardrec_feature_store_breaker_opens", "Times the feature store's circuit breaker opened", r.feature_store_breaker_opens),
+    ))  # fmt: skip
+    fams += [
+        _by(c(SHED, "Recommend calls refused for load, by reason", ["reason"]), SHED_REASONS, r.shed),
+        _by(c("shardrec_dropped_requests", "Dead requests (deadline passed or caller gone) dropped before a stage", ["stage"]), DROP_STAGES, r.dropped),
+        _by(c("shardrec_degraded_requests", "Requests answered in a degraded mode, by reason", ["reason"]), DEGRADED_REASONS, r.degraded),
+        _by(c("shardrec_item_ids", "Candidate item ids per batch: requested, and unique after dedup", ["kind"]), ("requested", "unique"),
+            {"requested": r.item_ids_requested, "unique": r.item_ids_unique}),
+        _by(c("shardrec_bags", "Bags the batches needed, and the distinct bags looked up", ["kind"]), ("requested", "looked_up"),
+            {"requested": r.bags_requested, "looked_up": r.bags_looked_up}),
+        _by(c("shardrec_lookup_bytes", "Lookup payload bytes: sent (request) and received (answers)", ["direction"]), ("sent", "received"),
+            {"sent": r.lookup_bytes_sent, "received": r.lookup_bytes_received}),
+        _by(c("shardrec_wire_bytes", "Embedding bytes on the wire (ids out, pooled vectors back) by feature side", ["side"]), ("user", "item"), r.wire_bytes),
+        _by(c("shardrec_feature_store_failures", "Failed feature store calls: timeout, error, fast_failure (refused by the open breaker)", ["kind"]),
+            FEATURE_STORE_FAILURES, r.feature_store_failures),
+        _by(c("shardrec_feature_store_reloads", "Reloads of a lost feature store by this frontend, by result", ["result"]), ("ok", "failed"), r.feature_store_reloads),
+        _by(g(FEATURE_STORE_STATE, "1 for the feature store's current state (ok, lost, unreachable, none)", ["state"]), FEATURE_STORE_STATES,
+            {r.feature_store: 1}),
+    ]  # fmt: skip
+    fams += _node_families(r)
+    fams += _single(g, (
+        (QUEUE_DEPTH, "Requests waiting for a batch", r.queued),
+        (IN_FLIGHT, "Requests admitted and not answered yet", r.in_flight),
+        (ADMISSION_LIMIT, "Concurrency limit of admission control", r.admission_limit),
+        ("shardrec_shed_p99_seconds", "Server-side time to refuse, p99 of the last 256 refusals", r.shed_p99_s),
+        ("shardrec_largest_batch", "Largest micro-batch so far", r.largest_batch),
+        (MODEL_VERSION, "Model version new batches are computed at", r.model_version),
+        (SHARD_MAP_VERSION, "Active shard map version this process routes by", r.shard_map_version),
+        ("shardrec_feature_store_generation", "The feature store generation last seen (0: none)", r.feature_store_generation),
+        ("shardrec_feature_store_breaker_open", "1 while the feature store's circuit breaker is open", 1 if r.feature_store_breaker_open else 0),
+    ))  # fmt: skip
+    if r.live_nodes is not None:
+        fams += _single(g, (
+            ("shardrec_live_shard_nodes", "Shard nodes registered in this frontend's view", r.live_nodes),
+            ("shardrec_partitions_without_replica", "Partitions of the active map with no live replica", r.partitions_without_replica),
+        ))  # fmt: skip
+    return fams
 
-    def one(f, value, *labels):
-        f.add_metric(list(labels), value)
-        return f
 
-    fams.append(one(c("shardrec_admitted", "Recommend calls admitted"), r.admitted))
-    shed = c(SHED, "Recommend calls refused for load, by reason", ["reason"])
-    for reason in SHED_REASONS:
-        shed.add_metric([reason], r.shed.get(reason, 0))
-    dropped = c("shardrec_dropped_requests", "Dead requests (deadline passed or caller gone) dropped before a stage", ["stage"])
-    for stage in DROP_STAGES:
-        dropped.add_metric([stage], r.dropped.get(stage, 0))
-    fams += [shed, dropped]
-    fams.append(one(c("shardrec_wasted_requests", "Answers computed in full for callers already gone"), r.wasted))
-    fams.append(one(c("shardrec_request_ids_replaced", "Unusable request ids replaced by generated ones"), r.request_ids_replaced))
-    degraded = c("shardrec_degraded_requests", "Requests answered in a degraded mode, by reason", ["reason"])
-    for reason in DEGRADED_REASONS:
-        degraded.add_metric([reason], r.degraded.get(reason, 0))
-    fams.append(degraded)
-    fams.append(one(c("shardrec_batches", "Micro-batches formed"), r.batches))
-    fams.append(one(c("shardrec_batched_requests", "Requests that joined a micro-batch"), r.batched_requests))
-    fams.append(one(c("shardrec_multi_request_batches", "Micro-batches of more than one request"), r.multi_request_batches))
-    fams.append(one(c("shardrec_batch_splits", "Failed batches split to isolate the request at fault"), r.batch_splits))
-    ids = c("shardrec_item_ids", "Candidate item ids per batch: requested, and unique after dedup", ["kind"])
-    ids.add_metric(["requested"], r.item_ids_requested)
-    ids.add_metric(["unique"], r.item_ids_unique)
-    bags = c("shardrec_bags", "Bags the batches needed, and the distinct bags looked up", ["kind"])
-    bags.add_metric(["requested"], r.bags_requested)
-    bags.add_metric(["looked_up"], r.bags_looked_up)
-    fams += [ids, bags]
-    fams.append(one(c("shardrec_feature_store_round_trips", "Feature store (Redis) round trips"), r.feature_store_round_trips))
-    fams.append(one(c("shardrec_lookup_batches", "Micro-batches sent to the lookup step"), r.lookup_batches))
-    fams.append(one(c("shardrec_lookup_hedge_wins", "Hedge RPCs whose answer was used"), r.lookup_hedge_wins))
-    fams.append(one(c("shardrec_lookup_hedges_cancelled", "Lookup RPCs cancelled: late calls a hedge beat, hedges not needed"), r.lookup_hedges_cancelled))
-    fams.append(one(c("shardrec_lookup_ids", "Ids sent to shards"), r.lookup_ids))
-    lb = c("shardrec_lookup_bytes", "Lookup payload bytes: sent (request) and received (answers)", ["direction"])
-    lb.add_metric(["sent"], r.lookup_bytes_sent)
-    lb.add_metric(["received"], r.lookup_bytes_received)
-    wire = c("shardrec_wire_bytes", "Embedding bytes on the wire (ids out, pooled vectors back) by feature side", ["side"])
-    for side in ("user", "item"):
-        wire.add_metric([side], r.wire_bytes.get(side, 0))
-    fams += [lb, wire]
+def _node_families(r: FrontendReading) -> list:
+    c, g = _counter, _gauge
     rpcs = c(LOOKUP_RPCS, "Lookup RPCs sent per shard node, by kind", ["node", "kind"])
     errors = c("shardrec_lookup_errors", "Failed Lookup RPCs per shard node, by status code", ["node", "code"])
     failovers = c("shardrec_lookup_failovers", "Node calls re-planned on another replica after an error or timeout", ["node"])
@@ -191,49 +223,7 @@ def _frontend_families(r: FrontendReading) -> list:
         ejections.add_metric([node], n.ejections)
         outstanding.add_metric([node], n.outstanding)
         ejected.add_metric([node], 1 if n.ejected else 0)
-    fams += [rpcs, errors, failovers, reroutes, ejections, outstanding, ejected]
-    fams.append(one(g(QUEUE_DEPTH, "Requests waiting for a batch"), r.queued))
-    fams.append(one(g(IN_FLIGHT, "Requests admitted and not answered yet"), r.in_flight))
-    fams.append(one(g(ADMISSION_LIMIT, "Concurrency limit of admission control"), r.admission_limit))
-    fams.append(one(g("shardrec_shed_p99_seconds", "Server-side time to refuse, p99 of the last 256 refusals"), r.shed_p99_s))
-    fams.append(one(g("shardrec_largest_batch", "Largest micro-batch so far"), r.largest_batch))
-    fams.append(one(g(MODEL_VERSION, "Model version new batches are computed at"), r.model_version))
-    fams.append(one(g(SHARD_MAP_VERSION, "Active shard map version this process routes by"), r.shard_map_version))
-    if r.live_nodes is not None:
-        fams.append(one(g("shardrec_live_shard_nodes", "Shard nodes registered in this frontend's view"), r.live_nodes))
-        fams.append(one(g("shardrec_partitions_without_replica", "Partitions of the active map with no live replica"), r.partitions_without_replica))
-    state = g(FEATURE_STORE_STATE, "1 for the feature store's current state (ok, lost, unreachable, none)", ["state"])
-    for s in FEATURE_STORE_STATES:
-        state.add_metric([s], 1 if s == r.feature_store else 0)
-    fams.append(state)
-    fams += _feature_store_families(r)
-    return fams
-
-
-def _feature_store_families(r: FrontendReading) -> list:
-    c, g = _counter, _gauge
-    fams = []
-    for name, doc, value in (
-        ("shardrec_feature_store_lost", "Times the feature store was found lost (Redis answered without its marker)", r.feature_store_lost),
-        ("shardrec_feature_store_generation_switches", "Feature store generations followed (reloads seen)", r.feature_store_switches),
-        ("shardrec_feature_store_marker_reads", "Reads of the feature store's marker alone", r.feature_store_marker_reads),
-        ("shardrec_feature_store_default_batches", "Batches answered with feature defaults (store lost, operator's choice)", r.feature_store_default_batches),
-        ("shardrec_feature_store_breaker_opens", "Times the feature store's circuit breaker opened", r.feature_store_breaker_opens),
-    ):
-        f = c(name, doc)
-        f.add_metric([], value)
-        fams.append(f)
-    failures = c("shardrec_feature_store_failures", "Failed feature store calls: timeout, error, fast_failure (refused by the open breaker)", ["kind"])
-    for kind in FEATURE_STORE_FAILURES:
-        failures.add_metric([kind], r.feature_store_failures.get(kind, 0))
-    reloads = c("shardrec_feature_store_reloads", "Reloads of a lost feature store by this frontend, by result", ["result"])
-    for result in ("ok", "failed"):
-        reloads.add_metric([result], r.feature_store_reloads.get(result, 0))
-    gen = g("shardrec_feature_store_generation", "The feature store generation last seen (0: none)")
-    gen.add_metric([], r.feature_store_generation)
-    open_ = g("shardrec_feature_store_breaker_open", "1 while the feature store's circuit breaker is open")
-    open_.add_metric([], 1 if r.feature_store_breaker_open else 0)
-    return [*fams, failures, reloads, gen, open_]
+    return [rpcs, errors, failovers, reroutes, ejections, outstanding, ejected]
 
 
 # Levels that GetStats also repeats among its counters, for readers older than its ``gauges``.
