@@ -4,8 +4,9 @@ the model from ``--checkpoint`` like the monolith and share everything but the l
 
 Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
 partition has a live replica -> load the dense model of the serving version -> gRPC server
-SERVING -> register the ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING -> finish
-in-flight calls within the grace period -> exit 0.
+(live) -> ready once every readiness condition holds (``services.frontend.readiness``,
+docs/health.md) -> register the ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING
+-> finish in-flight calls within the grace period -> exit 0.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.rpc.server import start_aio_server, tune_allocator
+from services.core.rpc.readiness import Readiness
+from services.core.rpc.server import new_instance_id, start_aio_server, tune_allocator
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
@@ -29,6 +31,7 @@ from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
+from services.frontend.readiness import CLUSTER_VIEW, LOADED, ViewReadiness, view_grace_s
 from services.frontend.recommender import DegradePolicy, Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer, add_recommender_to_server
 from services.frontend.validate import FeatureLimits
@@ -184,6 +187,8 @@ async def serve(config: FrontendConfig) -> int:
     )  # fmt: skip
     servicer = RecommenderServicer(recommender)
     admin = FrontendAdminServicer(recommender, view)
+    instance_id = new_instance_id()
+    readiness = Readiness((LOADED, CLUSTER_VIEW) if view is not None else (LOADED,))
     server = await start_aio_server(
         config.host,
         config.port,
@@ -193,28 +198,36 @@ async def serve(config: FrontendConfig) -> int:
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
+        live_names=("shardrec.v1.FrontendAdmin",),  # GetStats answers whether ready or not
+        instance_id=instance_id,
     )
+    server.follow(readiness)
     address = f"{config.advertise_host or config.host}:{server.port}"
     print(f"LISTENING frontend {address}", flush=True)
-    await server.set_serving(True)
+    tasks = []
+    if view is not None:
+        view_readiness = ViewReadiness(view, readiness, lambda: pipeline.version, view_grace_s(config.zk.session_timeout_s))
+        view_readiness.check()
+        tasks.append(asyncio.create_task(view_readiness.run()))
+    readiness.set(LOADED, True)
     registration = None
     if zk is not None:
         from services.core.discovery.records import FrontendRecord
         from services.core.discovery.registry import NodeRegistration
+        from services.core.rpc.probe import holder_probe
 
-        record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid())
-        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record)
+        record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid(), instance_id=instance_id)
+        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record, probe=holder_probe(FrontendRecord.from_bytes))
         await loop.run_in_executor(None, registration.register)
-    follower_task = None
     if view is not None:
-        follower_task = asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop))
-    log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
-             version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
+        tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop)))
+    log.info("frontend %s (instance %s) serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id,
+             instance_id, spec.name, version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
-    if follower_task is not None:
-        follower_task.cancel()
+    for task in tasks:
+        task.cancel()
     log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
