@@ -44,7 +44,8 @@ class ClusterView:
         self.last_addresses: dict[str, str] = {}
         # Nodes that left the view: when (time.monotonic()) and their last record.
         self.departed: dict[str, tuple[float, NodeRecord]] = {}
-        self.on_new_instance: list[Callable[[str], None]] = []  # called on the loop with a node id
+        # Called on the loop with a node id and the address its previous process registered.
+        self.on_new_instance: list[Callable[[str, str], None]] = []
         self._instances: dict[str, tuple[str, str]] = {}  # node -> (address, instance_id) last seen
         self.serving_version: int = 0
         self.target_version: int = 0
@@ -90,10 +91,11 @@ class ClusterView:
                 self.departed.pop(node_id, None)
             self.last_addresses[node_id] = record.address
             instance = (record.address, record.instance_id)
-            if self._instances.setdefault(node_id, instance) != instance:
+            previous = self._instances.setdefault(node_id, instance)
+            if previous != instance:
                 self._instances[node_id] = instance
                 for listener in self.on_new_instance:
-                    listener(node_id)
+                    listener(node_id, previous[0])
         for node_id in self.nodes.keys() - nodes.keys():
             log.info("node %s left", node_id)
             self.departed[node_id] = (now, self.nodes[node_id])

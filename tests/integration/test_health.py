@@ -243,3 +243,29 @@ def member(zk_config):
     client.stop()
     client.close()
 
+
+
+def test_view_announces_a_node_back_as_another_process(zk: KazooClient, member: KazooClient, zk_paths: ZkPaths) -> None:
+    """The fan-out forgets a node's ejection when it registers as another process: the view
+    calls its listeners with the node and the address its previous process had."""
+    tables = (TableSpec("items", 60, 4),)
+    ClusterStore(zk, zk_paths).write_active(initial_shard_map(PlacementSpec.from_json({}), tables, node_ids(1), version=1), None)
+    ClusterStore(zk, zk_paths).write_model("file:///nowhere", "m")
+    reg = NodeRegistration(member, zk_paths.node("shard-0"), NodeRecord(node_id="shard-0", address="h:1", instance_id="a"))
+    reg.register()
+
+    async def main() -> list[tuple[str, str]]:
+        loop = asyncio.get_running_loop()
+        view = ClusterView(zk, zk_paths, loop)
+        renewed: list[tuple[str, str]] = []
+        view.on_new_instance.append(lambda node, previous: renewed.append((node, previous)))
+        await loop.run_in_executor(None, view.start_blocking)
+        await until(lambda: "shard-0" in view.nodes, "shard-0 in the view")
+        for record in (NodeRecord(node_id="shard-0", address="h:1", instance_id="a", versions_ready=(1,)),  # same process
+                       NodeRecord(node_id="shard-0", address="h:1", instance_id="b"),  # restarted in place
+                       NodeRecord(node_id="shard-0", address="h:2", instance_id="c")):  # restarted elsewhere
+            await loop.run_in_executor(None, reg.update, record)
+            await until(lambda: view.nodes["shard-0"] == record, f"{record} in the view")
+        return renewed
+
+    assert asyncio.run(main()) == [("shard-0", "h:1"), ("shard-0", "h:1")]

@@ -45,9 +45,10 @@ class ChannelPool:
         self._closing: set[asyncio.Task] = set()
 
     def renew(self, address: str) -> None:
-        """A new process serves ``address``: the next call gets a fresh channel, not one waiting
-        out the reconnection backoff it took while the old process was gone. Calls in flight
-        on the old channel may finish within ``_RENEW_GRACE_S``."""
+        """The process at ``address`` is gone (another serves it now, or none): the next call
+        gets a fresh channel, not one waiting out the reconnection backoff it took while the
+        old process was gone. Calls in flight on the old channel may finish within
+        ``_RENEW_GRACE_S``."""
         self._stubs.pop(address, None)
         channel = self._channels.pop(address, None)
         if channel is not None:

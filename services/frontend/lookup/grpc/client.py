@@ -154,10 +154,11 @@ class GrpcLookupClient:
         for node, us in plan.items():
             running[asyncio.ensure_future(self._hedger.node_call(node, us, call, avoid))] = (node, us, call)
 
-    def _renewed(self, node: str) -> None:
-        """``node`` registered as another process (a restart): it starts with a clean slate."""
+    def _renewed(self, node: str, previous_address: str) -> None:
+        """``node`` registered as another process (a restart): it starts with a clean slate, and
+        the channel to its previous address (the same one, or one nobody serves now) goes."""
         self.board.renewed(node)
-        self._channels.renew(self._view.last_addresses[node])
+        self._channels.renew(previous_address)
 
     async def close(self) -> None:
         await self._calls.close()
