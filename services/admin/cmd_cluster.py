@@ -1,7 +1,9 @@
 """``shardrec demo`` and ``shardrec cluster up|status|down``: the local cluster.
 
-- ``demo``: generate (or reuse) the demo model, start ZooKeeper, Redis, N shards and a
-  frontend on loopback, send sample Recommend calls and print them, then stop everything.
+- ``demo``: generate (or reuse) the demo model, or take ``--checkpoint URI`` (any checkpoint,
+  its features or those of ``--features ROOT``, placed by ``--spec`` or by the planner), start
+  ZooKeeper, Redis, N shards and a frontend on loopback, send sample Recommend calls and print
+  them, then stop everything.
   Exit 0 when every call succeeded; 1 on a failed step or call; 128 + N on signal N.
 - ``cluster up``: the same cluster, left running; writes ``<workdir>/cluster.json`` and prints
   how to call and stop it. ``--shards-only`` stops after the shards registered (no features,
@@ -59,10 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESET_NAMES, help=f"demo model sizes (default {DEFAULT_PRESET}, ~0.4 GiB; small for tests)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", default=None, choices=PRESET_NAMES, help=f"demo model sizes (default {DEFAULT_PRESET}, ~0.4 GiB; small for tests)")
+    model.add_argument("--checkpoint", default=None, metavar="URI", help="serve this checkpoint root (a path or file:// URI) instead of a demo model")
+    p.add_argument("--features", default=None, metavar="ROOT", help="with --checkpoint: load features/{users,items}.npz from this root instead of the checkpoint's")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"model, logs, server data and state file (default {DEFAULT_WORKDIR})")
     p.add_argument("--nodes", type=int, default=3, help="number of shard processes (default 3)")
-    p.add_argument("--spec", default=DEFAULT_SPEC, help=f"placement spec file (default {DEFAULT_SPEC})")
+    p.add_argument(
+        "--spec", default=None, help=f"placement spec file (default: {DEFAULT_SPEC} for a preset; the planner's for --checkpoint)"
+    )
     p.add_argument("--requests", type=int, default=requests_default, help=f"sample Recommend calls to send and print (default {requests_default})")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model and of the sample requests (default 0)")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name in ZooKeeper (default {DEFAULT_CLUSTER})")
@@ -74,10 +81,13 @@ def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
 def _config(args: argparse.Namespace):  # noqa: ANN202
     from services.localcluster.config import LocalClusterConfig, resolve_spec
 
+    spec = args.spec if args.spec is not None or args.checkpoint is not None else DEFAULT_SPEC
     return LocalClusterConfig(
         workdir=Path(args.workdir).resolve(),
-        spec=resolve_spec(args.spec),
-        preset=args.preset,
+        spec=None if spec is None else resolve_spec(spec),
+        preset=args.preset or DEFAULT_PRESET,
+        checkpoint_uri=args.checkpoint,
+        features_root=args.features,
         nodes=args.nodes,
         seed=args.seed,
         cluster=args.cluster,
@@ -107,7 +117,9 @@ def _run(args: argparse.Namespace, *, mode: str) -> int:
         cluster = LocalCluster(config, out, guard, mode=mode)
         try:
             cluster.start()
-            failures = send_sample_requests(cluster.state.frontend, config.checkpoint, args.requests, args.seed, cluster.progress)
+            failures = send_sample_requests(
+                cluster.state.frontend, config.checkpoint, args.requests, args.seed, cluster.progress, features=config.features
+            )
             if failures:
                 cluster.progress.line(f"{failures} of {args.requests} requests failed")
             code = 1 if failures else 0

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compute the initial placement of the checkpoint's latest complete version over "
         "nodes shard-0..shard-{N-1} and publish it (see docs/placement.md).",
     )
-    init.add_argument("--checkpoint", required=True, help="checkpoint root URI (a path or file:///path)")
+    init.add_argument("--checkpoint", required=True, help="checkpoint root URI (a path or file:///path; published as an absolute one)")
     init.add_argument("--nodes", type=int, required=True, help="number of shard nodes N")
     init.add_argument("--spec", required=True, help="placement spec file (.json or .toml), e.g. deploy/placement/mixed.json")
     init.add_argument("--version", type=int, default=None, help="model version to serve first (default: the latest complete one)")
@@ -55,7 +55,7 @@ def _init(args: argparse.Namespace) -> int:
     model = initial.manifest.model
     print(
         f"cluster {args.cluster!r}: shard map version {smap.version} over {len(smap.nodes)} nodes; "
-        f"model {model.name!r} version {initial.manifest.version} at {args.checkpoint}"
+        f"model {model.name!r} version {initial.manifest.version} at {initial.checkpoint}"
     )
     print(format_placement(smap, model.tables))
     return 0

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InitialPlacement:
-    """The first placement of a checkpoint's model version over ``nodes`` nodes."""
+    """The first placement of a checkpoint's model version over ``nodes`` nodes; ``checkpoint``
+    is an absolute URI (``initial_placement`` makes it one)."""
 
     checkpoint: str
     manifest: "Manifest"
@@ -39,14 +40,38 @@ class InitialPlacement:
 
 def initial_placement(checkpoint: str, spec: "PlacementSpec", nodes: int, version: int | None = None) -> InitialPlacement:
     """Read the model of ``checkpoint``'s ``version`` (default: the latest complete one) and
-    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper."""
+    check that ``spec`` places it on ``nodes`` nodes (ConfigError if not). No ZooKeeper. The
+    placement names the checkpoint by its absolute URI (``absolute_uri``): that is what the
+    model pointer publishes, for shards started in any directory."""
     from services.core.checkpoint.reader import CheckpointReader
+    from services.core.checkpoint.storage import absolute_uri
 
+    checkpoint = absolute_uri(checkpoint)
     reader = CheckpointReader(checkpoint)
     manifest = reader.manifest(reader.latest_version() if version is None else version)
     initial = InitialPlacement(checkpoint, manifest, spec, nodes)
     initial.shard_map()
     return initial
+
+
+def planned_spec(tables: Sequence["TableSpec"], nodes: int) -> "PlacementSpec":
+    """The placement spec the planner chooses for ``tables`` on ``nodes`` nodes when nobody
+    wrote one (``shardrec cluster up --checkpoint`` without ``--spec``): ``plan`` with no load
+    measured yet and the defaults of ``rebalance plan`` (nodes of 64 GiB, tables up to 1 MiB
+    replicated), each table's shape then pinned as the plan left it (docs/placement.md,
+    "Initial placement"). Pure."""
+    from services.control.rebalance import DEFAULT_NODE_MEMORY_BYTES, DEFAULT_REPLICATE_MAX_BYTES
+    from services.core.placement import NodeCapacity, PlacementSpec, PlannerConfig, TableLoad, node_ids, plan
+    from services.core.rebalance import kept_shape
+
+    smap = plan(
+        [TableLoad(t, 0.0) for t in tables],
+        [NodeCapacity(n, DEFAULT_NODE_MEMORY_BYTES) for n in node_ids(nodes)],
+        None,
+        PlannerConfig(replicate_max_bytes=DEFAULT_REPLICATE_MAX_BYTES),
+        version=1,
+    )
+    return PlacementSpec(tables={name: kept_shape(smap, name, nodes) for name in sorted(smap.tables)})
 
 
 def init_cluster(store: "ClusterStore", initial: InitialPlacement, *, force: bool = False) -> tuple["ShardMap", bool]:

@@ -3,7 +3,7 @@ gRPC channels (sync and asyncio), in services/ and benchmarks/ alike (tests use 
 
 Security goes here and nowhere else: ZooKeeper TLS (``use_ssl``, ``certfile``, ``keyfile``,
 ``ca``), ZooKeeper ACLs (``auth_data`` + ``default_acl``), Redis AUTH / TLS (``username``,
-``password``, ``rediss://``) and gRPC channel credentials are added to these factories, from
+``password``, ``rediss://``), Redis Sentinel (``redis+sentinel://``) and gRPC channel credentials are added to these factories, from
 fields of the process's frozen config, so every process gets them at once.
 ``tests/unit/test_clients_only.py`` fails when a client is constructed anywhere else.
 
@@ -13,10 +13,11 @@ Libraries are imported inside the factories, so importing this module stays ligh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.core.config import ZkConfig
-from services.core.errors import UnavailableError
+from services.core.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
     import logging
@@ -65,17 +66,29 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) ->
     return client
 
 
-def make_redis(url: str, *, timeout_s: float | None = None) -> "redis.Redis":
-    """A Redis client for ``url`` (``redis://host:port/db``) that speaks bytes
-    (``decode_responses=False``). Connections are made lazily, on the first command, from the
-    client's pool; it is thread-safe. AUTH comes from the URL (``redis://user:pass@host``) or,
-    later, from config fields passed here; ``rediss://`` selects TLS. ``timeout_s`` bounds
-    connecting and every reply (default: 5 s to connect, replies unbounded).
+def make_redis(url: str, *, timeout_s: float | None = None, retries: int | None = None) -> "redis.Redis":
+    """A Redis client for ``url`` that speaks bytes (``decode_responses=False``). Connections are
+    made lazily, on the first command, from the client's pool; it is thread-safe.
+
+    ``url`` is ``redis://[user:pass@]host:port/db`` (``rediss://`` selects TLS) or, for a primary
+    watched by Redis Sentinel, ``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]``
+    (the sentinels' addresses and the master's name; ``parse_sentinel_url``): the client asks the
+    sentinels where the primary is on every new connection, so it follows a failover.
+    ``timeout_s`` bounds connecting and every reply (default: 5 s to connect, replies unbounded).
+    ``retries`` is how often redis-py itself retries a command after a connection error or
+    timeout (None: its default; 0 for callers that bound and retry calls themselves).
     """
     import redis
 
     connect_s = 5.0 if timeout_s is None else timeout_s
-    return redis.Redis.from_url(url, **{**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s})
+    options = {**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s, **_retry(retries, aio=False)}
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+
+    watchers = Sentinel(list(sentinel.sentinels), sentinel_kwargs=_sentinel_options(options))
+    return watchers.master_for(sentinel.master, db=sentinel.db, username=sentinel.username, password=sentinel.password, **options)
 
 
 def _quiet_logger() -> "logging.Logger":
@@ -87,15 +100,86 @@ def _quiet_logger() -> "logging.Logger":
     return log
 
 
-def make_async_redis(url: str) -> "redis.asyncio.Redis":
-    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms and settings), for an event
-    loop: use and close it (``await client.aclose()``) on the loop that first uses it."""
+def make_async_redis(url: str, *, timeout_s: float | None = None, retries: int | None = None) -> "redis.asyncio.Redis":
+    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms, Sentinel included, and
+    settings; ``timeout_s`` also bounds connecting when given), for an event loop: use and close
+    it (``await client.aclose()``) on the loop that first uses it."""
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS)
+    options: dict[str, Any] = {**_REDIS_OPTIONS, **_retry(retries, aio=True)}
+    if timeout_s is not None:
+        options.update(socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return redis.asyncio.Redis.from_url(url, **options)
+    from redis.asyncio.sentinel import Sentinel
+
+    watchers = Sentinel(list(sentinel.sentinels), sentinel_kwargs=_sentinel_options(options))
+    return watchers.master_for(sentinel.master, db=sentinel.db, username=sentinel.username, password=sentinel.password, **options)
 
 
 _REDIS_OPTIONS: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5.0, "health_check_interval": 30}
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``redis+sentinel://`` URL: the sentinels, the name of the primary they watch, the db
+    and the primary's credentials (the sentinels are asked without)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]`` -> SentinelUrl;
+    None for any other scheme; ConfigError naming what is wrong otherwise.
+
+    >>> parse_sentinel_url("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/features/2").db
+    2
+    """
+    from urllib.parse import unquote
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != SENTINEL_SCHEME:
+        return None
+    netloc, _, path = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = creds.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+    sentinels = []
+    for part in hosts.split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ConfigError(f"{url!r}: sentinel {part!r} is not host:port (want {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db])")
+        sentinels.append((host.strip("[]"), int(port)))
+    master, _, db = path.strip("/").partition("/")
+    if not master or (db and not db.isdigit()):
+        raise ConfigError(f"{url!r}: want {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db] (the primary's name as the sentinels know it)")
+    return SentinelUrl(tuple(sentinels), unquote(master), int(db or 0), username, password)
+
+
+def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options of the connections to the sentinels themselves: the same timeouts and retries."""
+    return {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+
+
+def _retry(retries: int | None, *, aio: bool) -> dict[str, Any]:
+    """redis-py's ``retry`` option for ``retries`` retries without backoff (None: its default)."""
+    if retries is None:
+        return {}
+    from redis.backoff import NoBackoff
+
+    if aio:
+        from redis.asyncio.retry import Retry
+    else:
+        from redis.retry import Retry  # type: ignore[assignment]
+    return {"retry": Retry(NoBackoff(), retries)}
 
 
 def make_channel(

@@ -11,10 +11,15 @@ A ``PreparedBatch`` of R requests with C_r candidates each (S = sum C_r samples)
     user_bags[f]        Bags with U bags, for every user-side sparse feature f
     item_bags[f]        Bags with I bags, for every item-side sparse feature f
     dense               float32 [S, num_dense], manifest order, request overrides applied
+    scored              the D <= S samples the forward pass sees (``DistinctCandidates``)
+    feature_defaults    True when the feature store could not be read and every stored feature
+                        took its default (only where the operator chose that over failing)
 
 A user context is a user id without request-time sparse overrides (shared by every request of
 that user in the batch) or one request's own overridden features: user-side bags are looked up
-once per request at most, never once per candidate. Items are unique per batch.
+once per request at most, never once per candidate. Items are unique per batch. A candidate
+repeated within a request has identical inputs at every position, so it is scored once and its
+score copied to each position: bit-identical scores, ties then broken by position (top-k).
 """
 
 from __future__ import annotations
@@ -78,6 +83,45 @@ class Bags:
 
 
 @dataclass(frozen=True)
+class DistinctCandidates:
+    """Each distinct (request, item) of a batch once: what the forward pass scores.
+
+    ``samples`` int64 [D]: the first sample of each distinct pair, grouped by request (request r
+    owns ``samples[offsets[r]:offsets[r+1]]``); ``of_sample`` int64 [S]: for every sample, the
+    index into ``samples`` whose score is its score. ``all_distinct`` when D == S (then
+    ``samples`` is ``arange(S)``, in sample order, and ``of_sample`` the same).
+    """
+
+    samples: np.ndarray
+    offsets: np.ndarray
+    of_sample: np.ndarray
+
+    @property
+    def all_distinct(self) -> bool:
+        return len(self.samples) == len(self.of_sample)
+
+    @classmethod
+    def of(cls, sample_offsets: np.ndarray, item_of_sample: np.ndarray) -> "DistinctCandidates":
+        """The distinct (request, item) pairs of samples ``sample_offsets`` x ``item_of_sample``.
+
+        >>> d = DistinctCandidates.of(np.array([0, 3, 5]), np.array([7, 2, 7, 2, 2]))
+        >>> d.samples.tolist(), d.offsets.tolist(), d.of_sample.tolist()
+        ([1, 0, 3], [0, 2, 3], [1, 0, 1, 2, 2])
+        """
+        num_samples = len(item_of_sample)
+        counts = np.diff(sample_offsets)
+        request_of_sample = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        key = request_of_sample * (int(item_of_sample.max(initial=0)) + 1) + item_of_sample
+        unique, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        if len(unique) == num_samples:
+            identity = np.arange(num_samples, dtype=np.int64)
+            return cls(identity, np.asarray(sample_offsets, dtype=np.int64), identity)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(request_of_sample[first], minlength=len(counts)), out=offsets[1:])
+        return cls(first.astype(np.int64), offsets, inverse.reshape(-1).astype(np.int64))
+
+
+@dataclass(frozen=True)
 class PreparedBatch:
     requests: tuple[RecRequest, ...]
     sample_offsets: np.ndarray
@@ -86,6 +130,8 @@ class PreparedBatch:
     user_bags: dict[str, Bags]
     item_bags: dict[str, Bags]
     dense: np.ndarray
+    scored: DistinctCandidates
+    feature_defaults: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -108,14 +154,17 @@ class PreparedBatch:
                 out[name] = Bags(rows, lengths, weights)
             return out
 
+        item_of_sample = item_of_sample.reshape(-1).astype(np.int32)
         return PreparedBatch(
             requests=tuple(self.requests[r] for r in keep),
             sample_offsets=offsets,
             user_of_sample=user_of_sample.reshape(-1).astype(np.int32),
-            item_of_sample=item_of_sample.reshape(-1).astype(np.int32),
+            item_of_sample=item_of_sample,
             user_bags=take(self.user_bags, users),
             item_bags=take(self.item_bags, items),
             dense=self.dense[samples],
+            scored=DistinctCandidates.of(offsets, item_of_sample),
+            feature_defaults=self.feature_defaults,
         )
 
 

@@ -3,10 +3,11 @@ the monolith; ``--lookup redis-kv`` / ``torchrec``, the other comparison baselin
 the model from ``--checkpoint`` like the monolith and share everything but the lookup step).
 
 Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
-partition has a live replica -> load the dense model of the serving version -> gRPC server
-(live) -> ready once every readiness condition holds (``services.frontend.readiness``,
-docs/health.md) -> register the ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING
--> finish in-flight calls within the grace period -> exit 0.
+partition has a live replica -> load the dense model of the serving version -> read the feature
+store's marker -> gRPC server live, ready while every readiness condition holds (``loaded``, the
+view's ``cluster_view``, the feature store's ``feature_store``: docs/health.md) -> register the
+ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING (lame duck) -> finish in-flight
+calls within the grace period -> exit 0.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.errors import ShardrecError
 from services.core.rpc.readiness import Readiness
 from services.core.rpc.server import new_instance_id, start_aio_server, tune_allocator
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
+from services.frontend.feature_store import FeatureStoreConfig, FeatureStoreState
+from services.frontend.feature_sync import FeatureSync, ReloadSource
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
-from services.frontend.readiness import CLUSTER_VIEW, LOADED, ViewReadiness, view_grace_s
+from services.frontend.readiness import CLUSTER_VIEW, FEATURE_STORE, LOADED, ViewReadiness, view_grace_s
 from services.frontend.recommender import DegradePolicy, Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer, add_recommender_to_server
 from services.frontend.validate import FeatureLimits
@@ -39,6 +43,10 @@ from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
+# Health names (docs/health.md): FrontendAdmin answers while the process runs (liveness); the
+# feature store's own state has a name of its own, for monitoring.
+LIVE = ("shardrec.v1.FrontendAdmin",)
+FEATURE_STORE_HEALTH = "shardrec.feature_store"
 
 
 async def _connect_cluster(config: FrontendConfig, loop):
@@ -114,6 +122,19 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
     await VersionFollower(view, pipeline, reader, on_switch).run()
 
 
+def _publish_health(server, readiness: Readiness, defaults_on_loss: bool):
+    """Health from the feature store's state: the readiness condition ``feature_store`` while it
+    is OK (or while the operator chose defaults over failing), and its own name."""
+
+    async def publish(state: FeatureStoreState) -> None:
+        ok = state is FeatureStoreState.OK
+        await server.set_health((FEATURE_STORE_HEALTH,), ok)
+        readiness.set(FEATURE_STORE, ok or defaults_on_loss, f"feature store {state.name.lower()}")
+        (log.info if ok else log.warning)("feature store %s: %s", state.name, "ready" if ok or defaults_on_loss else "NOT_SERVING")
+
+    return publish
+
+
 def _admission(config: FrontendConfig, estimate: ServiceEstimate) -> Admission:
     """Admission control from the config (docs/overload.md); the queue bounds the limit."""
     from services.frontend.admission import AdmissionPolicy, CallerLimits, CallerRate, load_caller_limits
@@ -157,9 +178,16 @@ async def serve(config: FrontendConfig) -> int:
     if config.redis_url:
         from services.core.clients import make_async_redis
 
-        redis = make_async_redis(config.redis_url)
+        redis = make_async_redis(config.redis_url, timeout_s=config.redis_timeout_s, retries=0)
     limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
-    prep = FeaturePrep(spec, redis, config.redis_prefix, limits)
+    defaults_on_loss = config.on_feature_loss == "defaults"
+    store_config = FeatureStoreConfig(config.redis_timeout_s, defaults_on_loss, reloads=config.feature_sync and redis is not None)
+    prep = FeaturePrep(spec, redis, config.redis_prefix, limits, store_config)
+    if redis is not None:
+        try:
+            await prep.store.refresh()
+        except ShardrecError as e:
+            log.warning("feature store at start: %s", e)
     pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
     estimate = ServiceEstimate(in_flight_batches=config.max_in_flight_batches)
 
@@ -186,9 +214,10 @@ async def serve(config: FrontendConfig) -> int:
         default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
     )  # fmt: skip
     servicer = RecommenderServicer(recommender)
-    admin = FrontendAdminServicer(recommender, view)
+    sync: FeatureSync | None = None
+    admin = FrontendAdminServicer(recommender, view, more=[lambda: {} if sync is None else sync.counters()])
     instance_id = new_instance_id()
-    readiness = Readiness((LOADED, CLUSTER_VIEW) if view is not None else (LOADED,))
+    readiness = Readiness((LOADED, *((CLUSTER_VIEW,) if view is not None else ()), *((FEATURE_STORE,) if redis is not None else ())))
     server = await start_aio_server(
         config.host,
         config.port,
@@ -198,7 +227,7 @@ async def serve(config: FrontendConfig) -> int:
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
-        live_names=("shardrec.v1.FrontendAdmin",),  # GetStats answers whether ready or not
+        live_names=LIVE,
         instance_id=instance_id,
     )
     server.follow(readiness)
@@ -209,6 +238,12 @@ async def serve(config: FrontendConfig) -> int:
         view_readiness = ViewReadiness(view, readiness, lambda: pipeline.version, view_grace_s(config.zk.session_timeout_s))
         view_readiness.check()
         tasks.append(asyncio.create_task(view_readiness.run()))
+    if redis is not None:
+        features = config.features_root or reader.store.uri
+        source = ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix) if config.feature_sync else None
+        sync = FeatureSync(prep.store, _publish_health(server, readiness, defaults_on_loss), source, check_s=config.feature_check_s)
+        await sync.publish_state()
+        tasks.append(asyncio.create_task(sync.run()))
     readiness.set(LOADED, True)
     registration = None
     if zk is not None:
@@ -228,9 +263,16 @@ async def serve(config: FrontendConfig) -> int:
     await stop.wait()
     for task in tasks:
         task.cancel()
-    log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
+    if sync is not None:
+        await sync.close()
+    log.info("frontend stopping: deregister, NOT_SERVING for %.1fs, then drain %.1fs", config.lame_duck_s, config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
+    # Lame duck: health says NOT_SERVING while calls are still taken, so balancers and callers'
+    # health checks move away before new calls are refused (a call that arrives as the server
+    # stops would be cancelled, not refused, and not retried elsewhere).
+    await server.stop_serving()
+    await asyncio.sleep(config.lame_duck_s)
     await server.stop(config.grace_s)
     await batcher.stop()
     await lookup.close()

@@ -1,7 +1,8 @@
 """The frontend's readiness (docs/health.md): the conditions it must meet to take traffic.
 
-``loaded`` (model and server up), ``cluster_view`` (kept here, over the ZooKeeper-fed view) and,
-for the store of features, the condition its owner sets. ``cluster_view`` holds while every
+``loaded`` (model and server up), ``cluster_view`` (kept here, over the ZooKeeper-fed view) and
+``feature_store`` (set from the feature store's state, ``main._publish_health``: OK, or the
+operator chose defaults on loss). ``cluster_view`` holds while every
 partition of the active shard map has a replica ready at the version served, in the view or
 gone from it less than ``grace_s`` ago: a ZooKeeper outage changes nothing (no watch fires), and
 the departures that follow one (sessions expiring once it resumes, re-established within a
@@ -19,6 +20,7 @@ from services.frontend.view import ClusterView
 
 LOADED = "loaded"
 CLUSTER_VIEW = "cluster_view"
+FEATURE_STORE = "feature_store"
 
 
 def view_grace_s(session_timeout_s: float) -> float:

@@ -1,8 +1,10 @@
-"""Scoring: the pooled vectors of a micro-batch gathered per sample, scored by the ranker's
-``Scorer``, then each request's top-k (``services.ranker.topk``).
+"""Scoring: the pooled vectors of a micro-batch gathered per scored sample, scored by the
+ranker's ``Scorer``, then each request's top-k (``services.ranker.topk``).
 
-For S samples and F sparse features of dim D, the scorer gets ``batch.dense`` float32
-[S, num_dense] and the gathered float32 [S, F, D], and returns float32 [S] scores.
+The forward pass sees each distinct (request, item) once (``PreparedBatch.scored``): for D such
+samples and F sparse features of dim D_e, the scorer gets float32 [D, num_dense] and the gathered
+float32 [D, F, D_e], and returns float32 [D] scores, copied back to every candidate position, so
+a repeated candidate gets bit-identical scores (docs/features.md, "Repeated candidates").
 """
 
 from __future__ import annotations
@@ -18,14 +20,23 @@ from services.ranker.scorer import Scorer
 from services.ranker.topk import top_k
 
 
-def gather(spec: ModelSpec, batch: PreparedBatch, pooled: dict[str, np.ndarray], twins: dict[str, np.ndarray | None]) -> np.ndarray:
-    """float32 [S, F, D]: each sample's pooled vector of every sparse feature, in manifest order
-    (its user context's or item's bag; through ``twins[f]``, the unique twin of each bag, when
-    identical bags were pooled once)."""
+def gather(
+    spec: ModelSpec,
+    batch: PreparedBatch,
+    pooled: dict[str, np.ndarray],
+    twins: dict[str, np.ndarray | None],
+    samples: np.ndarray | None = None,
+) -> np.ndarray:
+    """float32 [n, F, D]: the pooled vector of every sparse feature, in manifest order, of each
+    of the ``samples`` (indices; None: all S in order): its user context's or item's bag
+    (through ``twins[f]``, the unique twin of each bag, when identical bags were pooled once)."""
     dim = spec.dense_arch.embedding_dim
-    sparse = np.empty((batch.num_samples, len(spec.sparse_features), dim), dtype=np.float32)
+    n = batch.num_samples if samples is None else len(samples)
+    sparse = np.empty((n, len(spec.sparse_features), dim), dtype=np.float32)
     for fi, f in enumerate(spec.sparse_features):
         index = batch.user_of_sample if f.side is FeatureSide.USER else batch.item_of_sample
+        if samples is not None:
+            index = index[samples]
         if twins[f.name] is not None:
             index = twins[f.name][index]
         np.take(pooled[f.name], index, axis=0, out=sparse[:, fi, :])
@@ -42,22 +53,27 @@ async def score_and_rank(
     keep: list[int] | None = None,
 ) -> list[Recommendation | BaseException]:
     """The requests ``keep`` of ``batch`` (indices; None: all) answered with their top-k, at the
-    lookup's version and map: only their samples go through the forward pass. A request whose
-    scores are not finite fails alone (INVALID_ARGUMENT when its own request-time values may be
-    the cause, INTERNAL otherwise), never an OK answer in arbitrary order."""
+    lookup's version and map: only their distinct candidates go through the forward pass, each
+    position then gets its candidate's score. A request whose scores are not finite fails alone
+    (INVALID_ARGUMENT when its own request-time values may be the cause, INTERNAL otherwise),
+    never an OK answer in arbitrary order."""
+    scored = batch.scored
     rows = range(len(batch.requests)) if keep is None else keep
-    bounds = [(int(batch.sample_offsets[r]), int(batch.sample_offsets[r + 1])) for r in rows]
-    sparse = gather(spec, batch, result.pooled, twins)
-    dense = batch.dense
+    bounds = [(int(scored.offsets[r]), int(scored.offsets[r + 1])) for r in rows]
+    samples: np.ndarray | None = None  # all, in sample order
     if keep is not None:
-        samples = np.concatenate([np.arange(lo, hi) for lo, hi in bounds])
-        sparse, dense = sparse[samples], dense[samples]
-    scores = await scorer.score(dense, sparse)
+        samples = scored.samples[np.concatenate([np.arange(lo, hi) for lo, hi in bounds])]
+    elif not scored.all_distinct:
+        samples = scored.samples
+    sparse = gather(spec, batch, result.pooled, twins, samples)
+    scores = await scorer.score(batch.dense if samples is None else batch.dense[samples], sparse)
     out: list[Recommendation | BaseException] = []
     start = 0
     for r, (lo, hi) in zip(rows, bounds, strict=True):
         req = batch.requests[r]
-        s = scores[start : start + hi - lo]
+        # this request's positions, each pointing at its distinct candidate's score
+        at = scored.of_sample[int(batch.sample_offsets[r]) : int(batch.sample_offsets[r + 1])]
+        s = scores[start - lo + at]
         start += hi - lo
         if not np.isfinite(s).all():
             out.append(_not_finite(req))

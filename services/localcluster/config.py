@@ -18,10 +18,17 @@ DEFAULT_PRESET = "demo"
 
 @dataclass(frozen=True)
 class LocalClusterConfig:
-    """What ``shardrec demo`` / ``shardrec cluster up`` start. Paths are absolute."""
+    """What ``shardrec demo`` / ``shardrec cluster up`` start. Paths are absolute: a given
+    checkpoint and features root are made absolute here (``absolute_uri``), so the commands
+    the cluster runs read them from any directory.
+
+    The model is the demo model of ``preset`` (generated under ``workdir``), or the checkpoint
+    at ``checkpoint_uri`` with the features below ``features_root`` (default: its own). With
+    ``spec`` None the planner places the model's tables (``control.placement.planned_spec``).
+    """
 
     workdir: Path
-    spec: Path
+    spec: Path | None
     preset: str = DEFAULT_PRESET
     nodes: int = 3
     seed: int = 0
@@ -31,8 +38,18 @@ class LocalClusterConfig:
     stop_grace_s: float = 15.0
     shards_only: bool = False
     python: str = sys.executable
+    checkpoint_uri: str | None = None
+    features_root: str | None = None
 
     def __post_init__(self) -> None:
+        from services.core.checkpoint.storage import absolute_uri
+
+        if self.features_root is not None and self.checkpoint_uri is None:
+            raise ConfigError("--features needs --checkpoint (a preset's demo model has its own features)")
+        for name in ("checkpoint_uri", "features_root"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, absolute_uri(value))
         if self.nodes < 1:
             raise ConfigError(f"--nodes must be >= 1, got {self.nodes}")
         if not self.cluster or "/" in self.cluster:
@@ -45,9 +62,17 @@ class LocalClusterConfig:
         return self.workdir / "logs"
 
     @property
-    def checkpoint(self) -> Path:
-        """The demo model's checkpoint root; one per preset and seed."""
+    def checkpoint(self) -> Path | str:
+        """The checkpoint root served: ``checkpoint_uri`` when given, else the demo model's
+        (one per preset and seed)."""
+        if self.checkpoint_uri is not None:
+            return self.checkpoint_uri
         return self.workdir / "model" / f"{self.preset}-seed{self.seed}"
+
+    @property
+    def features(self) -> Path | str:
+        """The root whose ``features/{users,items}.npz`` are loaded into Redis."""
+        return self.features_root if self.features_root is not None else self.checkpoint
 
     @property
     def redis_prefix(self) -> str:

@@ -6,14 +6,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from services.core.types import FeatureSide, FeatureSource
 from services.localcluster.console import Progress
 from services.localcluster.state import ClusterState
+
+if TYPE_CHECKING:
+    from services.core.checkpoint.manifest import ModelSpec
 
 NUM_CANDIDATES = 100
 TOP_K = 10
 REQUEST_TIMEOUT_S = 30.0
+# Ids drawn on a side whose model neither maps ids to a table nor stores any entity.
+ANY_IDS = 1000
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,37 @@ def sample_requests(num_users: int, num_items: int, n: int, seed: int, num_candi
     return out
 
 
+def entity_ids(spec: "ModelSpec", side: FeatureSide, features: Path | str | None) -> Sequence[int]:
+    """The ids sample requests draw from on ``side`` (index k is the k-th hottest): the rows of
+    the table the side's entity-id feature reads (``range(rows)``: every such id maps, whatever
+    the model calls its tables); without one, the ids of the side's stored feature rows below
+    ``features``; without those, ``range(ANY_IDS)`` (the model accepts any id there)."""
+    entity = next((f for f in spec.sparse_features if f.side is side and f.source is FeatureSource.ENTITY_ID), None)
+    if entity is not None:
+        return range(spec.table(entity.table).rows)
+    if features is not None:
+        import numpy as np
+
+        from services.core.checkpoint.storage import CheckpointStore
+        from services.core.synth import feature_file, load_feature_rows
+
+        store = CheckpointStore(features)
+        if store.exists(feature_file(side)):
+            ids = np.unique(load_feature_rows(store, side)[f"{side.value}_id"])
+            if len(ids):
+                return ids.tolist()
+    return range(ANY_IDS)
+
+
+def model_requests(spec: "ModelSpec", features: Path | str | None, n: int, seed: int) -> list[SampleRequest]:
+    """``sample_requests`` over the ids of any model (``entity_ids`` of each side)."""
+    users, items = (entity_ids(spec, side, features) for side in (FeatureSide.USER, FeatureSide.ITEM))
+    return [
+        SampleRequest(int(users[r.user_id]), tuple(int(items[i]) for i in r.candidate_item_ids))
+        for r in sample_requests(len(users), len(items), n, seed)
+    ]
+
+
 def format_response(
     index: int,
     total: int,
@@ -73,10 +110,13 @@ def format_response(
     return "\n".join(lines)
 
 
-def send_sample_requests(frontend: str, checkpoint: Path | str, n: int, seed: int, progress: Progress) -> int:
-    """Send ``n`` Recommend calls (power-law users, ``NUM_CANDIDATES`` candidates each, drawn
-    from the model at ``checkpoint``) to the frontend at ``frontend`` and print each response
-    on ``progress``. Returns the number of failed calls."""
+def send_sample_requests(
+    frontend: str, checkpoint: Path | str, n: int, seed: int, progress: Progress, *, features: Path | str | None = None
+) -> int:
+    """Send ``n`` Recommend calls (power-law users, up to ``NUM_CANDIDATES`` candidates each,
+    drawn from the model at ``checkpoint`` by ``model_requests``, with stored ids below
+    ``features``, default the checkpoint's) to the frontend at ``frontend`` and print each
+    response on ``progress``. Returns the number of failed calls."""
     if n <= 0:
         return 0
     import grpc
@@ -87,14 +127,17 @@ def send_sample_requests(frontend: str, checkpoint: Path | str, n: int, seed: in
 
     reader = CheckpointReader(str(checkpoint))
     model = reader.manifest(reader.latest_version()).model
-    requests = sample_requests(model.table("users").rows, model.table("items").rows, n, seed)
+    requests = model_requests(model, checkpoint if features is None else features, n, seed)
     failures = 0
     progress.line()
     with make_channel(frontend, aio=False) as channel:
         stub = recommend_pb2_grpc.RecommenderStub(channel)
         for i, req in enumerate(requests, 1):
             msg = recommend_pb2.RecommendRequest(
-                request_id=f"demo-{i}", user_id=req.user_id, candidate_item_ids=list(req.candidate_item_ids), top_k=TOP_K
+                request_id=f"demo-{i}",
+                user_id=req.user_id,
+                candidate_item_ids=list(req.candidate_item_ids),
+                top_k=min(TOP_K, len(req.candidate_item_ids)),
             )
             t0 = time.perf_counter()
             try:

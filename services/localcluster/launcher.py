@@ -20,6 +20,7 @@ from services.core.config import child_env
 from services.core.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
+from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
 from services.localcluster.processes import (
     SignalGuard,
     process_alive,
@@ -100,6 +101,7 @@ class LocalCluster:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._zk: "KazooClient | None" = None
         self._state_written = False
+        self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +113,7 @@ class LocalCluster:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         self._save()
         self._ensure_model()
+        spec = self._placement_spec()
 
         from services.localcluster.servers import RedisServer, ZkServer
 
@@ -119,7 +122,9 @@ class LocalCluster:
         zk = ZkServer(zk_dir, log_path=self._fresh_log("zookeeper"))
         self._start_server(zk, f"starting ZooKeeper on {zk.hosts}", ROLE_ZOOKEEPER, zk.hosts)
         self.state.zk = zk.hosts
-        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"))
+        redis_dir = cfg.workdir / "redis"
+        shutil.rmtree(redis_dir, ignore_errors=True)  # fresh, like ZooKeeper: no features of a past run
+        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"))
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         self._save()
@@ -141,9 +146,9 @@ class LocalCluster:
                 note["detail"] = f"(pid {pid})"
         self._run_job(
             "placement-init",
-            f"placement init ({cfg.spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
+            f"placement init ({spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
             ["placement", "init", "--checkpoint", str(cfg.checkpoint), "--nodes", str(cfg.nodes),
-             "--spec", str(cfg.spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
+             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
         )  # fmt: skip
         self._wait_shards(shard_ids, t_shards)
 
@@ -151,11 +156,7 @@ class LocalCluster:
             self.state.ready = True
             self._save()
             return
-        self._run_job(
-            "features-load",
-            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis.url, "--prefix", cfg.redis_prefix],
-        )
+        self._load_features(redis.url)
         self._start_frontend(zk.hosts, redis.url)
         self.state.ready = True
         self._save()
@@ -178,7 +179,11 @@ class LocalCluster:
 
     def _ensure_model(self) -> None:
         cfg = self.config
-        root = cfg.checkpoint
+        if cfg.checkpoint_uri is not None:
+            _version, what = describe_checkpoint(cfg.checkpoint_uri)
+            self.progress.line(f"serving the checkpoint {cfg.checkpoint_uri}: {what}")
+            return
+        root = Path(cfg.checkpoint)
         found = existing_model(root, cfg.preset)
         if found is not None and found[0] > 0:
             self.progress.line(f"using the demo model in {root} (preset {cfg.preset}, seed {cfg.seed}, version {found[0]})")
@@ -191,6 +196,33 @@ class LocalCluster:
             "model-synth",
             f"generating the demo model (preset {cfg.preset}, seed {cfg.seed}) in {root}",
             ["model", "synth", "--out", str(root), "--preset", cfg.preset, "--seed", str(cfg.seed)],
+        )
+
+    def _placement_spec(self) -> Path:
+        """The spec file to place the model with: the given one, else the planner's, written
+        to ``<workdir>/placement.json``."""
+        cfg = self.config
+        if cfg.spec is not None:
+            return cfg.spec
+        path = cfg.workdir / SPEC_FILE
+        shapes = write_planned_spec(str(cfg.checkpoint), cfg.nodes, path)
+        self.progress.line(f"placement planned for {cfg.nodes} nodes (no --spec), written to {path}: {shapes}")
+        return path
+
+    def _load_features(self, redis_url: str) -> None:
+        """``features load`` of the model's feature files; none at all: a note, and the
+        frontends run without a feature store, every entity with the manifest's defaults
+        (docs/features.md)."""
+        cfg = self.config
+        if not feature_files(cfg.features):
+            self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
+            self._feature_store = False
+            return
+        source = [] if cfg.features_root is None else ["--features", cfg.features_root]
+        self._run_job(
+            "features-load",
+            f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source],
         )
 
     def _start_server(self, server: "ServerProcess", head: str, role: str, address: str) -> None:
@@ -244,10 +276,14 @@ class LocalCluster:
         (``extra_args`` are further ``frontend serve`` flags, e.g. ``--lookup inproc``); it is
         recorded like every child and stopped by ``stop()``. Returns its address once READY."""
         cfg = self.config
+        if not self._feature_store:  # Redis still serves the redis-kv baseline's rows
+            store = ["--kv-redis", self.state.redis_url]
+        else:  # a lost store is reloaded from where it was loaded
+            store = ["--redis", self.state.redis_url, *(["--features", cfg.features_root] if cfg.features_root else [])]
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
                  "--frontend-id", name, *extra_args],

@@ -18,7 +18,7 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.reference import ReferenceRecommender
 from services.core.synth import power_law_ids
 from services.ranker.topk import top_k
-from tests.support.cluster import start_cluster
+from tests.support.cluster import LENIENT_ADMISSION, start_cluster
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for
 
@@ -74,7 +74,7 @@ def served(request, zk_server, tmp_path_factory, checkpoint, features):
         url, prefix = features
         fe = spawn(
             "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", url,
-            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000",
+            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
             name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")

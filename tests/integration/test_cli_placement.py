@@ -17,7 +17,9 @@ from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import node_ids
 from services.core.types import TableSpec
+from tests.support.cluster import wait_registered
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = (TableSpec("users", 100, 4), TableSpec("items", 60, 4), TableSpec("tags", 10, 4))
 
 
@@ -81,3 +83,28 @@ def test_cli_as_a_process_reports_a_missing_map(zk_config: ZkConfig, spawn) -> N
     proc = spawn("placement", "show", "--zk", zk_config.hosts, "--cluster", zk_config.cluster)
     assert proc.wait(30) == 1
     assert "has no active shard map" in proc.log_text()
+
+
+def test_a_relative_checkpoint_is_published_absolute_so_shards_started_elsewhere_find_it(
+    tmp_path: Path, zk: KazooClient, zk_config: ZkConfig, zk_paths: ZkPaths, spawn, monkeypatch
+) -> None:
+    # The bug: `cd W && shardrec model synth --out ckpt --preset small && shardrec placement init
+    # --checkpoint ckpt ...` published {"uri": "ckpt"}; a shard started in any other directory
+    # exited with "ckpt: version 1 does not exist".
+    work, elsewhere = tmp_path / "W", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["model", "synth", "--out", "ckpt", "--preset", "small"]) == 0
+    spec = str(REPO_ROOT / "deploy" / "placement" / "replicated.json")
+    common = ["--zk", zk_config.hosts, "--cluster", zk_config.cluster]
+    assert main(["placement", "init", "--checkpoint", "ckpt", "--nodes", "1", "--spec", spec, *common]) == 0
+    store = ClusterStore(zk, zk_paths)
+    assert store.read_model().uri == str(work / "ckpt")
+
+    shard = spawn("shard", "serve", "--node-id", "shard-0", *common, "--session-timeout-s", "1.0", name="shard-0", cwd=elsewhere)
+    assert wait_registered(zk, zk_paths, "shard-0")["versions_ready"] == [1], shard.log_text()
+
+    # a relative file: URI likewise
+    assert main(["placement", "init", "--checkpoint", "file:ckpt", "--nodes", "1", "--spec", spec, "--force", *common]) == 0
+    assert store.read_model().uri == (work / "ckpt").as_uri()

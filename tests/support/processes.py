@@ -25,12 +25,14 @@ KILL_TIMEOUT_S = 10.0
 class ServiceProcess:
     """One child process and its log file.
 
-    ``argv`` is run as given, with the repository root as cwd and ``env`` over a copy of
-    ``os.environ`` (plus ``PYTHONUNBUFFERED=1``). The process leads its own process group:
+    ``argv`` is run as given, in ``cwd`` (default the repository root) with ``env`` over a copy
+    of ``os.environ`` (plus ``PYTHONUNBUFFERED=1``). The process leads its own process group:
     ``kill()`` and ``close()`` reach its children too.
     """
 
-    def __init__(self, argv: Sequence[str], log_path: Path, *, name: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], log_path: Path, *, name: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
@@ -42,7 +44,7 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.argv,
-                cwd=REPO_ROOT,
+                cwd=REPO_ROOT if cwd is None else cwd,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -129,7 +131,8 @@ class ServiceProcess:
 
 class ProcessFactory:
     """What the ``spawn`` fixture gives a test: ``spawn(*cli_args)`` starts
-    ``shardrec *cli_args`` (``python -m`` the CLI module); ``spawn.python(*args)`` starts ``python *args``.
+    ``shardrec *cli_args`` (the installed console script); ``spawn.python(*args)`` starts ``python *args``;
+    both in the repository root unless ``cwd`` says otherwise.
 
     Logs go to ``<log_dir>/<name>.log``; every process is killed at teardown (``close()``).
     """
@@ -138,18 +141,22 @@ class ProcessFactory:
         self.log_dir = Path(log_dir)
         self.processes: list[ServiceProcess] = []
 
-    def __call__(self, *cli_args: str, name: str | None = None, env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def __call__(
+        self, *cli_args: str, name: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> ServiceProcess:
         _python, *args = shardrec_argv(sys.executable, *cli_args)
-        return self.python(*args, name=name or (cli_args[0] if cli_args else "cli"), env=env)
+        return self.python(*args, name=name or (cli_args[0] if cli_args else "cli"), env=env, cwd=cwd)
 
-    def python(self, *args: str, name: str = "python", env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def python(
+        self, *args: str, name: str = "python", env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> ServiceProcess:
         unique = name
         taken = {p.name for p in self.processes}
         n = 1
         while unique in taken:
             n += 1
             unique = f"{name}-{n}"
-        proc = ServiceProcess([sys.executable, *args], self.log_dir / f"{unique}.log", name=unique, env=env)
+        proc = ServiceProcess([sys.executable, *args], self.log_dir / f"{unique}.log", name=unique, env=env, cwd=cwd)
         self.processes.append(proc)
         return proc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from services.core.checkpoint.manifest import KIND_DELTA, Manifest, ModelSpec
 from services.core.checkpoint.reader import CheckpointReader
-from services.core.checkpoint.storage import CheckpointStore
+from services.core.checkpoint.storage import CheckpointStore, absolute_uri
 from services.core.checkpoint.writer import VersionWriter, write_base
 from services.core.errors import CheckpointError
 from tests.support.tiny_checkpoint import DIM, republish, tiny_dense, tiny_spec, tiny_tables
@@ -173,6 +174,24 @@ def test_unknown_uri_scheme_is_refused(uri):
         CheckpointStore(uri)
     with pytest.raises(CheckpointError):
         CheckpointReader(uri)
+
+
+def test_absolute_uri_makes_relative_roots_absolute_and_keeps_absolute_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("ckpt") == str(tmp_path / "ckpt")
+    assert absolute_uri("./a/../ckpt") == str(tmp_path / "ckpt")
+    assert absolute_uri(pathlib.Path("ckpt")) == str(tmp_path / "ckpt")
+    assert absolute_uri("file:ckpt") == (tmp_path / "ckpt").as_uri()
+    for given in ("/data/ckpt", "file:///data/ckpt", "file://localhost/data/ckpt"):
+        assert absolute_uri(given) == given
+    # what it returns names the same root from anywhere
+    write_base(tmp_path / "ckpt", 1, _spec(), _tables(), _dense())
+    uris = [absolute_uri("ckpt"), absolute_uri("file:ckpt")]
+    monkeypatch.chdir(tmp_path.parent)
+    assert [CheckpointReader(u).latest_version() for u in uris] == [1, 1]
+    for bad in ("s3://bucket/ckpt", "file://otherhost/ckpt", "", "  "):
+        with pytest.raises(CheckpointError, match="checkpoint root"):
+            absolute_uri(bad)
 
 
 # ---------------------------------------------------------------- versions

@@ -8,6 +8,7 @@ import json
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.core.discovery.records import FrontendRecord, ModelPointer, NodeRecord
@@ -285,3 +286,64 @@ def test_signal_guard_defers_raises_shields_and_restores() -> None:
             signal.raise_signal(signal.SIGHUP)
         assert err.getvalue().count("already stopping") == 2
     assert {s: signal.getsignal(s) for s in SignalGuard.SIGNALS} == before
+
+
+# -- any checkpoint ---------------------------------------------------------------------------
+
+
+def _own_spec(user_entity: bool = True, item_entity: bool = True):
+    """A model whose tables are not called users / items."""
+    from services.core.checkpoint.manifest import ModelSpec
+    from services.core.types import DenseArch, FeatureSide, FeatureSource, MappingKind, PoolingType, SparseFeatureSpec, TableSpec
+
+    sparse = [SparseFeatureSpec("tag", "tags", FeatureSide.ITEM, PoolingType.SUM, 3, MappingKind.MODULO)]
+    if user_entity:
+        sparse.append(SparseFeatureSpec("acct", "accounts", FeatureSide.USER, PoolingType.SUM, 1, MappingKind.MODULO, FeatureSource.ENTITY_ID))
+    if item_entity:
+        sparse.append(SparseFeatureSpec("prod", "products", FeatureSide.ITEM, PoolingType.SUM, 1, MappingKind.IDENTITY, FeatureSource.ENTITY_ID))
+    tables = (TableSpec("accounts", 50, 4), TableSpec("products", 30, 4), TableSpec("tags", 9, 4))
+    return ModelSpec("own", tables, tuple(sparse), (), DenseArch(0, 4, len(sparse), (4,), (1,)))
+
+
+def test_config_with_a_checkpoint_makes_its_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = LocalClusterConfig(workdir=tmp_path / "w", spec=None, checkpoint_uri="ckpt", features_root="file:other")
+    assert cfg.checkpoint == cfg.checkpoint_uri == str(tmp_path / "ckpt")
+    assert cfg.features == cfg.features_root == (tmp_path / "other").as_uri()
+    assert LocalClusterConfig(workdir=tmp_path, spec=None, checkpoint_uri="/abs/ckpt").features == "/abs/ckpt"
+    with pytest.raises(ConfigError, match="--features needs --checkpoint"):
+        LocalClusterConfig(workdir=tmp_path, spec=None, features_root="other")
+
+
+def test_sample_requests_read_id_ranges_from_the_models_entity_features(tmp_path: Path) -> None:
+    from services.core.synth import save_npz
+    from services.core.types import FeatureSide
+    from services.localcluster.demo import ANY_IDS, entity_ids, model_requests
+
+    spec = _own_spec()
+    assert entity_ids(spec, FeatureSide.USER, None) == range(50)
+    assert entity_ids(spec, FeatureSide.ITEM, None) == range(30)
+    reqs = model_requests(spec, None, 3, seed=1)
+    assert len(reqs) == 3 and all(0 <= r.user_id < 50 and sorted(r.candidate_item_ids) == list(range(30)) for r in reqs)
+    # no entity-id feature on the item side: the stored items' ids, else any ids
+    bare = _own_spec(item_entity=False)
+    assert entity_ids(bare, FeatureSide.ITEM, tmp_path) == range(ANY_IDS)
+    save_npz(tmp_path / "features" / "items.npz", {"item_id": np.array([900, -5, 7, 900], dtype=np.int64)})
+    assert entity_ids(bare, FeatureSide.ITEM, tmp_path) == [-5, 7, 900]
+    (r,) = model_requests(bare, tmp_path, 1, seed=0)
+    assert sorted(r.candidate_item_ids) == [-5, 7, 900]
+
+
+def test_the_planned_spec_places_any_model_on_any_node_count(tmp_path: Path) -> None:
+    from services.control.placement import planned_spec
+    from services.core.placement import initial_shard_map, node_ids
+    from services.core.types import ShardingType, TableSpec
+
+    tables = (TableSpec("small", 100, 8), TableSpec("big", 200_000, 64))  # 3 KiB, 49 MiB
+    for nodes in (1, 2, 3, 5):
+        spec = planned_spec(tables, nodes)
+        assert spec.for_table("small").sharding is ShardingType.REPLICATED
+        assert spec.for_table("big").sharding is ShardingType.TABLE_WISE
+        assert spec.for_table("big").resolve_replicas(nodes) == min(2, nodes)
+        smap = initial_shard_map(spec, tables, node_ids(nodes))
+        assert set(smap.tables) == {"small", "big"}

@@ -1,7 +1,8 @@
 """CheckpointStore: byte-level access to one checkpoint root (see docs/checkpoint.md).
 
 A root is a URI: a plain path (``/data/ckpt``, ``ckpt``) or ``file:///data/ckpt``. Every other
-scheme is refused with a CheckpointError today. The store is the one place a root URI is parsed,
+scheme is refused with a CheckpointError today. This module is the one place a root URI is parsed
+(``absolute_uri`` is what every URI published to other processes goes through),
 so an object store (an fsspec filesystem that downloads a file to a local cache on
 ``local_path``) can be added later as a second backend behind the same methods without touching
 the reader or the writer.
@@ -38,12 +39,18 @@ _VERSION_NAME = re.compile(r"[1-9][0-9]*")
 _LOCAL_SCHEMES = ("", "file")
 
 
+def _scheme(text: str) -> str:
+    """The URI scheme of ``text``, lowercase; "" for a plain path. A one-letter "scheme" is a
+    Windows drive letter (C:\\ckpt), i.e. a plain path."""
+    scheme = urllib.parse.urlsplit(text).scheme
+    return scheme.lower() if len(scheme) > 1 else ""
+
+
 def _local_root(uri: str) -> pathlib.Path:
     """The local folder a root URI names; CheckpointError for any non-local scheme."""
     text = os.fspath(uri)
     parsed = urllib.parse.urlsplit(text)
-    # A one-letter "scheme" is a Windows drive letter (C:\\ckpt), i.e. a plain path.
-    scheme = parsed.scheme.lower() if len(parsed.scheme) > 1 else ""
+    scheme = _scheme(text)
     if scheme not in _LOCAL_SCHEMES:
         raise CheckpointError(
             f"checkpoint root {text!r}: unsupported URI scheme {parsed.scheme!r}; "
@@ -60,6 +67,23 @@ def _local_root(uri: str) -> pathlib.Path:
             raise CheckpointError(f"checkpoint root {text!r}: file:// URI without a path")
         return pathlib.Path(path)
     return pathlib.Path(text)
+
+
+def absolute_uri(uri: str | os.PathLike[str]) -> str:
+    """``uri`` in a form that names the same root from any working directory: an absolute one
+    as given, a relative plain path made absolute against this process's working directory
+    (``ckpt`` -> ``/home/me/ckpt``), a relative ``file:`` URI likewise (``file:ckpt`` ->
+    ``file:///home/me/ckpt``). Every URI written where another process reads it (ZooKeeper's
+    model pointer, a local cluster's commands) goes through here. CheckpointError for a scheme
+    a store cannot open."""
+    text = os.fspath(uri)
+    if not text.strip():
+        raise CheckpointError("checkpoint root is empty: give a path or a file:// URI")
+    root = _local_root(text)
+    if root.is_absolute():
+        return text
+    absolute = pathlib.Path(os.path.abspath(root))
+    return absolute.as_uri() if _scheme(text) == "file" else str(absolute)
 
 
 def is_version_name(name: str) -> bool:

@@ -125,8 +125,8 @@ class SyncServer:
 
     def stop(self, grace_s: float) -> None:
         """NOT_SERVING, then refuse new calls and let in-flight ones finish within ``grace_s``."""
-        self.set_serving(False)
         self._stopping = True
+        self.set_health(self.readiness_names, False)
         self.server.stop(grace_s).wait()
 
 
@@ -208,10 +208,14 @@ class AioServer:
             await self.set_serving(target)
             self._applied = target
 
+    async def stop_serving(self) -> None:
+        """Readiness NOT_SERVING for good (a lame duck: calls are still taken); liveness stays."""
+        self._stopping = True
+        await self.set_health(self.readiness_names, False)
+
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, then refuse new calls and let in-flight ones finish within ``grace_s``."""
-        await self.set_serving(False)
-        self._stopping = True
+        await self.stop_serving()
         await self.server.stop(grace_s)
 
 
