@@ -40,6 +40,9 @@ class LocalClusterConfig:
     python: str = sys.executable
     checkpoint_uri: str | None = None
     features_root: str | None = None
+    # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
+    # admission settings for every system compared).
+    frontend_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from services.core.checkpoint.storage import absolute_uri
