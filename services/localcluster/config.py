@@ -40,6 +40,9 @@ class LocalClusterConfig:
     python: str = sys.executable
     checkpoint_uri: str | None = None
     features_root: str | None = None
+    # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
+    # admission settings for every system compared).
+    frontend_args: tuple[str, ...] = ()
     # Observability (docs/observability.md): every shard and frontend serves /metrics; with
     # ``prometheus`` a Prometheus server scrapes them every ``scrape_interval_s``;
     # ``service_args`` are further flags for every shard and frontend (e.g. tracing).

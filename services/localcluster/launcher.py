@@ -295,7 +295,7 @@ class LocalCluster:
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
-                 "--frontend-id", name, *cfg.service_args, *extra_args],
+                 "--frontend-id", name, *cfg.service_args, *cfg.frontend_args, *extra_args],
                 metrics=cfg.metrics,
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
