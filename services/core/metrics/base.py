@@ -20,6 +20,9 @@ SHED_REASONS = ("caller_rate", "concurrency", "deadline", "queue_full")
 # Where dead requests were dropped: "batching" = the caller was gone before a batch formed.
 DROP_STAGES = ("batching", "queued", "after_features", "after_lookup")
 LOOKUP_KINDS = ("primary", "hedge", "stall_retry")
+# Lookup error codes every node reports from the start (0 until seen), so a rule or a panel over
+# them has series before the first failure; any other code appears when it happens.
+LOOKUP_ERROR_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "INTERNAL")
 # The feature store: ok, lost (Redis answered without its marker), unreachable (breaker open or
 # probing), none (no store configured). docs/failure-modes.md has the rules.
 FEATURE_STORE_STATES = ("ok", "lost", "unreachable", "none")

@@ -20,6 +20,7 @@ from services.core.metrics.base import (
     FEATURE_STORE_STATES,
     IN_FLIGHT,
     LATENCY_BUCKETS_S,
+    LOOKUP_ERROR_CODES,
     LOOKUP_KINDS,
     LOOKUP_LATENCY,
     LOOKUP_OUTSTANDING,
@@ -31,6 +32,7 @@ from services.core.metrics.base import (
     SHARD_MAP_VERSION,
     SHED,
     SHED_REASONS,
+    STAGES,
     STAGE_LATENCY,
     Samples,
     _Collector,
@@ -113,6 +115,9 @@ class FrontendMetrics:
         self._stage = _Histograms(hist, STAGE_LATENCY, "Recommend time per stage: queue per request; features, lookup, score per batch", ("stage",), LATENCY_BUCKETS_S)
         self._batch = _Histograms(hist, BATCH_SIZE, "Requests per micro-batch", (), BATCH_BUCKETS)
         self._lookup = _Histograms(hist, LOOKUP_LATENCY, "Lookup RPC latency per shard node (answered calls)", ("node",), LATENCY_BUCKETS_S)
+        self._latency.child("OK")  # its series exist (at 0) before the first call
+        for stage in STAGES:
+            self._stage.child(stage)
         self.read = read
         registry.register(_Collector(lambda: _frontend_families(self.read())))
 
@@ -216,7 +221,7 @@ def _node_families(r: FrontendReading) -> list:
     for node, n in sorted(r.nodes.items()):
         for kind in LOOKUP_KINDS:
             rpcs.add_metric([node, kind], n.rpcs.get(kind, 0))
-        for code, k in sorted(n.errors.items()):
+        for code, k in sorted({**dict.fromkeys(LOOKUP_ERROR_CODES, 0), **n.errors}.items()):
             errors.add_metric([node, code], k)
         failovers.add_metric([node], n.failovers)
         reroutes.add_metric([node], n.reroutes)

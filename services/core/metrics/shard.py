@@ -53,6 +53,7 @@ class ShardMetrics:
         self._lookup = _Histograms(hist, SHARD_LOOKUP_LATENCY, "Lookup RPCs handled, receipt to answer, by status code", ("code",), LATENCY_BUCKETS_S)
         self._pooling = _Histograms(hist, SHARD_POOLING, "Pooling time of one Lookup (every group, one snapshot)", (), LATENCY_BUCKETS_S)
         self._load = _Histograms(hist, SHARD_VERSION_LOAD, "Time to load a model version (delta or base), refused ones included", (), LOAD_BUCKETS_S)
+        self._lookup.child("OK")  # its series exist (at 0) before the first Lookup
         registry.register(_Collector(lambda: _shard_families(read())))
 
     def lookup_done(self, code: str, seconds: float) -> None:
