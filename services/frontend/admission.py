@@ -34,9 +34,9 @@ class AdmissionPolicy:
     initial_limit: int = 64
     min_limit: int = 4
     max_limit: int = 1024
-    window_s: float = 0.2  # the limit moves at most once per window
-    min_window_samples: int = 8
-    quantile: float = 0.95  # the latency quantile held at or under the target
+    window_s: float = 0.5  # the limit moves at most once per window
+    min_window_samples: int = 20
+    quantile: float = 0.99  # the latency quantile held at or under the target
     grow_when_used: float = 0.75  # grow only if in-flight reached this fraction of the limit
 
     def __post_init__(self) -> None:
