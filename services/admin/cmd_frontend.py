@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--checkpoint", default="", help="checkpoint URI (with --lookup inproc, redis-kv or torchrec)")
     serve.add_argument("--kv-redis", default="", metavar="URL", help="redis-kv: Redis holding the rows (default: --redis)")
     serve.add_argument("--kv-prefix", default="kv:", help="redis-kv: key prefix of the rows (default 'kv:')")
+    serve.add_argument("--cache-bytes", type=_size, default=0, metavar="BYTES",
+                       help="embedding cache in front of the shards or redis-kv, at most this many bytes (e.g. 64M, 1G; "
+                       "0 = off, the default; docs/cache.md)")
     serve.add_argument("--max-batch", type=int, default=64, help="requests per micro-batch at most")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch may wait for more requests while another is in flight")
     serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
@@ -92,6 +95,19 @@ def _hedge_delay(raw: str) -> float | None:
     if ms < 0:
         raise argparse.ArgumentTypeError(f"hedge delay must be p95, 0 or a positive number of ms, got {raw!r}")
     return ms / 1000.0
+
+
+def _size(raw: str) -> int:
+    """Bytes: an integer, or one with a K, M or G suffix (powers of 1024)."""
+    text = raw.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        n = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 67108864, 64M or 1G, got {raw!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"bytes must be >= 0, got {raw!r}")
+    return n
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -152,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint if lookup != "shards" else "",
         kv_redis_url=kv_redis if lookup == "redis-kv" else "",
         kv_prefix=args.kv_prefix,
+        cache_bytes=args.cache_bytes,
         eject_s=args.eject_s,
         eject_max_s=args.eject_max_s,
         hedge_delay_s=args.hedge_delay_ms,

@@ -120,6 +120,9 @@ class FrontendConfig:
     checkpoint: str = ""  # checkpoint URI of the inproc / redis-kv / torchrec lookups
     kv_redis_url: str = ""  # redis-kv: Redis holding the rows ("" = ``redis_url``)
     kv_prefix: str = "kv:"  # redis-kv: key prefix of the rows (as given to ``bench load-kv``)
+    # The embedding cache in front of a remote lookup (shards, redis-kv; docs/cache.md): its
+    # memory bound in bytes, 0 = off.
+    cache_bytes: int = 0
     # Replica choice (shards): a node that errors or times out is ejected for eject_s, doubled
     # for each failure in a row up to eject_max_s, then probed with one call at a time.
     eject_s: float = 1.0

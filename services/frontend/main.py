@@ -111,9 +111,27 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
     raise ConfigError(f"unknown lookup {config.lookup!r} (choose shards, inproc, redis-kv or torchrec)")
 
 
-async def _follow_versions(view, pipeline: RecommendPipeline, reader: CheckpointReader, registration, loop) -> None:
-    """Switch to each target version once it is servable; report it in this frontend's znode
-    and as the cluster's serving version (``services.frontend.versions``)."""
+def _with_cache(config: FrontendConfig, lookup: LookupClient, spec, version: int, view):
+    """``lookup`` behind an embedding cache of ``config.cache_bytes`` (docs/cache.md), when set
+    and the lookup is remote; and the cache (None: none)."""
+    if config.cache_bytes <= 0:
+        return lookup, None
+    if config.inproc_checkpoint or config.lookup in ("inproc", "torchrec"):
+        log.info("--cache-bytes ignored: the %s lookup holds every table in this process", config.lookup)
+        return lookup, None
+    from services.frontend.lookup.cache.client import CachedLookupClient
+    from services.frontend.lookup.cache.store import RowCache
+
+    cache = RowCache(spec, config.cache_bytes, version)
+    log.info("embedding cache: %d rows, %.1f MiB", cache.capacity, cache.nbytes / 2**20)
+    map_version = (lambda: view.shard_map.version if view.shard_map is not None else 0) if view is not None else (lambda: 0)
+    return CachedLookupClient(lookup, cache, map_version=map_version), cache
+
+
+async def _follow_versions(view, pipeline: RecommendPipeline, reader: CheckpointReader, registration, loop, cache) -> None:
+    """Switch to each target version once it is servable (the embedding cache, if any, with
+    it); report it in this frontend's znode and as the cluster's serving version
+    (``services.frontend.versions``)."""
     from services.core.discovery.cluster_store import ClusterStore
     from services.frontend.versions import VersionFollower
 
@@ -123,7 +141,7 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
         await loop.run_in_executor(None, registration.update, dataclasses.replace(registration.record, version=version))
         await loop.run_in_executor(None, cluster.write_serving_version, version)
 
-    await VersionFollower(view, pipeline, reader, on_switch).run()
+    await VersionFollower(view, pipeline, reader, on_switch, cache=cache).run()
 
 
 def _publish_health(server, readiness: Readiness, defaults_on_loss: bool):
@@ -180,6 +198,7 @@ async def serve(config: FrontendConfig) -> int:
         zk, paths, view, reader, lookup = await _connect_cluster(config, loop, observer)
         version = view.serving_version
     spec = reader.manifest(version).model
+    lookup, cache = _with_cache(config, lookup, spec, version, view)
     scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
     redis = None
     if config.redis_url:
@@ -267,7 +286,7 @@ async def serve(config: FrontendConfig) -> int:
         registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record, probe=holder_probe(FrontendRecord.from_bytes))
         await loop.run_in_executor(None, registration.register)
     if view is not None:
-        tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop)))
+        tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop, cache)))
     log.info("frontend %s (instance %s) serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id,
              instance_id, spec.name, version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)

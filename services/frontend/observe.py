@@ -140,6 +140,13 @@ def frontend_reading(recommender, lookup, view, sync=None) -> FrontendReading:
     r.lookup_hedge_wins, r.lookup_hedges_cancelled = st.hedge_wins, st.hedges_cancelled
     r.lookup_bytes_sent, r.lookup_bytes_received = st.request_bytes, st.response_bytes
     r.wire_bytes = dict(st.wire_bytes_by_side)
+    cache = getattr(lookup, "cache", None)
+    if cache is not None:
+        r.cache_ids = {"hit": cache.hits, "miss": cache.misses, "bypass": cache.bypassed}
+        r.cache_offered = {"admitted": cache.admitted, "rejected": cache.rejected}
+        r.cache_evictions = cache.evicted
+        r.cache_dropped = {"delta": cache.invalidated, "flush": cache.flushed}
+        r.cache_rows, r.cache_capacity_rows, r.cache_bytes = cache.rows_held, cache.capacity, cache.nbytes
     board = getattr(lookup, "board", None)
     nodes: dict[str, NodeReading] = {}
     for (node, kind), n in dict(st.per_node_calls).items():

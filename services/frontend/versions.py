@@ -8,6 +8,10 @@ at T while a batch already running finishes at the version it started with. It t
 in its own znode (shards keep the rows of a version some live frontend serves) and records T
 as the cluster's ``serving_version`` (what a restarted shard rebuilds before registering).
 
+With an embedding cache (docs/cache.md), the rows that may differ between the two versions
+(``CheckpointReader.changed_ids``, read in an executor with the weights) are dropped from it in
+the same step as the swap, so no batch at T reads a row of the old version; the other rows stay.
+
 A target whose dense weights cannot be read, or whose model differs from the one served, is
 logged and not switched to; the follower tries it again when the target is written again.
 
@@ -22,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import ShardrecError
+from services.frontend.lookup.cache.store import RowCache, version_changes
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.view import ClusterView
 
@@ -35,11 +40,14 @@ class VersionFollower:
         pipeline: RecommendPipeline,
         reader: CheckpointReader,
         on_switch: Callable[[int], Awaitable[None]],
+        *,
+        cache: RowCache | None = None,
     ) -> None:
         self._view = view
         self._pipeline = pipeline
         self._reader = reader
         self._on_switch = on_switch
+        self._cache = cache
         self._refused: int | None = None
         self.switches = 0
 
@@ -62,6 +70,14 @@ class VersionFollower:
             if self._refused is not None and self._view.target_version != self._refused:
                 self._refused = None
 
+    async def _changes(self, old: int, new: int, spec) -> dict | None:
+        """The ids per table that may differ between ``old`` and ``new`` (None: all of them)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, version_changes, self._reader, old, new, [t.name for t in spec.tables])
+        except (ShardrecError, OSError, ValueError) as e:
+            log.warning("could not read what changed between versions %d and %d (%s): the embedding cache starts empty", old, new, e)
+            return None
+
     async def _switch(self, target: int) -> None:
         loop = asyncio.get_running_loop()
         old = self._pipeline.model
@@ -75,8 +91,12 @@ class VersionFollower:
             self._refused = target
             log.error("not switching to version %d, still serving %d: %s", target, old.version, e)
             return
+        changes = await self._changes(old.version, target, spec) if self._cache is not None else None
         if not self._view.ready_everywhere(target):  # a replica left while the weights loaded
             return
+        if self._cache is not None:
+            dropped = self._cache.advance(old.version, target, changes)
+            log.info("embedding cache: %d rows dropped for version %d, %d kept", dropped, target, self._cache.rows_held)
         self._pipeline.switch(target, scorer)
         self.switches += 1
         log.info("switched from version %d to %d", old.version, target)

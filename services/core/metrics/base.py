@@ -28,6 +28,10 @@ LOOKUP_ERROR_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", 
 FEATURE_STORE_STATES = ("ok", "lost", "unreachable", "none")
 FEATURE_STORE_FAILURES = ("timeout", "error", "fast_failure")
 DEGRADED_REASONS = ("candidates_capped", "feature_defaults")
+# The frontend's embedding cache (docs/cache.md): ids looked up, rows offered, rows dropped.
+CACHE_ID_RESULTS = ("hit", "miss", "bypass")
+CACHE_OFFER_RESULTS = ("admitted", "rejected")
+CACHE_DROP_CAUSES = ("delta", "flush")
 
 RECOMMEND_LATENCY = "shardrec_recommend_latency_seconds"
 STAGE_LATENCY = "shardrec_recommend_stage_seconds"

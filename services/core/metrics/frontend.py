@@ -13,6 +13,9 @@ from services.core.metrics.base import (
     ADMISSION_LIMIT,
     BATCH_BUCKETS,
     BATCH_SIZE,
+    CACHE_DROP_CAUSES,
+    CACHE_ID_RESULTS,
+    CACHE_OFFER_RESULTS,
     DEGRADED_REASONS,
     DROP_STAGES,
     FEATURE_STORE_FAILURES,
@@ -100,6 +103,14 @@ class FrontendReading:
     feature_store_breaker_opens: int = 0
     feature_store_breaker_open: bool = False
     feature_store_reloads: dict[str, int] = field(default_factory=dict)  # ok, failed
+    # The embedding cache (zeros while it is off)
+    cache_ids: dict[str, int] = field(default_factory=dict)  # CACHE_ID_RESULTS -> ids looked up
+    cache_offered: dict[str, int] = field(default_factory=dict)  # CACHE_OFFER_RESULTS -> rows
+    cache_evictions: int = 0
+    cache_dropped: dict[str, int] = field(default_factory=dict)  # CACHE_DROP_CAUSES -> rows
+    cache_rows: int = 0
+    cache_capacity_rows: int = 0
+    cache_bytes: int = 0
 
 
 class FrontendMetrics:
@@ -171,6 +182,7 @@ def _frontend_families(r: FrontendReading) -> list:
         ("shardrec_feature_store_marker_reads", "Reads of the feature store's marker alone", r.feature_store_marker_reads),
         ("shardrec_feature_store_default_batches", "Batches answered with feature defaults (store lost, operator's choice)", r.feature_store_default_batches),
         ("shardrec_feature_store_breaker_opens", "Times the feature store's circuit breaker opened", r.feature_store_breaker_opens),
+        ("shardrec_embedding_cache_evictions", "Cached rows displaced by more frequent ones", r.cache_evictions),
     ))  # fmt: skip
     fams += [
         _by(c(SHED, "Recommend calls refused for load, by reason", ["reason"]), SHED_REASONS, r.shed),
@@ -186,6 +198,12 @@ def _frontend_families(r: FrontendReading) -> list:
         _by(c("shardrec_feature_store_failures", "Failed feature store calls: timeout, error, fast_failure (refused by the open breaker)", ["kind"]),
             FEATURE_STORE_FAILURES, r.feature_store_failures),
         _by(c("shardrec_feature_store_reloads", "Reloads of a lost feature store by this frontend, by result", ["result"]), ("ok", "failed"), r.feature_store_reloads),
+        _by(c("shardrec_embedding_cache_ids", "Ids the embedding cache was asked for: hit, miss, bypass (a batch at another version)", ["result"]),
+            CACHE_ID_RESULTS, r.cache_ids),
+        _by(c("shardrec_embedding_cache_offers", "Fetched rows offered to the embedding cache, admitted or rejected by frequency", ["result"]),
+            CACHE_OFFER_RESULTS, r.cache_offered),
+        _by(c("shardrec_embedding_cache_dropped_rows", "Cached rows dropped at a version switch: delta (changed ids), flush (another base)", ["cause"]),
+            CACHE_DROP_CAUSES, r.cache_dropped),
         _by(g(FEATURE_STORE_STATE, "1 for the feature store's current state (ok, lost, unreachable, none)", ["state"]), FEATURE_STORE_STATES,
             {r.feature_store: 1}),
     ]  # fmt: skip
@@ -200,6 +218,9 @@ def _frontend_families(r: FrontendReading) -> list:
         (SHARD_MAP_VERSION, "Active shard map version this process routes by", r.shard_map_version),
         ("shardrec_feature_store_generation", "The feature store generation last seen (0: none)", r.feature_store_generation),
         ("shardrec_feature_store_breaker_open", "1 while the feature store's circuit breaker is open", 1 if r.feature_store_breaker_open else 0),
+        ("shardrec_embedding_cache_rows", "Rows held by the embedding cache", r.cache_rows),
+        ("shardrec_embedding_cache_capacity_rows", "Rows the embedding cache can hold (0: off)", r.cache_capacity_rows),
+        ("shardrec_embedding_cache_bytes", "Bytes the embedding cache allocated: rows, index and sketch (0: off)", r.cache_bytes),
     ))  # fmt: skip
     if r.live_nodes is not None:
         fams += _single(g, (
@@ -289,6 +310,11 @@ def frontend_stats(registry: CollectorRegistry) -> tuple[dict[str, int], dict[st
         "lookup_ids_sent": t("shardrec_lookup_ids"),
         "lookup_request_bytes": t("shardrec_lookup_bytes", direction="sent"),
         "lookup_response_bytes": t("shardrec_lookup_bytes", direction="received"),
+        **{f"cache_{k}": t("shardrec_embedding_cache_ids", result=r) for k, r in (("hits", "hit"), ("misses", "miss"), ("bypassed", "bypass"))},
+        **{f"cache_{r}": t("shardrec_embedding_cache_offers", result=r) for r in CACHE_OFFER_RESULTS},
+        "cache_evicted": t("shardrec_embedding_cache_evictions"),
+        "cache_invalidated": t("shardrec_embedding_cache_dropped_rows", cause="delta"),
+        "cache_flushed": t("shardrec_embedding_cache_dropped_rows", cause="flush"),
         **{f"wire_bytes_{side}": int(v) for side, v in s.by("shardrec_wire_bytes_total", "side").items()},
         **{f"node_rpcs_{node}": int(v) for node, v in s.by(LOOKUP_RPCS + "_total", "node").items()},
         **{f"node_ejections_{node}": int(v) for node, v in s.by("shardrec_lookup_ejections_total", "node").items()},
@@ -305,6 +331,9 @@ def frontend_stats(registry: CollectorRegistry) -> tuple[dict[str, int], dict[st
         "feature_store_state": float({"lost": 1, "unreachable": 2}.get(_state(s), 0)),
         "feature_store_generation": s.sum("shardrec_feature_store_generation"),
         "redis_breaker_open": s.sum("shardrec_feature_store_breaker_open"),
+        "cache_rows": s.sum("shardrec_embedding_cache_rows"),
+        "cache_capacity_rows": s.sum("shardrec_embedding_cache_capacity_rows"),
+        "cache_bytes": s.sum("shardrec_embedding_cache_bytes"),
     }
     if s.has("shardrec_live_shard_nodes"):
         gauges["view_live_nodes"] = s.sum("shardrec_live_shard_nodes")
