@@ -33,12 +33,13 @@ CLIENTS = 2
 CHECKS_PER_VERSION = 25
 
 
-def drift_delta(root: str, version: int, seed: int) -> None:
-    """Delta ``version`` over ``version - 1``: the 20 hottest rows of every table (which the
-    requests' power-law ids hit) plus 3% random rows; every other delta also moves the dense
-    weights."""
+def drift_delta(root: str, version: int, seed: int, parent: int | None = None) -> None:
+    """Delta ``version`` over ``parent`` (default ``version - 1``): the 20 hottest rows of every
+    table (which the requests' power-law ids hit) plus 3% random rows; every other delta also
+    moves the dense weights."""
+    parent = version - 1 if parent is None else parent
     reader = CheckpointReader(root)
-    spec = reader.manifest(version - 1).model
+    spec = reader.manifest(parent).model
     rng = np.random.default_rng(seed)
     rows = {}
     for t in spec.tables:
@@ -46,13 +47,14 @@ def drift_delta(root: str, version: int, seed: int) -> None:
         rows[t.name] = (ids, rng.normal(0.0, 2.0, size=(len(ids), t.dim)).astype(np.float32))
     dense = None
     if version % 2 == 0:
-        dense = {k: (v + rng.normal(0.0, 0.05, size=v.shape)).astype(np.float32) for k, v in reader.dense_state(version - 1).items()}
-    write_delta(root, version, version - 1, spec, rows, dense)
+        dense = {k: (v + rng.normal(0.0, 0.05, size=v.shape)).astype(np.float32) for k, v in reader.dense_state(parent).items()}
+    write_delta(root, version, parent, spec, rows, dense)
 
 
 @pytest.fixture
-def live(zk_server, redis_server, tmp_path, spawn):
-    """A fresh small model (base version 1 only), its features in Redis, 3 shards, 1 frontend."""
+def live(request, zk_server, redis_server, tmp_path, spawn):
+    """A fresh small model (base version 1 only), its features in Redis, 3 shards, 1 frontend
+    (with further flags when the fixture is parametrized with them)."""
     root = str(tmp_path / "ckpt")
     synthesize(root, "small", seed=9)
     prefix = f"t:{uuid.uuid4().hex[:8]}:"
@@ -64,7 +66,7 @@ def live(zk_server, redis_server, tmp_path, spawn):
         fe = spawn(
             "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", redis_server.url,
             "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
-            name="frontend",
+            *getattr(request, "param", ()), name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")
         yield root, line.split()[2], zk, paths, zk_server.hosts
