@@ -10,8 +10,8 @@ frontend switched, goes straight to the remote lookup and leaves the cache alone
 2. the rows missing go to the remote lookup as one-id bags (SUM: a one-id bag pools to its row
    exactly, whatever the partitioning), one feature per table and side;
 3. the fetched rows are offered to the cache (if its version did not move meanwhile);
-4. each feature is pooled over its table's gathered rows (``core.pooling``, in a worker
-   thread, as the redis-kv baseline and the monolith do; a bag of one id is a row copy).
+4. each feature is pooled over the batch's gathered rows (``core.pooling``; a bag of one id is
+   a row copy), on the loop for a small batch, else in a worker thread.
 
 So every bag, multi-id ones included (histories, tags), is pooled here from exact rows at the
 batch's version: a response equals ``core.reference`` at its version whether its rows came
@@ -34,6 +34,10 @@ from services.frontend.batch import Bags
 from services.frontend.lookup import FeatureLookup, LookupClient, LookupResult, LookupStats
 from services.frontend.lookup.cache.store import RowCache
 
+# Batches of at most this many ids are pooled on the event loop (~0.1 ms at 1,000 ids); larger
+# ones in a worker thread (torch releases the GIL), as the monolith and redis-kv pool.
+_INLINE_IDS = 4096
+
 
 @dataclass
 class _Gathered:
@@ -42,6 +46,7 @@ class _Gathered:
     starts: list[int]  # per feature: where its ids begin in ``inverse``
     inverse: np.ndarray  # int64 [n]: each id of every feature (concatenated) -> its unique key
     keys: np.ndarray  # int64 [u]: unique cache keys
+    hashes: np.ndarray  # uint64 [u]: their hashes (``RowCache.hash``)
     matrix: np.ndarray  # float32 [u, dim]: their rows (hits filled at once, misses after the fetch)
     missing: np.ndarray  # int64: positions in ``keys`` not in the cache
     item_side: np.ndarray  # bool [u]: an item-side feature needs the row
@@ -83,10 +88,13 @@ class CachedLookupClient:
             for f in remote:
                 g.matrix[where[f.feature]] = result.pooled[f.feature]
             if cache.version == version:
-                cache.offer(g.keys[g.missing], g.matrix[g.missing])
+                cache.offer(g.keys[g.missing], g.matrix[g.missing], g.hashes[g.missing])
         else:
             self.inner.stats.batches += 1
-        pooled = await asyncio.get_running_loop().run_in_executor(self._executor, _pool_all, features, g, cache.dim)
+        if len(g.inverse) <= _INLINE_IDS:  # a thread hop costs more than pooling a small batch
+            pooled = _pool_all(features, g, cache.dim)
+        else:
+            pooled = await asyncio.get_running_loop().run_in_executor(self._executor, _pool_all, features, g, cache.dim)
         return LookupResult(pooled, version, self._map_version() if map_version is None else map_version)
 
     def _gather(self, features: list[FeatureLookup]) -> _Gathered:
@@ -107,8 +115,9 @@ class CachedLookupClient:
         all_keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         keys, inverse, counts = np.unique(all_keys, return_inverse=True, return_counts=True)
         inverse = inverse.reshape(-1)
-        cache.record(keys, counts)
-        slots = cache.find(keys)
+        h = cache.hash(keys)
+        cache.record(keys, counts, h)
+        slots = cache.find(keys, h)
         hit = slots >= 0
         if hit.all():
             matrix = cache.read(slots)
@@ -124,7 +133,7 @@ class CachedLookupClient:
         hits = int(counts[hit].sum())
         cache.hits += hits
         cache.misses += n - hits
-        return _Gathered(starts, inverse, keys, matrix, missing, item_side)
+        return _Gathered(starts, inverse, keys, h, matrix, missing, item_side)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False)

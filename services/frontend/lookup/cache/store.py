@@ -28,7 +28,7 @@ import numpy as np
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import ConfigError
 from services.core.types import Version
-from services.frontend.lookup.cache.table import FrequencySketch, SlotIndex
+from services.frontend.lookup.cache.table import FrequencySketch, SlotIndex, mix
 
 ID_BITS = 40
 _ID_MASK = (1 << ID_BITS) - 1
@@ -38,9 +38,9 @@ def capacity_for(budget_bytes: int, dim: int) -> int:
     """The most rows whose slab, key array, index and sketch fit in ``budget_bytes``."""
 
     def total(n: int) -> int:
-        return n * (dim * 4 + 8) + SlotIndex.bytes_for(n) + FrequencySketch.bytes_for(n)
+        return n * (dim * 4 + 16) + SlotIndex.bytes_for(n) + FrequencySketch.bytes_for(n)
 
-    lo, hi = 0, max(0, budget_bytes) // (dim * 4 + 8) + 1
+    lo, hi = 0, max(0, budget_bytes) // (dim * 4 + 16) + 1
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total(mid) <= budget_bytes else (lo, mid)
@@ -62,6 +62,7 @@ class RowCache:
         self.version = version
         self._slab = np.zeros((self.capacity, self.dim), dtype=np.float32)
         self._key_of_slot = np.full(self.capacity, -1, dtype=np.int64)
+        self._hash_of_slot = np.zeros(self.capacity, dtype=np.uint64)
         self._free = np.arange(self.capacity - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = self.capacity
         self._index = SlotIndex(self.capacity)
@@ -75,7 +76,7 @@ class RowCache:
     @property
     def nbytes(self) -> int:
         """Every byte the cache allocated: slab, slot keys, index and sketch."""
-        return self._slab.nbytes + self._key_of_slot.nbytes + self._index.nbytes + self._sketch.nbytes
+        return self._slab.nbytes + self._key_of_slot.nbytes + self._hash_of_slot.nbytes + self._index.nbytes + self._sketch.nbytes
 
     @property
     def rows_held(self) -> int:
@@ -90,49 +91,58 @@ class RowCache:
         """(table code, id) of each key."""
         return keys >> ID_BITS, keys & _ID_MASK
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        return self._index.get(keys)
+    @staticmethod
+    def hash(keys: np.ndarray) -> np.ndarray:
+        """The hashes the index and the sketch use (compute once per batch, pass them on)."""
+        return mix(keys)
+
+    def find(self, keys: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
+        """int32 slot of each key (-1: not held)."""
+        return self._index.get(keys, h)
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """A copy of the rows of ``slots`` (float32 [len(slots), dim])."""
         return np.take(self._slab, slots, axis=0)
 
-    def record(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        self._sketch.add(keys, counts)
+    def record(self, keys: np.ndarray, counts: np.ndarray, h: np.ndarray | None = None) -> None:
+        """``counts`` more accesses of each of ``keys`` (distinct)."""
+        self._sketch.add(mix(keys) if h is None else h, counts)
 
-    def offer(self, keys: np.ndarray, rows: np.ndarray) -> int:
+    def offer(self, keys: np.ndarray, rows: np.ndarray, h: np.ndarray | None = None) -> int:
         """Rows fetched at ``self.version`` (``keys`` distinct): admit what the policy takes
         (module docstring). Returns how many were admitted."""
-        absent = self._index.get(keys) < 0  # a concurrent batch may have brought some in
-        keys, rows = keys[absent], rows[absent]
+        h = mix(keys) if h is None else h
+        absent = self._index.get(keys, h) < 0  # a concurrent batch may have brought some in
+        keys, rows, h = keys[absent], rows[absent], h[absent]
         if not len(keys):
             return 0
-        freq = self._sketch.estimate(keys)
+        freq = self._sketch.estimate(h)
         order = np.argsort(-freq, kind="stable")
-        keys, rows, freq = keys[order], rows[order], freq[order]
+        keys, rows, h, freq = keys[order], rows[order], h[order], freq[order]
         n_free = min(self._nfree, len(keys))
         slots = self._free[self._nfree - n_free : self._nfree][::-1].copy()
         self._nfree -= n_free
         rest = len(keys) - n_free
         if rest:
             victims = self._victims(rest, exclude=slots)
-            vfreq = self._sketch.estimate(self._key_of_slot[victims])
+            vfreq = self._sketch.estimate(self._hash_of_slot[victims])
             k = min(rest, len(victims))
             wins = int(np.count_nonzero(freq[n_free : n_free + k] > vfreq[:k]))  # both sorted: a prefix wins
             self.rejected += rest - wins
             if wins:
                 out = victims[:wins]
-                self._index.delete(self._key_of_slot[out])
+                self._index.delete(self._key_of_slot[out], self._hash_of_slot[out])
                 self.evicted += wins
                 slots = np.concatenate([slots, out])
         n = len(slots)
-        placed = self._index.put(keys[:n], slots)
+        placed = self._index.put(keys[:n], slots, h[:n])
         if not placed.all():  # both of a key's buckets full: it stays out, its slot is free again
             self.rejected += int((~placed).sum())
             self._release(slots[~placed])
-            keys, rows, slots = keys[:n][placed], rows[:n][placed], slots[placed]
+            keys, rows, h, slots = keys[:n][placed], rows[:n][placed], h[:n][placed], slots[placed]
             n = len(slots)
         self._key_of_slot[slots] = keys[:n]
+        self._hash_of_slot[slots] = h[:n]
         self._slab[slots] = rows[:n]
         self.admitted += n
         return n
@@ -144,7 +154,7 @@ class RowCache:
         sample = sample[self._key_of_slot[sample] >= 0]
         if len(exclude):
             sample = sample[~np.isin(sample, exclude)]
-        freq = self._sketch.estimate(self._key_of_slot[sample])
+        freq = self._sketch.estimate(self._hash_of_slot[sample])
         return sample[np.argsort(freq, kind="stable")[:n]].astype(np.int32)
 
     def _drop(self, keys: np.ndarray) -> int:

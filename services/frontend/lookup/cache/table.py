@@ -68,31 +68,30 @@ class SlotIndex:
     def bytes_for(capacity: int) -> int:
         return _pow2_at_least(max(2, -(-2 * capacity // WAYS))) * WAYS * 12
 
-    def _buckets(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = mix(keys)
+    def _buckets(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b1 = (h >> self._shift).astype(np.int64)
         b2 = ((h << _S32) >> self._shift).astype(np.int64)  # the low half
         return b1, np.where(b2 == b1, b1 ^ 1, b2)
 
-    def _find(self, keys: np.ndarray) -> np.ndarray:
+    def _find(self, keys: np.ndarray, h: np.ndarray | None) -> np.ndarray:
         """Flat position (bucket * WAYS + way) of each key, or -1 where it is absent."""
         out = np.full(len(keys), -1, dtype=np.int64)
         column = keys[:, None]
-        for b in self._buckets(keys):  # a key is in at most one of its two buckets
+        for b in self._buckets(mix(keys) if h is None else h):  # a key is in at most one of its two buckets
             i, way = np.nonzero(np.take(self._keys, b, axis=0) == column)
             out[i] = b[i] * WAYS + way
         return out
 
-    def get(self, keys: np.ndarray) -> np.ndarray:
-        """int32 slot of each key, -1 where absent."""
-        at = self._find(keys)
+    def get(self, keys: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
+        """int32 slot of each key, -1 where absent (``h``: ``mix(keys)``, if the caller has it)."""
+        at = self._find(keys, h)
         return np.where(at >= 0, self._flat_slots[at], -1).astype(np.int32)
 
-    def put(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def put(self, keys: np.ndarray, slots: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
         """Add ``keys`` (distinct, none present) with their ``slots``; returns the mask of the
         keys placed (False: both buckets were full)."""
         placed = np.zeros(len(keys), dtype=bool)
-        b1, b2 = self._buckets(keys)
+        b1, b2 = self._buckets(mix(keys) if h is None else h)
         free1 = (np.take(self._keys, b1, axis=0) == EMPTY).sum(axis=1)
         free2 = (np.take(self._keys, b2, axis=0) == EMPTY).sum(axis=1)
         first = np.where(free1 >= free2, b1, b2)
@@ -116,9 +115,9 @@ class SlotIndex:
         self.live += int(placed.sum())
         return placed
 
-    def delete(self, keys: np.ndarray) -> np.ndarray:
+    def delete(self, keys: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
         """Remove ``keys`` (distinct); returns the slot each held, -1 where absent."""
-        at = self._find(keys)
+        at = self._find(keys, h)
         present = at >= 0
         out = np.full(len(keys), -1, dtype=np.int32)
         out[present] = self._flat_slots[at[present]]
@@ -153,25 +152,24 @@ class FrequencySketch:
     def bytes_for(capacity: int) -> int:
         return _DEPTH * _pow2_at_least(4 * max(1, capacity))
 
-    def _cells(self, keys: np.ndarray) -> np.ndarray:
-        h = mix(keys)
+    def _cells(self, h: np.ndarray) -> np.ndarray:
         h1, h2 = h >> _S32, (h << _S32) >> _S32
         step = h1[None, :] + self._rows[:, None] * (h2[None, :] | np.uint64(1))  # double hashing
         return (step & self._mask).astype(np.int64) + self._row_base  # [4, n] flat indices
 
-    def estimate(self, keys: np.ndarray) -> np.ndarray:
-        """int32 estimated count of each key (never below its true count since the last reset,
-        up to 255)."""
-        if not len(keys):
+    def estimate(self, h: np.ndarray) -> np.ndarray:
+        """int32 estimated count of each key of hashes ``h`` (``mix(keys)``): never below its
+        true count since the last reset, up to 255."""
+        if not len(h):
             return np.zeros(0, dtype=np.int32)
-        return self._counts[self._cells(keys)].min(axis=0).astype(np.int32)
+        return self._counts[self._cells(h)].min(axis=0).astype(np.int32)
 
-    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """Count ``counts`` more accesses of each of ``keys`` (distinct). Conservative update:
-        a counter rises only as far as the key's new estimate."""
-        if not len(keys):
+    def add(self, h: np.ndarray, counts: np.ndarray) -> None:
+        """Count ``counts`` more accesses of each key of hashes ``h`` (distinct keys).
+        Conservative update: a counter rises only as far as the key's new estimate."""
+        if not len(h):
             return
-        cells = self._cells(keys)
+        cells = self._cells(h)
         target = np.minimum(self._counts[cells].min(axis=0).astype(np.int64) + counts, 255).astype(np.uint8)
         # ``maximum.at``: two keys of the batch sharing a counter both count (no lost write)
         np.maximum.at(self._counts, cells.reshape(-1), np.broadcast_to(target, cells.shape).reshape(-1))
