@@ -16,9 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0")
     serve.add_argument("--redis-prefix", default="", help="key prefix of the stored features")
     serve.add_argument("--frontend-id", default="", help="id in ZooKeeper (default frontend-<host>-<pid>)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0, help="0 = any free port")
-    serve.add_argument("--advertise-host", default="")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (:: = every IPv6 and IPv4 address)")
+    serve.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    serve.add_argument("--advertise-host", default="", help="host other processes dial (default: --host)")
+    serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                       help="serve REST/JSON (POST /v1/recommend, /healthz, /readyz, /openapi.json) on this port; 0 = any free port (default: off)")
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                       help="receive cap of a Recommend (gRPC message or REST body; default 4 MiB)")
     serve.add_argument("--inproc", action="store_true", help="the monolith: every table in this process, no shards (= --lookup inproc)")
     serve.add_argument(
         "--lookup",
@@ -115,6 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,
+        http_port=args.http_port,
+        max_request_bytes=args.max_request_bytes,
         inproc_checkpoint=args.checkpoint if lookup == "inproc" else "",
         max_batch=args.max_batch,
         max_wait_s=args.max_wait_ms / 1000.0,

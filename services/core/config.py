@@ -80,7 +80,12 @@ class FrontendConfig:
     default_timeout_s: float = 1.0
     device: str = "auto"
     torch_threads: int = 1
+    # Caps of the shard channels (a Lookup answer may be big) and of what this frontend sends.
     max_message_bytes: int = 256 * 1024 * 1024
+    # The public receive cap (gRPC Recommend and the REST body): a Recommend is ~10 KB.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # The REST endpoint (docs/http.md): None = off, 0 = any free port.
+    http_port: int | None = None
     grace_s: float = 5.0
     ready_timeout_s: float = 120.0
     # The lookup step: "shards" (the cluster), or a comparison baseline that takes its model from

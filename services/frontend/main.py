@@ -21,6 +21,7 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.hostport import join_host_port
 from services.core.rpc.server import start_aio_server, tune_allocator
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
@@ -188,14 +189,22 @@ async def serve(config: FrontendConfig) -> int:
         config.host,
         config.port,
         max_message_bytes=config.max_message_bytes,
+        max_receive_bytes=config.max_request_bytes,
         add_servicers=[
             lambda s: add_recommender_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
     )
-    address = f"{config.advertise_host or config.host}:{server.port}"
+    address = join_host_port(config.advertise_host or config.host, server.port)
     print(f"LISTENING frontend {address}", flush=True)
+    rest = None
+    if config.http_port is not None:
+        from services.frontend.http import RestEndpoint
+
+        rest = RestEndpoint(recommender, lambda: server.serving, max_request_bytes=config.max_request_bytes)
+        http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
+        print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
     await server.set_serving(True)
     registration = None
     if zk is not None:
@@ -218,6 +227,9 @@ async def serve(config: FrontendConfig) -> int:
     log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
+    await server.set_serving(False)  # /readyz too
+    if rest is not None:
+        await rest.stop()
     await server.stop(config.grace_s)
     await batcher.stop()
     await lookup.close()

@@ -8,6 +8,7 @@ from google.protobuf.message import DecodeError
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.errors import InvalidArgumentError
 from services.core.rpc.errors import handle_errors
+from services.frontend.batch import Recommendation
 from services.frontend.recommender import ANONYMOUS, Recommender
 from services.frontend.validate import clean_request_id
 
@@ -42,16 +43,21 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
         rec = await self._recommender.recommend(
             parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(context.invocation_metadata())
         )
-        resp = recommend_pb2.RecommendResponse(
-            request_id=rec.request_id,
-            version=rec.version,
-            shard_map_version=rec.shard_map_version,
-            degraded=bool(rec.degraded_reasons),
-            degraded_reasons=rec.degraded_reasons,
-        )
-        for pos, item, score in zip(rec.positions.tolist(), rec.item_ids.tolist(), rec.scores.tolist()):
-            resp.items.add(item_id=item, score=score, position=pos)
-        return resp
+        return to_response(rec)
+
+
+def to_response(rec: Recommendation) -> recommend_pb2.RecommendResponse:
+    """The RecommendResponse of one answer (gRPC and the REST endpoint alike)."""
+    resp = recommend_pb2.RecommendResponse(
+        request_id=rec.request_id,
+        version=rec.version,
+        shard_map_version=rec.shard_map_version,
+        degraded=bool(rec.degraded_reasons),
+        degraded_reasons=rec.degraded_reasons,
+    )
+    for pos, item, score in zip(rec.positions.tolist(), rec.item_ids.tolist(), rec.scores.tolist()):
+        resp.items.add(item_id=item, score=score, position=pos)
+    return resp
 
 
 def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:

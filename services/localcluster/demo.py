@@ -175,6 +175,13 @@ def call_instructions(state: ClusterState, workdir_arg: str) -> str:
             "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
             "",
         ]
+        if state.http:
+            lines += [
+                f"or over HTTP/JSON (docs/http.md; the OpenAPI document is at http://{state.http}/openapi.json):",
+                f"  curl -s -X POST http://{state.http}/v1/recommend \\",
+                "    -d '{\"userId\": 42, \"candidateItemIds\": [1, 2, 3, 5, 8, 13, 21], \"topK\": 5}'",
+                "",
+            ]
     else:
         lines += [f"cluster {state.cluster!r} without a frontend: ZooKeeper {state.zk}, Redis {state.redis_url} (prefix {state.redis_prefix!r})", ""]
     lines += [

@@ -60,6 +60,12 @@ def parse_ready(text: str, role: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_http(text: str) -> str:
+    """The REST address in a frontend's ``HTTP frontend <addr>`` line, or ""."""
+    m = re.search(r"^HTTP frontend (\S+)\s*$", text, re.MULTILINE)
+    return m.group(1) if m else ""
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -264,6 +270,7 @@ class LocalCluster:
     def _start_frontend(self, zk_hosts: str, redis_url: str) -> None:
         address = self.start_frontend("frontend")
         self.state.frontend = address
+        self.state.http = parse_http(_read(self.config.logs_dir / "frontend.log"))
         self._save()
 
     def start_frontend(self, name: str, extra_args: Sequence[str] = (), port: int | None = None) -> str:
@@ -276,7 +283,7 @@ class LocalCluster:
                 name, ROLE_FRONTEND,
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
-                 "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
+                 "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
                  "--frontend-id", name, *extra_args],
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s

@@ -64,6 +64,7 @@ class ClusterState:
     redis_prefix: str = ""
     checkpoint: str = ""
     frontend: str = ""
+    http: str = ""  # the frontend's REST endpoint, host:port
     ready: bool = False
     launcher: ProcessRecord | None = None
     processes: list[ProcessRecord] = field(default_factory=list)
@@ -88,6 +89,7 @@ class ClusterState:
                 redis_prefix=str(d.get("redis_prefix", "")),
                 checkpoint=str(d.get("checkpoint", "")),
                 frontend=str(d.get("frontend", "")),
+                http=str(d.get("http", "")),
                 ready=bool(d.get("ready", False)),
                 launcher=None if d.get("launcher") is None else ProcessRecord.from_json(d["launcher"]),
                 processes=[ProcessRecord.from_json(p) for p in d.get("processes", [])],

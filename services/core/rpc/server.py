@@ -10,6 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core.hostport import join_host_port
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -35,9 +37,11 @@ def _register(server, add_servicers, service_names, health_servicer) -> tuple[st
 
 
 def _bind(server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+    """Bind ``host:port`` (an IPv6 host such as ``::`` is bracketed)."""
+    address = join_host_port(host, port)
+    bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}")
     return bound
 
 
@@ -95,11 +99,13 @@ class AioServer:
     port: int
     health: "aio_health.HealthServicer"
     service_names: tuple[str, ...]
+    serving: bool = False  # the health status last set (SERVING or not) of every service
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        self.serving = serving
 
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
@@ -113,11 +119,12 @@ async def start_aio_server(
     max_message_bytes: int,
     add_servicers: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
+    max_receive_bytes: int | None = None,
 ) -> AioServer:
     """The asyncio twin of ``start_sync_server`` (health NOT_SERVING until ``set_serving``)."""
     from grpc_health.v1 import _async as aio_health
 
-    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    server = grpc.aio.server(options=channel_options(max_message_bytes, max_receive_bytes))
     health_servicer = aio_health.HealthServicer()
     names = _register(server, add_servicers, service_names, health_servicer)
     bound = _bind(server, host, port)
