@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.flags import security_args, security_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from services.core.config import LOOKUP_MODES, default_cluster, default_zk
@@ -68,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="degraded mode under shedding: score only the first N candidates of a request (0 = off)")
     serve.add_argument("--max-abs-dense", type=float, default=1e6, help="largest magnitude of a request-time dense value")
     serve.add_argument("--max-abs-weight", type=float, default=1e6, help="largest magnitude of a request-time sparse weight")
-    serve.add_argument("--log-level", default="INFO")
+    security_args(serve, shard=False)
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     serve.set_defaults(func=_serve)
 
 
@@ -111,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     kv_redis = args.kv_redis or args.redis
     if lookup == "redis-kv" and not kv_redis:
         raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
+    tls, auth = security_config(args)
     config = FrontendConfig(
         frontend_id=args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}",
         zk=None if lookup != "shards" else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
@@ -147,6 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
         degrade_max_candidates=args.degrade_max_candidates,
         max_abs_dense=args.max_abs_dense,
         max_abs_weight=args.max_abs_weight,
+        tls=tls,
+        auth=auth,
     )
     from services.frontend.main import run
 

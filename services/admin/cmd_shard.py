@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.flags import security_args, security_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from services.core.config import ShardConfig, default_cluster, default_zk
@@ -32,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--stats-interval-s", type=float, default=5.0, help="publish per-partition load counters in the znode this often")
     serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
-    serve.add_argument("--log-level", default="INFO")
+    security_args(serve, shard=True)
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     serve.set_defaults(func=_serve)
 
 
@@ -42,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     from services.core.config import ShardConfig, ZkConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tls, auth = security_config(args)
     config = ShardConfig(
         node_id=args.node_id,
         zk=ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
@@ -59,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         version_drain_s=args.version_drain_s,
         partition_drain_s=args.partition_drain_s,
         stats_interval_s=args.stats_interval_s,
+        tls=tls,
+        auth=auth,
     )
     from services.embedding_shard.main import run
 

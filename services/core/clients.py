@@ -99,15 +99,21 @@ _REDIS_OPTIONS: dict[str, Any] = {"decode_responses": False, "socket_connect_tim
 
 
 def make_channel(
-    address: str, *, max_message_bytes: int | None = None, options: Sequence[tuple[str, Any]] = (), aio: bool = True
+    address: str,
+    *,
+    max_message_bytes: int | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    aio: bool = True,
+    credentials: "grpc.ChannelCredentials | None" = None,
 ) -> "grpc.aio.Channel | grpc.Channel":
     """A gRPC channel to ``address`` (``host:port``): ``grpc.aio`` (default) or, ``aio=False``,
     a blocking one. The caller owns it and closes it (``await ch.close()`` / ``ch.close()``).
 
     ``max_message_bytes`` sets both message caps (``services.core.rpc.server.channel_options``,
     what shardrec servers use); None keeps gRPC's defaults (4 MiB received), enough for
-    Recommend and admin calls. ``options`` are added after those. Plaintext today; channel
-    credentials (TLS) land here.
+    Recommend and admin calls. ``options`` are added after those. ``credentials`` (from
+    ``services.core.tls``: the process's ``TlsMaterial.channel_credentials()``, or
+    ``client_credentials(ca)`` outside the cluster) make it TLS; None is plaintext.
     """
     import grpc
 
@@ -120,5 +126,9 @@ def make_channel(
     if aio:
         import grpc.aio
 
+        if credentials is not None:
+            return grpc.aio.secure_channel(address, credentials, options=opts or None)
         return grpc.aio.insecure_channel(address, options=opts or None)
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=opts or None)
     return grpc.insecure_channel(address, options=opts or None)

@@ -31,6 +31,38 @@ class ZkConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """This process's certificate and key (served, and presented as its client certificate)
+    and the CA that signs its peers'; all three or none (docs/security.md)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    poll_s: float = 1.0  # how often the files are checked for a change (rotation)
+
+    def __post_init__(self) -> None:
+        given = [bool(self.cert_file), bool(self.key_file), bool(self.ca_file)]
+        if any(given) and not all(given):
+            from services.core.errors import ConfigError
+
+            raise ConfigError("TLS needs --tls-cert, --tls-key and --tls-ca together")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Authentication of the calls a server takes (docs/security.md; off when all are empty)."""
+
+    tokens_file: str = ""  # hashed caller and admin tokens
+    cluster_token_file: str = ""  # shared secret(s) of frontends and shards, when TLS is off
+    frontend_names: tuple[str, ...] = ("shardrec-frontend",)  # mTLS: certificate names allowed to call Lookup
+    poll_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class ShardConfig:
     """One embedding shard process."""
 
@@ -58,6 +90,8 @@ class ShardConfig:
     partition_drain_s: float = 5.0
     # How often the per-partition load counters are sampled and published in the znode.
     stats_interval_s: float = 5.0
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,8 @@ class FrontendConfig:
     # Request-time dense values and weights larger than this in magnitude are refused.
     max_abs_dense: float = 1e6
     max_abs_weight: float = 1e6
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
 
 
 LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")

@@ -30,7 +30,10 @@ from services.core.discovery.records import FrontendRecord, NodeRecord
 from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
-from services.core.rpc.server import start_sync_server, tune_allocator
+from services.core.auth import access_policy
+from services.core.hostport import join_host_port
+from services.core.rpc.server import Security, start_sync_server, tune_allocator
+from services.core.tls import TlsMaterial
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
 from services.embedding_shard.meter import LoadMeter
@@ -123,6 +126,9 @@ def run(config: ShardConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
+    tls = TlsMaterial(config.tls) if config.tls.enabled else None
+    # mTLS: Lookup only from a frontend's certificate; else the cluster token when one is set
+    security = Security(access_policy(config.auth, mtls=tls is not None), tls, require_client_auth=tls is not None)
     paths = ZkPaths(config.zk.cluster)
     zk = make_kazoo(config.zk)
     maps = ClusterStore(zk, paths)
@@ -160,8 +166,9 @@ def run(config: ShardConfig) -> int:
         max_receive_bytes=limits.max_request_bytes,  # a request over every cap never reaches Python
         add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
+        security=security,
     )
-    address = f"{config.advertise_host or config.host}:{server.port}"
+    address = join_host_port(config.advertise_host or config.host, server.port)
     log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
     t0 = time.monotonic()

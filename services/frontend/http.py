@@ -14,6 +14,7 @@ Runs on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -23,16 +24,16 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from services._proto.shardrec.v1 import recommend_pb2
+from services.core.auth import Access, AccessPolicy, bearer
 from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.rpc.errors import http_error
+from services.core.tls import TlsMaterial
 from services.frontend.openapi import TIMEOUT_HEADER, document
 from services.frontend.recommender import Recommender
 from services.frontend.servicer import caller_of, to_response
 
 log = logging.getLogger(__name__)
 
-# ``headers -> caller identity`` (raises UnauthenticatedError / PermissionDeniedError).
-Authenticate = Callable[[Mapping[str, str]], str]
 
 
 def parse_json_request(body: bytes) -> recommend_pb2.RecommendRequest:
@@ -68,14 +69,11 @@ def _error(exc: BaseException, http: int | None = None) -> web.Response:
     return _json(code, body, headers)
 
 
-def _anonymous_or_declared(headers: Mapping[str, str]) -> str:
-    return caller_of((k.lower(), v) for k, v in headers.items())
-
-
 class RestEndpoint:
     """The REST endpoint of one frontend. ``ready()`` says whether the Recommender is SERVING;
-    ``authenticate`` maps a request's headers to its caller identity (default: the
-    ``X-Shardrec-Caller`` header, as gRPC metadata while authentication is off)."""
+    ``access`` authenticates a request as it does a gRPC call (the ``Authorization: Bearer``
+    header; without tokens, the ``X-Shardrec-Caller`` header names the caller); ``tls`` serves
+    HTTPS, its certificate reloaded when the files change."""
 
     def __init__(
         self,
@@ -83,12 +81,15 @@ class RestEndpoint:
         ready: Callable[[], bool],
         *,
         max_request_bytes: int,
-        authenticate: Authenticate = _anonymous_or_declared,
+        access: AccessPolicy | None = None,
+        tls: TlsMaterial | None = None,
     ) -> None:
         self._recommender = recommender
         self._ready = ready
         self._max_request_bytes = max_request_bytes
-        self._authenticate = authenticate
+        self._access = access or AccessPolicy()
+        self._tls = tls
+        self._reload_task: asyncio.Task | None = None
         self._openapi = json.dumps(document(), indent=2, sort_keys=True).encode() + b"\n"
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -101,9 +102,13 @@ class RestEndpoint:
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, grace_s: float = 5.0) -> int:
+    async def start(self, host: str, port: int, *, grace_s: float = 5.0) -> int:
         """Bind ``host:port`` (0 = any free port; ``::`` for every IPv6 and IPv4 address);
         returns the bound port. A client that disconnects cancels its request (as gRPC does)."""
+        ssl_context = None
+        if self._tls is not None:
+            ssl_context = self._tls.ssl_context(server=True)
+            self._reload_task = asyncio.get_running_loop().create_task(self._reload(ssl_context))
         runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=grace_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
@@ -114,13 +119,29 @@ class RestEndpoint:
 
     async def stop(self) -> None:
         """Refuse new connections, let in-flight requests finish within the grace period."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _reload(self, ctx: ssl.SSLContext) -> None:
+        """Load rotated certificate files into the served context (new handshakes use them)."""
+        assert self._tls is not None
+        seen = self._tls.generation
+        while True:
+            await asyncio.sleep(self._tls.config.poll_s)  # the rotation poll
+            if self._tls.generation != seen:
+                seen = self._tls.generation
+                self._tls.load(ctx)
+
+    def _caller(self, headers: Mapping[str, str]) -> str:
+        caller = self._access.admit(Access.PUBLIC, bearer(headers.get("Authorization")))
+        return caller if caller is not None else caller_of((k.lower(), v) for k, v in headers.items())
+
     async def recommend(self, request: web.Request) -> web.Response:
         try:
-            caller = self._authenticate(request.headers)
+            caller = self._caller(request.headers)
             timeout_s = timeout_of(request.headers)
             try:
                 body = await request.read()

@@ -22,7 +22,9 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.hostport import join_host_port
-from services.core.rpc.server import start_aio_server, tune_allocator
+from services.core.auth import access_policy
+from services.core.rpc.server import Security, start_aio_server, tune_allocator
+from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
@@ -39,7 +41,7 @@ log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
 
 
-async def _connect_cluster(config: FrontendConfig, loop):
+async def _connect_cluster(config: FrontendConfig, loop, tls):  # noqa: ANN001
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
@@ -66,7 +68,10 @@ async def _connect_cluster(config: FrontendConfig, loop):
         hedge_min_delay_s=config.hedge_min_delay_s,
         hedge_budget=config.hedge_budget,
     )
-    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim, policy=policy)
+    from services.core.auth import cluster_token_sender
+
+    channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth))
+    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy)
     return zk, paths, view, reader, lookup
 
 
@@ -136,6 +141,8 @@ async def serve(config: FrontendConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    tls = TlsMaterial(config.tls) if config.tls.enabled else None
+    access = access_policy(config.auth, mtls=False)  # files read now: a bad one fails the start
     zk = view = paths = kv_redis = None
     lookup: LookupClient
     if config.inproc_checkpoint or config.lookup == "inproc":
@@ -147,7 +154,7 @@ async def serve(config: FrontendConfig) -> int:
         version = reader.latest_version()
         lookup, kv_redis = await _baseline_lookup(config, reader, version)
     else:
-        zk, paths, view, reader, lookup = await _connect_cluster(config, loop)
+        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, tls)
         version = view.serving_version
     spec = reader.manifest(version).model
     scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
@@ -190,6 +197,7 @@ async def serve(config: FrontendConfig) -> int:
         config.port,
         max_message_bytes=config.max_message_bytes,
         max_receive_bytes=config.max_request_bytes,
+        security=Security(access, tls),
         add_servicers=[
             lambda s: add_recommender_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
@@ -202,7 +210,7 @@ async def serve(config: FrontendConfig) -> int:
     if config.http_port is not None:
         from services.frontend.http import RestEndpoint
 
-        rest = RestEndpoint(recommender, lambda: server.serving, max_request_bytes=config.max_request_bytes)
+        rest = RestEndpoint(recommender, lambda: server.serving, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
         http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
         print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
     await server.set_serving(True)

@@ -7,12 +7,14 @@ from google.protobuf.message import DecodeError
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.errors import InvalidArgumentError
+from services.core.rpc.auth import current_caller
 from services.core.rpc.errors import handle_errors
 from services.frontend.batch import Recommendation
 from services.frontend.recommender import ANONYMOUS, Recommender
 from services.frontend.validate import clean_request_id
 
-# The caller identity per-caller limits apply to; trusted as sent while authentication is off.
+# The caller identity per-caller limits apply to; trusted as sent while authentication is off
+# (with tokens on, the token's caller: ``services.core.rpc.auth.current_caller``).
 CALLER_KEY = "x-shardrec-caller"
 
 
@@ -40,9 +42,8 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
 
     @handle_errors
     async def Recommend(self, request: bytes, context) -> recommend_pb2.RecommendResponse:
-        rec = await self._recommender.recommend(
-            parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(context.invocation_metadata())
-        )
+        caller = current_caller() or caller_of(context.invocation_metadata())
+        rec = await self._recommender.recommend(parse_request(request), timeout_s=context.time_remaining(), caller=caller)
         return to_response(rec)
 
 

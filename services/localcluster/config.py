@@ -40,6 +40,10 @@ class LocalClusterConfig:
     python: str = sys.executable
     checkpoint_uri: str | None = None
     features_root: str | None = None
+    # docs/security.md: TLS on every port (a local CA under <workdir>/pki), and tokens, the
+    # cluster token, ZooKeeper ACLs and a Redis password (under <workdir>/secrets).
+    tls: bool = False
+    auth: bool = False
 
     def __post_init__(self) -> None:
         from services.core.checkpoint.storage import absolute_uri
@@ -56,6 +60,14 @@ class LocalClusterConfig:
             raise ConfigError(f"--cluster must be non-empty and contain no '/', got {self.cluster!r}")
         if self.start_timeout_s <= 0 or self.stop_grace_s < 0:
             raise ConfigError("--start-timeout-s must be > 0 and --stop-grace-s >= 0")
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.workdir / "pki"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.workdir / "secrets"
 
     @property
     def logs_dir(self) -> Path:

@@ -21,6 +21,7 @@ from services.core.errors import DeadlineExceededError, FailedPreconditionError,
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
 from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
+from services.localcluster.security import LocalSecurity
 from services.localcluster.processes import (
     SignalGuard,
     process_alive,
@@ -107,6 +108,7 @@ class LocalCluster:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._zk: "KazooClient | None" = None
         self._state_written = False
+        self.security = LocalSecurity(config)
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +121,10 @@ class LocalCluster:
         self._save()
         self._ensure_model()
         spec = self._placement_spec()
+        for made in self.security.prepare():
+            self.progress.line(f"made {made}")
+        for key, value in self.security.client().items():
+            setattr(self.state, key, value)
 
         from services.localcluster.servers import RedisServer, ZkServer
 
@@ -144,7 +150,7 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1"],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard")],
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
         self._run_job(
@@ -284,7 +290,7 @@ class LocalCluster:
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
-                 "--frontend-id", name, *extra_args],
+                 "--frontend-id", name, *self.security.serve_flags("frontend"), *extra_args],
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"

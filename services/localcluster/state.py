@@ -65,6 +65,10 @@ class ClusterState:
     checkpoint: str = ""
     frontend: str = ""
     http: str = ""  # the frontend's REST endpoint, host:port
+    # docs/security.md: the CA clients trust (TLS on), the caller and admin token files (auth on)
+    tls_ca: str = ""
+    token_file: str = ""
+    admin_token_file: str = ""
     ready: bool = False
     launcher: ProcessRecord | None = None
     processes: list[ProcessRecord] = field(default_factory=list)
@@ -90,6 +94,9 @@ class ClusterState:
                 checkpoint=str(d.get("checkpoint", "")),
                 frontend=str(d.get("frontend", "")),
                 http=str(d.get("http", "")),
+                tls_ca=str(d.get("tls_ca", "")),
+                token_file=str(d.get("token_file", "")),
+                admin_token_file=str(d.get("admin_token_file", "")),
                 ready=bool(d.get("ready", False)),
                 launcher=None if d.get("launcher") is None else ProcessRecord.from_json(d["launcher"]),
                 processes=[ProcessRecord.from_json(p) for p in d.get("processes", [])],

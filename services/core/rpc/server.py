@@ -1,4 +1,5 @@
-"""gRPC server bootstrap: message limits, health, reflection, port binding, graceful stop."""
+"""gRPC server bootstrap: message limits, health, reflection, port binding (TLS, IPv6), the
+authentication interceptor (``services.core.rpc.auth``), graceful stop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core.auth import AccessPolicy
 from services.core.hostport import join_host_port
+from services.core.tls import TlsMaterial
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,10 +39,33 @@ def _register(server, add_servicers, service_names, health_servicer) -> tuple[st
     return names
 
 
-def _bind(server, host: str, port: int) -> int:
-    """Bind ``host:port`` (an IPv6 host such as ``::`` is bracketed)."""
+@dataclass(frozen=True)
+class Security:
+    """What a server checks: ``policy`` (an interceptor is installed only when it checks
+    something), ``tls`` (TLS on the port when set; mTLS with ``require_client_auth``)."""
+
+    policy: AccessPolicy | None = None
+    tls: TlsMaterial | None = None
+    require_client_auth: bool = False
+
+    def interceptors(self, aio: bool) -> list:
+        if self.policy is None or not self.policy.enabled:
+            return []
+        from services.core.rpc.auth import AioAuthInterceptor, AuthInterceptor
+
+        return [AioAuthInterceptor(self.policy) if aio else AuthInterceptor(self.policy)]
+
+
+NO_SECURITY = Security()
+
+
+def _bind(server, host: str, port: int, security: Security = NO_SECURITY) -> int:
+    """Bind ``host:port`` (an IPv6 host such as ``::`` is bracketed), with TLS when asked."""
     address = join_host_port(host, port)
-    bound = server.add_insecure_port(address)
+    if security.tls is not None:
+        bound = server.add_secure_port(address, security.tls.server_credentials(require_client_auth=security.require_client_auth))
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {address}")
     return bound
@@ -74,6 +100,7 @@ def start_sync_server(
     add_servicers: Iterable[Callable[[grpc.Server], None]],
     service_names: Iterable[str],
     max_receive_bytes: int | None = None,
+    security: Security = NO_SECURITY,
 ) -> SyncServer:
     """Bind ``host:port`` (0 = any free port), register servicers, health (NOT_SERVING until
     ``set_serving(True)``) and reflection, and start. A request over ``max_receive_bytes``
@@ -81,10 +108,11 @@ def start_sync_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=channel_options(max_message_bytes, max_receive_bytes),
+        interceptors=security.interceptors(aio=False),
     )
     health_servicer = health.HealthServicer()
     names = _register(server, add_servicers, service_names, health_servicer)
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, security)
     server.start()
     s = SyncServer(server, bound, health_servicer, names)
     s.set_serving(False)
@@ -120,14 +148,15 @@ async def start_aio_server(
     add_servicers: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
     max_receive_bytes: int | None = None,
+    security: Security = NO_SECURITY,
 ) -> AioServer:
     """The asyncio twin of ``start_sync_server`` (health NOT_SERVING until ``set_serving``)."""
     from grpc_health.v1 import _async as aio_health
 
-    server = grpc.aio.server(options=channel_options(max_message_bytes, max_receive_bytes))
+    server = grpc.aio.server(options=channel_options(max_message_bytes, max_receive_bytes), interceptors=security.interceptors(aio=True))
     health_servicer = aio_health.HealthServicer()
     names = _register(server, add_servicers, service_names, health_servicer)
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, security)
     await server.start()
     s = AioServer(server, bound, health_servicer, names)
     await s.set_serving(False)
