@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.flags import redis_auth_args, redis_auth_config
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     feats = subparsers.add_parser("features", help="stored user / item features in Redis")
@@ -26,13 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--features", default=None, metavar="ROOT", help="read features/{users,items}.npz below this folder instead (e.g. another checkpoint root)"
     )
+    redis_auth_args(load)
     load.set_defaults(func=_load)
 
 
 def _load(args: argparse.Namespace) -> int:
     from services.control.features import load_features
 
-    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version, features=args.features)
+    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version,
+                           features=args.features, redis_auth=redis_auth_config(args))  # fmt: skip
     print(f"model {result['model']!r} version {result['version']} -> {args.redis} (prefix {args.prefix!r})")
     for name in ("users", "items"):
         entry = result[name]

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from services.admin.flags import security_args, security_config
+from services.admin.flags import redis_auth_args, redis_auth_config, security_args, security_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import LOOKUP_MODES, default_cluster, default_zk
+    from services.core.config import LOOKUP_MODES, default_cluster, default_zk, default_zk_auth_file
 
     p = sub.add_parser("frontend", help="Recommend frontend service")
     s = p.add_subparsers(dest="frontend_command", metavar="SUBCOMMAND", required=True)
     serve = s.add_parser("serve", help="serve Recommend over the cluster's shards (or a baseline: --lookup)")
     serve.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
     serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+    serve.add_argument("--zk-auth", default=default_zk_auth_file(), metavar="TOML",
+                       help="ZooKeeper credentials and the roles' digests: znodes get ACLs (docs/security.md; default $SHARDREC_ZK_AUTH)")
     serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0")
     serve.add_argument("--redis-prefix", default="", help="key prefix of the stored features")
     serve.add_argument("--frontend-id", default="", help="id in ZooKeeper (default frontend-<host>-<pid>)")
@@ -71,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-abs-dense", type=float, default=1e6, help="largest magnitude of a request-time dense value")
     serve.add_argument("--max-abs-weight", type=float, default=1e6, help="largest magnitude of a request-time sparse weight")
     security_args(serve, shard=False)
+    redis_auth_args(serve)
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     serve.set_defaults(func=_serve)
 
@@ -90,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from services.core.config import FrontendConfig, ZkConfig
+    from services.core.config import FrontendConfig, ZkConfig, load_zk_auth
     from services.core.errors import ConfigError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -117,9 +120,10 @@ def _serve(args: argparse.Namespace) -> int:
     tls, auth = security_config(args)
     config = FrontendConfig(
         frontend_id=args.frontend_id or f"frontend-{socket.gethostname()}-{os.getpid()}",
-        zk=None if lookup != "shards" else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
+        zk=None if lookup != "shards" else ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s, auth=load_zk_auth(args.zk_auth)),
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
+        redis_auth=redis_auth_config(args),
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,

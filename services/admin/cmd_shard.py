@@ -8,7 +8,7 @@ from services.admin.flags import security_args, security_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import ShardConfig, default_cluster, default_zk
+    from services.core.config import ShardConfig, default_cluster, default_zk, default_zk_auth_file
 
     p = sub.add_parser("shard", help="embedding shard service")
     s = p.add_subparsers(dest="shard_command", metavar="SUBCOMMAND", required=True)
@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--node-id", required=True, help="stable node id, e.g. shard-0")
     serve.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
     serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+    serve.add_argument("--zk-auth", default=default_zk_auth_file(), metavar="TOML",
+                       help="ZooKeeper credentials and the roles' digests: znodes get ACLs (docs/security.md; default $SHARDREC_ZK_AUTH)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port)")
     serve.add_argument("--advertise-host", default="", help="host other processes dial (default: --host)")
@@ -42,13 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from services.core.config import ShardConfig, ZkConfig
+    from services.core.config import ShardConfig, ZkConfig, load_zk_auth
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tls, auth = security_config(args)
     config = ShardConfig(
         node_id=args.node_id,
-        zk=ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s),
+        zk=ZkConfig(hosts=args.zk, cluster=args.cluster, session_timeout_s=args.session_timeout_s, auth=load_zk_auth(args.zk_auth)),
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,

@@ -1,4 +1,4 @@
-"""Flags shared by the ``serve`` commands: TLS and authentication (docs/security.md)."""
+"""Flags shared by several commands: TLS, authentication, Redis AUTH (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def security_config(args: argparse.Namespace):  # noqa: ANN201 - (TlsConfig, Aut
     names = tuple(n.strip() for n in getattr(args, "frontend_cert_names", "shardrec-frontend").split(",") if n.strip())
     auth = AuthConfig(tokens_file=args.tokens_file, cluster_token_file=args.cluster_token_file, frontend_names=names, poll_s=args.secrets_poll_s)
     return tls, auth
+
+
+def redis_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-password-file", default="", metavar="FILE",
+                   help="Redis AUTH password, the file's first line (default: $SHARDREC_REDIS_PASSWORD, else none)")
+    p.add_argument("--redis-ca", default="", metavar="PEM", help="with a rediss:// URL: the CA of the Redis server's certificate")
+
+
+def redis_auth_config(args: argparse.Namespace):  # noqa: ANN201 - RedisAuth
+    from services.core.config import redis_auth
+
+    return redis_auth(args.redis_password_file, args.redis_ca)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.core.config import RedisAuth
 
 
 def load_features(
@@ -14,6 +18,7 @@ def load_features(
     version: int | None = None,
     progress: bool = True,
     features: str | None = None,
+    redis_auth: "RedisAuth | None" = None,
 ) -> dict[str, object]:
     """Validate ``features/{users,items}.npz`` of ``checkpoint`` (or of the root ``features``,
     e.g. another checkpoint's) against the model of the checkpoint's latest complete version
@@ -47,7 +52,7 @@ def load_features(
         sides.append((side, layout, rows))
 
     tty = sys.stderr.isatty()
-    client = make_redis(redis_url)
+    client = make_redis(redis_url, auth=redis_auth)
     out: dict[str, object] = {"model": spec.name, "version": v}
     try:
         for side, layout, rows in sides:

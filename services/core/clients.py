@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from services.core.config import ZkConfig
+from services.core.config import RedisAuth, ZkConfig
 from services.core.errors import UnavailableError
 
 if TYPE_CHECKING:
@@ -44,15 +44,22 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) ->
     from kazoo.retry import KazooRetry
 
     max_delay_s = min(2.0, max(0.1, zk.session_timeout_s / 3))
-    client = KazooClient(
+    acl = {}
+    if zk.auth is not None:
+        from services.core.discovery.acls import ZnodeAcls
+
+        acl = {"auth_data": [("digest", f"{zk.auth.user}:{zk.auth.password}")]}
+        client_class = _acl_client_class(ZnodeAcls(zk.auth.digests).acl_for)
+    else:
+        client_class = KazooClient
+    client = client_class(
         hosts=zk.hosts,
         timeout=zk.session_timeout_s,
         read_only=read_only,
         connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
         command_retry=KazooRetry(max_tries=5, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
         logger=_quiet_logger() if quiet else None,  # None: kazoo's own logger
-        # TLS: use_ssl=..., certfile=..., keyfile=..., ca=..., verify_certs=...
-        # ACLs: auth_data=[("digest", "user:password")], default_acl=[...]
+        **acl,
     )
     try:
         client.start(timeout=zk.connect_timeout_s)
@@ -65,17 +72,41 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) ->
     return client
 
 
-def make_redis(url: str, *, timeout_s: float | None = None) -> "redis.Redis":
+def _acl_client_class(acl_for):  # noqa: ANN001, ANN202
+    """A KazooClient whose every create (``makepath`` parents and ``ensure_path`` included: they
+    all go through ``create_async``) gets the ACL of its path from the one table
+    (``services.core.discovery.acls``), whatever ACL the caller passed."""
+    from kazoo.client import KazooClient
+
+    class AclKazooClient(KazooClient):
+        def create_async(self, path, value=b"", acl=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return super().create_async(path, value, acl_for(path), *args, **kwargs)
+
+    return AclKazooClient
+
+
+def make_redis(url: str, *, timeout_s: float | None = None, auth: RedisAuth | None = None) -> "redis.Redis":
     """A Redis client for ``url`` (``redis://host:port/db``) that speaks bytes
     (``decode_responses=False``). Connections are made lazily, on the first command, from the
-    client's pool; it is thread-safe. AUTH comes from the URL (``redis://user:pass@host``) or,
-    later, from config fields passed here; ``rediss://`` selects TLS. ``timeout_s`` bounds
-    connecting and every reply (default: 5 s to connect, replies unbounded).
+    client's pool; it is thread-safe. AUTH: ``auth.password`` (from a file or the environment,
+    ``core.config.redis_auth``), or the URL's (``redis://user:pass@host``); ``rediss://``
+    selects TLS, verified against ``auth.ca_file``. ``timeout_s`` bounds connecting and every
+    reply (default: 5 s to connect, replies unbounded).
     """
     import redis
 
     connect_s = 5.0 if timeout_s is None else timeout_s
-    return redis.Redis.from_url(url, **{**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s})
+    opts = {**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s, **_redis_auth(url, auth)}
+    return redis.Redis.from_url(url, **opts)
+
+
+def _redis_auth(url: str, auth: RedisAuth | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if auth is not None and auth.password:
+        opts["password"] = auth.password
+    if auth is not None and auth.ca_file and url.startswith("rediss://"):
+        opts["ssl_ca_certs"] = auth.ca_file
+    return opts
 
 
 def _quiet_logger() -> "logging.Logger":
@@ -87,12 +118,12 @@ def _quiet_logger() -> "logging.Logger":
     return log
 
 
-def make_async_redis(url: str) -> "redis.asyncio.Redis":
-    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms and settings), for an event
-    loop: use and close it (``await client.aclose()``) on the loop that first uses it."""
+def make_async_redis(url: str, *, auth: RedisAuth | None = None) -> "redis.asyncio.Redis":
+    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms, AUTH and settings), for an
+    event loop: use and close it (``await client.aclose()``) on the loop that first uses it."""
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS)
+    return redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS, **_redis_auth(url, auth))
 
 
 _REDIS_OPTIONS: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5.0, "health_check_interval": 30}

@@ -7,7 +7,7 @@ Every value has a flag; an environment variable gives the flag's default (``SHAR
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def env_str(name: str, default: str) -> str:
@@ -22,12 +22,85 @@ def default_cluster() -> str:
     return env_str("SHARDREC_CLUSTER", "default")
 
 
+def default_zk_auth_file() -> str:
+    return env_str("SHARDREC_ZK_AUTH", "")
+
+
+@dataclass(frozen=True)
+class ZkAuth:
+    """This process's ZooKeeper user (digest scheme) and the digest ids of every role's users,
+    from which znode ACLs are made (``services.core.discovery.acls``; docs/security.md)."""
+
+    user: str
+    password: str = field(repr=False)
+    digests: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def load_zk_auth(path: str) -> ZkAuth | None:
+    """The ZooKeeper credentials file (TOML: ``user``, ``password``, and ``[digests]`` with a
+    list of digest ids per role: admin, shard, frontend); None for ""; ConfigError naming the
+    file and the setting when it is unusable. The password may come from
+    ``$SHARDREC_ZK_PASSWORD`` instead of the file."""
+    if not path:
+        return None
+    import tomllib
+
+    from services.core.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--zk-auth {path}: {e}") from e
+    password = os.environ.get("SHARDREC_ZK_PASSWORD") or doc.get("password")
+    user = doc.get("user")
+    if not isinstance(user, str) or not user or ":" in user:
+        raise ConfigError(f"--zk-auth {path}: 'user' must be a non-empty name without ':'")
+    if not isinstance(password, str) or not password:
+        raise ConfigError(f"--zk-auth {path}: no 'password' (in the file or $SHARDREC_ZK_PASSWORD)")
+    digests = doc.get("digests", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, list) and all(isinstance(i, str) and ":" in i for i in v) for v in digests.values()):
+        raise ConfigError(f"--zk-auth {path}: [digests] maps each role to a list of 'user:digest' ids")
+    unknown = set(digests) - {"admin", "shard", "frontend"}
+    if unknown:
+        raise ConfigError(f"--zk-auth {path}: unknown role(s) in [digests]: {sorted(unknown)}")
+    return ZkAuth(user, password, {role: tuple(ids) for role, ids in digests.items()})
+
+
+@dataclass(frozen=True)
+class RedisAuth:
+    """Redis AUTH and TLS besides the URL (docs/security.md): the password (from a file or
+    ``$SHARDREC_REDIS_PASSWORD``, never a flag's value) and, for ``rediss://``, the CA that
+    signs the server's certificate ("" = the system's)."""
+
+    password: str | None = field(default=None, repr=False)
+    ca_file: str = ""
+
+
+def redis_auth(password_file: str = "", ca_file: str = "") -> RedisAuth:
+    """RedisAuth from ``--redis-password-file`` (its first line), else
+    ``$SHARDREC_REDIS_PASSWORD``, else none; ConfigError naming the file when unreadable."""
+    password = os.environ.get("SHARDREC_REDIS_PASSWORD") or None
+    if password_file:
+        from services.core.errors import ConfigError
+
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.readline().strip() or None
+        except OSError as e:
+            raise ConfigError(f"--redis-password-file {password_file}: {e}") from e
+        if password is None:
+            raise ConfigError(f"--redis-password-file {password_file}: the file is empty")
+    return RedisAuth(password, ca_file)
+
+
 @dataclass(frozen=True)
 class ZkConfig:
     hosts: str
     cluster: str
     session_timeout_s: float = 10.0
     connect_timeout_s: float = 15.0
+    auth: ZkAuth | None = None  # None: no credentials, every znode open (as before)
 
 
 @dataclass(frozen=True)
@@ -102,6 +175,7 @@ class FrontendConfig:
     zk: ZkConfig | None  # None with ``inproc``
     redis_url: str = ""  # "" = no stored features (every user and item gets defaults)
     redis_prefix: str = ""
+    redis_auth: RedisAuth = RedisAuth()  # of both Redis URLs (features, redis-kv rows)
     host: str = "127.0.0.1"
     port: int = 0
     advertise_host: str = ""

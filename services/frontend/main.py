@@ -83,7 +83,7 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
         from services.core.clients import make_async_redis
         from services.frontend.lookup.baselines.redis_kv import RedisKvLookupClient
 
-        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url)
+        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url, auth=config.redis_auth)
         lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
         try:
             await lookup.verify_loaded(version)
@@ -162,7 +162,7 @@ async def serve(config: FrontendConfig) -> int:
     if config.redis_url:
         from services.core.clients import make_async_redis
 
-        redis = make_async_redis(config.redis_url)
+        redis = make_async_redis(config.redis_url, auth=config.redis_auth)
     limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
     prep = FeaturePrep(spec, redis, config.redis_prefix, limits)
     pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)

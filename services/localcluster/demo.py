@@ -181,14 +181,17 @@ def call_instructions(state: ClusterState, workdir_arg: str) -> str:
             f"    -d '{{\"user_id\": 42, \"candidate_item_ids\": [1, 2, 3, 5, 8, 13, 21], \"top_k\": 5}}' \\",
             f"    {addr} shardrec.v1.Recommender/Recommend",
             "",
-            "or from Python (.venv/bin/python in the repository):",
-            "  import grpc",
-            "  from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc",
-            f"  stub = recommend_pb2_grpc.RecommenderStub(grpc.insecure_channel(\"{addr}\"))",
-            "  reply = stub.Recommend(recommend_pb2.RecommendRequest(user_id=42, candidate_item_ids=range(100), top_k=10), timeout=5)",
-            "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
-            "",
         ]
+        if not (state.tls_ca or state.token_file):
+            lines += [
+                "or from Python (.venv/bin/python in the repository):",
+                "  import grpc",
+                "  from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc",
+                f"  stub = recommend_pb2_grpc.RecommenderStub(grpc.insecure_channel(\"{addr}\"))",
+                "  reply = stub.Recommend(recommend_pb2.RecommendRequest(user_id=42, candidate_item_ids=range(100), top_k=10), timeout=5)",
+                "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
+                "",
+            ]
         if state.http:
             scheme = "https" if state.tls_ca else "http"
             curl = f"--cacert {state.tls_ca} " if state.tls_ca else ""

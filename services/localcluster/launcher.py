@@ -133,15 +133,16 @@ class LocalCluster:
         zk = ZkServer(zk_dir, log_path=self._fresh_log("zookeeper"))
         self._start_server(zk, f"starting ZooKeeper on {zk.hosts}", ROLE_ZOOKEEPER, zk.hosts)
         self.state.zk = zk.hosts
-        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"))
+        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"), password=self.security.redis_password)
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         self._save()
 
         from services.core.clients import make_kazoo
-        from services.core.config import ZkConfig
+        from services.core.config import ZkConfig, load_zk_auth
 
-        self._zk = make_kazoo(ZkConfig(hosts=zk.hosts, cluster=cfg.cluster, connect_timeout_s=10.0))
+        self._zk = make_kazoo(ZkConfig(hosts=zk.hosts, cluster=cfg.cluster, connect_timeout_s=10.0,
+                                       auth=load_zk_auth(self.security.admin_zk_auth)))  # fmt: skip
 
         shard_ids = [f"shard-{k}" for k in range(cfg.nodes)]
         t_shards = time.monotonic()
@@ -157,7 +158,7 @@ class LocalCluster:
             "placement-init",
             f"placement init ({spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
             ["placement", "init", "--checkpoint", str(cfg.checkpoint), "--nodes", str(cfg.nodes),
-             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
+             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster, *self.security.job_flags("placement")],
         )  # fmt: skip
         self._wait_shards(shard_ids, t_shards)
 
@@ -229,7 +230,8 @@ class LocalCluster:
         self._run_job(
             "features-load",
             f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source],
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source,
+             *self.security.job_flags("features")],
         )
 
     def _start_server(self, server: "ServerProcess", head: str, role: str, address: str) -> None:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from services.core.auth import new_token, render_tokens
+from services.core.discovery.acls import ADMIN as ADMIN_ROLE
+from services.core.discovery.acls import ROLES
 from services.localcluster.certs import LocalPki
 from services.localcluster.config import LocalClusterConfig
 
@@ -49,6 +51,13 @@ class LocalSecrets:
     def cluster_token_file(self) -> Path:
         return self.root / "cluster.token"
 
+    @property
+    def redis_password_file(self) -> Path:
+        return self.root / "redis.password"
+
+    def zk_auth_file(self, role: str) -> Path:
+        return self.root / f"zk-{role}.toml"
+
     def create(self, *, cluster_token: bool) -> "LocalSecrets":
         caller, admin = new_token(), new_token()
         write_secret(self.caller_token_file, caller + "\n")
@@ -56,13 +65,23 @@ class LocalSecrets:
         write_secret(self.tokens_file, render_tokens([(caller, CALLER, False), (admin, ADMIN, True)]))
         if cluster_token:
             write_secret(self.cluster_token_file, new_token() + "\n")
+        write_secret(self.redis_password_file, new_token() + "\n")
+        from kazoo.security import make_digest_acl_credential
+
+        passwords = {role: new_token() for role in ROLES}
+        digests = "".join(f'{role} = ["{make_digest_acl_credential(role, pw)}"]\n' for role, pw in passwords.items())
+        for role, pw in passwords.items():
+            write_secret(self.zk_auth_file(role), f'user = "{role}"\npassword = "{pw}"\n\n[digests]\n{digests}')
         return self
 
-    def server_flags(self) -> list[str]:
-        """``--tokens-file`` and, when there is one, ``--cluster-token-file``."""
-        flags = ["--tokens-file", str(self.tokens_file)]
+    def server_flags(self, role: str) -> list[str]:
+        """``--tokens-file``, ``--cluster-token-file`` (when there is one), ``--zk-auth`` of
+        ``role`` and, for a frontend, ``--redis-password-file``."""
+        flags = ["--tokens-file", str(self.tokens_file), "--zk-auth", str(self.zk_auth_file(role))]
         if self.cluster_token_file.exists():
             flags += ["--cluster-token-file", str(self.cluster_token_file)]
+        if role == "frontend":
+            flags += ["--redis-password-file", str(self.redis_password_file)]
         return flags
 
 
@@ -93,7 +112,26 @@ class LocalSecurity:
     def serve_flags(self, role: str) -> list[str]:
         """The TLS and authentication flags of ``shard serve`` or ``frontend serve``."""
         flags = self.pki.files(role).flags() if self.pki is not None else []
-        return flags + (self.secrets.server_flags() if self.secrets is not None else [])
+        return flags + (self.secrets.server_flags(role) if self.secrets is not None else [])
+
+    def job_flags(self, command: str) -> list[str]:
+        """What a one-shot command needs: ``placement init`` the admin's ZooKeeper
+        credentials, ``features load`` the Redis password."""
+        if self.secrets is None:
+            return []
+        if command == "placement":
+            return ["--zk-auth", str(self.secrets.zk_auth_file(ADMIN_ROLE))]
+        if command == "features":
+            return ["--redis-password-file", str(self.secrets.redis_password_file)]
+        return []
+
+    @property
+    def redis_password(self) -> str | None:
+        return read_token(self.secrets.redis_password_file) if self.secrets is not None else None
+
+    @property
+    def admin_zk_auth(self) -> str:
+        return str(self.secrets.zk_auth_file(ADMIN_ROLE)) if self.secrets is not None else ""
 
     def client(self) -> dict[str, str]:
         """The state file's fields a client needs: the CA to trust, the token files."""
@@ -101,4 +139,5 @@ class LocalSecurity:
             "tls_ca": str(self.pki.ca) if self.pki is not None else "",
             "token_file": str(self.secrets.caller_token_file) if self.secrets is not None else "",
             "admin_token_file": str(self.secrets.admin_token_file) if self.secrets is not None else "",
+            "zk_auth": self.admin_zk_auth,
         }

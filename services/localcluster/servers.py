@@ -316,7 +316,8 @@ class ZkServer(ServerProcess):
 class RedisServer(ServerProcess):
     """``redis-server`` on loopback without persistence (``--save '' --appendonly no``).
 
-    ``url`` is ``redis://127.0.0.1:PORT/0``. Raises MissingServerError when redis-server is
+    ``url`` is ``redis://127.0.0.1:PORT/0``; with ``password`` the server requires AUTH (set in
+    its config file, not on its command line). Raises MissingServerError when redis-server is
     not on PATH.
     """
 
@@ -330,12 +331,18 @@ class RedisServer(ServerProcess):
         log_path: Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         kill_at_exit: bool = False,
+        password: str | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise MissingServerError(f"Redis cannot start: redis-server not found; {self.install_hint}")
         self._binary = binary
+        self.password = password
         super().__init__(work_dir, port, log_path=log_path, ready_timeout_s=ready_timeout_s, kill_at_exit=kill_at_exit)
+        self._conf = self.work_dir / "redis.conf"
+        fd = os.open(self._conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{password}"\n' if password else "")
 
     @property
     def url(self) -> str:
@@ -344,6 +351,7 @@ class RedisServer(ServerProcess):
     def _argv(self) -> list[str]:
         return [
             self._binary,
+            str(self._conf),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -355,8 +363,9 @@ class RedisServer(ServerProcess):
         import redis
 
         from services.core.clients import make_redis
+        from services.core.config import RedisAuth
 
-        client = make_redis(self.url, timeout_s=timeout_s)
+        client = make_redis(self.url, timeout_s=timeout_s, auth=RedisAuth(self.password))
         try:
             return bool(client.ping())
         except redis.exceptions.ConnectionError:

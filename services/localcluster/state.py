@@ -69,6 +69,7 @@ class ClusterState:
     tls_ca: str = ""
     token_file: str = ""
     admin_token_file: str = ""
+    zk_auth: str = ""  # the admin's ZooKeeper credentials (auth on)
     ready: bool = False
     launcher: ProcessRecord | None = None
     processes: list[ProcessRecord] = field(default_factory=list)
@@ -97,6 +98,7 @@ class ClusterState:
                 tls_ca=str(d.get("tls_ca", "")),
                 token_file=str(d.get("token_file", "")),
                 admin_token_file=str(d.get("admin_token_file", "")),
+                zk_auth=str(d.get("zk_auth", "")),
                 ready=bool(d.get("ready", False)),
                 launcher=None if d.get("launcher") is None else ProcessRecord.from_json(d["launcher"]),
                 processes=[ProcessRecord.from_json(p) for p in d.get("processes", [])],

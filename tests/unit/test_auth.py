@@ -86,3 +86,26 @@ def test_watched_file_rereads_a_change_and_keeps_the_last_good_value(tmp_path):
     assert files.get() == ("b", "a") and files.generation == 2
     with pytest.raises(ConfigError):
         WatchedFiles([str(tmp_path / "missing")], lambda c: c)
+
+
+def test_every_znode_kind_has_a_rule_and_the_admin_alone_writes_maps_and_the_model():
+    from kazoo.security import Permissions
+
+    from services.core.discovery.acls import TABLE, ZnodeAcls, kind_of
+    from services.core.discovery.zk_paths import ZkPaths
+
+    p = ZkPaths("c")
+    kinds = {kind_of(x) for x in ("/shardrec", p.base, p.nodes, p.node("s"), p.frontends, p.frontend("f"), p.shardmap_active,
+                                   p.shardmap_target, p.model_checkpoint, p.serving_version, p.target_version)}  # fmt: skip
+    assert kinds | {"shardmap", "model"} == set(TABLE)
+    acls = ZnodeAcls({"admin": ["admin:a"], "shard": ["shard:s"], "frontend": ["frontend:f"]})
+
+    def perms(path, who):
+        return sum(a.perms for a in acls.acl_for(path) if a.id.id == who)
+
+    for path in (p.shardmap_active, p.shardmap_target, p.target_version, p.model_checkpoint):
+        assert perms(path, "admin:a") == Permissions.ALL
+        assert perms(path, "shard:s") == perms(path, "frontend:f") == Permissions.READ
+    assert perms(p.serving_version, "frontend:f") == Permissions.READ | Permissions.WRITE
+    assert perms(p.nodes, "shard:s") & Permissions.CREATE and not perms(p.nodes, "frontend:f") & Permissions.CREATE
+    assert any(a.id.scheme == "auth" and a.perms == Permissions.ALL for a in acls.acl_for(p.node("shard-0")))
