@@ -151,7 +151,7 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard")],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard", node)],
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
         self._run_job(
@@ -292,7 +292,7 @@ class LocalCluster:
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
-                 "--frontend-id", name, *self.security.serve_flags("frontend"), *extra_args],
+                 "--frontend-id", name, *self.security.serve_flags("frontend", name), *extra_args],
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"

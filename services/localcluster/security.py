@@ -55,10 +55,11 @@ class LocalSecrets:
     def redis_password_file(self) -> Path:
         return self.root / "redis.password"
 
-    def zk_auth_file(self, role: str) -> Path:
-        return self.root / f"zk-{role}.toml"
+    def zk_auth_file(self, user: str) -> Path:
+        """The ZooKeeper credentials of ``user``: admin, frontend, or a shard's node id."""
+        return self.root / f"zk-{user}.toml"
 
-    def create(self, *, cluster_token: bool) -> "LocalSecrets":
+    def create(self, *, cluster_token: bool, shards: int) -> "LocalSecrets":
         caller, admin = new_token(), new_token()
         write_secret(self.caller_token_file, caller + "\n")
         write_secret(self.admin_token_file, admin + "\n")
@@ -68,16 +69,20 @@ class LocalSecrets:
         write_secret(self.redis_password_file, new_token() + "\n")
         from kazoo.security import make_digest_acl_credential
 
-        passwords = {role: new_token() for role in ROLES}
-        digests = "".join(f'{role} = ["{make_digest_acl_credential(role, pw)}"]\n' for role, pw in passwords.items())
-        for role, pw in passwords.items():
-            write_secret(self.zk_auth_file(role), f'user = "{role}"\npassword = "{pw}"\n\n[digests]\n{digests}')
+        # one ZooKeeper user per shard node, so no shard can write another's znode
+        users = {ADMIN_ROLE: ["admin"], "frontend": ["frontend"], "shard": [f"shard-{k}" for k in range(shards)]}
+        passwords = {user: new_token() for role in ROLES for user in users[role]}
+        digests = "".join(
+            f"{role} = [{', '.join(repr(make_digest_acl_credential(u, passwords[u])) for u in users[role])}]\n" for role in ROLES
+        ).replace("'", '"')
+        for user, pw in passwords.items():
+            write_secret(self.zk_auth_file(user), f'user = "{user}"\npassword = "{pw}"\n\n[digests]\n{digests}')
         return self
 
-    def server_flags(self, role: str) -> list[str]:
+    def server_flags(self, role: str, user: str) -> list[str]:
         """``--tokens-file``, ``--cluster-token-file`` (when there is one), ``--zk-auth`` of
-        ``role`` and, for a frontend, ``--redis-password-file``."""
-        flags = ["--tokens-file", str(self.tokens_file), "--zk-auth", str(self.zk_auth_file(role))]
+        ``user`` and, for a frontend, ``--redis-password-file``."""
+        flags = ["--tokens-file", str(self.tokens_file), "--zk-auth", str(self.zk_auth_file(user))]
         if self.cluster_token_file.exists():
             flags += ["--cluster-token-file", str(self.cluster_token_file)]
         if role == "frontend":
@@ -95,6 +100,7 @@ class LocalSecurity:
     process. Neither asked: no files, no flags."""
 
     def __init__(self, config: LocalClusterConfig) -> None:
+        self._nodes = config.nodes
         self.pki = LocalPki(config.pki_dir) if config.tls else None
         self.secrets = LocalSecrets(config.secrets_dir) if config.auth else None
 
@@ -105,14 +111,16 @@ class LocalSecurity:
             self.pki.create()
             made.append(f"a local CA and certificates in {self.pki.root}")
         if self.secrets is not None:
-            self.secrets.create(cluster_token=self.pki is None)
+            self.secrets.create(cluster_token=self.pki is None, shards=self._nodes)
             made.append(f"tokens{' and a cluster token' if self.pki is None else ''} in {self.secrets.root}")
         return made
 
-    def serve_flags(self, role: str) -> list[str]:
-        """The TLS and authentication flags of ``shard serve`` or ``frontend serve``."""
+    def serve_flags(self, role: str, name: str) -> list[str]:
+        """The TLS and authentication flags of ``shard serve`` (``name``: its node id) or
+        ``frontend serve``."""
         flags = self.pki.files(role).flags() if self.pki is not None else []
-        return flags + (self.secrets.server_flags(role) if self.secrets is not None else [])
+        user = name if role == "shard" else role
+        return flags + (self.secrets.server_flags(role, user) if self.secrets is not None else [])
 
     def job_flags(self, command: str) -> list[str]:
         """What a one-shot command needs: ``placement init`` the admin's ZooKeeper
