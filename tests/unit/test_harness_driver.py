@@ -404,3 +404,25 @@ def test_a_failing_meter_ends_the_run_at_once():
     with pytest.raises(RuntimeError, match="meter broke"):
         asyncio.run(run_load(call, _req, ClosedLoop(2, 30.0), meters=[Broken()]))
     assert time.perf_counter() - t < 5.0  # not after the 30 s window
+
+
+def test_recommender_client_sends_its_token():
+    seen: list[str | None] = []
+
+    async def handle(request, context):
+        seen.append(dict(context.invocation_metadata()).get("authorization"))
+
+    tokens = iter(["first", "second"])
+
+    async def main():
+        async with _serve(handle) as (addr, _):
+            async with RecommenderClient(addr, deadline_s=1.0, token="fixed") as client:
+                await client(_req(0))
+            async with RecommenderClient(addr, deadline_s=1.0, token=lambda: next(tokens)) as client:
+                await client(_req(1))
+                await client(_req(2))
+            async with RecommenderClient(addr, deadline_s=1.0) as client:
+                await client(_req(3))
+
+    asyncio.run(main())
+    assert seen == ["Bearer fixed", "Bearer first", "Bearer second", None]
