@@ -169,3 +169,89 @@ def test_redis_needs_the_password_from_its_file(secured):
         assert client.ping() and client.dbsize() > 0  # the features, loaded with the password from the file
     finally:
         client.close()
+
+
+def _served_certificate(address: str, ctx: ssl.SSLContext) -> bytes:
+    """The DER certificate a TLS port serves to a new connection."""
+    import socket
+
+    host, port = split_host_port(address)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def _der(pem_path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(open(pem_path).read())
+
+
+def test_tokens_and_certificates_rotate_under_load_without_a_failed_request(secured):
+    """Runs last: it replaces the caller token and the frontend's and shards' certificates."""
+    import threading
+
+    from services.core.auth import new_token, render_tokens
+    from services.localcluster.security import write_secret
+    from tests.support.waiting import wait_for
+
+    secrets, pki = secured.security.secrets, secured.security.pki
+    old, admin = tokens(secured)
+    new = new_token()
+    current = [old]
+    stop, done, errors = threading.Event(), [0], []
+    requests = random_requests(20, seed=21)
+
+    def client():
+        channel, stub = frontend_stub(secured)
+        with channel:
+            i = 0
+            while not stop.is_set():
+                try:
+                    stub.Recommend(requests[i % len(requests)], timeout=10, metadata=(("authorization", f"Bearer {current[0]}"),))
+                    done[0] += 1
+                except grpc.RpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+                i += 1
+
+    def accepted(token: str) -> bool:
+        channel, stub = frontend_stub(secured)
+        with channel:
+            try:
+                stub.Recommend(requests[0], timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+                return True
+            except grpc.RpcError as e:
+                assert e.code() == UNAUTHENTICATED, e.details()
+                return False
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: done[0] >= 10, 30, "requests to flow")
+        # tokens: add the new one, move the callers to it, then remove the old one
+        write_secret(secrets.tokens_file, render_tokens([(old, "demo", False), (new, "demo", False), (admin, "admin", True)]))
+        wait_for(lambda: accepted(new), 30, "the frontend to accept the new token")
+        current[0] = new
+        write_secret(secrets.tokens_file, render_tokens([(new, "demo", False), (admin, "admin", True)]))
+        wait_for(lambda: not accepted(old), 30, "the frontend to refuse the old token")
+        write_secret(secrets.caller_token_file, new + "\n")
+        # certificates: new keys and certificates for the frontend and the shards (same CA)
+        n = done[0]
+        fe, shard = pki.renew("frontend"), pki.renew("shard")
+        trust = ssl.create_default_context(cafile=str(pki.ca))
+        wait_for(lambda: _served_certificate(secured.state.frontend, trust) == _der(fe.cert), 30, "the new frontend certificate (gRPC)")
+        wait_for(lambda: _served_certificate(secured.state.http, ssl.create_default_context(cafile=str(pki.ca))) == _der(fe.cert),
+                 30, "the new frontend certificate (HTTPS)")  # fmt: skip
+        mtls = ssl.create_default_context(cafile=str(pki.ca))
+        mtls.load_cert_chain(str(fe.cert), str(fe.key))
+        shard_address = next(p.address for p in secured.state.processes if p.name == "shard-0")
+        wait_for(lambda: _served_certificate(shard_address, mtls) == _der(shard.cert), 30, "the new shard certificate")
+        wait_for(lambda: done[0] >= n + 20, 30, "requests served after the rotation")
+        assert accepted(new)  # a new connection, on the new certificates end to end
+        log = secured.config.logs_dir / "frontend.log"
+        wait_for(lambda: "new shard channels" in log.read_text(), 30, "the frontend to renew its shard channels")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:5]
+    assert done[0] > 0
