@@ -1,5 +1,5 @@
 # Every target installs what it needs on a fresh machine: a venv with torch==2.13.0 and the
-# project, and the Debian packages zookeeper and redis-server when they are missing.
+# project, and the Debian packages zookeeper, redis-server and redis-sentinel when missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +10,12 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 WORKDIR ?= var/demo
 
-.PHONY: help setup sysdeps venv test demo cluster-up cluster-status cluster-down protos bench clean
+.PHONY: help setup sysdeps venv test image test-deploy demo cluster-up cluster-status cluster-down protos bench clean
 
 help:
 	@echo "make test    install everything and run the test suite"
+	@echo "make image   build the Docker images without a registry (deploy/build_images.py)"
+	@echo "make test-deploy   Docker engine, images, the compose stack under test, a rolling upgrade (docs/deploy.md)"
 	@echo "make demo    install everything, start a local cluster, serve sample requests, stop"
 	@echo "make cluster-up / cluster-status / cluster-down   the same cluster, left running (WORKDIR=$(WORKDIR))"
 	@echo "make protos  regenerate services/_proto from protos/"
@@ -25,20 +27,28 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,docker]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 sysdeps:
-	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1; then \
-		echo "installing zookeeper and redis-server (Debian packages)"; \
+	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1 || \
+	    ! command -v redis-sentinel >/dev/null 2>&1; then \
+		echo "installing zookeeper, redis-server and redis-sentinel (Debian packages)"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server redis-sentinel >/dev/null; \
 	fi
 
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# Docker: a Docker engine is installed and started when missing (root, Debian); see docs/deploy.md.
+image: venv
+	$(PY) deploy/build_images.py
+
+test-deploy: venv
+	PY=$(PY) deploy/test_deploy.sh
 
 demo: setup
 	$(PY) -m services.admin.cli demo --workdir $(WORKDIR) $(DEMO_ARGS)

@@ -8,7 +8,7 @@ from services.admin.flags import redis_auth_args, redis_auth_config, security_ar
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.core.config import LOOKUP_MODES, default_cluster, default_zk, default_zk_auth_file
+    from services.core.config import FEATURE_LOSS_MODES, LOOKUP_MODES, default_cluster, default_zk, default_zk_auth_file
 
     p = sub.add_parser("frontend", help="Recommend frontend service")
     s = p.add_subparsers(dest="frontend_command", metavar="SUBCOMMAND", required=True)
@@ -17,8 +17,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
     serve.add_argument("--zk-auth", default=default_zk_auth_file(), metavar="TOML",
                        help="ZooKeeper credentials and the roles' digests: znodes get ACLs (docs/security.md; default $SHARDREC_ZK_AUTH)")
-    serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0")
+    serve.add_argument("--redis", default="", help="Redis URL of the stored features, e.g. redis://127.0.0.1:6379/0 "
+                       "or redis+sentinel://host:port[,host:port...]/master[/db]")
     serve.add_argument("--redis-prefix", default="", help="key prefix of the stored features")
+    serve.add_argument("--redis-timeout-ms", type=float, default=200.0,
+                       help="ceiling of one feature store read (a batch's deadline may cut it shorter)")
+    serve.add_argument("--on-feature-loss", choices=FEATURE_LOSS_MODES, default="fail",
+                       help="while the feature store is lost or unreachable: fail (UNAVAILABLE, default) or defaults "
+                       "(every stored feature at its default, the answer flagged degraded)")
+    serve.add_argument("--feature-sync", choices=("on", "off"), default="on",
+                       help="reload a lost feature store from the checkpoint's feature files (one frontend at a time)")
+    serve.add_argument("--features", default="", metavar="ROOT",
+                       help="where that reload finds features/{users,items}.npz (default: the served checkpoint's root)")
+    serve.add_argument("--feature-check-ms", type=float, default=1000.0,
+                       help="read the feature store's marker when no batch did for this long")
     serve.add_argument("--frontend-id", default="", help="id in ZooKeeper (default frontend-<host>-<pid>)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (:: = every IPv6 and IPv4 address)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
@@ -46,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--default-timeout-ms", type=float, default=1000.0, help="deadline of a call that has none")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     serve.add_argument("--torch-threads", type=int, default=1)
-    serve.add_argument("--grace-s", type=float, default=5.0)
+    serve.add_argument("--grace-s", type=float, default=5.0, help="at shutdown, how long in-flight calls may take to finish")
+    serve.add_argument("--lame-duck-s", type=float, default=1.0,
+                       help="at shutdown, how long health says NOT_SERVING while calls are still taken (callers move away)")
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--eject-s", type=float, default=1.0, help="first ejection of a shard that errors or times out; doubles per failure in a row")
     serve.add_argument("--eject-max-s", type=float, default=10.0, help="longest ejection")
@@ -114,6 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--caller-rate-rps, --caller-burst and --degrade-max-candidates must be >= 0")
     if args.max_abs_dense <= 0 or args.max_abs_weight <= 0:
         raise ConfigError("--max-abs-dense and --max-abs-weight must be > 0")
+    if args.redis_timeout_ms <= 0 or args.feature_check_ms <= 0:
+        raise ConfigError("--redis-timeout-ms and --feature-check-ms must be > 0")
     kv_redis = args.kv_redis or args.redis
     if lookup == "redis-kv" and not kv_redis:
         raise ConfigError("--lookup redis-kv needs --kv-redis URL (or --redis URL) of the Redis holding the rows")
@@ -124,6 +140,11 @@ def _serve(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
         redis_auth=redis_auth_config(args),
+        redis_timeout_s=args.redis_timeout_ms / 1000.0,
+        on_feature_loss=args.on_feature_loss,
+        feature_sync=args.feature_sync == "on",
+        feature_check_s=args.feature_check_ms / 1000.0,
+        features_root=args.features,
         host=args.host,
         port=args.port,
         advertise_host=args.advertise_host,
@@ -138,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=args.torch_threads,
         grace_s=args.grace_s,
+        lame_duck_s=args.lame_duck_s,
         lookup=lookup,
         checkpoint=args.checkpoint if lookup != "shards" else "",
         kv_redis_url=kv_redis if lookup == "redis-kv" else "",

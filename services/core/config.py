@@ -176,6 +176,16 @@ class FrontendConfig:
     redis_url: str = ""  # "" = no stored features (every user and item gets defaults)
     redis_prefix: str = ""
     redis_auth: RedisAuth = RedisAuth()  # of both Redis URLs (features, redis-kv rows)
+    # The feature store (docs/features.md, docs/failure-modes.md): the ceiling of one Redis call
+    # (the batch's deadline may cut it shorter); what a lost or unreachable store gives callers
+    # ("fail": UNAVAILABLE; "defaults": every stored feature at its default, flagged degraded);
+    # whether this frontend reloads a lost store from the checkpoint; how often the marker is
+    # read when no batch read it.
+    redis_timeout_s: float = 0.2
+    on_feature_loss: str = "fail"
+    feature_sync: bool = True
+    feature_check_s: float = 1.0
+    features_root: str = ""  # where a reload finds features/{users,items}.npz ("" = the checkpoint root)
     host: str = "127.0.0.1"
     port: int = 0
     advertise_host: str = ""
@@ -195,6 +205,8 @@ class FrontendConfig:
     # The REST endpoint (docs/http.md): None = off, 0 = any free port.
     http_port: int | None = None
     grace_s: float = 5.0
+    # NOT_SERVING this long before refusing new calls at shutdown (docs/deploy.md, rolling upgrades).
+    lame_duck_s: float = 1.0
     ready_timeout_s: float = 120.0
     # The lookup step: "shards" (the cluster), or a comparison baseline that takes its model from
     # ``checkpoint``: "inproc" (the monolith, also selected by ``inproc_checkpoint``),
@@ -233,6 +245,7 @@ class FrontendConfig:
 
 
 LOOKUP_MODES = ("shards", "inproc", "redis-kv", "torchrec")
+FEATURE_LOSS_MODES = ("fail", "defaults")
 
 
 def child_env(**overrides: str) -> dict[str, str]:

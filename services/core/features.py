@@ -12,11 +12,12 @@ The record layout of one side (user or item) is derived from the model manifest
 Packed, no padding, no header. The demo model's user record is 448 bytes
 (``user_history`` 4 + 50*8, three bag-of-1 features 3 * 12, two floats 8), its item record 64.
 
-Key of one entity: ``{prefix}{model}:{fingerprint}:u:{id}`` (``:i:`` for items). The
+Key of one entity: ``{prefix}{model}:{fingerprint}:u:{id}`` (``:i:`` for items), where the
+feature store passes the prefix of a generation (``services.core.feature_store``). The
 fingerprint is a short hash of everything that decides how a record is read or whether its
 values are valid (side, field names, bag caps, mappings, identity vocabulary sizes, dense
-names): a changed manifest reads different keys, so it can never misread old records; it
-finds nothing until the features are loaded again, and serves defaults meanwhile.
+names): a changed manifest reads different keys, so it can never misread old records; its
+store is lost until the features are loaded again.
 
 Stored values are RAW (as the trainer wrote them): identity values are row numbers in
 ``[0, rows)``, checked when loading; modulo values are any int64, mapped at serving time.

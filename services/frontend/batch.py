@@ -12,6 +12,8 @@ A ``PreparedBatch`` of R requests with C_r candidates each (S = sum C_r samples)
     item_bags[f]        Bags with I bags, for every item-side sparse feature f
     dense               float32 [S, num_dense], manifest order, request overrides applied
     scored              the D <= S samples the forward pass sees (``DistinctCandidates``)
+    feature_defaults    True when the feature store could not be read and every stored feature
+                        took its default (only where the operator chose that over failing)
 
 A user context is a user id without request-time sparse overrides (shared by every request of
 that user in the batch) or one request's own overridden features: user-side bags are looked up
@@ -129,6 +131,7 @@ class PreparedBatch:
     item_bags: dict[str, Bags]
     dense: np.ndarray
     scored: DistinctCandidates
+    feature_defaults: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -161,6 +164,7 @@ class PreparedBatch:
             item_bags=take(self.item_bags, items),
             dense=self.dense[samples],
             scored=DistinctCandidates.of(offsets, item_of_sample),
+            feature_defaults=self.feature_defaults,
         )
 
 

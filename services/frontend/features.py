@@ -2,9 +2,9 @@
 dense matrix of a ``PreparedBatch`` (see ``services/frontend/batch.py`` and docs/features.md).
 
 ``await FeaturePrep.prepare(requests)`` reads the stored user and item records of the whole
-batch in ONE Redis round trip (one MGET of the unique user keys and the unique candidate item
-keys), applies request overrides, maps raw values to table rows and deduplicates: items are
-unique per batch; user-side bags are built once per user context (a user id without
+batch in ONE Redis round trip (one MGET of the store's marker, the unique user keys and the
+unique candidate item keys: ``feature_store.FeatureStoreClient``), applies request overrides,
+maps raw values to table rows and deduplicates: items are unique per batch; user-side bags are built once per user context (a user id without
 request-time sparse overrides, shared by the batch, or one request's own overridden features),
 never once per candidate; a candidate repeated within a request is scored once
 (``DistinctCandidates``).
@@ -19,14 +19,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from redis import exceptions as redis_errors
 
 from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
-from services.core.errors import ShardrecError, UnavailableError
+from services.core.errors import ShardrecError
+from services.core.feature_store import StoreKeys
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
 from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
 from services.frontend.batch import Bags, DistinctCandidates, PreparedBatch, RecRequest, ragged_take
+from services.frontend.feature_store import FeatureStoreClient, FeatureStoreConfig
 from services.frontend.validate import FeatureLimits, RequestValidator
 
 if TYPE_CHECKING:
@@ -36,11 +37,12 @@ if TYPE_CHECKING:
 class FeaturePrep:
     """Prepares batches for one model.
 
-    Owns the two record layouts (user, item) derived from ``spec`` and the batch counters.
-    ``redis`` is a ``redis.asyncio.Redis`` speaking bytes (or None: every entity is missing and
-    gets defaults, handy in tests). ``key_prefix`` must equal the ``--prefix`` the features were
-    loaded with (``shardrec features load``). ``validator`` checks requests against the same
-    model and ``limits`` (``validate`` is its check, for callers that hold a prep).
+    Owns the two record layouts (user, item) derived from ``spec``, the feature store client
+    (``store``) and the batch counters. ``redis`` is a ``redis.asyncio.Redis`` speaking bytes (or
+    None: every entity is missing and gets defaults, handy in tests). ``key_prefix`` must equal
+    the ``--prefix`` the features were loaded with (``shardrec features load``); ``store_config``
+    sets the store's timeout, breaker and loss policy. ``validator`` checks requests against the
+    same model and ``limits`` (``validate`` is its check, for callers that hold a prep).
 
     ``prepare`` and the counters belong to the event loop of ``redis``.
     """
@@ -51,13 +53,15 @@ class FeaturePrep:
         redis: "redis.asyncio.Redis | None",
         key_prefix: str,
         limits: FeatureLimits,
+        store_config: FeatureStoreConfig = FeatureStoreConfig(),
     ) -> None:
         self.spec = spec
         self.key_prefix = key_prefix
         self.validator = RequestValidator(spec, limits)
-        self._redis = redis
         self.user_layout = FeatureLayout(spec, FeatureSide.USER)
         self.item_layout = FeatureLayout(spec, FeatureSide.ITEM)
+        keys = StoreKeys.of(key_prefix, self.user_layout, self.item_layout)
+        self.store = FeatureStoreClient(redis, keys, self.user_layout, self.item_layout, store_config)
         self._rows = {f.name: spec.table(f.table).rows for f in spec.sparse_features}
         # Counters (event loop only).
         self.batches = 0
@@ -65,27 +69,22 @@ class FeaturePrep:
         self.item_ids_requested = 0
         self.item_ids_unique = 0
         self.user_contexts = 0
-        self.redis_round_trips = 0
-        self.redis_keys = 0
+
+    @property
+    def redis_round_trips(self) -> int:
+        """Batch MGETs answered (a generation switch re-reads once: two for that batch)."""
+        return self.store.round_trips
+
+    @property
+    def redis_keys(self) -> int:
+        """Record keys read (the marker in each MGET not counted)."""
+        return self.store.keys_read
 
     def validate(self, req: recommend_pb2.RecommendRequest) -> RecRequest:
         """``RequestValidator.validate`` of this prep's model and limits (any thread)."""
         return self.validator.validate(req)
 
     # -- batch prep (one Redis round trip) -------------------------------------------------
-
-    async def _fetch(self, keys: list[bytes]) -> list[bytes | None]:
-        if self._redis is None or not keys:
-            return [None] * len(keys)
-        try:
-            blobs = await self._redis.mget(keys)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as e:
-            raise UnavailableError(f"feature store (Redis) unavailable: {e}") from e
-        except redis_errors.RedisError as e:
-            raise ShardrecError(f"feature store (Redis) MGET of {len(keys)} keys failed: {e}") from e
-        self.redis_round_trips += 1
-        self.redis_keys += len(keys)
-        return blobs
 
     def _to_rows(self, values: np.ndarray, f: SparseFeatureSpec) -> np.ndarray:
         rows = self._rows[f.name]
@@ -101,13 +100,16 @@ class FeaturePrep:
                 )
         return map_to_rows(values, f.mapping, rows)
 
-    async def prepare(self, requests: Sequence[RecRequest]) -> PreparedBatch:
-        """The PreparedBatch of validated requests (see ``services/frontend/batch.py``).
+    async def prepare(self, requests: Sequence[RecRequest], deadline: float | None = None) -> PreparedBatch:
+        """The PreparedBatch of validated requests (see ``services/frontend/batch.py``), its
+        Redis read bounded by ``deadline`` (time.monotonic(); the latest of the batch's).
 
         One MGET for the batch; missing users / items get empty bags and the manifest's dense
         defaults. Request overrides win over stored values: a sparse override replaces that
         user context's bag, a dense override sets the value for every sample of its request
-        (item-side dense included). Raises UnavailableError when Redis cannot be reached.
+        (item-side dense included). Raises UnavailableError naming the feature store when Redis
+        cannot be reached, does not answer in time or has lost the store (unless the operator
+        chose defaults: then ``feature_defaults`` is set on the batch).
         """
         nreq = len(requests)
         if nreq == 0:
@@ -141,13 +143,10 @@ class FeaturePrep:
         users, user_of_ctx = np.unique(ctx_users, return_inverse=True)
         user_of_ctx = user_of_ctx.reshape(-1)
 
-        # One round trip: every unique user key, then every unique item key.
-        user_keys = self.user_layout.keys(self.key_prefix, users) if self.user_layout.record_bytes else []
-        item_keys = self.item_layout.keys(self.key_prefix, items) if self.item_layout.record_bytes else []
-        blobs = await self._fetch(user_keys + item_keys)
-        nu = len(user_keys)
-        stored_users = self.user_layout.decode(blobs[:nu] if nu else [None] * len(users), user_keys or None)
-        stored_items = self.item_layout.decode(blobs[nu:] if item_keys else [None] * len(items), item_keys or None)
+        # One round trip: the marker, every unique user key, then every unique item key.
+        got = await self.store.read(users, items, deadline)
+        stored_users = self.user_layout.decode(got.users or [None] * len(users), got.user_keys or None)
+        stored_items = self.item_layout.decode(got.items or [None] * len(items), got.item_keys or None)
 
         user_bags: dict[str, Bags] = {}
         for f in self.spec.features(FeatureSide.USER):
@@ -194,6 +193,7 @@ class FeaturePrep:
             item_bags=item_bags,
             dense=dense,
             scored=DistinctCandidates.of(sample_offsets, item_of_sample),
+            feature_defaults=got.defaults,
         )
 
     def _user_bags(

@@ -3,9 +3,10 @@ the monolith; ``--lookup redis-kv`` / ``torchrec``, the other comparison baselin
 the model from ``--checkpoint`` like the monolith and share everything but the lookup step).
 
 Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
-partition has a live replica -> load the dense model of the serving version -> gRPC server
-SERVING -> register the ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING -> finish
-in-flight calls within the grace period -> exit 0.
+partition has a live replica -> load the dense model of the serving version -> read the feature
+store's marker -> gRPC server live, ready while the feature store is (``feature_sync``; health
+names in docs/failure-modes.md) -> register the ephemeral frontend znode. SIGTERM: deregister ->
+NOT_SERVING -> finish in-flight calls within the grace period -> exit 0.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
-from services.core.hostport import join_host_port
 from services.core.auth import access_policy
-from services.core.rpc.server import Security, start_aio_server, tune_allocator
+from services.core.errors import ShardrecError
+from services.core.hostport import join_host_port
+from services.core.rpc.server import LIVENESS, Security, start_aio_server, tune_allocator
 from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
+from services.frontend.feature_store import FeatureStoreConfig, FeatureStoreState
+from services.frontend.feature_sync import FeatureSync, ReloadSource
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
@@ -39,6 +43,11 @@ from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
+# Health names (docs/failure-modes.md): readiness (can Recommend answer?), what is SERVING while
+# the process runs, and the feature store's own state.
+READINESS = ("", "shardrec.v1.Recommender")
+LIVE = (LIVENESS, "shardrec.v1.FrontendAdmin")
+FEATURE_STORE_HEALTH = "shardrec.feature_store"
 
 
 async def _connect_cluster(config: FrontendConfig, loop, tls):  # noqa: ANN001
@@ -117,6 +126,19 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
     await VersionFollower(view, pipeline, reader, on_switch).run()
 
 
+def _publish_health(server, defaults_on_loss: bool):
+    """Health from the feature store's state: readiness while it is OK (or while the operator
+    chose defaults over failing), and its own name."""
+
+    async def publish(state: FeatureStoreState) -> None:
+        ok = state is FeatureStoreState.OK
+        await server.set_health((FEATURE_STORE_HEALTH,), ok)
+        await server.set_health(READINESS, ok or defaults_on_loss)
+        (log.info if ok else log.warning)("feature store %s: %s", state.name, "ready" if ok or defaults_on_loss else "NOT_SERVING")
+
+    return publish
+
+
 def _admission(config: FrontendConfig, estimate: ServiceEstimate) -> Admission:
     """Admission control from the config (docs/overload.md); the queue bounds the limit."""
     from services.frontend.admission import AdmissionPolicy, CallerLimits, CallerRate, load_caller_limits
@@ -162,9 +184,16 @@ async def serve(config: FrontendConfig) -> int:
     if config.redis_url:
         from services.core.clients import make_async_redis
 
-        redis = make_async_redis(config.redis_url, auth=config.redis_auth)
+        redis = make_async_redis(config.redis_url, timeout_s=config.redis_timeout_s, retries=0, auth=config.redis_auth)
     limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
-    prep = FeaturePrep(spec, redis, config.redis_prefix, limits)
+    defaults_on_loss = config.on_feature_loss == "defaults"
+    store_config = FeatureStoreConfig(config.redis_timeout_s, defaults_on_loss, reloads=config.feature_sync and redis is not None)
+    prep = FeaturePrep(spec, redis, config.redis_prefix, limits, store_config)
+    if redis is not None:
+        try:
+            await prep.store.refresh()
+        except ShardrecError as e:
+            log.warning("feature store at start: %s", e)
     pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
     estimate = ServiceEstimate(in_flight_batches=config.max_in_flight_batches)
 
@@ -191,7 +220,8 @@ async def serve(config: FrontendConfig) -> int:
         default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
     )  # fmt: skip
     servicer = RecommenderServicer(recommender)
-    admin = FrontendAdminServicer(recommender, view)
+    sync: FeatureSync | None = None
+    admin = FrontendAdminServicer(recommender, view, more=[lambda: {} if sync is None else sync.counters()])
     server = await start_aio_server(
         config.host,
         config.port,
@@ -210,10 +240,24 @@ async def serve(config: FrontendConfig) -> int:
     if config.http_port is not None:
         from services.frontend.http import RestEndpoint
 
-        rest = RestEndpoint(recommender, lambda: server.serving, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
+        ready = lambda: server.is_serving(READINESS[1])  # noqa: E731 - /readyz is the Recommender's health
+        rest = RestEndpoint(recommender, ready, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
         http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
         print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
-    await server.set_serving(True)
+    await server.set_health(LIVE, True)
+    sync_task = None
+    if redis is None:
+        await server.set_health(READINESS, True)
+    else:
+        features = config.features_root or reader.store.uri
+        source = (
+            ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix, config.redis_auth)
+            if config.feature_sync
+            else None
+        )
+        sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), source, check_s=config.feature_check_s)
+        await sync.publish_state()
+        sync_task = asyncio.create_task(sync.run())
     registration = None
     if zk is not None:
         from services.core.discovery.records import FrontendRecord
@@ -232,10 +276,17 @@ async def serve(config: FrontendConfig) -> int:
     await stop.wait()
     if follower_task is not None:
         follower_task.cancel()
-    log.info("frontend stopping: deregister, NOT_SERVING, drain %.1fs", config.grace_s)
+    if sync_task is not None:
+        sync_task.cancel()
+        await sync.close()  # type: ignore[union-attr]
+    log.info("frontend stopping: deregister, NOT_SERVING for %.1fs, then drain %.1fs", config.lame_duck_s, config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
-    await server.set_serving(False)  # /readyz too
+    # Lame duck: health (and /readyz) says NOT_SERVING while calls are still taken, so balancers
+    # and callers' health checks move away before new calls are refused (a call that arrives as
+    # the server stops would be cancelled, not refused, and not retried elsewhere).
+    await server.set_serving(False)
+    await asyncio.sleep(config.lame_duck_s)
     if rest is not None:
         await rest.stop()
     await server.stop(config.grace_s)

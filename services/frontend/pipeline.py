@@ -11,10 +11,11 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import DeadlineExceededError, ShardrecError
 from services.core.types import FeatureSide, Version
@@ -55,6 +56,7 @@ class RecommendPipeline:
         self.dropped: dict[str, int] = {}  # stage -> dead requests dropped before it
         self.batch_splits = 0  # batches split to isolate a failure that may be one request's
         self.answered_too_late = 0  # answers computed for callers already gone (wasted work)
+        self.degraded_feature_defaults = 0  # answers computed from feature defaults (store lost, operator's choice)
 
     @property
     def version(self) -> Version:
@@ -106,7 +108,7 @@ class RecommendPipeline:
 
     async def _run(self, items: list[Pending], results: dict) -> None:
         model = self.model  # one version for the whole batch: lookups and dense weights
-        batch = await self.prep.prepare([p.request for p in items])
+        batch = await self.prep.prepare([p.request for p in items], deadline=max(p.deadline for p in items))
         live = self._alive(items, results, "after_features")
         if not live:
             return
@@ -125,6 +127,9 @@ class RecommendPipeline:
         answers = await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep)
         now = time.monotonic()
         for p, rec in zip(scoring, answers, strict=True):
+            if batch.feature_defaults:
+                self.degraded_feature_defaults += 1
+                rec = replace(rec, degraded_reasons=(*rec.degraded_reasons, recommend_pb2.DEGRADED_FEATURE_DEFAULTS))
             results[id(p)] = rec
             if p.dead(now):
                 self.answered_too_late += 1  # computed in full for a caller already gone
@@ -150,6 +155,8 @@ class RecommendPipeline:
             "redis_round_trips": prep.redis_round_trips,
             "batch_splits": self.batch_splits,
             "answered_too_late": self.answered_too_late,
+            "degraded_feature_defaults": self.degraded_feature_defaults,
+            **prep.store.counters(),
             **{f"dropped_{stage}": n for stage, n in self.dropped.items()},
             "bags_requested": self.bags_requested,
             "bags_looked_up": self.bags_looked_up,

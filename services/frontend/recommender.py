@@ -101,7 +101,7 @@ class Recommender:
             pending.abandoned = True  # answered, failed, timed out or cancelled: nothing more to do for it
             now = time.monotonic()
             self._admission.finished(now - t0, now)
-        return replace(rec, degraded_reasons=reasons) if reasons else rec
+        return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
 
     def _maybe_degrade(self, req: RecRequest, now: float) -> tuple[RecRequest, tuple[int, ...]]:
         d = self._degrade

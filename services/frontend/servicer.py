@@ -3,6 +3,8 @@ encode. Errors become statuses in ``services.core.rpc.errors``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from google.protobuf.message import DecodeError
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
@@ -75,16 +77,20 @@ def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:
 
 
 class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
-    """Counters of admission, the batcher, feature prep and the lookup step; with a cluster
-    ``view``, also ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered)."""
+    """Counters of admission, the batcher, feature prep and the lookup step, and those of
+    ``more`` (callables returning counters by name); with a cluster ``view``, also
+    ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered)."""
 
-    def __init__(self, recommender: Recommender, view=None) -> None:
+    def __init__(self, recommender: Recommender, view=None, more: Sequence[Callable[[], dict[str, int]]] = ()) -> None:
         self._recommender = recommender
         self._view = view
+        self._more = tuple(more)
 
     @handle_errors
     async def GetStats(self, request, context) -> recommend_pb2.GetStatsResponse:
         counters = self._recommender.counters()
+        for more in self._more:
+            counters.update(more())
         if self._view is not None:
             counters["view_live_nodes"] = len(self._view.nodes)
         return recommend_pb2.GetStatsResponse(counters=counters, version=self._recommender.version)

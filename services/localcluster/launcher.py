@@ -109,6 +109,7 @@ class LocalCluster:
         self._zk: "KazooClient | None" = None
         self._state_written = False
         self.security = LocalSecurity(config)
+        self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
     # -- bring-up ------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,7 +134,9 @@ class LocalCluster:
         zk = ZkServer(zk_dir, log_path=self._fresh_log("zookeeper"))
         self._start_server(zk, f"starting ZooKeeper on {zk.hosts}", ROLE_ZOOKEEPER, zk.hosts)
         self.state.zk = zk.hosts
-        redis = RedisServer(cfg.workdir / "redis", log_path=self._fresh_log("redis"), password=self.security.redis_password)
+        redis_dir = cfg.workdir / "redis"
+        shutil.rmtree(redis_dir, ignore_errors=True)  # fresh, like ZooKeeper: no features of a past run
+        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"), password=self.security.redis_password)
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         self._save()
@@ -220,11 +223,13 @@ class LocalCluster:
         return path
 
     def _load_features(self, redis_url: str) -> None:
-        """``features load`` of the model's feature files; none at all: a note, and every
-        entity gets the manifest's defaults (docs/features.md)."""
+        """``features load`` of the model's feature files; none at all: a note, and the
+        frontends run without a feature store, every entity with the manifest's defaults
+        (docs/features.md)."""
         cfg = self.config
         if not feature_files(cfg.features):
             self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
+            self._feature_store = False
             return
         source = [] if cfg.features_root is None else ["--features", cfg.features_root]
         self._run_job(
@@ -286,10 +291,14 @@ class LocalCluster:
         (``extra_args`` are further ``frontend serve`` flags, e.g. ``--lookup inproc``); it is
         recorded like every child and stopped by ``stop()``. Returns its address once READY."""
         cfg = self.config
+        if not self._feature_store:  # Redis still serves the redis-kv baseline's rows
+            store = ["--kv-redis", self.state.redis_url]
+        else:  # a lost store is reloaded from where it was loaded
+            store = ["--redis", self.state.redis_url, *(["--features", cfg.features_root] if cfg.features_root else [])]
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, "--redis", self.state.redis_url,
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
                  "--frontend-id", name, *self.security.serve_flags("frontend", name), *extra_args],

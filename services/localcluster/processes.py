@@ -12,21 +12,31 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
 from services.localcluster.console import Progress
 from services.localcluster.state import ClusterState, ProcessRecord
 
-# The ``shardrec`` command line as a module to run (``python -m``): how the local cluster and
-# the tests start a command as a child process. A command line, not an import.
-CLI_MODULE = "services.admin.cli"
 # Step of the polling loops below (each checks a condition; none waits for time to pass).
 _POLL_S = 0.05
 
 
 def shardrec_argv(python: str, *cli_args: str) -> list[str]:
-    """The argv that runs ``shardrec <cli_args>`` with the interpreter ``python``."""
-    return [python, "-m", CLI_MODULE, *cli_args]
+    """The argv that runs ``shardrec <cli_args>`` with the interpreter ``python``: the
+    project's console script (what ``pip install`` puts next to the interpreter, or else on
+    PATH), run by that interpreter. ConfigError when the project is not installed."""
+    import shutil
+
+    from services.core.errors import ConfigError
+
+    script = Path(python).parent / "shardrec"
+    if not script.exists():
+        found = shutil.which("shardrec")
+        if found is None:
+            raise ConfigError(f"the shardrec command is not installed next to {python} nor on PATH: pip install -e . (make setup)")
+        script = Path(found)
+    return [python, str(script), *cli_args]
 
 
 def process_start_time(pid: int) -> float:

@@ -314,7 +314,14 @@ class ZkServer(ServerProcess):
 
 
 class RedisServer(ServerProcess):
-    """``redis-server`` on loopback without persistence (``--save '' --appendonly no``).
+    """``redis-server`` on loopback with ``maxmemory-policy noeviction`` (a full store refuses
+    writes instead of silently dropping records).
+
+    ``persistence`` True: an append-only file, fsynced every second (``--appendonly yes
+    --appendfsync everysec``, no RDB snapshots), so a restart on the same ``work_dir`` loses at
+    most the last second of writes; False: nothing on disk (``--save '' --appendonly no``). It is
+    read at each start, so a test may change it between restarts. ``replica_of`` (a port on
+    127.0.0.1) starts it as a replica of that primary.
 
     ``url`` is ``redis://127.0.0.1:PORT/0``; with ``password`` the server requires AUTH (set in
     its config file, not on its command line). Raises MissingServerError when redis-server is
@@ -328,6 +335,8 @@ class RedisServer(ServerProcess):
         work_dir: Path,
         port: int | None = None,
         *,
+        persistence: bool = False,
+        replica_of: int | None = None,
         log_path: Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         kill_at_exit: bool = False,
@@ -338,37 +347,50 @@ class RedisServer(ServerProcess):
             raise MissingServerError(f"Redis cannot start: redis-server not found; {self.install_hint}")
         self._binary = binary
         self.password = password
+        self.persistence = persistence
+        self.replica_of = replica_of
         super().__init__(work_dir, port, log_path=log_path, ready_timeout_s=ready_timeout_s, kill_at_exit=kill_at_exit)
         self._conf = self.work_dir / "redis.conf"
         fd = os.open(self._conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f'requirepass "{password}"\n' if password else "")
+            if password:  # a replica shows the primary the same password
+                f.write(f'requirepass "{password}"\nmasterauth "{password}"\n')
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _argv(self) -> list[str]:
+        durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistence else ["--appendonly", "no"]
+        replica = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
         return [
             self._binary,
             str(self._conf),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            *durability,
+            "--maxmemory-policy", "noeviction",
+            "--repl-diskless-sync-delay", "0",  # a replica syncs at once (no waiting for others)
+            *replica,
             "--dir", str(self.work_dir),
         ]  # fmt: skip
 
     def _probe(self, timeout_s: float) -> bool:
-        import redis
+        return redis_pings(self.url, timeout_s, self.password)
 
-        from services.core.clients import make_redis
-        from services.core.config import RedisAuth
 
-        client = make_redis(self.url, timeout_s=timeout_s, auth=RedisAuth(self.password))
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-        finally:
-            client.close()
+def redis_pings(url: str, timeout_s: float, password: str | None = None) -> bool:
+    """True when the Redis (or Sentinel) at ``url`` answers PING within ``timeout_s``."""
+    import redis
+
+    from services.core.clients import make_redis
+    from services.core.config import RedisAuth
+
+    client = make_redis(url, timeout_s=timeout_s, retries=0, auth=RedisAuth(password))
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # not up, or busy loading its data
+        return False
+    finally:
+        client.close()

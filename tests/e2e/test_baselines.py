@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from tests.e2e.test_recommend import check_response, random_requests, send_all, stats
+from tests.support.cluster import LENIENT_ADMISSION
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for
 
@@ -64,7 +65,7 @@ def served(request, tmp_path_factory, checkpoint, features):
     try:
         fe = spawn(
             "frontend", "serve", "--lookup", request.param, "--checkpoint", checkpoint, "--redis", url,
-            "--redis-prefix", prefix, "--kv-prefix", kv_prefix, "--max-wait-ms", "5", "--default-timeout-ms", "5000",
+            "--redis-prefix", prefix, "--kv-prefix", kv_prefix, "--max-wait-ms", "5", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
             name=f"frontend-{request.param}",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")

@@ -31,7 +31,7 @@ from services.core.rebalance import PlanRequest, RebalancePlan
 from services.core.types import PartitionId
 from tests.e2e.test_recommend import check_response, random_requests, stats
 from tests.support.closed_loop import ClosedLoop
-from tests.support.cluster import start_cluster, start_shard, wait_registered
+from tests.support.cluster import LENIENT_ADMISSION, start_cluster, start_shard, wait_registered
 from tests.support.waiting import wait_for
 from tests.support.zk_lag import NotificationLag
 
@@ -85,7 +85,7 @@ def live(zk_server, redis_server, spawn, small_checkpoint):
         start_cluster(zk, paths, spawn, zk_server.hosts, small_checkpoint, SPEC, 3, *SHARD_ARGS)
         fe = spawn(
             "frontend", "serve", "--zk", lag.hosts, "--cluster", paths.cluster, "--redis", redis_server.url,
-            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000",
+            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
             name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")

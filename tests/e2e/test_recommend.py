@@ -14,7 +14,7 @@ from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.clients import make_kazoo
 from services.core.config import ZkConfig
 from services.core.discovery.zk_paths import ZkPaths
-from tests.support.cluster import start_cluster
+from tests.support.cluster import LENIENT_ADMISSION, start_cluster
 from tests.support.processes import ProcessFactory
 from tests.support.recommend import check_response, random_requests
 from tests.support.waiting import wait_for
@@ -70,7 +70,7 @@ def served(request, zk_server, tmp_path_factory, checkpoint, features):
         url, prefix = features
         fe = spawn(
             "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", url,
-            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000",
+            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
             name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")

@@ -24,7 +24,7 @@ from services.core.reference import ReferenceRecommender
 from services.core.synth import synthesize
 from tests.e2e.test_recommend import PLACEMENTS, check_response, random_requests
 from tests.support.closed_loop import ClosedLoop
-from tests.support.cluster import start_cluster
+from tests.support.cluster import LENIENT_ADMISSION, start_cluster
 from tests.support.processes import ProcessFactory
 from tests.support.waiting import wait_for
 
@@ -63,7 +63,7 @@ def live(zk_server, redis_server, tmp_path, spawn):
         start_cluster(zk, paths, spawn, zk_server.hosts, root, PLACEMENTS["mixed"], 3, "--version-drain-s", "1", version=1)
         fe = spawn(
             "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", redis_server.url,
-            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000",
+            "--redis-prefix", prefix, "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION,
             name="frontend",
         )
         line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")

@@ -18,6 +18,7 @@ from services._proto.shardrec.v1 import recommend_pb2 as pb
 from services.control.features import load_features
 from services.core import synth
 from services.core.errors import InvalidArgumentError, ResourceExhaustedError
+from services.core.feature_store import StoreKeys, read_marker
 from services.core.features import FeatureLayout
 from services.core.types import FeatureSide, FeatureSource, MappingKind
 from services.frontend.batch import PreparedBatch
@@ -46,6 +47,12 @@ def loaded(checkpoint, redis_server, redis_client, redis_prefix) -> str:
     assert result["users"]["stats"].entities == 2000 and result["items"]["stats"].entities == 5000
     assert redis_client.dbsize() >= 7000
     return redis_prefix
+
+
+def live_prefix(client, prefix: str) -> str:
+    """What goes before ``FeatureLayout.key``'s own part for the live generation's records."""
+    keys = StoreKeys.of(prefix, FeatureLayout(SPEC, FeatureSide.USER), FeatureLayout(SPEC, FeatureSide.ITEM))
+    return keys.generation_prefix(read_marker(client, keys).generation)
 
 
 def run_prep(url: str | None, prefix: str, body: Callable, limits: FeatureLimits = FeatureLimits()):
@@ -203,7 +210,7 @@ def test_prepare_batch_matches_reference_with_dedup_and_overrides(redis_server, 
 
 def test_overrides_win_and_missing_entities_get_defaults(redis_server, loaded, stored_rows, redis_client):
     item_layout = FeatureLayout(SPEC, FeatureSide.ITEM)
-    assert redis_client.delete(item_layout.key(loaded, 17)) == 1  # item 17 now has no stored row
+    assert redis_client.delete(item_layout.key(live_prefix(redis_client, loaded), 17)) == 1  # item 17 now has no stored row
     reqs = [
         req(3, [17, 18], sparse_features={"user_country": pb.SparseFeature(values=[19])},
             dense_features={"user_tenure": -1.0, "item_ctr": 0.5}),

@@ -24,22 +24,34 @@ class Reply(NamedTuple):
     latency_s: float
 
 
+class Failure(NamedTuple):
+    index: int
+    error: grpc.RpcError
+    start: float
+    latency_s: float
+
+
 class ClosedLoop:
     """``clients`` threads over ``requests`` (client i sends i, i + clients, ...). ``seen[i]``
-    is client i's replies in the order they came back."""
+    is client i's replies in the order they came back; ``errors`` every failed call's error and
+    ``failures`` the same with its request, start time and latency. ``options`` are the
+    channels' options (e.g. a service config balancing over several frontends)."""
 
-    def __init__(self, address: str, requests, clients: int = 2, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, requests, clients: int = 2, timeout_s: float = 10.0, options=None) -> None:
         self.address = address
+        self.options = list(options or [])
         self.requests = requests
         self.clients = clients
         self.timeout_s = timeout_s
         self.stop = threading.Event()
         self.seen: list[list[Reply]] = [[] for _ in range(clients)]
         self.errors: list[grpc.RpcError] = []
+        self.error_starts: list[float] = []  # time.monotonic() each failed request was sent
+        self.failures: list[Failure] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        with grpc.insecure_channel(self.address, options=self.options) as ch:
             stub = recommend_pb2_grpc.RecommenderStub(ch)
             n = i
             while not self.stop.is_set():
@@ -49,6 +61,8 @@ class ClosedLoop:
                     resp = stub.Recommend(self.requests[k], timeout=self.timeout_s)
                     self.seen[i].append(Reply(k, resp, t0, time.monotonic() - t0))
                 except grpc.RpcError as e:
+                    self.error_starts.append(t0)
+                    self.failures.append(Failure(k, e, t0, time.monotonic() - t0))
                     self.errors.append(e)
                 n += self.clients
 

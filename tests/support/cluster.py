@@ -19,6 +19,11 @@ from tests.support.processes import ProcessFactory, ServiceProcess
 from tests.support.waiting import wait_for
 
 SHARD_START_TIMEOUT_S = 60.0
+# Frontends of correctness and fault tests hold a 1 s latency target instead of 50 ms: on two
+# shared cores their concurrent clients would otherwise be shed (RESOURCE_EXHAUSTED), which
+# is right for a server and beside the point of those tests; tests/e2e/test_overload.py tests
+# shedding with its own target.
+LENIENT_ADMISSION = ("--latency-target-ms", "1000")
 
 
 @dataclass
@@ -89,7 +94,7 @@ def start_frontend(spawn: ProcessFactory, zk_hosts: str, cluster: str, redis_url
     5 s default deadline, then ``extra`` flags); its address once it prints READY."""
     fe = spawn(
         "frontend", "serve", "--zk", zk_hosts, "--cluster", cluster, "--redis", redis_url, "--redis-prefix", redis_prefix,
-        "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *extra,
+        "--max-wait-ms", "5", "--session-timeout-s", "1.0", "--default-timeout-ms", "5000", *LENIENT_ADMISSION, *extra,
         name="frontend",
     )
     line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None),

@@ -131,7 +131,7 @@ class ServiceProcess:
 
 class ProcessFactory:
     """What the ``spawn`` fixture gives a test: ``spawn(*cli_args)`` starts
-    ``shardrec *cli_args`` (``python -m`` the CLI module); ``spawn.python(*args)`` starts ``python *args``;
+    ``shardrec *cli_args`` (the installed console script); ``spawn.python(*args)`` starts ``python *args``;
     both in the repository root unless ``cwd`` says otherwise.
 
     Logs go to ``<log_dir>/<name>.log``; every process is killed at teardown (``close()``).

@@ -2,7 +2,8 @@
 
 ``ZkServer`` runs ZooKeeper 3.8 standalone (Debian's ``/usr/share/java/zookeeper.jar``) with a
 tick of 200 ms, so a session of 1 s expires in about 1 s; ``RedisServer`` runs ``redis-server``
-without persistence. Both listen on a free loopback port, log to a file in their work
+without persistence (unless asked), ``SentinelServer`` a ``redis-sentinel`` watching one primary
+(tests start those per module). All listen on a free loopback port, log to a file in their work
 directory, and can be stopped, restarted on the same port and data, paused (SIGSTOP) and
 resumed (SIGCONT) to inject faults for real.
 
@@ -18,6 +19,7 @@ Every method here is called from the pytest main thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -37,7 +39,7 @@ from services.localcluster.servers import (  # noqa: F401  (re-exported for test
 ZK_TICK_MS = 200
 ZK_MIN_SESSION_TIMEOUT_MS = 400
 
-_INSTALL_HINT = "run `make test`, which installs the zookeeper and redis-server Debian packages"
+_INSTALL_HINT = "run `make test`, which installs the zookeeper, redis-server and redis-sentinel Debian packages"
 
 _QUIET_LOG = logging.getLogger("tests.support.servers.probe")
 _QUIET_LOG.setLevel(logging.CRITICAL)
@@ -60,13 +62,100 @@ class ZkServer(local_servers.ZkServer):
 
 
 class RedisServer(local_servers.RedisServer):
-    """``redis-server`` on loopback without persistence (``--save '' --appendonly no``).
-    Killed at interpreter exit if the session ends without teardown."""
+    """``redis-server`` on loopback, without persistence unless asked (``persistence``, read at
+    each start; ``replica_of`` a primary's port). Killed at interpreter exit if the session ends
+    without teardown."""
 
     install_hint = _INSTALL_HINT
 
-    def __init__(self, work_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, work_dir: Path, port: int | None = None, *, persistence: bool = False, replica_of: int | None = None,
+        password: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(work_dir, port, persistence=persistence, replica_of=replica_of, kill_at_exit=True, password=password)
+
+
+class SentinelServer(local_servers.ServerProcess):
+    """One ``redis-sentinel`` (Debian's redis-sentinel package) watching the primary on
+    ``127.0.0.1:primary_port`` as ``master``, quorum 1, so the test's failovers are quick: the
+    primary is down after ``down_after_ms`` without an answer, and a failover that stalls is
+    retried after ``failover_timeout_ms``. ``url`` is the ``redis+sentinel://`` URL of the
+    primary it watches. ``password``: the primary's (``sentinel auth-pass``), and with
+    ``requirepass`` the sentinel's own too. Killed at interpreter exit if the session ends
+    without teardown."""
+
+    name = "sentinel"
+    install_hint = _INSTALL_HINT
+
+    def __init__(
+        self, work_dir: Path, primary_port: int, *, master: str = "features", down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000, port: int | None = None, password: str | None = None, requirepass: bool = False,
+    ) -> None:  # fmt: skip
+        import shutil
+
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            raise MissingServerError(f"Redis Sentinel cannot start: redis-sentinel not found; {self.install_hint}")
+        self._binary = binary
         super().__init__(work_dir, port, kill_at_exit=True)
+        self.master = master
+        self.password = password
+        self._own_password = password if requirepass else None
+        auth = [f'sentinel auth-pass {master} "{password}"'] if password else []
+        auth += [f'requirepass "{password}"'] if requirepass and password else []
+        self.config_path = self.work_dir / "sentinel.conf"  # sentinel rewrites it: its own copy
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    "daemonize no",
+                    f"dir {self.work_dir}",
+                    f"sentinel monitor {master} 127.0.0.1 {primary_port} 1",
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}",
+                    f"sentinel failover-timeout {master} {failover_timeout_ms}",
+                    f"sentinel parallel-syncs {master} 1",
+                    *auth,
+                    "",
+                ]
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.master}"
+
+    def _argv(self) -> list[str]:
+        return [self._binary, str(self.config_path)]
+
+    def _client(self, timeout_s: float):  # noqa: ANN202
+        from services.core.clients import make_redis
+        from services.core.config import RedisAuth
+
+        return make_redis(f"redis://127.0.0.1:{self.port}/0", timeout_s=timeout_s, retries=0, auth=RedisAuth(self._own_password))
+
+    def _probe(self, timeout_s: float) -> bool:
+        return local_servers.redis_pings(f"redis://127.0.0.1:{self.port}/0", timeout_s, self._own_password)
+
+    def primary_port(self) -> int | None:
+        """The port of the primary the sentinel names now (None when it names none)."""
+        client = self._client(1.0)
+        try:
+            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        finally:
+            client.close()
+        return None if not addr else int(addr[1])
+
+    def replicas_known(self) -> int:
+        """How many replicas of the primary the sentinel knows and sees up (whether they are in
+        sync, ask them: ``INFO replication``)."""
+        client = self._client(1.0)
+        try:
+            replicas = client.execute_command("SENTINEL", "REPLICAS", self.master)
+        finally:
+            client.close()
+        fields = [r if isinstance(r, dict) else dict(zip(r[::2], r[1::2])) for r in replicas]
+        return sum(b"down" not in f.get(b"flags", b"") for f in fields)
 
 
 # -- opt-in Docker path ---------------------------------------------------------------------
@@ -75,8 +164,9 @@ DOCKER_ENV = "SHARDREC_TEST_DOCKER"
 
 
 def docker_available() -> tuple[bool, str]:
-    """(True, "") when ``SHARDREC_TEST_DOCKER=1``, testcontainers is installed and a Docker
-    engine answers a ping; otherwise (False, why)."""
+    """(True, "") when ``SHARDREC_TEST_DOCKER=1``, testcontainers is installed, a Docker
+    engine answers a ping and the ZooKeeper and Redis images are there (``make image`` builds
+    them from Debian's packages, no registry needed); otherwise (False, why)."""
     if os.environ.get(DOCKER_ENV) != "1":
         return False, f"set {DOCKER_ENV}=1 to run servers in Docker containers"
     try:
@@ -85,28 +175,47 @@ def docker_available() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"testcontainers is not installed (pip install '.[docker]'): {e}"
     try:
-        docker.from_env(timeout=3).ping()
+        client = docker.from_env(timeout=3)
+        client.ping()
     except Exception as e:  # any failure to reach the engine means: no Docker here
         return False, f"no Docker engine answers: {e}"
+    try:
+        for image in (DockerZkServer.image, DockerRedisServer.image):
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                return False, f"image {image} is missing: run `make image` (deploy/build_images.py)"
+    finally:
+        client.close()
     return True, ""
 
 
 class _DockerServer:
-    """A server in a container on a fixed host port, so stop()/start() keep the address.
+    """A server in a container on a fixed host port (127.0.0.1 only), so stop()/start() keep
+    the address.
 
-    Data survives stop()/start() because the container is stopped, not removed.
+    Data survives stop()/start() because the container is stopped, not removed. The images are
+    the ones ``make image`` builds locally; testcontainers' reaper (Ryuk) is off because its
+    image cannot be pulled without a registry: ``close()`` removes the container, and an
+    ``atexit`` hook does so if the session ends without teardown.
     """
 
     image = ""
     container_port = 0
 
     def __init__(self, port: int | None = None) -> None:
+        from testcontainers.core.config import testcontainers_config
         from testcontainers.core.container import DockerContainer
 
+        testcontainers_config.ryuk_disabled = True
         self.port = port or free_port()
-        self._container = DockerContainer(self.image).with_bind_ports(self.container_port, self.port)
+        self._container = DockerContainer(self.image)
+        # published on loopback only (with_bind_ports takes no host address; docker-py does)
+        self._container.ports[str(self.container_port)] = ("127.0.0.1", self.port)
         self._configure(self._container)
+        self._closed = False
         self._container.start()
+        atexit.register(self.close)
         self._paused = False
         self._wait_ready()
 
@@ -152,7 +261,11 @@ class _DockerServer:
             self.start()
 
     def close(self) -> None:
-        self._container.stop()
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._container.stop()  # removes the container and its volumes
 
     def log_text(self) -> str:
         out, err = self._container.get_logs()
@@ -160,7 +273,10 @@ class _DockerServer:
 
 
 class DockerZkServer(_DockerServer):
-    image = "zookeeper:3.8"
+    """``shardrec-zookeeper:3.8`` (deploy/images/, configured like the official image by ZOO_*
+    variables) with the test settings of ``ZkServer``."""
+
+    image = "shardrec-zookeeper:3.8"
     container_port = 2181
 
     def _configure(self, container) -> None:  # noqa: ANN001
@@ -176,8 +292,13 @@ class DockerZkServer(_DockerServer):
 
 
 class DockerRedisServer(_DockerServer):
-    image = "redis:7"
+    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``."""
+
+    image = "shardrec-redis:7"
     container_port = 6379
+
+    def _configure(self, container) -> None:  # noqa: ANN001
+        container.with_command(["redis-server", "--save", "", "--appendonly", "no"])
 
     @property
     def url(self) -> str:

@@ -1,21 +1,37 @@
-"""deploy/ cannot run here (no Docker engine, no Kubernetes): keep what can drift in step.
+"""deploy/ offline: what can drift, kept in step (``make test-deploy`` runs the compose stack
+for real; no Kubernetes cluster runs here, so the manifests are checked without one).
 
-- the placement spec in the Kubernetes ConfigMap equals deploy/placement/mixed.json;
+- the placement spec in the Kubernetes ConfigMap equals deploy/placement/mixed.json, which
+  keeps 2 replicas of every partition;
 - every ``$(VAR)`` a manifest expands is defined (ConfigMap shardrec-env or the container's env);
-- (test_cli_deploy_files.py) every ``shardrec`` subcommand and flag they use exists in the CLI.
-
-Text-level checks: PyYAML is not a dependency of the project.
+- (test_cli_deploy_files.py) every ``shardrec`` subcommand and flag they use exists in the CLI;
+- the manifests, one by one and rendered by kustomize, validate against the Kubernetes schemas
+  (``kubernetes-validate --strict``, offline);
+- every pod template meets the restricted Pod Security Standard (kubernetes-validate does not
+  check it) and has a read-only root filesystem;
+- the frontends' disruption budget, autoscaler and preStop; the shard count in one place;
+  addresses that do not assume IPv4; compose publishing on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
+import pytest
+import yaml
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
+MANIFESTS = [p for p in K8S if p.name != "kustomization.yaml"]
+# The oldest Kubernetes the manifests use features of (the pod-index label), and the newest
+# schemas kubernetes-validate carries.
+K8S_VERSIONS = ("1.28.0", "latest")
 
 
 def test_k8s_placement_configmap_equals_the_shipped_spec() -> None:
@@ -39,3 +55,211 @@ def test_every_expanded_variable_is_defined() -> None:
         used = set(re.findall(r"\$\(([A-Z_]+)\)", text)) | set(re.findall(r"\$\{([A-Z_]+)\}", text))
         missing = used - defined - local - {"HOSTNAME"}
         assert not missing, f"{path.name} expands undefined {sorted(missing)}"
+
+
+# ---- Kubernetes: schemas, the restricted profile, lifecycle ------------------------------------
+
+
+def _docs(paths) -> list[dict]:
+    return [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _rendered() -> list[dict]:
+    """``kubectl kustomize deploy/k8s`` (the manifests as applied)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (it renders the kustomization)")
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(kind/name, pod spec) of every workload."""
+    found = []
+    for d in docs:
+        spec = d.get("spec", {})
+        if d["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:
+            found.append((f"{d['kind']}/{d['metadata']['name']}", spec["template"]["spec"]))
+    return found
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec breaks the restricted Pod Security Standard (which includes
+    baseline), plus our own rule of a read-only root filesystem. Empty when none."""
+    bad = []
+    psc = pod.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            bad.append(f"{field}: true")
+    for v in pod.get("volumes", []):
+        kind = next(k for k in v if k != "name")
+        if kind not in RESTRICTED_VOLUMES:
+            bad.append(f"volume {v['name']} is {kind}")
+    if psc.get("runAsUser") == 0:
+        bad.append("pod runAsUser 0")
+    containers = [c for key in ("initContainers", "containers", "ephemeralContainers") for c in pod.get(key, [])]
+    for c in containers:
+        csc = c.get("securityContext", {})
+        name = c["name"]
+        if csc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        if not csc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            bad.append(f"{name}: runAsNonRoot is not true")
+        if csc.get("runAsUser") == 0:
+            bad.append(f"{name}: runAsUser 0")
+        seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile {seccomp!r}")
+        caps = csc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            bad.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: adds capabilities {caps['add']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{name}: hostPort")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            bad.append(f"{name}: root filesystem is writable")
+        elif "/tmp" not in {m["mountPath"] for m in c.get("volumeMounts", [])}:
+            bad.append(f"{name}: read-only root without a writable /tmp")
+    return bad
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates_against_the_kubernetes_schemas(path: Path, version: str) -> None:
+    import kubernetes_validate
+
+    for doc in _docs([path]):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version() if version == "latest" else version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_kustomization_validates(version: str) -> None:
+    import kubernetes_validate
+
+    docs = _rendered()
+    assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version() if version == "latest" else version, strict=True)
+    for name, pod in _pod_templates(docs):
+        assert {c["image"] for c in pod["containers"]} == {"shardrec:dev"}, name
+
+
+def test_every_pod_template_meets_the_restricted_profile() -> None:
+    pods = _pod_templates(_docs(MANIFESTS))
+    assert len(pods) == 4
+    for name, pod in pods:
+        assert restricted_violations(pod) == [], name
+
+
+@pytest.mark.parametrize(
+    "break_it, expected",
+    [
+        (lambda p: p.update(hostNetwork=True), "hostNetwork: true"),
+        (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "volume h is hostPath"),
+        (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile None"),
+        (lambda p: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot is not true"),
+        (lambda p: p["containers"][0]["securityContext"].update(privileged=True), "privileged"),
+        (lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
+        (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=[]), "do not drop ALL"),
+        (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "adds capabilities"),
+        (lambda p: p["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False), "writable"),
+        (lambda p: p["containers"][0]["ports"].append({"containerPort": 1, "hostPort": 1}), "hostPort"),
+    ],
+)
+def test_the_restricted_profile_check_catches(break_it, expected: str) -> None:
+    _, pod = next(t for t in _pod_templates(_docs([DEPLOY / "k8s" / "shard-statefulset.yaml"])))
+    pod = copy.deepcopy(pod)
+    break_it(pod)
+    assert any(expected in v for v in restricted_violations(pod)), restricted_violations(pod)
+
+
+def test_frontend_has_a_disruption_budget_an_autoscaler_and_a_prestop_drain() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs([DEPLOY / "k8s" / "frontend.yaml"])}
+    deployment = docs["Deployment", "shardrec-frontend"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = docs["PodDisruptionBudget", "shardrec-frontend"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items() and pdb["maxUnavailable"] == 1
+    hpa = docs["HorizontalPodAutoscaler", "shardrec-frontend"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "shardrec-frontend"}
+    assert hpa["minReplicas"] >= 2, "one frontend must serve while another stops"
+    assert "replicas" not in deployment["spec"], "the autoscaler sets the replicas"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace_s = float(re.search(r"--grace-s (\S+)", container["args"][0]).group(1))
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + grace_s
+
+
+def test_shard_count_is_set_in_one_place() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    (count,) = [r["count"] for r in kustomization["replicas"] if r["name"] == "shardrec-shard"]
+    statefulset = next(d for d in _docs([DEPLOY / "k8s" / "shard-statefulset.yaml"]) if d["kind"] == "StatefulSet")
+    assert "replicas" not in statefulset["spec"]
+    env = next(d for d in _docs([DEPLOY / "k8s" / "config.yaml"]) if d["metadata"]["name"] == "shardrec-env")["data"]
+    assert not env["SHARDREC_SHARD_NODES"].isdigit(), "SHARDREC_SHARD_NODES is filled in by the kustomization"
+    rendered = _rendered()
+    replicas = next(d for d in rendered if d["kind"] == "StatefulSet")["spec"]["replicas"]
+    nodes = next(d for d in rendered if d["metadata"]["name"] == "shardrec-env")["data"]["SHARDREC_SHARD_NODES"]
+    assert replicas == count and nodes == str(count)
+
+
+@pytest.mark.parametrize("path", [DEPLOY / "compose.yaml", *MANIFESTS], ids=lambda p: p.name)
+def test_addresses_do_not_assume_ipv4(path: Path) -> None:
+    text = path.read_text()
+    assert "0.0.0.0" not in text, "listen on [::] (dual-stack)"
+    for line in re.findall(r".*--advertise-host.*", text):
+        assert re.search(r'--advertise-host "(\$\{advertise\}|\$\$ip)"', line), line
+    if "--advertise-host" in text:
+        assert re.search(r'\*:\*\) (advertise|ip)="\[', text), "IPv6 addresses are bracketed"
+
+
+def test_the_deploy_placement_keeps_two_replicas_of_every_partition() -> None:
+    from services.core.placement import load_placement_spec
+
+    spec = load_placement_spec(DEPLOY / "placement" / "mixed.json")
+    for entry in (spec.default, *spec.tables.values()):
+        assert entry.resolve_replicas(3) >= 2, entry
+    assert "--spec /app/deploy/placement/mixed.json" in (DEPLOY / "compose.yaml").read_text()
+
+
+def test_compose_publishes_on_loopback_and_runs_restricted() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert "name" not in compose, "compose v1 (Debian's docker-compose) rejects a top-level name"
+    services = compose["services"]
+    assert {"zookeeper", "redis", "init", "shard-0", "shard-1", "shard-2", "frontend-0", "frontend-1"} <= set(services)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        if service.get("image", "").startswith("shardrec:"):
+            assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
+            assert "no-new-privileges:true" in service["security_opt"] and "/tmp" in service["tmpfs"], name
+
+
+@pytest.mark.parametrize("pod_ip, advertised", [("10.1.2.3", "10.1.2.3"), ("fd00::5", "[fd00::5]")])
+def test_pod_scripts_advertise_the_pod_ip_bracketed_when_ipv6(tmp_path: Path, pod_ip: str, advertised: str) -> None:
+    """Each workload's shell script, run by /bin/sh with a stand-in ``shardrec`` that prints
+    its arguments: the pod IP is advertised, with brackets when it is IPv6."""
+    fake = tmp_path / "shardrec"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "POD_IP": pod_ip, "POD_INDEX": "2", "POD_NAME": "fe-0",
+           "SHARDREC_REDIS": "redis://redis:6379/0", "SHARDREC_REDIS_PREFIX": "shardrec:"}
+    for name, pod in _pod_templates(_docs(MANIFESTS)):
+        (container,) = pod["containers"]
+        if "--advertise-host" not in container["args"][0]:
+            continue
+        argv = ["/bin/sh", *container["command"][1:], container["args"][0]]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0, out.stderr
+        args = out.stdout.split()
+        assert args[args.index("--advertise-host") + 1] == advertised, name
+        assert args[args.index("--host") + 1] == "[::]", name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +17,9 @@ from services.core.tls import TlsMaterial
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health name of liveness: SERVING from start until stop, whatever the process's readiness
+# ("" and each service name; a frontend's follow what serving needs). docs/failure-modes.md.
+LIVENESS = "shardrec.liveness"
 
 
 def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
@@ -81,8 +84,9 @@ class SyncServer:
     service_names: tuple[str, ...]
 
     def set_serving(self, serving: bool) -> None:
+        """Liveness and readiness together (start, stop)."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.service_names):
+        for name in ("", *self.service_names, LIVENESS):
             self.health.set(name, status)
 
     def stop(self, grace_s: float) -> None:
@@ -127,13 +131,22 @@ class AioServer:
     port: int
     health: "aio_health.HealthServicer"
     service_names: tuple[str, ...]
-    serving: bool = False  # the health status last set (SERVING or not) of every service
+    statuses: dict[str, bool] = field(default_factory=dict)  # the health last set per name (SERVING or not)
 
     async def set_serving(self, serving: bool) -> None:
+        """Liveness and readiness together (start, stop)."""
+        await self.set_health(("", *self.service_names, LIVENESS), serving)
+
+    async def set_health(self, names: Iterable[str], serving: bool) -> None:
+        """SERVING or NOT_SERVING for the health ``names`` only (e.g. readiness without liveness)."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.service_names):
+        for name in names:
             await self.health.set(name, status)
-        self.serving = serving
+            self.statuses[name] = serving
+
+    def is_serving(self, name: str = "") -> bool:
+        """Whether health ``name`` was last set SERVING (what a health check of it answers)."""
+        return self.statuses.get(name, False)
 
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
