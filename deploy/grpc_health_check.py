@@ -3,9 +3,10 @@
     python deploy/grpc_health_check.py localhost:50051 [SERVICE]
 
 For compose healthchecks (Kubernetes uses its built-in ``grpc`` probe instead). SERVICE ""
-(the default) is the whole server: a shard is SERVING once its partitions are loaded and
-registered, a frontend once it has the model and a shard view; both turn NOT_SERVING first
-when they stop.
+(the default) is readiness: a shard is SERVING once its partitions are loaded, a frontend while
+every partition has a ready replica in its view (and its feature store is there); both turn
+NOT_SERVING first when they stop. ``shardrec.liveness`` is liveness: SERVING while the process
+runs. docs/health.md.
 """
 
 from __future__ import annotations

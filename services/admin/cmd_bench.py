@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--sweep-duration-s", type=float, default=5.0)
     cmp_.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO that defines saturation")
     cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--frontend-args", default="",
+                      help="further flags for every system's frontend, e.g. '--admission off' (CPU comparisons with nothing shed)")
     cmp_.set_defaults(func=_compare)
 
     sc = bench.add_parser("scaling", help="cost versus candidates, shard nodes or table size (shardrec vs monolith)")
@@ -103,10 +105,12 @@ def _compare(args: argparse.Namespace) -> int:
     from benchmarks.compare import CompareConfig, compare
     from services.localcluster.config import LocalClusterConfig, resolve_spec
 
+    import shlex
+
     cfg = CompareConfig(
         cluster=LocalClusterConfig(
             workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
-            nodes=args.nodes, seed=args.seed, cluster="bench",
+            nodes=args.nodes, seed=args.seed, cluster="bench", frontend_args=tuple(shlex.split(args.frontend_args)),
         ),
         systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
         out_dir=Path(args.out), candidates=args.candidates, low_rate_rps=args.low_rate, cpu_rate_rps=args.cpu_rate,

@@ -1,9 +1,11 @@
 """Embedding shard process: load assigned partitions, serve Lookup, register, follow the maps.
 
-Lifecycle (docs/zookeeper.md): read the active ShardMap and the model's serving version from
-ZooKeeper -> start the gRPC server NOT_SERVING -> load the partitions the active map assigns to
-this node id at the serving version (base + deltas, ``loader.PartitionLoader``) -> SERVING ->
-register the ephemeral znode (address, partitions, versions ready, load) -> one reconciler
+Lifecycle (docs/zookeeper.md, docs/health.md): read the active ShardMap and the model's serving
+version from ZooKeeper -> start the gRPC server (live, not ready) -> load the partitions the
+active map assigns to this node id at the serving version (base + deltas,
+``loader.PartitionLoader``) -> ready (readiness ``loaded``: SERVING) -> register the ephemeral
+znode (address, partitions, versions ready, load, this process's instance id; a predecessor's
+znode is taken over once its address no longer answers as it) -> one reconciler
 thread (``reconciler.Reconciler``) follows ``target_version`` (``version_manager``), the active
 and target shard maps (``partition_manager``: partitions gained in a rebalance load while
 serving, lost ones drop after ``--partition-drain-s``) and samples the load counters
@@ -32,7 +34,9 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.auth import access_policy
 from services.core.hostport import join_host_port
-from services.core.rpc.server import Security, start_sync_server, tune_allocator
+from services.core.rpc.probe import holder_probe
+from services.core.rpc.readiness import Readiness
+from services.core.rpc.server import Security, new_instance_id, start_sync_server, tune_allocator
 from services.core.tls import TlsMaterial
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
@@ -74,7 +78,7 @@ class MapView:
 
 def node_record(
     config: ShardConfig, address: str, store: TableStore, map_version: int,
-    versions: VersionManager, partitions: PartitionManager, meter: LoadMeter,
+    versions: VersionManager, partitions: PartitionManager, meter: LoadMeter, instance_id: str = "",
 ) -> NodeRecord:
     """The node's znode (docs/zookeeper.md): ``partitions`` are the held partitions of the
     active map's layout (``table/p``); ``held`` every partition held with its bytes and load;
@@ -92,6 +96,7 @@ def node_record(
         map_version=map_version,
         overlay_bytes=store.overlay_bytes(),
         pid=os.getpid(),
+        instance_id=instance_id,
         **versions.status(),
         **partitions.status(),
     )
@@ -157,6 +162,8 @@ def run(config: ShardConfig) -> int:
     )
     meter = LoadMeter(store, interval_s=config.stats_interval_s)
     limits = LookupLimits.of(config)
+    instance_id = new_instance_id()
+    readiness = Readiness(("loaded",))
     servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version)
     server = start_sync_server(
         config.host,
@@ -166,10 +173,13 @@ def run(config: ShardConfig) -> int:
         max_receive_bytes=limits.max_request_bytes,  # a request over every cap never reaches Python
         add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
+        instance_id=instance_id,
         security=security,
     )
+    server.follow(readiness)
     address = join_host_port(config.advertise_host or config.host, server.port)
-    log.info("node %s listening on %s, loading %d partition(s) at version %d", config.node_id, address, len(pids), version)
+    log.info("node %s (instance %s) listening on %s, loading %d partition(s) at version %d", config.node_id, instance_id, address,
+             len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
     t0 = time.monotonic()
     loaders = loaders_for(reader, version, pids)
@@ -184,12 +194,12 @@ def run(config: ShardConfig) -> int:
         zk.stop()
         zk.close()
         return 0
-    server.set_serving(True)
+    readiness.set("loaded", True)
 
     def record() -> NodeRecord:
-        return node_record(config, address, store, view.version(), versions, partitions, meter)
+        return node_record(config, address, store, view.version(), versions, partitions, meter, instance_id)
 
-    registration = NodeRegistration(zk, paths.node(config.node_id), record())
+    registration = NodeRegistration(zk, paths.node(config.node_id), record(), probe=holder_probe(NodeRecord.from_bytes, tls=tls))
     registration.register()
     log.info("node %s registered at %s", config.node_id, paths.node(config.node_id))
     print(f"READY {config.node_id} {address}", flush=True)

@@ -4,9 +4,10 @@ the model from ``--checkpoint`` like the monolith and share everything but the l
 
 Start: ZooKeeper view (shard map, live nodes, serving version, model) -> wait until every
 partition has a live replica -> load the dense model of the serving version -> read the feature
-store's marker -> gRPC server live, ready while the feature store is (``feature_sync``; health
-names in docs/failure-modes.md) -> register the ephemeral frontend znode. SIGTERM: deregister ->
-NOT_SERVING -> finish in-flight calls within the grace period -> exit 0.
+store's marker -> gRPC server live, ready while every readiness condition holds (``loaded``, the
+view's ``cluster_view``, the feature store's ``feature_store``: docs/health.md) -> register the
+ephemeral frontend znode. SIGTERM: deregister -> NOT_SERVING (lame duck) -> finish in-flight
+calls within the grace period -> exit 0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.auth import access_policy
 from services.core.errors import ShardrecError
 from services.core.hostport import join_host_port
-from services.core.rpc.server import LIVENESS, Security, start_aio_server, tune_allocator
+from services.core.rpc.readiness import Readiness
+from services.core.rpc.server import Security, new_instance_id, start_aio_server, tune_allocator
 from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
@@ -36,6 +38,7 @@ from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
 from services.frontend.pipeline import RecommendPipeline
+from services.frontend.readiness import CLUSTER_VIEW, FEATURE_STORE, LOADED, ViewReadiness, view_grace_s
 from services.frontend.recommender import DegradePolicy, Recommender
 from services.frontend.servicer import FrontendAdminServicer, RecommenderServicer, add_recommender_to_server
 from services.frontend.validate import FeatureLimits
@@ -43,10 +46,9 @@ from services.ranker.scorer import build_scorer, set_threads
 
 log = logging.getLogger("shardrec.frontend")
 SERVICES = ("shardrec.v1.Recommender", "shardrec.v1.FrontendAdmin")
-# Health names (docs/failure-modes.md): readiness (can Recommend answer?), what is SERVING while
-# the process runs, and the feature store's own state.
-READINESS = ("", "shardrec.v1.Recommender")
-LIVE = (LIVENESS, "shardrec.v1.FrontendAdmin")
+# Health names (docs/health.md): FrontendAdmin answers while the process runs (liveness); the
+# feature store's own state has a name of its own, for monitoring.
+LIVE = ("shardrec.v1.FrontendAdmin",)
 FEATURE_STORE_HEALTH = "shardrec.feature_store"
 
 
@@ -126,14 +128,14 @@ async def _follow_versions(view, pipeline: RecommendPipeline, reader: Checkpoint
     await VersionFollower(view, pipeline, reader, on_switch).run()
 
 
-def _publish_health(server, defaults_on_loss: bool):
-    """Health from the feature store's state: readiness while it is OK (or while the operator
-    chose defaults over failing), and its own name."""
+def _publish_health(server, readiness: Readiness, defaults_on_loss: bool):
+    """Health from the feature store's state: the readiness condition ``feature_store`` while it
+    is OK (or while the operator chose defaults over failing), and its own name."""
 
     async def publish(state: FeatureStoreState) -> None:
         ok = state is FeatureStoreState.OK
         await server.set_health((FEATURE_STORE_HEALTH,), ok)
-        await server.set_health(READINESS, ok or defaults_on_loss)
+        readiness.set(FEATURE_STORE, ok or defaults_on_loss, f"feature store {state.name.lower()}")
         (log.info if ok else log.warning)("feature store %s: %s", state.name, "ready" if ok or defaults_on_loss else "NOT_SERVING")
 
     return publish
@@ -222,6 +224,8 @@ async def serve(config: FrontendConfig) -> int:
     servicer = RecommenderServicer(recommender)
     sync: FeatureSync | None = None
     admin = FrontendAdminServicer(recommender, view, more=[lambda: {} if sync is None else sync.counters()])
+    instance_id = new_instance_id()
+    readiness = Readiness((LOADED, *((CLUSTER_VIEW,) if view is not None else ()), *((FEATURE_STORE,) if redis is not None else ())))
     server = await start_aio_server(
         config.host,
         config.port,
@@ -233,59 +237,63 @@ async def serve(config: FrontendConfig) -> int:
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
         ],
         service_names=SERVICES,
+        live_names=LIVE,
+        instance_id=instance_id,
     )
+    server.follow(readiness)
     address = join_host_port(config.advertise_host or config.host, server.port)
     print(f"LISTENING frontend {address}", flush=True)
     rest = None
     if config.http_port is not None:
         from services.frontend.http import RestEndpoint
 
-        ready = lambda: server.is_serving(READINESS[1])  # noqa: E731 - /readyz is the Recommender's health
+        ready = lambda: server.is_serving(SERVICES[0])  # noqa: E731 - /readyz is the Recommender's health
         rest = RestEndpoint(recommender, ready, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
         http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
         print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
-    await server.set_health(LIVE, True)
-    sync_task = None
-    if redis is None:
-        await server.set_health(READINESS, True)
-    else:
+    tasks = []
+    if view is not None:
+        view_readiness = ViewReadiness(view, readiness, lambda: pipeline.version, view_grace_s(config.zk.session_timeout_s))
+        view_readiness.check()
+        tasks.append(asyncio.create_task(view_readiness.run()))
+    if redis is not None:
         features = config.features_root or reader.store.uri
         source = (
             ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix, config.redis_auth)
             if config.feature_sync
             else None
         )
-        sync = FeatureSync(prep.store, _publish_health(server, defaults_on_loss), source, check_s=config.feature_check_s)
+        sync = FeatureSync(prep.store, _publish_health(server, readiness, defaults_on_loss), source, check_s=config.feature_check_s)
         await sync.publish_state()
-        sync_task = asyncio.create_task(sync.run())
+        tasks.append(asyncio.create_task(sync.run()))
+    readiness.set(LOADED, True)
     registration = None
     if zk is not None:
         from services.core.discovery.records import FrontendRecord
         from services.core.discovery.registry import NodeRegistration
+        from services.core.rpc.probe import holder_probe
 
-        record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid())
-        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record)
+        record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid(), instance_id=instance_id)
+        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record, probe=holder_probe(FrontendRecord.from_bytes, tls=tls))
         await loop.run_in_executor(None, registration.register)
-    follower_task = None
     if view is not None:
-        follower_task = asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop))
-    log.info("frontend %s serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id, spec.name,
-             version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
+        tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop)))
+    log.info("frontend %s (instance %s) serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id,
+             instance_id, spec.name, version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
     print(f"READY frontend {address}", flush=True)
 
     await stop.wait()
-    if follower_task is not None:
-        follower_task.cancel()
-    if sync_task is not None:
-        sync_task.cancel()
-        await sync.close()  # type: ignore[union-attr]
+    for task in tasks:
+        task.cancel()
+    if sync is not None:
+        await sync.close()
     log.info("frontend stopping: deregister, NOT_SERVING for %.1fs, then drain %.1fs", config.lame_duck_s, config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
     # Lame duck: health (and /readyz) says NOT_SERVING while calls are still taken, so balancers
     # and callers' health checks move away before new calls are refused (a call that arrives as
     # the server stops would be cancelled, not refused, and not retried elsewhere).
-    await server.set_serving(False)
+    await server.stop_serving()
     await asyncio.sleep(config.lame_duck_s)
     if rest is not None:
         await rest.stop()

@@ -5,13 +5,19 @@ partitions and versions ready, from their ephemeral znodes), the serving version
 model's checkpoint. It is owned by the event loop: the watch callbacks (kazoo's, and the
 members watch's own thread) only hand their event to the loop with ``call_soon_threadsafe``.
 During a ZooKeeper outage no callback fires, so the last good view keeps serving; kazoo re-arms
-the watches when the session comes back.
+the watches when the connection or a new session comes back (after a session expiry the members
+watch reads the children again). A node that leaves is remembered (``departed``: when, and its
+last record), so readiness can tell a node gone for good from a session being re-established
+(docs/health.md); a node that comes back as another process (``instance_id`` or address
+changed) is announced to ``on_new_instance`` listeners (the fan-out forgets its ejection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from services.core.discovery.cluster_store import ClusterStore
 from services.core.discovery.records import ModelPointer, NodeRecord
@@ -36,6 +42,11 @@ class ClusterView:
         # partition has no live replica (a ZooKeeper hiccup, a session being re-established),
         # the fan-out still tries these before giving up. An RPC, not a watch, is the verdict.
         self.last_addresses: dict[str, str] = {}
+        # Nodes that left the view: when (time.monotonic()) and their last record.
+        self.departed: dict[str, tuple[float, NodeRecord]] = {}
+        # Called on the loop with a node id and the address its previous process registered.
+        self.on_new_instance: list[Callable[[str, str], None]] = []
+        self._instances: dict[str, tuple[str, str]] = {}  # node -> (address, instance_id) last seen
         self.serving_version: int = 0
         self.target_version: int = 0
         self.model: ModelPointer | None = None
@@ -73,12 +84,21 @@ class ClusterView:
     def _set_nodes(self, nodes: dict[str, NodeRecord]) -> None:
         """The live nodes, as the members watch delivered them (a malformed znode, or one that
         names no address, is left out there with a warning)."""
+        now = time.monotonic()
         for node_id, record in nodes.items():
             if node_id not in self.nodes:
-                log.info("node %s joined at %s", node_id, record.address)
+                log.info("node %s joined at %s (instance %s)", node_id, record.address, record.instance_id or "?")
+                self.departed.pop(node_id, None)
             self.last_addresses[node_id] = record.address
+            instance = (record.address, record.instance_id)
+            previous = self._instances.setdefault(node_id, instance)
+            if previous != instance:
+                self._instances[node_id] = instance
+                for listener in self.on_new_instance:
+                    listener(node_id, previous[0])
         for node_id in self.nodes.keys() - nodes.keys():
             log.info("node %s left", node_id)
+            self.departed[node_id] = (now, self.nodes[node_id])
         self.nodes = nodes
         self._notify()
 
@@ -107,6 +127,30 @@ class ClusterView:
             await asyncio.wait_for(loop(), timeout_s)
         except TimeoutError:
             raise UnavailableError(f"timed out after {timeout_s:g}s waiting for {what}") from None
+
+    def unready_partitions(self, version: int, now: float, grace_s: float) -> list[str]:
+        """Partitions of the active map with no replica ready at ``version``: none in the view
+        reports it, and none that reported it left less than ``grace_s`` ago."""
+        smap = self.shard_map
+        if smap is None:
+            return ["<no shard map>"]
+
+        def ready(node: str) -> bool:
+            record = self.nodes.get(node)
+            if record is None:
+                left = self.departed.get(node)
+                if left is None or now - left[0] >= grace_s:
+                    return False
+                record = left[1]
+            return version in record.versions_ready
+
+        return [f"{table}/{p}" for table, tp in smap.tables.items() for p, replicas in enumerate(tp.partitions)
+                if not any(ready(r) for r in replicas)]
+
+    def next_departure_due(self, now: float, grace_s: float) -> float | None:
+        """Seconds until the grace of the next departed node ends (None: none pending)."""
+        ends = [t + grace_s - now for t, _ in self.departed.values() if t + grace_s > now]
+        return min(ends) if ends else None
 
     def missing_partitions(self) -> list[str]:
         """Partitions of the active map with no live replica (empty when fully served)."""

@@ -44,6 +44,9 @@ class LocalClusterConfig:
     # cluster token, ZooKeeper ACLs and a Redis password (under <workdir>/secrets).
     tls: bool = False
     auth: bool = False
+    # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
+    # admission settings for every system compared).
+    frontend_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from services.core.checkpoint.storage import absolute_uri

@@ -301,7 +301,7 @@ class LocalCluster:
                 ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
                  "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
                  "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
-                 "--frontend-id", name, *self.security.serve_flags("frontend", name), *extra_args],
+                 "--frontend-id", name, *self.security.serve_flags("frontend", name), *cfg.frontend_args, *extra_args],
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"

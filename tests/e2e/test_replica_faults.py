@@ -1,9 +1,13 @@
-"""Replica faults under load: a replica killed (kill -9) or paused (SIGSTOP) while a closed-loop
-client runs, and not one request may fail; a view ahead of the shards is re-routed.
+"""Replica and ZooKeeper faults under load, while a closed-loop client runs: a replica killed
+(kill -9) or paused (SIGSTOP), a shard restarted at once with its node id, a frontend's and a
+shard's session expiring (SIGSTOP past the session timeout, then SIGCONT), ZooKeeper itself
+frozen. Not one request may fail, no fault of ZooKeeper may change a readiness, and a view
+ahead of the shards is re-routed (docs/failure-modes.md).
 
 Real ZooKeeper, Redis, three shard processes where every partition has two replicas, and one
-frontend (hedging and ejection at their defaults). Every response is checked against
-``core.reference`` (its scores computed once per distinct request).
+frontend (hedging and ejection at their defaults; 1 s sessions), one cluster for the module.
+Every response is checked against ``core.reference`` (its scores computed once per distinct
+request). Timed bounds are asserted with a 5x margin and printed.
 """
 
 from __future__ import annotations
@@ -11,15 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import pytest
 
+from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
+from services.core.clients import make_channel
 from services.core.discovery.cluster_store import ClusterStore
+from services.core.discovery.records import FrontendRecord, NodeRecord
+from services.core.rpc.server import LIVENESS
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.types import PoolingType
 from services.frontend.batch import Bags
@@ -32,7 +42,9 @@ from services.frontend.view import ClusterView
 from tests.e2e.test_recommend import check_response, checkpoint, features, random_requests, reference, stats  # noqa: F401
 from tests.support.closed_loop import ClosedLoop
 from tests.support.cluster import start_cluster, start_frontend, start_shard, zk_namespace
+from tests.support.health import SERVING, HealthWatch, health
 from tests.support.processes import ProcessFactory, ServiceProcess
+from tests.support.servers import free_port
 from tests.support.waiting import wait_for
 
 SPEC = {
@@ -238,3 +250,147 @@ def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa:
     for f in features:
         np.testing.assert_allclose(got.pooled[f.feature], want.pooled[f.feature], rtol=1e-5, atol=1e-6, err_msg=f.feature)
     assert stats_.reroutes >= 1 and stats_.failovers == 0 and stats_.ejections == 0, stats_
+
+
+# ---- ZooKeeper sessions (docs/zookeeper.md, "Sessions, expiry and outages") ----------------------
+
+RECOMMENDER, EMBEDDING_SHARD = "shardrec.v1.Recommender", "shardrec.v1.EmbeddingShard"
+MARGIN = 5  # timed bounds: the target times this
+
+
+def node_record(served: Served, node: str) -> NodeRecord:
+    return NodeRecord.from_bytes(served.zk.get(served.paths.node(node))[0])
+
+
+def log_time(log: str, marker: str) -> float:
+    """The wall-clock time (``time.time()``) of the first log line containing ``marker``."""
+    for line in log.splitlines():
+        if marker in line:
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
+            if stamp:
+                return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise AssertionError(f"no log line with {marker!r}")
+
+
+def lookups_served(address: str) -> int:
+    with make_channel(address, aio=False) as ch:
+        d = embedding_pb2_grpc.EmbeddingShardStub(ch).Describe(embedding_pb2.DescribeRequest(), timeout=2)
+    return sum(p.lookups for p in d.partitions)
+
+
+def frontend(served: Served):
+    return next(p for p in served.spawn.processes if p.name == "frontend" and p.running)
+
+
+def health_targets(served: Served) -> dict[str, tuple[str, str]]:
+    """The readiness of the frontend and of every shard."""
+    targets = {"frontend": (served.address, RECOMMENDER)}
+    for node in served.shards:
+        targets[node] = (node_record(served, node).address, EMBEDDING_SHARD)
+    return targets
+
+
+def test_shard_restarted_with_its_node_id_serves_within_2s_of_loaded(served, reference):  # noqa: F811
+    """kill -9, then the same node id at once on the same address. The old znode lives as long
+    as the dead process's session (30 s here); the new process takes it over as soon as it is
+    loaded, since the address recorded there answers as another instance (itself)."""
+    node = sorted(served.shards)[-1]
+    port = free_port()
+    before = node_record(served, node).instance_id
+    served.shards[node].kill()  # its first life: a 30 s session, on a fixed port
+    served.shards[node] = start_shard(served.spawn, served.zk_hosts, served.paths.cluster, node, "--port", str(port),
+                                      "--session-timeout-s", "30")
+    first = wait_for(lambda: (r := node_record(served, node)).instance_id != before and r, 60, f"{node}'s first life to register")
+    live_nodes(served.address, NODES, 60, f"{node} back in the frontend's view")
+    with under_load(served, reference, seed=31) as (load, _before):
+        served.shards[node].kill()
+        served.shards[node] = start_shard(served.spawn, served.zk_hosts, served.paths.cluster, node, "--port", str(port))
+        fresh = wait_for(lambda: (r := node_record(served, node)).instance_id not in ("", first.instance_id) and r, 60,
+                         f"{node} to register as a new instance")
+        wait_for(lambda: lookups_served(fresh.address) > 0, 30, f"the new {node} to serve Lookups")
+        served_at = time.time()
+        more_answers(load, 20, 30, "requests after the restart")
+    log = served.shards[node].log_text()
+    loaded_at = log_time(log, "ready: every condition holds")
+    registered_s = log_time(log, "registered /") - loaded_at
+    serving_s = served_at - loaded_at
+    print(f"restarted {node}: registered {registered_s * 1e3:.0f} ms and served Lookups {serving_s * 1e3:.0f} ms after it was "
+          f"loaded (its predecessor's session: 30 s)")
+    assert "taking over the znode of session" in log, "the new process waited for the old session instead of probing it"
+    assert registered_s < 2.0 * MARGIN and serving_s < 2.0 * MARGIN
+
+
+def test_frontend_session_expiry_fails_no_request(served, reference):  # noqa: F811
+    fe = frontend(served)
+    (fe_id,) = served.zk.get_children(served.paths.frontends)
+    path = served.paths.frontend(fe_id)
+    record = FrontendRecord.from_bytes(served.zk.get(path)[0])
+    old_session = served.zk.exists(path).ephemeralOwner
+    with HealthWatch(health_targets(served)) as watch, under_load(served, reference, seed=32) as (load, _before):
+        fe.pause()
+        try:
+            wait_for(lambda: not served.zk.exists(path), SESSION_TIMEOUT_S + 10, "the paused frontend's session to expire")
+        finally:
+            fe.resume()
+        resumed = time.monotonic()
+        wait_for(lambda: (st := served.zk.exists(path)) and st.ephemeralOwner != old_session, 10 * MARGIN,
+                 "the frontend to register again under a new session")
+        back_s = time.monotonic() - resumed
+        assert FrontendRecord.from_bytes(served.zk.get(path)[0]).instance_id == record.instance_id
+        more_answers(load, 30, 30, "requests after the frontend resumed")
+        assert stats(served.address)["view_live_nodes"] == NODES, "the view emptied itself"
+    print(f"frontend {fe_id} registered again {back_s * 1e3:.0f} ms after SIGCONT")
+    assert not watch.not_serving() and not watch.errors, (watch.not_serving(), watch.errors)
+    assert back_s < SESSION_TIMEOUT_S * MARGIN
+
+
+def test_shard_session_expiry_fails_no_request(served, reference):  # noqa: F811
+    node = sorted(served.shards)[0]
+    path = served.paths.node(node)
+    record = node_record(served, node)
+    old_session = served.zk.exists(path).ephemeralOwner
+    with HealthWatch(health_targets(served)) as watch, under_load(served, reference, seed=33) as (load, _before):
+        served.shards[node].pause()
+        try:
+            wait_for(lambda: not served.zk.exists(path), SESSION_TIMEOUT_S + 10, f"the paused {node}'s session to expire")
+            live_nodes(served.address, NODES - 1, 10, f"{node} to leave the frontend's view")
+        finally:
+            served.shards[node].resume()
+        resumed = time.monotonic()
+        wait_for(lambda: (st := served.zk.exists(path)) and st.ephemeralOwner != old_session, 10 * MARGIN,
+                 f"{node} to register again under a new session")
+        back_s = time.monotonic() - resumed
+        assert node_record(served, node).instance_id == record.instance_id
+        live_nodes(served.address, NODES, 10, f"{node} back in the frontend's view")
+        used = lookups_served(record.address)
+        wait_for(lambda: lookups_served(record.address) > used, 30, f"{node} to serve Lookups again")
+        more_answers(load, 30, 30, "requests after the shard resumed")
+    print(f"{node} registered again {back_s * 1e3:.0f} ms after SIGCONT")
+    assert not watch.not_serving() and not watch.errors, (watch.not_serving(), watch.errors)
+    assert back_s < SESSION_TIMEOUT_S * MARGIN
+
+
+def test_zookeeper_outage_changes_no_readiness_and_fails_no_request(served, reference, zk_server):  # noqa: F811
+    """ZooKeeper frozen for 3 s (three session timeouts): every process sees its connection
+    SUSPENDED, then, once it resumes, its session expire; all register again. Meanwhile they
+    serve from their last view: no readiness changes and no request fails."""
+    members = {served.paths.node(n) for n in served.shards} | {served.paths.frontend(f) for f in served.zk.get_children(served.paths.frontends)}
+    sessions = {p: served.zk.exists(p).ephemeralOwner for p in members}
+    with HealthWatch(health_targets(served)) as watch, under_load(served, reference, seed=34) as (load, _before):
+        zk_server.pause()
+        paused_at = time.monotonic()
+        try:
+            more_answers(load, 20, 30, "requests served while ZooKeeper is frozen")
+            wait_for(lambda: time.monotonic() - paused_at >= 3 * SESSION_TIMEOUT_S, 3 * SESSION_TIMEOUT_S + 1, "the outage to last")
+        finally:
+            zk_server.resume()
+        resumed = time.monotonic()
+
+        wait_for(lambda: all(served.zk.exists(p) for p in members), 10 * MARGIN, "every member registered after the outage")
+        live_nodes(served.address, NODES, 10, "every shard in the frontend's view")
+        more_answers(load, 30, 30, "requests after the outage")
+        renewed = sum(served.zk.exists(p).ephemeralOwner != sessions[p] for p in members)
+    print(f"ZooKeeper frozen {resumed - paused_at:.1f}s: {renewed}/{len(members)} members registered again under a new "
+          f"session; {sum(len(s) for s in load.seen)} requests, none failed")
+    assert not watch.not_serving() and not watch.errors, (watch.not_serving(), watch.errors)
+    assert health(served.address, LIVENESS) == health(served.address, "") == SERVING

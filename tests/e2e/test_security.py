@@ -160,6 +160,29 @@ def test_only_the_admin_changes_versions_and_shard_maps(secured, who):
         admin.close()
 
 
+def test_a_restarted_process_probes_the_holder_of_its_znode_over_tls(secured):
+    """The takeover probe (``core.rpc.probe``) of a live shard's znode dials its TLS port with
+    the prober's certificate and finds it answering as itself, so its znode is not taken; in
+    plaintext the TLS port would not answer and a live holder would be taken over."""
+    from services.core.config import TlsConfig
+    from services.core.discovery.records import NodeRecord
+    from services.core.rpc.probe import holder_probe
+    from services.core.tls import TlsMaterial
+
+    paths = ZkPaths(secured.config.cluster)
+    zk = make_kazoo(ZkConfig(hosts=secured.state.zk, cluster=paths.cluster, auth=load_zk_auth(secured.state.zk_auth)))
+    try:
+        data, _ = zk.get(paths.node("shard-0"))
+    finally:
+        zk.stop()
+        zk.close()
+    f = secured.security.pki.files("shard")
+    tls = TlsMaterial(TlsConfig(str(f.cert), str(f.key), str(f.ca)))
+    assert NodeRecord.from_bytes(data).instance_id
+    assert holder_probe(NodeRecord.from_bytes, tls=tls)(data)
+    assert not holder_probe(NodeRecord.from_bytes)(data)
+
+
 def test_redis_needs_the_password_from_its_file(secured):
     with pytest.raises(redis.exceptions.AuthenticationError):
         make_redis(secured.state.redis_url, timeout_s=5).ping()

@@ -246,3 +246,17 @@ def test_znode_disappears_after_kill_9(env):
     assert data["partitions"] == []
     proc.kill()
     wait_for(lambda: not zk.exists(paths.node("shard-spare")), 10, "the killed node's znode to expire")
+
+
+def test_a_second_live_process_with_a_node_id_refuses_to_register(env):
+    """Two live processes given one node id: the first answers its health probe as the instance
+    it recorded, so the second, once loaded, refuses to register, says so and exits 1; the
+    first keeps its znode."""
+    zk, paths, spawn, cluster, stubs = env
+    node = cluster.smap.nodes[1]
+    held = zk.get(paths.node(node))[0]
+    second = start_shard(spawn, cluster.zk_hosts, cluster.cluster, node)
+    assert second.wait(60) == 1
+    assert "answers as the instance it recorded: two processes were given the same id" in second.log_text()
+    assert zk.get(paths.node(node))[0] == held
+    assert stubs[node].Describe(embedding_pb2.DescribeRequest(), timeout=10).node_id == node

@@ -69,6 +69,17 @@ def test_node_record_ignores_unknown_fields_and_defaults_missing_ones():
     assert NodeRecord.from_bytes(b'{"loading": null, "partition_error": null}') == NodeRecord()
 
 
+def test_instance_id_is_written_only_when_set():
+    node = NodeRecord.from_bytes(wire({**OLD_NODE, "instance_id": "9f2c"}))
+    assert node.instance_id == "9f2c" and json.loads(node.to_bytes()) == {**OLD_NODE, "instance_id": "9f2c"}
+    assert NodeRecord.from_bytes(wire(OLD_NODE)).instance_id == ""  # an older writer
+    frontend = FrontendRecord("fe", "h:1", 2, 7, instance_id="ab12")
+    assert FrontendRecord.from_bytes(frontend.to_bytes()) == frontend
+    assert FrontendRecord("fe", "h:1", 2, 7).to_bytes() == wire({"frontend_id": "fe", "address": "h:1", "version": 2, "pid": 7})
+    with pytest.raises(RecordError, match="'instance_id'"):
+        NodeRecord.from_bytes(wire({"instance_id": 7}))
+
+
 @pytest.mark.parametrize("data, field", [
     (b"garbage", "valid JSON"),
     (b"\xff\xfe", "valid JSON"),

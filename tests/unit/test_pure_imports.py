@@ -22,6 +22,7 @@ PURE_CORE = (
     "services.core.checkpoint.writer",
     "services.core.discovery.zk_paths",
     "services.core.discovery.records",
+    "services.core.rpc.readiness",
     "services.core.placement",
     *sorted(f"services.core.placement.{p.stem}" for p in PLACEMENT.glob("*.py") if p.stem != "__init__"),
 )

@@ -121,6 +121,17 @@ def test_ejection_backoff_doubles_and_is_capped():
     assert lengths == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
+def test_a_node_renewed_by_a_restart_is_usable_at_once():
+    b = board(eject_s=1.0, eject_max_s=10.0)
+    for now in (0.0, 1.0, 3.0):  # the old process: ejected three times in a row (backoff 4 s)
+        assert b.failed("n", now)
+    assert not b.usable("n", 4.0) and b.stats("n").failures == 3
+    b.renewed("n")  # it registered again as another process
+    assert b.usable("n", 4.0) and b.stats("n").failures == 0 and b.stats("n").state(4.0) is ReplicaState.HEALTHY
+    b.renewed("never-seen")  # nothing to forget
+    assert "never-seen" not in b.nodes
+
+
 def test_probe_state_machine():
     b = board(eject_s=1.0)
     s = b.stats("n")

@@ -28,10 +28,11 @@ RECORDS = "services/core/discovery/records.py"
 DISCOVERY = "services/core/discovery/"
 
 # Every key of every znode's JSON, from the records themselves (nested objects included).
-_FULL_NODE = NodeRecord(held={"t/0of1": HeldPartition()}, load_error=LoadError(1), partition_error=PartitionError("t/0of1"))
+_FULL_NODE = NodeRecord(held={"t/0of1": HeldPartition()}, load_error=LoadError(1), partition_error=PartitionError("t/0of1"),
+                        instance_id="i")
 ZNODE_FIELDS = frozenset(
     set(_FULL_NODE.to_dict()) | set(HeldPartition().to_dict()) | set(LoadError(1).to_dict())
-    | set(PartitionError("p").to_dict()) | set(FrontendRecord().to_dict()) | set(ModelPointer("u").to_dict())
+    | set(PartitionError("p").to_dict()) | set(FrontendRecord(instance_id="i").to_dict()) | set(ModelPointer("u").to_dict())
     | {"version"}  # VersionRecord
 )
 

@@ -35,8 +35,27 @@ class ZnodeRecord(Protocol):
     def to_bytes(self) -> bytes: ...
 
 
+class MemberRecord(Protocol):
+    """A live process's znode (``NodeRecord``, ``FrontendRecord``): where to dial it, and which
+    process wrote it (``instance_id``, a random token per process; "" from older writers)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+
 def _encode(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _with_instance(instance_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A member's fields plus ``instance_id`` when it has one. The field came after the others:
+    left out when unset, a record of an older writer encodes to the bytes it read."""
+    if instance_id:
+        fields["instance_id"] = instance_id
+    return fields
 
 
 class _Fields:
@@ -184,10 +203,12 @@ class NodeRecord:
     partitions_loading: tuple[str, ...] = ()
     partitions_draining: tuple[str, ...] = ()
     partition_error: PartitionError | None = None
+    instance_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The znode's JSON object (every field, null where unset)."""
-        return {
+        """The znode's JSON object (every field, null where unset; ``instance_id`` only when set,
+        so a record without one writes the bytes of before)."""
+        return _with_instance(self.instance_id, {
             "node_id": self.node_id,
             "address": self.address,
             "partitions": list(self.partitions),
@@ -204,7 +225,7 @@ class NodeRecord:
             "partitions_loading": list(self.partitions_loading),
             "partitions_draining": list(self.partitions_draining),
             "partition_error": None if self.partition_error is None else self.partition_error.to_dict(),
-        }
+        })
 
     def to_bytes(self) -> bytes:
         return _encode(self.to_dict())
@@ -237,6 +258,7 @@ class NodeRecord:
             partitions_loading=f.strs("partitions_loading"),
             partitions_draining=f.strs("partitions_draining"),
             partition_error=PartitionError._read(f.obj("partition_error")),
+            instance_id=f.str("instance_id"),
         )
 
 
@@ -251,9 +273,11 @@ class FrontendRecord:
     address: str = ""
     version: int | None = None
     pid: int | None = None
+    instance_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frontend_id": self.frontend_id, "address": self.address, "version": self.version, "pid": self.pid}
+        fields = {"frontend_id": self.frontend_id, "address": self.address, "version": self.version, "pid": self.pid}
+        return _with_instance(self.instance_id, fields)
 
     def to_bytes(self) -> bytes:
         return _encode(self.to_dict())
@@ -261,7 +285,7 @@ class FrontendRecord:
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "frontend znode") -> "FrontendRecord":
         f = _Fields.decode(data, where)
-        return cls(f.str("frontend_id"), f.str("address"), f.int("version"), f.int("pid"))
+        return cls(f.str("frontend_id"), f.str("address"), f.int("version"), f.int("pid"), f.str("instance_id"))
 
 
 # -- model/checkpoint, model/serving_version, model/target_version -------------------------------

@@ -10,7 +10,8 @@ request made while the connection is down until it comes back). ``_on_state`` is
 called by kazoo on its connection thread and only hands off: it spawns ``_reconcile`` on a
 kazoo handler thread, which re-creates the znode after the session was LOST (expired) and the
 client connected again with a new session. One lock serialises everything that touches the
-znode, so the methods are thread-safe.
+znode, so the methods are thread-safe. The optional ``probe`` (``services.core.rpc.probe``)
+blocks for up to its timeout on the thread that runs ``_ensure_present``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar
 
 from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError
 from kazoo.protocol.states import KazooState
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound="ZnodeRecord | bytes")
+# ``probe(data)``: does the process that wrote ``data`` (another session's znode at our path)
+# still answer as itself? (``services.core.rpc.probe.holder_probe``)
+HolderProbe = Callable[[bytes], bool]
+PROBE_INTERVAL_S = 1.0  # while the holder answers as itself, it is probed again this often
 
 
 def _encode(record: "ZnodeRecord | bytes") -> bytes:
@@ -44,10 +49,12 @@ class NodeRegistration(Generic[T]):
     ``FrontendRecord`` of ``records.py``, or bytes already encoded), across session losses.
 
     - ``register()`` creates it (parents too). A node left at ``path`` by an older session of
-      this object is replaced. A node held by another session is waited for up to
-      ``stale_wait_s`` (a crashed predecessor's session expires within its timeout); if it is
-      still there, the other session is alive and ``register`` raises ConfigError: two
-      processes were given the same node id.
+      this object is replaced. A node held by another session: with a ``probe``, it is taken
+      over at once when the process that wrote it no longer answers as itself (a restarted
+      process finds its crashed predecessor's znode, whose session lives until it times out);
+      otherwise (or without a probe) it is waited for up to ``stale_wait_s``, probed again
+      every second; if it is still there, ``register`` raises ConfigError: two live processes
+      were given the same node id.
     - ``update(record)`` replaces the data (e.g. a new ready version).
     - ``deregister()`` deletes the znode if this object holds it; idempotent.
     - After a session expiry (kazoo state LOST, then CONNECTED with a new session) the znode
@@ -63,6 +70,7 @@ class NodeRegistration(Generic[T]):
         record: T,
         *,
         stale_wait_s: float | None = None,
+        probe: HolderProbe | None = None,
     ) -> None:
         self._client = client
         self._path = path
@@ -71,6 +79,7 @@ class NodeRegistration(Generic[T]):
         if stale_wait_s is None:
             stale_wait_s = 2.0 * getattr(client, "_session_timeout", 10_000) / 1000.0
         self._stale_wait_s = stale_wait_s
+        self._probe = probe
         self._lock = threading.RLock()
         self._wanted = False  # between register() and deregister()
         self._pending_delete = False  # deregister() could not reach ZooKeeper
@@ -229,19 +238,38 @@ class NodeRegistration(Generic[T]):
                 continue
             if owner == 0:
                 raise ConfigError(f"{self._path} is a persistent znode; a registration must be ephemeral")
-            if not self._wait_gone(deadline):
+            if self._probe is not None and not self._holder_answers(data):
+                log.warning(
+                    "%s: taking over the znode of session 0x%x, whose process no longer answers as itself", self._path, owner
+                )
+                try:
+                    self._client.delete(self._path, version=stat.version)
+                except (BadVersionError, NoNodeError):
+                    pass
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                answers = "; it answers as the instance it recorded" if self._probe is not None else ""
                 raise ConfigError(
                     f"{self._path} is held by another live ZooKeeper session 0x{owner:x} "
-                    f"(data {data.decode(errors='replace')}): two processes were given the same id"
+                    f"(data {data.decode(errors='replace')}){answers}: two processes were given the same id"
                 )
+            self._wait_gone(min(deadline, now + PROBE_INTERVAL_S) if self._probe is not None else deadline)
 
-    def _wait_gone(self, deadline: float) -> bool:
-        """Block until the znode is deleted (True) or the deadline passes (False); uses a watch."""
+    def _holder_answers(self, data: bytes) -> bool:
+        try:
+            return self._probe(data)
+        except Exception as e:  # a probe that cannot tell: the holder's session decides
+            log.warning("registration %s: probing the holder failed (%r)", self._path, e)
+            return True
+
+    def _wait_gone(self, until: float) -> bool:
+        """Block until the znode is deleted (True) or ``until`` passes (False); uses a watch."""
         while True:
             gone = threading.Event()
             if self._client.exists(self._path, watch=lambda _event: gone.set()) is None:
                 return True
-            remaining = deadline - time.monotonic()
+            remaining = until - time.monotonic()
             if remaining <= 0 or not gone.wait(remaining):
                 return False
 

@@ -1,8 +1,18 @@
 """gRPC server bootstrap: message limits, health, reflection, port binding (TLS, IPv6), the
-authentication interceptor (``services.core.rpc.auth``), graceful stop."""
+authentication interceptor (``services.core.rpc.auth``), graceful stop.
+
+Health (docs/health.md): ``""`` and the serving services carry readiness: NOT_SERVING until the
+process's ``Readiness`` holds (``follow``), and first thing on a graceful stop. ``LIVENESS``
+(and the ``live_names``, e.g. an admin service) is SERVING from start until the server stops:
+the process answers. Every health Check answer carries the process's instance id in its
+trailing metadata (``INSTANCE_ID_KEY``), so a probe tells the process recorded in a znode from
+another one at the same address (``services.core.rpc.probe``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -13,13 +23,18 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core.auth import AccessPolicy
 from services.core.hostport import join_host_port
+from services.core.rpc.readiness import Readiness
 from services.core.tls import TlsMaterial
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# The health name of liveness: SERVING from start until stop, whatever the process's readiness
-# ("" and each service name; a frontend's follow what serving needs). docs/failure-modes.md.
-LIVENESS = "shardrec.liveness"
+LIVENESS = "shardrec.liveness"  # the health name of liveness: SERVING while the process runs
+INSTANCE_ID_KEY = "shardrec-instance-id"  # trailing metadata of every health Check answer
+
+
+def new_instance_id() -> str:
+    """A random token naming this process (its znode's ``instance_id``, its health answers)."""
+    return secrets.token_hex(8)
 
 
 def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
@@ -32,14 +47,40 @@ def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None
     ]
 
 
-def _register(server, add_servicers, service_names, health_servicer) -> tuple[str, ...]:
+class _Health(health.HealthServicer):
+    """The standard health servicer; every Check answer names the process (trailing metadata)."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__()
+        self._metadata = ((INSTANCE_ID_KEY, instance_id),)
+
+    def Check(self, request, context):  # noqa: ANN001, ANN201 - grpc's signature
+        context.set_trailing_metadata(self._metadata)
+        return super().Check(request, context)
+
+
+def _aio_health(instance_id: str):  # noqa: ANN202
+    """The asyncio twin of ``_Health`` (grpc_health's asyncio module is imported only here)."""
+    from grpc_health.v1 import _async as aio_health
+
+    class _AioHealth(aio_health.HealthServicer):
+        def __init__(self) -> None:
+            super().__init__()
+            self._metadata = ((INSTANCE_ID_KEY, instance_id),)
+
+        async def Check(self, request, context):  # noqa: ANN001, ANN201
+            context.set_trailing_metadata(self._metadata)
+            return await super().Check(request, context)
+
+    return _AioHealth()
+
+
+def _register(server, add_servicers, service_names: tuple[str, ...], health_servicer) -> None:
     """Servicers, health and reflection on ``server`` (sync or asyncio alike)."""
     for add in add_servicers:
         add(server)
-    names = tuple(service_names)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return names
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
 
 @dataclass(frozen=True)
@@ -74,24 +115,47 @@ def _bind(server, host: str, port: int, security: Security = NO_SECURITY) -> int
     return bound
 
 
+def _health_names(service_names: Iterable[str], live_names: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(every service, the readiness names, the liveness names)."""
+    services, live = tuple(service_names), tuple(live_names)
+    return services, ("", *(n for n in services if n not in live)), (LIVENESS, *live)
+
+
 @dataclass
 class SyncServer:
-    """A started thread-pool gRPC server with its bound port and health servicer."""
+    """A started thread-pool gRPC server with its bound port and health servicer.
+    ``readiness_names`` follow readiness, ``liveness_names`` are SERVING while it runs."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     service_names: tuple[str, ...]
+    instance_id: str = ""
+    readiness_names: tuple[str, ...] = ("",)
+    liveness_names: tuple[str, ...] = (LIVENESS,)
+    _stopping: bool = field(default=False, repr=False)
 
     def set_serving(self, serving: bool) -> None:
-        """Liveness and readiness together (start, stop)."""
+        """Readiness (liveness is not touched). Ignored once stopping: a stopping server
+        stays NOT_SERVING. Thread-safe."""
+        if serving and self._stopping:
+            return
+        self.set_health(self.readiness_names, serving)
+
+    def set_health(self, names: Iterable[str], serving: bool) -> None:
+        """SERVING or NOT_SERVING for the health ``names`` only."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.service_names, LIVENESS):
+        for name in names:
             self.health.set(name, status)
+
+    def follow(self, readiness: Readiness) -> None:
+        """Serving services SERVING exactly while ``readiness`` holds (until ``stop``)."""
+        readiness.subscribe(self.set_serving)
 
     def stop(self, grace_s: float) -> None:
         """NOT_SERVING, then refuse new calls and let in-flight ones finish within ``grace_s``."""
-        self.set_serving(False)
+        self._stopping = True
+        self.set_health(self.readiness_names, False)
         self.server.stop(grace_s).wait()
 
 
@@ -104,52 +168,91 @@ def start_sync_server(
     add_servicers: Iterable[Callable[[grpc.Server], None]],
     service_names: Iterable[str],
     max_receive_bytes: int | None = None,
+    instance_id: str = "",
+    live_names: Iterable[str] = (),
     security: Security = NO_SECURITY,
 ) -> SyncServer:
-    """Bind ``host:port`` (0 = any free port), register servicers, health (NOT_SERVING until
-    ``set_serving(True)``) and reflection, and start. A request over ``max_receive_bytes``
-    (default ``max_message_bytes``) is refused by gRPC itself, RESOURCE_EXHAUSTED."""
+    """Bind ``host:port`` (0 = any free port), register servicers, health (liveness and the
+    ``live_names`` SERVING, readiness NOT_SERVING until ``set_serving(True)`` or a followed
+    readiness holds) and reflection, and start. A request over ``max_receive_bytes`` (default
+    ``max_message_bytes``) is refused by gRPC itself, RESOURCE_EXHAUSTED."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         options=channel_options(max_message_bytes, max_receive_bytes),
         interceptors=security.interceptors(aio=False),
     )
-    health_servicer = health.HealthServicer()
-    names = _register(server, add_servicers, service_names, health_servicer)
+    health_servicer = _Health(instance_id)
+    services, ready, live = _health_names(service_names, live_names)
+    _register(server, add_servicers, services, health_servicer)
     bound = _bind(server, host, port, security)
-    server.start()
-    s = SyncServer(server, bound, health_servicer, names)
+    s = SyncServer(server, bound, health_servicer, services, instance_id, ready, live)
     s.set_serving(False)
+    s.set_health(live, True)
+    server.start()
     return s
 
 
 @dataclass
 class AioServer:
-    """A started grpc.aio server with its bound port and health servicer (event loop only)."""
+    """A started grpc.aio server with its bound port and health servicer (event loop only);
+    health names as ``SyncServer``'s."""
 
     server: grpc.aio.Server
     port: int
     health: "aio_health.HealthServicer"
     service_names: tuple[str, ...]
-    statuses: dict[str, bool] = field(default_factory=dict)  # the health last set per name (SERVING or not)
+    instance_id: str = ""
+    readiness_names: tuple[str, ...] = ("",)
+    liveness_names: tuple[str, ...] = (LIVENESS,)
+    _stopping: bool = field(default=False, repr=False)
+    _wanted: bool = field(default=False, repr=False)
+    _applied: bool = field(default=False, repr=False)
+    _applier: "asyncio.Task | None" = field(default=None, repr=False)
+    _statuses: dict[str, bool] = field(default_factory=dict, repr=False)  # the health last set per name
 
     async def set_serving(self, serving: bool) -> None:
-        """Liveness and readiness together (start, stop)."""
-        await self.set_health(("", *self.service_names, LIVENESS), serving)
+        """Readiness (liveness is not touched); ignored once stopping."""
+        if serving and self._stopping:
+            return
+        await self.set_health(self.readiness_names, serving)
 
     async def set_health(self, names: Iterable[str], serving: bool) -> None:
-        """SERVING or NOT_SERVING for the health ``names`` only (e.g. readiness without liveness)."""
+        """SERVING or NOT_SERVING for the health ``names`` only."""
         status = SERVING if serving else NOT_SERVING
         for name in names:
             await self.health.set(name, status)
-            self.statuses[name] = serving
+            self._statuses[name] = serving
 
     def is_serving(self, name: str = "") -> bool:
-        """Whether health ``name`` was last set SERVING (what a health check of it answers)."""
-        return self.statuses.get(name, False)
+        """Whether health ``name`` was last set SERVING (what a health Check of it answers)."""
+        return self._statuses.get(name, False)
+
+    def follow(self, readiness: Readiness) -> None:
+        """Serving services SERVING exactly while ``readiness`` holds (until ``stop``). Call on
+        the loop; ``readiness`` may change on any thread: each change hops onto the loop, where
+        one task applies the latest value (so the last change always wins)."""
+        loop = asyncio.get_running_loop()
+        readiness.subscribe(lambda ready: loop.call_soon_threadsafe(self._want, ready))
+
+    def _want(self, ready: bool) -> None:
+        self._wanted = ready
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.ensure_future(self._apply())
+
+    async def _apply(self) -> None:
+        while self._applied != self._wanted and not self._stopping:
+            target = self._wanted
+            await self.set_serving(target)
+            self._applied = target
+
+    async def stop_serving(self) -> None:
+        """Readiness NOT_SERVING for good (a lame duck: calls are still taken); liveness stays."""
+        self._stopping = True
+        await self.set_health(self.readiness_names, False)
 
     async def stop(self, grace_s: float) -> None:
-        await self.set_serving(False)
+        """NOT_SERVING, then refuse new calls and let in-flight ones finish within ``grace_s``."""
+        await self.stop_serving()
         await self.server.stop(grace_s)
 
 
@@ -160,19 +263,22 @@ async def start_aio_server(
     max_message_bytes: int,
     add_servicers: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
+    instance_id: str = "",
+    live_names: Iterable[str] = (),
     max_receive_bytes: int | None = None,
     security: Security = NO_SECURITY,
 ) -> AioServer:
-    """The asyncio twin of ``start_sync_server`` (health NOT_SERVING until ``set_serving``)."""
-    from grpc_health.v1 import _async as aio_health
-
+    """The asyncio twin of ``start_sync_server`` (liveness SERVING, readiness NOT_SERVING until
+    ``set_serving`` or a followed readiness)."""
     server = grpc.aio.server(options=channel_options(max_message_bytes, max_receive_bytes), interceptors=security.interceptors(aio=True))
-    health_servicer = aio_health.HealthServicer()
-    names = _register(server, add_servicers, service_names, health_servicer)
+    health_servicer = _aio_health(instance_id)
+    services, ready, live = _health_names(service_names, live_names)
+    _register(server, add_servicers, services, health_servicer)
     bound = _bind(server, host, port, security)
-    await server.start()
-    s = AioServer(server, bound, health_servicer, names)
+    s = AioServer(server, bound, health_servicer, services, instance_id, ready, live)
     await s.set_serving(False)
+    await s.set_health(live, True)
+    await server.start()
     return s
 
 

@@ -33,14 +33,16 @@ _POOLING = {PoolingType.SUM: embedding_pb2.POOLING_SUM, PoolingType.MEAN: embedd
 # policy, not retryability (which ``services.core.errors`` decides): which failures say that the
 # node itself is unwell, so new calls should avoid it for a while.
 _EJECT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RENEW_GRACE_S = 5.0
 
 
 class ChannelPool:
-    """One grpc.aio channel (and stub) per node address, reused for the process's life; TLS
-    (mTLS: the frontend's certificate is its client certificate) when ``tls`` is given, and the
-    cluster token on every call when ``token`` is. When the TLS files are rotated
-    (``tls.generation`` moves), new calls get new channels; the old ones close after
-    ``drain_s``, once their calls have ended."""
+    """One grpc.aio channel (and stub) per node address, reused for the process's life, or
+    until another process registers at that address (``renew``); TLS (mTLS: the frontend's
+    certificate is its client certificate) when ``tls`` is given, and the cluster token on
+    every call when ``token`` is. When the TLS files are rotated (``tls.generation`` moves),
+    new calls get new channels; the old ones close after ``drain_s``, once their calls have
+    ended."""
 
     def __init__(
         self, max_message_bytes: int, *, tls: TlsMaterial | None = None, token: Callable[[], str] | None = None,
@@ -54,6 +56,19 @@ class ChannelPool:
         self._stubs: dict[str, embedding_pb2_grpc.EmbeddingShardStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task] = set()
+
+    def renew(self, address: str) -> None:
+        """The process at ``address`` is gone (another serves it now, or none): the next call
+        gets a fresh channel, not one waiting out the reconnection backoff it took while the
+        old process was gone. Calls in flight on the old channel may finish within
+        ``_RENEW_GRACE_S``."""
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close(grace=_RENEW_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def stub(self, address: str) -> embedding_pb2_grpc.EmbeddingShardStub:
         if self._tls is not None and self._tls.generation != self._generation:
@@ -89,7 +104,7 @@ class ChannelPool:
 
     async def close(self) -> None:
         channels = [*self._channels.values(), *self._retired]
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
 
 
 @dataclass(frozen=True)

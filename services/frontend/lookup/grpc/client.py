@@ -53,6 +53,8 @@ class GrpcLookupClient:
         self.budget = HedgeBudget(policy.hedge_budget, policy.hedge_burst)
         self.stats = LookupStats()
         self._router = Router(view, self.board)
+        self._channels = channels
+        view.on_new_instance.append(self._renewed)
         self._calls = ShardCalls(view, channels, self.board, self.budget, self.stats)
         hedging = policy.hedge_budget > 0 and policy.hedge_delay_s != 0
         self._hedger = Hedger(view, self._router, self._calls, self.board, self.budget, self.stats, enabled=hedging)
@@ -151,6 +153,12 @@ class GrpcLookupClient:
         call = Call(version, current.version, deadline, request_id)
         for node, us in plan.items():
             running[asyncio.ensure_future(self._hedger.node_call(node, us, call, avoid))] = (node, us, call)
+
+    def _renewed(self, node: str, previous_address: str) -> None:
+        """``node`` registered as another process (a restart): it starts with a clean slate, and
+        the channel to its previous address (the same one, or one nobody serves now) goes."""
+        self.board.renewed(node)
+        self._channels.renew(previous_address)
 
     async def close(self) -> None:
         await self._calls.close()

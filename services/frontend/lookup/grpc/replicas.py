@@ -223,6 +223,14 @@ class ReplicaBoard:
         s.hedges_lost = 0
         return s.breaker.failed(now)
 
+    def renewed(self, node: str) -> None:
+        """``node`` registered again as another process (a restart): its ejection and failures
+        were the old process's, so it is usable at once."""
+        s = self.nodes.get(node)
+        if s is not None:
+            s.breaker.succeeded()
+            s.hedges_lost = 0
+
     def outpaced(self, node: str, sent: float) -> bool:
         """Did another node answer a call sent after ``sent``? Only then is a call to ``node``
         sent at ``sent`` and still unanswered late because of ``node``: when no peer answered
