@@ -108,6 +108,31 @@ def test_no_token_or_a_bad_one_is_refused_and_admin_rpcs_need_the_admin_token(se
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_the_load_harness_drives_a_secured_frontend_and_reads_its_counters(secured, tmp_path):
+    """``bench run`` against a ``cluster up --tls --auth`` workdir: the caller token for
+    Recommend, the admin token for the counters (CounterMeter), the cluster's CA."""
+    import asyncio
+
+    from benchmarks.drive import DriveConfig, cluster_target, drive
+    from benchmarks.harness import CounterMeter, OpenLoop, run_recommender
+
+    target = cluster_target(secured.config.workdir)
+    assert target["token"] and target["admin_token"] and target["tls_ca"]
+    doc = drive(DriveConfig(**target, preset="small", rate_rps=20.0, duration_s=0.5, warmup_s=0.2, out_dir=tmp_path), io.StringIO())
+    assert doc["systems"][0]["runs"][0]["counters_delta"]["requests_batched"] > 0
+
+    REQUESTS = random_requests(5, 3)  # noqa: N806
+
+    async def without_admin_token():
+        counters = CounterMeter(target["address"], token=target["token"], tls_ca=target["tls_ca"])  # a caller's token
+        with pytest.raises(grpc.RpcError) as info:
+            await run_recommender(target["address"], lambda i: REQUESTS[i % 5], OpenLoop(20.0, 0.2), meters=[counters],
+                                  token=target["token"], tls_ca=target["tls_ca"])  # fmt: skip
+        return info.value.code()
+
+    assert asyncio.run(without_admin_token()) == DENIED
+
+
 def test_lookup_needs_a_frontend_certificate(secured):
     pki = secured.security.pki
     shard = next(p.address for p in secured.state.processes if p.name == "shard-0")
