@@ -12,14 +12,14 @@ import argparse
 
 
 def zk_args(q: argparse.ArgumentParser) -> None:
-    """``--zk``, ``--cluster`` and ``--zk-auth``, defaulting to ``$SHARDREC_ZK``,
-    ``$SHARDREC_CLUSTER`` and ``$SHARDREC_ZK_AUTH``."""
-    from services.core.config import default_cluster, default_zk, default_zk_auth_file
+    """``--zk``, ``--cluster`` and ``--zk-auth`` as the processes declare them
+    (``services.core.config.ZkConfig``), defaulting to ``$SHARDREC_ZK``, ``$SHARDREC_CLUSTER``
+    and ``$SHARDREC_ZK_AUTH``."""
+    from services.core.config import ZK_SETTINGS, env_default
 
-    q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
-    q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
-    q.add_argument("--zk-auth", default=default_zk_auth_file(), metavar="TOML",
-                   help="ZooKeeper credentials and the roles' digests: znodes get ACLs (docs/security.md; default $SHARDREC_ZK_AUTH)")
+    for name in ("zk", "cluster", "zk_auth"):
+        s = ZK_SETTINGS[name]
+        q.add_argument(s.flag, default=env_default(s), metavar=s.metavar, help=f"{s.help} (default ${s.env} or {s.shown(s.default)})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -36,7 +36,7 @@ from services.core.auth import access_policy
 from services.core.hostport import join_host_port
 from services.core.rpc.probe import holder_probe
 from services.core.rpc.readiness import Readiness
-from services.core.rpc.server import Security, new_instance_id, start_sync_server, tune_allocator
+from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_sync_server, tune_allocator
 from services.core.tls import TlsMaterial
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
@@ -175,6 +175,7 @@ def run(config: ShardConfig) -> int:
         service_names=["shardrec.v1.EmbeddingShard"],
         instance_id=instance_id,
         security=security,
+        options=keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=True),
     )
     server.follow(readiness)
     address = join_host_port(config.advertise_host or config.host, server.port)

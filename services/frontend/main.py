@@ -27,7 +27,7 @@ from services.core.auth import access_policy
 from services.core.errors import ShardrecError
 from services.core.hostport import join_host_port
 from services.core.rpc.readiness import Readiness
-from services.core.rpc.server import Security, new_instance_id, start_aio_server, tune_allocator
+from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_aio_server, tune_allocator
 from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
@@ -81,7 +81,8 @@ async def _connect_cluster(config: FrontendConfig, loop, tls):  # noqa: ANN001
     )
     from services.core.auth import cluster_token_sender
 
-    channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth))
+    keepalive = keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=False)
+    channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth), options=keepalive)
     lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy)
     return zk, paths, view, reader, lookup
 
@@ -232,6 +233,7 @@ async def serve(config: FrontendConfig) -> int:
         max_message_bytes=config.max_message_bytes,
         max_receive_bytes=config.max_request_bytes,
         security=Security(access, tls),
+        options=keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=True),
         add_servicers=[
             lambda s: add_recommender_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),

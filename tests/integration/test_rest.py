@@ -25,18 +25,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def frontend(redis_server, small_checkpoint, tmp_path_factory):
-    """(gRPC address, HTTP address) of an inproc frontend with --http-port 0."""
+    """(gRPC address, HTTP address) of an inproc frontend with http_port 0, its settings from
+    flags, environment variables and a --config file alike (docs/configuration.md)."""
     from services.control.features import load_features
 
     prefix = f"t:{uuid.uuid4().hex[:8]}:"
     load_features(small_checkpoint, redis_server.url, prefix=prefix)
-    limits = tmp_path_factory.mktemp("rest") / "callers.toml"
+    root = tmp_path_factory.mktemp("rest")
+    limits = root / "callers.toml"
     limits.write_text("[callers.limited]\nrate_rps = 0.01\nburst = 1\n")
+    settings = root / "frontend.toml"
+    settings.write_text(f'max_wait_ms = 50\ndefault_timeout_ms = 5000\n[frontend]\nhttp_port = 0\ncaller_limits = "{limits}"\n')
+    env = {"SHARDREC_REDIS_PREFIX": prefix, "SHARDREC_CONFIG": str(settings)}
     spawn = ProcessFactory(tmp_path_factory.mktemp("logs-rest"))
     try:
         fe = spawn("frontend", "serve", "--inproc", "--checkpoint", small_checkpoint, "--redis", redis_server.url,
-                   "--redis-prefix", prefix, "--http-port", "0", "--max-wait-ms", "5", "--default-timeout-ms", "5000",
-                   "--caller-limits", str(limits), name="frontend")  # fmt: skip
+                   "--max-wait-ms", "5", name="frontend", env=env)  # fmt: skip
         lines = wait_for(lambda: (t := fe.log_text()) and "READY frontend" in t and t.splitlines(), 90, "the frontend")
         grpc_addr = next(ln.split()[2] for ln in lines if ln.startswith("READY frontend"))
         http_addr = next(ln.split()[2] for ln in lines if ln.startswith("HTTP frontend"))

@@ -15,6 +15,7 @@ PURE_CORE = (
     "services.core.types",
     "services.core.errors",
     "services.core.config",
+    "services.core.settings",
     "services.core.checkpoint.manifest",
     "services.core.checkpoint.storage",
     "services.core.checkpoint.delta",

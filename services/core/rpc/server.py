@@ -37,6 +37,22 @@ def new_instance_id() -> str:
     return secrets.token_hex(8)
 
 
+def keepalive_options(time_s: float, timeout_s: float, *, server: bool) -> list[tuple[str, int]]:
+    """gRPC keepalive (``KeepaliveConfig``; 0: gRPC's defaults). A client pings a connection
+    idle ``time_s``, with or without calls; a server does too and accepts pings up to twice that
+    often (a margin for timers), so give servers and their clients the same ``time_s``: a server
+    that accepts fewer closes the connection (GOAWAY ``too_many_pings``). ``timeout_s``: an
+    unanswered ping closes the connection after this long."""
+    opts: list[tuple[str, int]] = []
+    if time_s > 0:
+        ms = int(time_s * 1000)
+        opts += [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_permit_without_calls", 1)]
+        opts += [("grpc.http2.min_ping_interval_without_data_ms", ms // 2)] if server else [("grpc.http2.max_pings_without_data", 0)]
+    if timeout_s > 0:
+        opts.append(("grpc.keepalive_timeout_ms", int(timeout_s * 1000)))
+    return opts
+
+
 def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
     """Options every shardrec server and channel uses (message caps set deliberately;
     ``max_receive_bytes`` when what may arrive is smaller than what may be sent)."""
@@ -171,6 +187,7 @@ def start_sync_server(
     instance_id: str = "",
     live_names: Iterable[str] = (),
     security: Security = NO_SECURITY,
+    options: Iterable[tuple[str, int]] = (),
 ) -> SyncServer:
     """Bind ``host:port`` (0 = any free port), register servicers, health (liveness and the
     ``live_names`` SERVING, readiness NOT_SERVING until ``set_serving(True)`` or a followed
@@ -178,7 +195,7 @@ def start_sync_server(
     ``max_message_bytes``) is refused by gRPC itself, RESOURCE_EXHAUSTED."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        options=channel_options(max_message_bytes, max_receive_bytes),
+        options=[*channel_options(max_message_bytes, max_receive_bytes), *options],
         interceptors=security.interceptors(aio=False),
     )
     health_servicer = _Health(instance_id)
@@ -267,10 +284,13 @@ async def start_aio_server(
     live_names: Iterable[str] = (),
     max_receive_bytes: int | None = None,
     security: Security = NO_SECURITY,
+    options: Iterable[tuple[str, int]] = (),
 ) -> AioServer:
     """The asyncio twin of ``start_sync_server`` (liveness SERVING, readiness NOT_SERVING until
     ``set_serving`` or a followed readiness)."""
-    server = grpc.aio.server(options=channel_options(max_message_bytes, max_receive_bytes), interceptors=security.interceptors(aio=True))
+    server = grpc.aio.server(
+        options=[*channel_options(max_message_bytes, max_receive_bytes), *options], interceptors=security.interceptors(aio=True)
+    )
     health_servicer = _aio_health(instance_id)
     services, ready, live = _health_names(service_names, live_names)
     _register(server, add_servicers, services, health_servicer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -42,13 +42,14 @@ class ChannelPool:
     certificate is its client certificate) when ``tls`` is given, and the cluster token on
     every call when ``token`` is. When the TLS files are rotated (``tls.generation`` moves),
     new calls get new channels; the old ones close after ``drain_s``, once their calls have
-    ended."""
+    ended. ``options``: more channel options (keepalive)."""
 
     def __init__(
         self, max_message_bytes: int, *, tls: TlsMaterial | None = None, token: Callable[[], str] | None = None,
-        drain_s: float = 60.0,
+        drain_s: float = 60.0, options: Sequence[tuple[str, int]] = (),
     ) -> None:  # fmt: skip
         self._max_message_bytes = max_message_bytes
+        self._options = tuple(options)
         self._tls = tls
         self._token = token
         self._drain_s = drain_s
@@ -76,7 +77,7 @@ class ChannelPool:
         stub = self._stubs.get(address)
         if stub is None:
             creds = self._tls.channel_credentials() if self._tls is not None else None
-            channel = make_channel(address, max_message_bytes=self._max_message_bytes, credentials=creds)
+            channel = make_channel(address, max_message_bytes=self._max_message_bytes, options=self._options, credentials=creds)
             self._channels[address] = channel
             stub = self._stubs[address] = embedding_pb2_grpc.EmbeddingShardStub(channel)
         return stub
