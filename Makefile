@@ -1,5 +1,5 @@
 # Every target installs what it needs on a fresh machine: a venv with torch==2.13.0 and the
-# project, and the Debian packages zookeeper, redis-server and redis-sentinel when missing.
+# project, and the Debian packages zookeeper, redis-server, redis-sentinel and prometheus when missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -32,12 +32,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# prometheus (and its promtool) serves `shardrec cluster up --prometheus` and the observability
+# tests; --no-install-recommends leaves out the node exporter the package recommends.
 sysdeps:
 	@if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v redis-server >/dev/null 2>&1 || \
-	    ! command -v redis-sentinel >/dev/null 2>&1; then \
-		echo "installing zookeeper, redis-server and redis-sentinel (Debian packages)"; \
+	    ! command -v redis-sentinel >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+		echo "installing zookeeper, redis-server, redis-sentinel and prometheus (Debian packages)"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server redis-sentinel >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeper redis-server redis-sentinel >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	fi
 
 test: setup

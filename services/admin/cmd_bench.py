@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ov.add_argument("--stop-s", type=float, default=4.0, help="how long one shard is SIGSTOPped during the burst (0 = none)")
     ov.add_argument("--deadline-ms", type=float, default=1000.0, help="deadline of each request")
     ov.add_argument("--slo-ms", type=float, default=50.0, help="p99 that defines saturation")
-    ov.add_argument("--sweep-start", type=float, default=60.0, help="first rate of the saturation sweep (req/s)")
+    ov.add_argument("--sweep-start", type=float, default=30.0, help="first rate of the saturation sweep (req/s)")
     ov.add_argument("--frontend-args", default="", help="further flags of the frontend under test, e.g. '--admission off'")
     ov.add_argument("--address", default="", help="drive this frontend instead of starting a cluster (needs --saturation-rps)")
     ov.add_argument("--saturation-rps", type=float, default=None, help="skip the sweep: the 1x rate")

@@ -7,8 +7,10 @@
   Exit 0 when every call succeeded; 1 on a failed step or call; 128 + N on signal N.
 - ``cluster up``: the same cluster, left running; writes ``<workdir>/cluster.json`` and prints
   how to call and stop it. ``--shards-only`` stops after the shards registered (no features,
-  no frontend): for developing a frontend against real shards.
+  no frontend): for developing a frontend against real shards. ``--prometheus`` also starts
+  a Prometheus server scraping every process.
 - ``cluster status``: the processes of the state file and what ZooKeeper says.
+- ``cluster top``: a live view read from the processes' /metrics (``--once``: one frame).
 - ``cluster down``: stop everything in the state file (SIGTERM, then SIGKILL), remove it.
 
 The work is in ``services.localcluster`` (docs/local-cluster.md); this module only parses and
@@ -48,11 +50,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--shards-only", action="store_true", help="start ZooKeeper, Redis and the shards only (no features, no frontend)"
     )
+    up.add_argument("--prometheus", action="store_true",
+                    help="also start a Prometheus server (Debian package) scraping every process, with the alert rules of deploy/prometheus/")
+    up.add_argument("--scrape-interval-s", type=float, default=5.0, help="Prometheus scrape interval (default 5)")
     up.set_defaults(func=_up)
 
     status = sub.add_parser("status", help="show the processes and the ZooKeeper view of a local cluster")
     status.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"the cluster's work directory (default {DEFAULT_WORKDIR})")
     status.set_defaults(func=_status)
+
+    top = sub.add_parser(
+        "top",
+        help="a live view of a running local cluster, read from its processes' /metrics",
+        description="QPS, p50/p99, errors by code, sheds, per shard node Lookup latency and load, versions and the "
+        "feature store, refreshed every --interval-s from the /metrics endpoints of the state file's processes.",
+    )
+    top.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"the cluster's work directory (default {DEFAULT_WORKDIR})")
+    top.add_argument("--interval-s", type=float, default=2.0, help="refresh period; rates are over it (default 2)")
+    top.add_argument("--once", action="store_true", help="print one frame (rates over --interval-s) and exit, for scripts")
+    top.set_defaults(func=_top)
 
     down = sub.add_parser("down", help="stop every process of a local cluster and remove its state file")
     down.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"the cluster's work directory (default {DEFAULT_WORKDIR})")
@@ -100,6 +116,8 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
         shards_only=getattr(args, "shards_only", False),
         tls=args.tls,
         auth=args.auth,
+        prometheus=getattr(args, "prometheus", False),
+        scrape_interval_s=getattr(args, "scrape_interval_s", 5.0),
     )
 
 
@@ -163,6 +181,12 @@ def _status(args: argparse.Namespace) -> int:
     from services.localcluster.status import cluster_status
 
     return cluster_status(Path(args.workdir).resolve(), args.workdir, sys.stdout)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from services.localcluster.top import cluster_top
+
+    return cluster_top(Path(args.workdir).resolve(), interval_s=args.interval_s, once=args.once)
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -18,12 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from services.core.config import FRONTEND_SETTINGS, frontend_config, resolve
+    from services.core.logs import setup_logging
 
     config = frontend_config(resolve(FRONTEND_SETTINGS, args))
-    logging.basicConfig(level=config.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("frontend", config.frontend_id, fmt=config.observability.log_format, level=config.observability.log_level)
     from services.frontend.main import run
 
     return run(config)

@@ -17,12 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from services.core.config import SHARD_SETTINGS, resolve, shard_config
+    from services.core.logs import setup_logging
 
     config = shard_config(resolve(SHARD_SETTINGS, args))
-    logging.basicConfig(level=config.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("shard", config.node_id, fmt=config.observability.log_format, level=config.observability.log_level)
     from services.embedding_shard.main import run
 
     return run(config)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from services.core.logs import LOG_FORMATS
 from services.core.settings import (
     REQUIRED,
     Resolved,
@@ -199,15 +200,29 @@ class KeepaliveConfig:
                                name="keepalive_timeout_ms", ms=True, check=non_negative)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = setting("INFO", "log level", name="log_level", choices=LOG_LEVELS, parse=lambda t: _level(t))
-
-
 def _level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"want one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return text.upper()
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics, traces and logs of one process (docs/observability.md)."""
+
+    metrics_port: int | None = setting(None, "serve Prometheus /metrics on this HTTP port (0 = any free port)", default_text="no endpoint",
+                                       check=tcp_port, metavar="PORT")  # fmt: skip
+    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
+    trace_sample: float = setting(0.01, "head sampling of traces started here, 0..1; needs --otlp-endpoint or --trace-file",
+                                  check=between(0, 1), metavar="RATIO")  # fmt: skip
+    otlp_endpoint: str = setting("", "export spans to this OTLP/gRPC collector", metavar="HOST:PORT")
+    trace_file: str = setting("", "append spans to this file, one JSON object a line", metavar="PATH")
+    log_format: str = setting("text", "log lines as text or JSON", choices=LOG_FORMATS)
+    log_level: str = setting("INFO", "log level", choices=LOG_LEVELS, parse=_level)
+
+    @property
+    def metrics(self) -> bool:
+        return self.metrics_port is not None
 
 
 # -- the processes --------------------------------------------------------------------------
@@ -240,7 +255,7 @@ class ShardConfig:
     tls: TlsConfig = nested(TlsConfig, default=TlsConfig())
     auth: AuthConfig = nested(AuthConfig, default=AuthConfig())
     keepalive: KeepaliveConfig = nested(KeepaliveConfig, default=KeepaliveConfig())
-    log: LogConfig = nested(LogConfig, default=LogConfig())
+    observability: ObservabilityConfig = nested(ObservabilityConfig, default=ObservabilityConfig())
 
 
 def _hedge_delay(text: str) -> float | None:
@@ -324,7 +339,7 @@ class FrontendConfig:
     tls: TlsConfig = nested(TlsConfig, default=TlsConfig())
     auth: AuthConfig = nested(AuthConfig, default=AuthConfig())
     keepalive: KeepaliveConfig = nested(KeepaliveConfig, default=KeepaliveConfig())
-    log: LogConfig = nested(LogConfig, default=LogConfig())
+    observability: ObservabilityConfig = nested(ObservabilityConfig, default=ObservabilityConfig())
 
 
 ZK_SETTINGS = SettingTable.of("zk", ZkConfig, extras=(("zk_auth", ZK_PASSWORD),))

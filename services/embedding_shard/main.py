@@ -34,13 +34,16 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
 from services.core.auth import access_policy
 from services.core.hostport import join_host_port
+from services.core.metrics import ShardMetrics
 from services.core.rpc.probe import holder_probe
 from services.core.rpc.readiness import Readiness
 from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_sync_server, tune_allocator
+from services.core.telemetry import Telemetry
 from services.core.tls import TlsMaterial
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
 from services.embedding_shard.meter import LoadMeter
+from services.embedding_shard.observe import LookupObserver, shard_reading
 from services.embedding_shard.partition_manager import PartitionManager
 from services.embedding_shard.reconciler import Reconciler
 from services.embedding_shard.servicer import EmbeddingShardServicer, add_to_server
@@ -164,7 +167,11 @@ def run(config: ShardConfig) -> int:
     limits = LookupLimits.of(config)
     instance_id = new_instance_id()
     readiness = Readiness(("loaded",))
-    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version)
+    telemetry = Telemetry(config.observability, role="shard", node=config.node_id)
+    metrics = ShardMetrics(telemetry.registry, lambda: shard_reading(store, versions, view.version()), enabled=telemetry.metrics_on)
+    versions.on_load_time = metrics.version_loaded
+    observer = LookupObserver(config.node_id, metrics, telemetry.tracing.tracer)
+    servicer = EmbeddingShardServicer(config.node_id, store, limits=limits, map_version=view.version, observer=observer)
     server = start_sync_server(
         config.host,
         config.port,
@@ -182,6 +189,9 @@ def run(config: ShardConfig) -> int:
     log.info("node %s (instance %s) listening on %s, loading %d partition(s) at version %d", config.node_id, instance_id, address,
              len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
+    metrics_address = telemetry.serve_metrics()
+    if metrics_address:
+        print(f"METRICS {config.node_id} {metrics_address}", flush=True)
     t0 = time.monotonic()
     loaders = loaders_for(reader, version, pids)
     if config.verify_checksums:
@@ -189,11 +199,13 @@ def run(config: ShardConfig) -> int:
     weights = load_rows(loaders, Throttle(config.load_rate_bytes_s, stop))
     if weights is not None:
         store.install(version, weights)
+        metrics.version_loaded(time.monotonic() - t0)
         log.info("node %s loaded in %.2fs", config.node_id, time.monotonic() - t0)
     if weights is None or stop.is_set():  # asked to stop while loading: never register
         server.stop(0)
         zk.stop()
         zk.close()
+        telemetry.close()
         return 0
     readiness.set("loaded", True)
 
@@ -222,5 +234,6 @@ def run(config: ShardConfig) -> int:
     server.stop(config.grace_s)
     zk.stop()
     zk.close()
+    telemetry.close()
     log.info("node %s stopped", config.node_id)
     return 0

@@ -20,6 +20,7 @@ from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
 from services.embedding_shard.limits import MAX_ABS_WEIGHT, DeclaredGroup, LookupLimits
+from services.embedding_shard.observe import LookupObserver, LookupScope
 from services.embedding_shard.snapshot import BagGroup
 from services.embedding_shard.store import TableStore
 
@@ -86,16 +87,25 @@ class EmbeddingShardServicer:
     the serialized request (``add_to_server`` registers them with a passthrough deserializer,
     so a malformed body is answered here, as INVALID_ARGUMENT)."""
 
-    def __init__(self, node_id: str, store: TableStore, *, limits: LookupLimits, map_version: Callable[[], int]) -> None:
+    def __init__(self, node_id: str, store: TableStore, *, limits: LookupLimits, map_version: Callable[[], int],
+                 observer: LookupObserver | None = None) -> None:
         self._node_id = node_id
         self._store = store
         self._limits = limits
         self._map_version = map_version
         self._dims = {name: spec.dim for name, spec in store.specs.items()}
+        self._obs = observer or LookupObserver.off(node_id)
 
     @handle_errors
     def Lookup(self, payload: bytes, context) -> bytes:
-        """Answers the serialized LookupResponse (written by ``wire.encode_lookup_response``)."""
+        """Answers the serialized LookupResponse (written by ``wire.encode_lookup_response``),
+        observed (``observe.LookupObserver``: its span, latency by status code, failure line)."""
+        with self._obs.lookup(context.invocation_metadata(), len(payload)) as scope:
+            answer = self._lookup(payload, scope)
+            scope.answered(len(answer))
+            return answer
+
+    def _lookup(self, payload: bytes, scope: LookupScope) -> bytes:
         request = parse(embedding_pb2.LookupRequest, payload)
         out_dtype = _OUTPUT.get(request.output_dtype)
         if out_dtype is None:
@@ -107,7 +117,9 @@ class EmbeddingShardServicer:
         # Any map version is served while the rows are held (a rebalance moves partitions while
         # frontends route with the previous or the next map); 0 = the caller routes by this
         # node's layout, so a partition or id that does not fit it is the caller's error.
-        pooled = self._store.lookup(groups, version=request.version, map_version=request.shard_map_version, out_dtype=out_dtype)
+        scope.groups(groups)
+        with scope.pooling():
+            pooled = self._store.lookup(groups, version=request.version, map_version=request.shard_map_version, out_dtype=out_dtype)
         return wire.encode_lookup_response(pooled.version, self._map_version(), pooled.results)
 
     @handle_errors

@@ -31,6 +31,7 @@ class HeldPartition:
     spec: TableSpec
     lookups: int = 0
     ids: int = 0
+    bags: int = 0
 
     @property
     def num_partitions(self) -> int:
@@ -105,6 +106,7 @@ class PartitionVersion:
         merged (sums add, means divide once, max is elementwise)."""
         self.table.lookups += 1
         self.table.ids += len(local)
+        self.table.bags += len(lengths)
         ov = self.overlay
         if ov is None or len(ov.local_ids) == 0 or len(local) == 0:
             return pooling.pool(self.weight, local, lengths, pooling_type, weights)

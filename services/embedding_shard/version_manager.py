@@ -73,6 +73,9 @@ class VersionManager:
         self.loading: Version | None = None
         self.load_error: LoadError | None = None
         self.last_load_s: float | None = None
+        self.loads = 0  # versions loaded (or promoted), for the metrics
+        self.refusals = 0  # targets refused
+        self.on_load_time: Callable[[float], None] = lambda _s: None  # each load's duration, refused ones too
 
     # -- any thread (kazoo watches) -------------------------------------------------------------
     def set_target(self, version: Version | None) -> None:
@@ -88,6 +91,11 @@ class VersionManager:
     def set_frontend_versions(self, versions: Iterable[Version]) -> None:
         self._frontend_versions = frozenset(versions)
         self._wake()
+
+    @property
+    def target(self) -> Version | None:
+        """The target version last published (None before any)."""
+        return self._target
 
     def status(self) -> dict[str, Any]:
         """What the node's znode reports about versions, beyond ``versions_ready``: its
@@ -118,11 +126,15 @@ class VersionManager:
         except (ShardrecError, OSError, ValueError) as e:
             with self._lock:
                 self._refused = target
+            self.refusals += 1
+            self.on_load_time(time.monotonic() - t0)
             self.load_error = LoadError(target, str(e))
             log.error("refused version %d, still serving %d: %s", target, self._store.primary, e)
         else:
             self.load_error = None
             self.last_load_s = time.monotonic() - t0
+            self.loads += 1
+            self.on_load_time(self.last_load_s)
             log.info("version %d ready in %.2fs (versions held: %s)", target, self.last_load_s, self._store.versions_ready)
         finally:
             self.loading = None

@@ -34,9 +34,9 @@ class AdmissionPolicy:
     initial_limit: int = 64
     min_limit: int = 4
     max_limit: int = 1024
-    window_s: float = 0.2  # the limit moves at most once per window
-    min_window_samples: int = 8
-    quantile: float = 0.95  # the latency quantile held at or under the target
+    window_s: float = 0.5  # the limit moves at most once per window
+    min_window_samples: int = 20
+    quantile: float = 0.99  # the latency quantile held at or under the target
     grow_when_used: float = 0.75  # grow only if in-flight reached this fraction of the limit
 
     def __post_init__(self) -> None:
@@ -291,17 +291,9 @@ class Admission:
         """How long the refusal took in this process, from the call's arrival."""
         self._shed_times.add(seconds)
 
-    def counters(self) -> dict[str, int]:
-        """GetStats names: counters, and the gauges ``admission_limit``, ``in_flight`` and
-        ``shed_p99_us`` (server-side time to refuse, over the last 256 refusals)."""
-        p99 = self._shed_times.quantile(0.99)
-        return {
-            "admitted": self.admitted,
-            **{f"shed_{reason}": n for reason, n in self.shed.items()},
-            "admission_limit": self.limit.value,
-            "in_flight": self.in_flight,
-            "shed_p99_us": 0 if p99 is None else int(p99 * 1e6),
-        }
+    def shed_p99_s(self) -> float | None:
+        """Server-side time to refuse, p99 over the last 256 refusals (None before any)."""
+        return self._shed_times.quantile(0.99)
 
     def _shed(self, reason: str, message: str, retry_after_s: float, now: float) -> Shed:
         self.shed[reason] += 1

@@ -54,6 +54,8 @@ class Pending:
     request: RecRequest
     deadline: float
     abandoned: bool = False
+    arrived: float = 0.0  # time.monotonic() of its arrival (its queue wait is timed from it)
+    span: object = None  # its request span (opentelemetry), linked from its batch's span
 
     def dead(self, now: float) -> bool:
         return self.abandoned or self.deadline <= now

@@ -93,7 +93,7 @@ class FeatureStoreClient:
         self.on_change: Callable[[], None] | None = None
         self._reported = FeatureStoreState.OK
         self.last_answer_at = float("-inf")  # time.monotonic() of the last answer from Redis
-        # Counters (GetStats names in ``counters``).
+        # Counters (their metrics and GetStats names: services/core/metrics/frontend.py).
         self.round_trips = 0  # batch MGETs answered
         self.keys_read = 0  # record keys in them (the marker not counted)
         self.marker_reads = 0  # GETs of the marker alone (start, idle checks)
@@ -254,20 +254,3 @@ class FeatureStoreClient:
             self._reported = state
             if self.on_change is not None:
                 self.on_change()
-
-    def counters(self) -> dict[str, int]:
-        """GetStats names: gauges ``feature_store_state`` (FeatureStoreState),
-        ``feature_store_generation`` (0: none seen) and ``redis_breaker_open``; the rest count."""
-        return {
-            "feature_store_state": int(self.state),
-            "feature_store_generation": 0 if self.marker is None else self.marker.generation,
-            "feature_store_lost_total": self.lost_total,
-            "feature_store_switches": self.switches,
-            "feature_store_marker_reads": self.marker_reads,
-            "feature_store_defaults_batches": self.defaults_served,
-            "redis_timeouts": self.timeouts,
-            "redis_errors": self.errors,
-            "redis_fast_failures": self.fast_failures,
-            "redis_breaker_opens": self.breaker.times_opened,
-            "redis_breaker_open": int(self.breaker.open_until is not None),
-        }

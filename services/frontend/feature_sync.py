@@ -174,6 +174,3 @@ class FeatureSync:
             await asyncio.gather(self._reloading, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-
-    def counters(self) -> dict[str, int]:
-        return {"feature_syncs": self.reloads, "feature_sync_failures": self.reload_failures}

@@ -28,6 +28,7 @@ from services.core.auth import Access, AccessPolicy, bearer
 from services.core.errors import InvalidArgumentError, ResourceExhaustedError
 from services.core.rpc.errors import http_error
 from services.core.tls import TlsMaterial
+from services.core.tracing import extract
 from services.frontend.openapi import TIMEOUT_HEADER, document
 from services.frontend.recommender import Recommender
 from services.frontend.servicer import caller_of, to_response
@@ -148,7 +149,8 @@ class RestEndpoint:
             except web.HTTPRequestEntityTooLarge:
                 too_big = ResourceExhaustedError(f"request body is over this frontend's cap of {self._max_request_bytes} bytes")
                 return _error(too_big, http=413)
-            rec = await self._recommender.recommend(parse_json_request(body), timeout_s=timeout_s, caller=caller)
+            parent = extract([(k.lower(), v) for k, v in request.headers.items()])  # a W3C traceparent header
+            rec = await self._recommender.recommend(parse_json_request(body), timeout_s=timeout_s, caller=caller, parent=parent)
         except Exception as e:  # noqa: BLE001 - the edge: every failure becomes an HTTP error
             return _error(e)
         body = json_format.MessageToJson(to_response(rec), always_print_fields_with_no_presence=True, indent=None)

@@ -26,8 +26,10 @@ from services.core.discovery.zk_paths import ZkPaths
 from services.core.auth import access_policy
 from services.core.errors import ShardrecError
 from services.core.hostport import join_host_port
+from services.core.metrics import FrontendMetrics
 from services.core.rpc.readiness import Readiness
 from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_aio_server, tune_allocator
+from services.core.telemetry import Telemetry
 from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
@@ -37,6 +39,7 @@ from services.frontend.feature_sync import FeatureSync, ReloadSource
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import LookupClient
 from services.frontend.lookup.inproc import InprocLookupClient
+from services.frontend.observe import Observer, frontend_reading
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.readiness import CLUSTER_VIEW, FEATURE_STORE, LOADED, ViewReadiness, view_grace_s
 from services.frontend.recommender import DegradePolicy, Recommender
@@ -52,7 +55,7 @@ LIVE = ("shardrec.v1.FrontendAdmin",)
 FEATURE_STORE_HEALTH = "shardrec.feature_store"
 
 
-async def _connect_cluster(config: FrontendConfig, loop, tls):  # noqa: ANN001
+async def _connect_cluster(config: FrontendConfig, loop, observer: Observer, tls):  # noqa: ANN001
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
@@ -83,7 +86,7 @@ async def _connect_cluster(config: FrontendConfig, loop, tls):  # noqa: ANN001
 
     keepalive = keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=False)
     channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth), options=keepalive)
-    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy)
+    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy, observer=observer)
     return zk, paths, view, reader, lookup
 
 
@@ -168,6 +171,9 @@ async def serve(config: FrontendConfig) -> int:
 
     tls = TlsMaterial(config.tls) if config.tls.enabled else None
     access = access_policy(config.auth, mtls=False)  # files read now: a bad one fails the start
+    telemetry = Telemetry(config.observability, role="frontend", node=config.frontend_id)
+    metrics = FrontendMetrics(telemetry.registry, enabled=telemetry.metrics_on)
+    observer = Observer(metrics, telemetry.tracing.tracer)
     zk = view = paths = kv_redis = None
     lookup: LookupClient
     if config.inproc_checkpoint or config.lookup == "inproc":
@@ -179,7 +185,7 @@ async def serve(config: FrontendConfig) -> int:
         version = reader.latest_version()
         lookup, kv_redis = await _baseline_lookup(config, reader, version)
     else:
-        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, tls)
+        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, observer, tls)
         version = view.serving_version
     spec = reader.manifest(version).model
     scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
@@ -197,7 +203,7 @@ async def serve(config: FrontendConfig) -> int:
             await prep.store.refresh()
         except ShardrecError as e:
             log.warning("feature store at start: %s", e)
-    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version)
+    pipeline = RecommendPipeline(spec, prep, lookup, scorer, version, observer)
     estimate = ServiceEstimate(in_flight_batches=config.max_in_flight_batches)
 
     async def process(items: list[Pending]) -> list:
@@ -221,10 +227,12 @@ async def serve(config: FrontendConfig) -> int:
     recommender = Recommender(
         prep.validator, pipeline, batcher, _admission(config, estimate),
         default_timeout_s=config.default_timeout_s, degrade=DegradePolicy(max_candidates=config.degrade_max_candidates),
+        observer=observer,
     )  # fmt: skip
-    servicer = RecommenderServicer(recommender)
     sync: FeatureSync | None = None
-    admin = FrontendAdminServicer(recommender, view, more=[lambda: {} if sync is None else sync.counters()])
+    metrics.read = lambda: frontend_reading(recommender, lookup, view, sync)
+    servicer = RecommenderServicer(recommender)
+    admin = FrontendAdminServicer(telemetry.registry)
     instance_id = new_instance_id()
     readiness = Readiness((LOADED, *((CLUSTER_VIEW,) if view is not None else ()), *((FEATURE_STORE,) if redis is not None else ())))
     server = await start_aio_server(
@@ -253,6 +261,9 @@ async def serve(config: FrontendConfig) -> int:
         rest = RestEndpoint(recommender, ready, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
         http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
         print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
+    metrics_address = telemetry.serve_metrics()
+    if metrics_address:
+        print(f"METRICS frontend {metrics_address}", flush=True)
     tasks = []
     if view is not None:
         view_readiness = ViewReadiness(view, readiness, lambda: pipeline.version, view_grace_s(config.zk.session_timeout_s))
@@ -310,6 +321,7 @@ async def serve(config: FrontendConfig) -> int:
     if zk is not None:
         await loop.run_in_executor(None, zk.stop)
         zk.close()
+    telemetry.close()
     return 0
 
 

@@ -14,14 +14,17 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+from opentelemetry import trace
 
 from services._proto.shardrec.v1 import recommend_pb2
 from services.core.checkpoint.manifest import ModelSpec
 from services.core.errors import DeadlineExceededError, ShardrecError
+from services.core.metrics import FEATURE_STORE_FAILURES, FrontendReading
 from services.core.types import FeatureSide, Version
 from services.frontend.batch import Pending, PreparedBatch, RecRequest, Recommendation, unique_bags
 from services.frontend.features import FeaturePrep
 from services.frontend.lookup import FeatureLookup, LookupClient
+from services.frontend.observe import Observer
 from services.frontend.scoring import score_and_rank
 from services.ranker.scorer import Scorer
 
@@ -45,8 +48,10 @@ class ServingModel:
 
 
 class RecommendPipeline:
-    def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, scorer: Scorer, version: Version) -> None:
+    def __init__(self, spec: ModelSpec, prep: FeaturePrep, lookup: LookupClient, scorer: Scorer, version: Version,
+                 observer: Observer | None = None) -> None:
         self.spec = spec
+        self._obs = observer or Observer.off()
         self.prep = prep
         self.lookup = lookup
         self.model = ServingModel(version, scorer)
@@ -73,9 +78,17 @@ class RecommendPipeline:
         Lookup or forward pass is spent on them; a failure that may belong to one request
         (bad input the validation could not see, a bug) is isolated by splitting the batch."""
         results: dict[int, Recommendation | BaseException] = {}
-        live = self._alive(items, results, "queued")
-        if live:
-            await self._isolated(live, results)
+        obs = self._obs
+        obs.metrics.batch(len(items))
+        obs.queued(items, time.monotonic())
+        span = obs.batch_span([p.span for p in items])
+        try:
+            with trace.use_span(span, end_on_exit=False):  # the parent of the batch's stage and Lookup spans
+                live = self._alive(items, results, "queued")
+                if live:
+                    await self._isolated(live, results)
+        finally:
+            span.end()
         return [results[id(p)] for p in items]
 
     def _alive(self, items: list[Pending], results: dict, stage: str) -> list[Pending]:
@@ -108,7 +121,8 @@ class RecommendPipeline:
 
     async def _run(self, items: list[Pending], results: dict) -> None:
         model = self.model  # one version for the whole batch: lookups and dense weights
-        batch = await self.prep.prepare([p.request for p in items], deadline=max(p.deadline for p in items))
+        with self._obs.stage("features"):
+            batch = await self.prep.prepare([p.request for p in items], deadline=max(p.deadline for p in items))
         live = self._alive(items, results, "after_features")
         if not live:
             return
@@ -118,13 +132,15 @@ class RecommendPipeline:
         features, twins = self._feature_lookups(batch)
         deadline = max(p.deadline for p in live)
         tag = f"batch-{next(self._batch_ids)}"  # never a caller's string: one batch serves many callers
-        result = await self.lookup.lookup(features, version=model.version, timeout_s=deadline - time.monotonic(), request_id=tag)
+        with self._obs.stage("lookup"):
+            result = await self.lookup.lookup(features, version=model.version, timeout_s=deadline - time.monotonic(), request_id=tag)
         scoring = self._alive(live, results, "after_lookup")
         if not scoring:
             return
         kept = {id(p) for p in scoring}
         keep = None if len(scoring) == len(live) else [i for i, p in enumerate(live) if id(p) in kept]
-        answers = await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep)
+        with self._obs.stage("score"):
+            answers = await score_and_rank(model.scorer, self.spec, batch, result, twins, keep=keep)
         now = time.monotonic()
         for p, rec in zip(scoring, answers, strict=True):
             if batch.feature_defaults:
@@ -146,33 +162,21 @@ class RecommendPipeline:
             features.append(FeatureLookup(f.name, f.table, f.pooling, unique, f.side))
         return features, twins
 
-    def counters(self) -> dict[str, int]:
-        """Feature prep, bag dedup and lookup counters (``FrontendAdmin.GetStats`` names)."""
-        prep, lk = self.prep, self.lookup.stats
-        return {
-            "item_ids_requested": prep.item_ids_requested,
-            "item_ids_unique": prep.item_ids_unique,
-            "redis_round_trips": prep.redis_round_trips,
-            "batch_splits": self.batch_splits,
-            "answered_too_late": self.answered_too_late,
-            "degraded_feature_defaults": self.degraded_feature_defaults,
-            **prep.store.counters(),
-            **{f"dropped_{stage}": n for stage, n in self.dropped.items()},
-            "bags_requested": self.bags_requested,
-            "bags_looked_up": self.bags_looked_up,
-            "lookup_batches": lk.batches,
-            "lookup_rpcs": lk.rpcs,
-            "lookup_failovers": lk.failovers,
-            "lookup_reroutes": lk.reroutes,
-            "lookup_hedges": lk.hedges,
-            "lookup_hedge_wins": lk.hedge_wins,
-            "lookup_hedges_cancelled": lk.hedges_cancelled,
-            "lookup_stall_retries": lk.stall_retries,
-            "lookup_ejections": lk.ejections,
-            "lookup_ids_sent": lk.ids_sent,
-            "lookup_request_bytes": lk.request_bytes,
-            "lookup_response_bytes": lk.response_bytes,
-            **{f"wire_bytes_{side}": n for side, n in lk.wire_bytes_by_side.items()},
-            **{f"node_rpcs_{node}": n for node, n in lk.per_node_rpcs.items()},  # hedges included
-            **{f"node_ejections_{node}": n for node, n in lk.per_node_ejections.items()},
-        }
+    def fill(self, r: FrontendReading) -> None:
+        """Feature prep, bag dedup and batch-failure counters into ``r`` (``core.metrics``)."""
+        prep = self.prep
+        r.item_ids_requested, r.item_ids_unique = prep.item_ids_requested, prep.item_ids_unique
+        r.feature_store_round_trips = prep.redis_round_trips
+        r.batch_splits, r.wasted = self.batch_splits, self.answered_too_late
+        r.dropped.update(self.dropped)
+        r.bags_requested, r.bags_looked_up = self.bags_requested, self.bags_looked_up
+        r.model_version = self.model.version
+        r.degraded["feature_defaults"] = self.degraded_feature_defaults
+        st = prep.store
+        r.feature_store = st.state.name.lower() if st.configured else "none"
+        r.feature_store_generation = 0 if st.marker is None else st.marker.generation
+        r.feature_store_lost, r.feature_store_switches, r.feature_store_marker_reads = st.lost_total, st.switches, st.marker_reads
+        r.feature_store_default_batches = st.defaults_served
+        r.feature_store_failures = dict(zip(FEATURE_STORE_FAILURES, (st.timeouts, st.errors, st.fast_failures), strict=True))
+        r.feature_store_breaker_opens = st.breaker.times_opened
+        r.feature_store_breaker_open = st.breaker.open_until is not None

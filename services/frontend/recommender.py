@@ -17,12 +17,16 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+from opentelemetry.context import Context
+
 from services._proto.shardrec.v1 import recommend_pb2
 from services.core.errors import DeadlineExceededError, ResourceExhaustedError
+from services.core.metrics import FrontendReading
 from services.core.types import Version
 from services.frontend.admission import Admission
 from services.frontend.batch import Pending, RecRequest, Recommendation
 from services.frontend.batching import MicroBatcher
+from services.frontend.observe import Observer
 from services.frontend.pipeline import RecommendPipeline
 from services.frontend.validate import RequestValidator, clean_request_id
 
@@ -55,6 +59,7 @@ class Recommender:
         *,
         default_timeout_s: float,
         degrade: DegradePolicy = DegradePolicy(),
+        observer: Observer | None = None,
     ) -> None:
         self._validator = validator
         self._pipeline = pipeline
@@ -62,6 +67,7 @@ class Recommender:
         self._admission = admission
         self._default_timeout_s = default_timeout_s
         self._degrade = degrade
+        self._obs = observer or Observer.off()
         self.request_ids_replaced = 0
         self.degraded_candidates_capped = 0
 
@@ -71,37 +77,41 @@ class Recommender:
         return self._pipeline.version
 
     async def recommend(
-        self, request: recommend_pb2.RecommendRequest, *, timeout_s: float | None = None, caller: str = ANONYMOUS
+        self, request: recommend_pb2.RecommendRequest, *, timeout_s: float | None = None, caller: str = ANONYMOUS,
+        parent: Context | None = None,
     ) -> Recommendation:
         """The top-k of ``request`` within ``timeout_s`` (None: the default timeout), for
-        ``caller`` (the identity per-caller limits apply to). Raises InvalidArgumentError (bad
-        request), ResourceExhaustedError (shed; with ``retry_after_s``), and
-        DeadlineExceededError when the deadline passes first."""
+        ``caller`` (the identity per-caller limits apply to); ``parent``: the caller's trace
+        context, if it sent one. Raises InvalidArgumentError (bad request),
+        ResourceExhaustedError (shed; with ``retry_after_s``), and DeadlineExceededError when
+        the deadline passes first; every error's message ends with the request and trace ids."""
         t0 = time.monotonic()
-        remaining = self._default_timeout_s if timeout_s is None else timeout_s
-        if clean_request_id(request.request_id) is None:
-            if request.request_id:
-                self.request_ids_replaced += 1
-                log.info("replacing an unusable request id (%d chars, not printable ASCII or too long)", len(request.request_id))
-            request.request_id = uuid.uuid4().hex
-        req = self._validator.validate(request)  # bad input never joins a batch
-        shed = self._admission.check(caller, remaining, self._batcher.queued, t0)
-        if shed is not None:
-            self._admission.record_shed_time(time.monotonic() - t0)
-            raise ResourceExhaustedError(f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms", retry_after_s=shed.retry_after_s)
-        req, reasons = self._maybe_degrade(req, t0)
-        pending = Pending(req, t0 + remaining)
-        try:
-            rec = await asyncio.wait_for(self._batcher.submit(pending), remaining)
-        except TimeoutError:
-            raise DeadlineExceededError(
-                f"request {req.request_id!r} did not finish within its deadline of {remaining * 1e3:.0f} ms"
-            ) from None
-        finally:
-            pending.abandoned = True  # answered, failed, timed out or cancelled: nothing more to do for it
-            now = time.monotonic()
-            self._admission.finished(now - t0, now)
-        return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
+        with self._obs.request(parent, t0) as scope:
+            remaining = self._default_timeout_s if timeout_s is None else timeout_s
+            if clean_request_id(request.request_id) is None:
+                if request.request_id:
+                    self.request_ids_replaced += 1
+                    log.info("replacing an unusable request id (%d chars, not printable ASCII or too long)", len(request.request_id))
+                request.request_id = uuid.uuid4().hex
+            scope.named(request.request_id)
+            req = self._validator.validate(request)  # bad input never joins a batch
+            shed = self._admission.check(caller, remaining, self._batcher.queued, t0)
+            if shed is not None:
+                self._admission.record_shed_time(time.monotonic() - t0)
+                raise ResourceExhaustedError(f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms", retry_after_s=shed.retry_after_s)
+            req, reasons = self._maybe_degrade(req, t0)
+            pending = Pending(req, t0 + remaining, arrived=t0, span=scope.span)
+            try:
+                rec = await asyncio.wait_for(self._batcher.submit(pending), remaining)
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"request {req.request_id!r} did not finish within its deadline of {remaining * 1e3:.0f} ms"
+                ) from None
+            finally:
+                pending.abandoned = True  # answered, failed, timed out or cancelled: nothing more to do for it
+                now = time.monotonic()
+                self._admission.finished(now - t0, now)
+            return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
 
     def _maybe_degrade(self, req: RecRequest, now: float) -> tuple[RecRequest, tuple[int, ...]]:
         d = self._degrade
@@ -111,19 +121,24 @@ class Recommender:
         capped = replace(req, candidates=req.candidates[: d.max_candidates], top_k=min(req.top_k, d.max_candidates))
         return capped, (recommend_pb2.DEGRADED_CANDIDATES_CAPPED,)
 
-    def counters(self) -> dict[str, int]:
-        """Admission, batcher and pipeline counters, by their ``FrontendAdmin.GetStats`` names."""
+    def reading(self) -> FrontendReading:
+        """Admission, batcher and pipeline counters and levels (``core.metrics``)."""
         b, a = self._batcher.stats, self._admission
-        return {
-            **a.counters(),
-            "request_ids_replaced": self.request_ids_replaced,
-            "degraded_candidates_capped": self.degraded_candidates_capped,
-            "batches": b.batches,
-            "requests_batched": b.items,
-            "multi_request_batches": b.multi_item_batches,
-            "largest_batch": b.largest_batch,
-            "rejected_queue_full": b.rejected_full,
-            "dropped_gone": b.dropped_gone,
-            "queued": self._batcher.queued,
-            **self._pipeline.counters(),
-        }
+        p99 = a.shed_p99_s()
+        r = FrontendReading(
+            admitted=a.admitted,
+            shed={**a.shed, "queue_full": b.rejected_full},
+            dropped={"batching": b.dropped_gone},
+            request_ids_replaced=self.request_ids_replaced,
+            degraded={"candidates_capped": self.degraded_candidates_capped},
+            batches=b.batches,
+            batched_requests=b.items,
+            multi_request_batches=b.multi_item_batches,
+            largest_batch=b.largest_batch,
+            queued=self._batcher.queued,
+            in_flight=a.in_flight,
+            admission_limit=a.limit.value,
+            shed_p99_s=0.0 if p99 is None else p99,
+        )
+        self._pipeline.fill(r)
+        return r

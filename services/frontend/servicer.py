@@ -3,14 +3,15 @@ encode. Errors become statuses in ``services.core.rpc.errors``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.errors import InvalidArgumentError
+from services.core.metrics import LEGACY_GAUGES, frontend_stats
 from services.core.rpc.auth import current_caller
 from services.core.rpc.errors import handle_errors
+from services.core.tracing import extract
 from services.frontend.batch import Recommendation
 from services.frontend.recommender import ANONYMOUS, Recommender
 from services.frontend.validate import clean_request_id
@@ -44,8 +45,11 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
 
     @handle_errors
     async def Recommend(self, request: bytes, context) -> recommend_pb2.RecommendResponse:
-        caller = current_caller() or caller_of(context.invocation_metadata())
-        rec = await self._recommender.recommend(parse_request(request), timeout_s=context.time_remaining(), caller=caller)
+        metadata = context.invocation_metadata()
+        caller = current_caller() or caller_of(metadata)
+        rec = await self._recommender.recommend(
+            parse_request(request), timeout_s=context.time_remaining(), caller=caller, parent=extract(metadata)
+        )
         return to_response(rec)
 
 
@@ -77,20 +81,19 @@ def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:
 
 
 class FrontendAdminServicer(recommend_pb2_grpc.FrontendAdminServicer):
-    """Counters of admission, the batcher, feature prep and the lookup step, and those of
-    ``more`` (callables returning counters by name); with a cluster ``view``, also
-    ``view_live_nodes`` (a gauge: shard nodes the frontend sees registered)."""
+    """Counters and gauges of admission, the batcher, feature prep and the lookup step, read
+    from the process's Prometheus ``registry`` (``core.metrics.frontend_stats``)."""
 
-    def __init__(self, recommender: Recommender, view=None, more: Sequence[Callable[[], dict[str, int]]] = ()) -> None:
-        self._recommender = recommender
-        self._view = view
-        self._more = tuple(more)
+    def __init__(self, registry) -> None:
+        self._registry = registry
 
     @handle_errors
     async def GetStats(self, request, context) -> recommend_pb2.GetStatsResponse:
-        counters = self._recommender.counters()
-        for more in self._more:
-            counters.update(more())
-        if self._view is not None:
-            counters["view_live_nodes"] = len(self._view.nodes)
-        return recommend_pb2.GetStatsResponse(counters=counters, version=self._recommender.version)
+        counters, gauges = frontend_stats(self._registry)
+        legacy = {k: int(round(gauges[k])) for k in LEGACY_GAUGES if k in gauges}  # older readers
+        return recommend_pb2.GetStatsResponse(
+            counters={**counters, **legacy},
+            gauges=gauges,
+            version=int(gauges["model_version"]),
+            shard_map_version=int(gauges["shard_map_version"]),
+        )

@@ -47,6 +47,13 @@ class LocalClusterConfig:
     # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
     # admission settings for every system compared).
     frontend_args: tuple[str, ...] = ()
+    # Observability (docs/observability.md): every shard and frontend serves /metrics; with
+    # ``prometheus`` a Prometheus server scrapes them every ``scrape_interval_s``;
+    # ``service_args`` are further flags for every shard and frontend (e.g. tracing).
+    metrics: bool = True
+    prometheus: bool = False
+    scrape_interval_s: float = 5.0
+    service_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from services.core.checkpoint.storage import absolute_uri
@@ -63,6 +70,10 @@ class LocalClusterConfig:
             raise ConfigError(f"--cluster must be non-empty and contain no '/', got {self.cluster!r}")
         if self.start_timeout_s <= 0 or self.stop_grace_s < 0:
             raise ConfigError("--start-timeout-s must be > 0 and --stop-grace-s >= 0")
+        if self.prometheus and not self.metrics:
+            raise ConfigError("--prometheus needs the processes' /metrics endpoints")
+        if self.scrape_interval_s <= 0:
+            raise ConfigError(f"--scrape-interval-s must be > 0, got {self.scrape_interval_s}")
 
     @property
     def pki_dir(self) -> Path:

@@ -204,7 +204,13 @@ def call_instructions(state: ClusterState, workdir_arg: str) -> str:
             ]
     else:
         lines += [f"cluster {state.cluster!r} without a frontend: ZooKeeper {state.zk}, Redis {state.redis_url} (prefix {state.redis_prefix!r})", ""]
+    scraped = [p for p in state.processes if p.metrics]
+    if state.prometheus:
+        lines += [f"Prometheus at {state.prometheus} (scraping {len(scraped)} processes; alert rules from deploy/prometheus/alerts.yml)", ""]
+    elif scraped:
+        lines += [f"metrics: {', '.join(f'{p.name} http://{p.metrics}/metrics' for p in scraped)}", ""]
     lines += [
+        f"watch:   shardrec cluster top --workdir {workdir_arg}",
         f"inspect: shardrec cluster status --workdir {workdir_arg}",
         f"         shardrec placement show --zk {state.zk} --cluster {state.cluster}",
         f"logs:    {Path(state.workdir) / 'logs'}/",

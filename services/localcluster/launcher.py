@@ -8,7 +8,6 @@ Main thread only. Heavy imports (kazoo, grpc, numpy, psutil) happen inside funct
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -20,12 +19,16 @@ from services.core.config import child_env
 from services.core.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError
 from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
+from services.localcluster.prometheus import PrometheusServer, write_targets
 from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
 from services.localcluster.security import LocalSecurity
 from services.localcluster.processes import (
     SignalGuard,
+    parse_http,
+    parse_ready,
     process_alive,
     process_start_time,
+    read_log,
     shardrec_argv,
     stop_processes,
     stop_recorded,
@@ -34,6 +37,7 @@ from services.localcluster.state import (
     ROLE_FRONTEND,
     ROLE_JOB,
     ROLE_LAUNCHER,
+    ROLE_PROMETHEUS,
     ROLE_REDIS,
     ROLE_SHARD,
     ROLE_ZOOKEEPER,
@@ -53,25 +57,6 @@ if TYPE_CHECKING:
 LOG_TAIL_CHARS = 3000
 # Step of the polling loops below (each checks a condition; none waits for time to pass).
 _POLL_S = 0.05
-
-
-def parse_ready(text: str, role: str) -> str | None:
-    """The address in the first ``READY <role> <addr>`` line of a process's output, or None."""
-    m = re.search(rf"^READY {re.escape(role)} (\S+)\s*$", text, re.MULTILINE)
-    return m.group(1) if m else None
-
-
-def parse_http(text: str) -> str:
-    """The REST address in a frontend's ``HTTP frontend <addr>`` line, or ""."""
-    m = re.search(r"^HTTP frontend (\S+)\s*$", text, re.MULTILINE)
-    return m.group(1) if m else ""
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 class LocalCluster:
@@ -109,6 +94,7 @@ class LocalCluster:
         self._zk: "KazooClient | None" = None
         self._state_written = False
         self.security = LocalSecurity(config)
+        self._targets: Path | None = None  # Prometheus's file_sd targets, rewritten with the state
         self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
     # -- bring-up ------------------------------------------------------------------------
@@ -139,6 +125,11 @@ class LocalCluster:
         redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"), password=self.security.redis_password)
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
+        if cfg.prometheus:
+            prom = PrometheusServer(cfg.workdir / "prometheus", scrape_interval_s=cfg.scrape_interval_s, log_path=self._fresh_log("prometheus"))
+            self._targets = prom.targets_path
+            self._start_server(prom, f"starting Prometheus on {prom.url}", ROLE_PROMETHEUS, f"127.0.0.1:{prom.port}")
+            self.state.prometheus = prom.url
         self._save()
 
         from services.core.clients import make_kazoo
@@ -154,7 +145,9 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard", node)],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard", node),
+                     *cfg.service_args],
+                    metrics=cfg.metrics,
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
         self._run_job(
@@ -283,7 +276,7 @@ class LocalCluster:
     def _start_frontend(self, zk_hosts: str, redis_url: str) -> None:
         address = self.start_frontend("frontend")
         self.state.frontend = address
-        self.state.http = parse_http(_read(self.config.logs_dir / "frontend.log"))
+        self.state.http = parse_http(read_log(self.config.logs_dir / "frontend.log"))
         self._save()
 
     def start_frontend(self, name: str, extra_args: Sequence[str] = (), port: int | None = None) -> str:
@@ -298,15 +291,16 @@ class LocalCluster:
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
-                 "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
-                 "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0", "--torch-threads", "1",
-                 "--frontend-id", name, *self.security.serve_flags("frontend", name), *cfg.frontend_args, *extra_args],
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store, "--redis-prefix", cfg.redis_prefix,
+                 "--host", "127.0.0.1", "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0",
+                 "--torch-threads", "1", "--frontend-id", name, *self.security.serve_flags("frontend", name), *cfg.service_args,
+                 *cfg.frontend_args, *extra_args],
+                metrics=cfg.metrics,
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"
             while True:
-                address = parse_ready(_read(log), "frontend")
+                address = parse_ready(read_log(log), "frontend")
                 if address:
                     break
                 self._check_alive(name, f"{name} exited before it was READY")
@@ -335,9 +329,17 @@ class LocalCluster:
         path.unlink(missing_ok=True)
         return path
 
-    def _spawn(self, name: str, role: str, cli_args: Sequence[str]) -> int:
+    def _spawn(self, name: str, role: str, cli_args: Sequence[str], *, metrics: bool = False) -> int:
         """Start ``shardrec <cli_args>`` as ``name`` (own session, log file) and record it
-        before any signal can interrupt. Returns its pid."""
+        before any signal can interrupt; with ``metrics``, on a free ``--metrics-port`` that
+        the record names (Prometheus finds it there). Returns its pid."""
+        metrics_address = ""
+        if metrics:
+            from services.localcluster.servers import free_port
+
+            port = free_port()
+            metrics_address = f"127.0.0.1:{port}"
+            cli_args = [*cli_args, "--metrics-port", str(port)]
         log_path = self._fresh_log(name)
         env = child_env(PYTHONUNBUFFERED="1")
         with self.guard.deferred():
@@ -351,7 +353,7 @@ class LocalCluster:
                     start_new_session=True,
                 )
             self._children[name] = proc
-            self._add_record(ProcessRecord(name, role, proc.pid, process_start_time(proc.pid), str(log_path)))
+            self._add_record(ProcessRecord(name, role, proc.pid, process_start_time(proc.pid), str(log_path), metrics=metrics_address))
         return proc.pid
 
     def _run_job(self, name: str, head: str, cli_args: Sequence[str]) -> None:
@@ -382,7 +384,7 @@ class LocalCluster:
 
     def _tail(self, name: str) -> str:
         path = self.config.logs_dir / f"{name}.log"
-        text = _read(path)[-LOG_TAIL_CHARS:]
+        text = read_log(path)[-LOG_TAIL_CHARS:]
         return f"----- last lines of {path}:\n{text.rstrip() or '(empty)'}\n-----"
 
     # -- state file ----------------------------------------------------------------------
@@ -406,6 +408,15 @@ class LocalCluster:
     def _save(self) -> None:
         write_state(self.config.workdir, self.state)
         self._state_written = True
+        if self._targets is not None:
+            write_targets(self._targets, self.state)
+
+    def server(self, name: str) -> "ServerProcess":
+        """The ZooKeeper, Redis or Prometheus server this launcher started (to inject faults)."""
+        for s in self._servers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     def detach(self) -> None:
         """Leave the cluster running (``cluster up``): the state file says the launcher is gone."""

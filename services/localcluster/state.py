@@ -20,6 +20,7 @@ ROLE_SHARD = "shard"
 ROLE_FRONTEND = "frontend"
 ROLE_JOB = "job"  # a one-shot command (model synth, placement init, features load)
 ROLE_LAUNCHER = "launcher"
+ROLE_PROMETHEUS = "prometheus"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ProcessRecord:
     started_at: float  # the process's start time (psutil create_time), guards against pid reuse
     log: str = ""
     address: str = ""  # host:port once known
+    metrics: str = ""  # host:port of its Prometheus /metrics endpoint, if it serves one
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "ProcessRecord":
@@ -42,6 +44,7 @@ class ProcessRecord:
             started_at=float(d["started_at"]),
             log=str(d.get("log", "")),
             address=str(d.get("address", "")),
+            metrics=str(d.get("metrics", "")),
         )
 
 
@@ -70,6 +73,7 @@ class ClusterState:
     token_file: str = ""
     admin_token_file: str = ""
     zk_auth: str = ""  # the admin's ZooKeeper credentials (auth on)
+    prometheus: str = ""  # the Prometheus server's URL (``cluster up --prometheus``)
     ready: bool = False
     launcher: ProcessRecord | None = None
     processes: list[ProcessRecord] = field(default_factory=list)
@@ -99,6 +103,7 @@ class ClusterState:
                 token_file=str(d.get("token_file", "")),
                 admin_token_file=str(d.get("admin_token_file", "")),
                 zk_auth=str(d.get("zk_auth", "")),
+                prometheus=str(d.get("prometheus", "")),
                 ready=bool(d.get("ready", False)),
                 launcher=None if d.get("launcher") is None else ProcessRecord.from_json(d["launcher"]),
                 processes=[ProcessRecord.from_json(p) for p in d.get("processes", [])],

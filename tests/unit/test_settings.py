@@ -76,7 +76,7 @@ def test_every_old_spelling_and_kind_of_value_still_works(tmp_path):
     conf = tmp_path / "f.toml"
     conf.write_text('frontend_cert_names = ["x", "y"]\nlog_level = "debug"\nkeepalive_time_ms = 10000\n')
     _, s = shard(["--node-id", "s4", "--config", str(conf)])
-    assert (s.auth.frontend_names, s.log.level, s.keepalive.time_s) == (("x", "y"), "DEBUG", 10.0)
+    assert (s.auth.frontend_names, s.observability.log_level, s.keepalive.time_s) == (("x", "y"), "DEBUG", 10.0)
 
 
 @pytest.mark.parametrize(

@@ -43,11 +43,18 @@ class LookupStats:
     request_bytes: int = 0
     response_bytes: int = 0
     ids_sent: int = 0
-    per_node_rpcs: dict[str, int] = field(default_factory=dict)
+    per_node_rpcs: dict[str, int] = field(default_factory=dict)  # hedges and stall retries included
+    per_node_calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, primary|hedge|stall_retry)
+    per_node_errors: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, status code name)
+    per_node_failovers: dict[str, int] = field(default_factory=dict)
+    per_node_reroutes: dict[str, int] = field(default_factory=dict)
     per_node_ejections: dict[str, int] = field(default_factory=dict)
     # Embedding payload bytes on the wire (ids, lengths, weights out; pooled vectors, counts
     # back), by feature side: "user" / "item".
     wire_bytes_by_side: dict[str, int] = field(default_factory=dict)
+
+    def count(self, per_node: dict, key) -> None:
+        per_node[key] = per_node.get(key, 0) + 1
 
     def add_wire_bytes(self, side: FeatureSide, n: int) -> None:
         self.wire_bytes_by_side[side.value] = self.wire_bytes_by_side.get(side.value, 0) + n

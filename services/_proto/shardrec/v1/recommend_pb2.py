@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardrec/v1/recommend.proto\x12\x0bshardrec.v1\"0\n\rSparseFeature\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"\x90\x03\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\x03\x12H\n\x0e\x64\x65nse_features\x18\x04 \x03(\x0b\x32\x30.shardrec.v1.RecommendRequest.DenseFeaturesEntry\x12J\n\x0fsparse_features\x18\x05 \x03(\x0b\x32\x31.shardrec.v1.RecommendRequest.SparseFeaturesEntry\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x06 \x03(\x03\x12\r\n\x05top_k\x18\x07 \x01(\x05\x1a\x34\n\x12\x44\x65nseFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1aQ\n\x13SparseFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.shardrec.v1.SparseFeature:\x02\x38\x01\">\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\x05\"\xc4\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.shardrec.v1.ScoredItem\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x19\n\x11shard_map_version\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x35\n\x10\x64\x65graded_reasons\x18\x06 \x03(\x0e\x32\x1b.shardrec.v1.DegradedReason\"\x11\n\x0fGetStatsRequest\"\xae\x01\n\x10GetStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.shardrec.v1.GetStatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11shard_map_version\x18\x03 \x01(\x03\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*p\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45GRADED_CANDIDATES_CAPPED\x10\x01\x12\x1d\n\x19\x44\x45GRADED_FEATURE_DEFAULTS\x10\x02\x32Y\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.shardrec.v1.RecommendRequest\x1a\x1e.shardrec.v1.RecommendResponse2X\n\rFrontendAdmin\x12G\n\x08GetStats\x12\x1c.shardrec.v1.GetStatsRequest\x1a\x1d.shardrec.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardrec/v1/recommend.proto\x12\x0bshardrec.v1\"0\n\rSparseFeature\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\x0f\n\x07weights\x18\x02 \x03(\x02\"\x90\x03\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\x03\x12H\n\x0e\x64\x65nse_features\x18\x04 \x03(\x0b\x32\x30.shardrec.v1.RecommendRequest.DenseFeaturesEntry\x12J\n\x0fsparse_features\x18\x05 \x03(\x0b\x32\x31.shardrec.v1.RecommendRequest.SparseFeaturesEntry\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x06 \x03(\x03\x12\r\n\x05top_k\x18\x07 \x01(\x05\x1a\x34\n\x12\x44\x65nseFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1aQ\n\x13SparseFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.shardrec.v1.SparseFeature:\x02\x38\x01\">\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\x05\"\xc4\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.shardrec.v1.ScoredItem\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x19\n\x11shard_map_version\x18\x04 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x35\n\x10\x64\x65graded_reasons\x18\x06 \x03(\x0e\x32\x1b.shardrec.v1.DegradedReason\"\x11\n\x0fGetStatsRequest\"\x98\x02\n\x10GetStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.shardrec.v1.GetStatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11shard_map_version\x18\x03 \x01(\x03\x12\x39\n\x06gauges\x18\x04 \x03(\x0b\x32).shardrec.v1.GetStatsResponse.GaugesEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a-\n\x0bGaugesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*p\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45GRADED_CANDIDATES_CAPPED\x10\x01\x12\x1d\n\x19\x44\x45GRADED_FEATURE_DEFAULTS\x10\x02\x32Y\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.shardrec.v1.RecommendRequest\x1a\x1e.shardrec.v1.RecommendResponse2X\n\rFrontendAdmin\x12G\n\x08GetStats\x12\x1c.shardrec.v1.GetStatsRequest\x1a\x1d.shardrec.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST_SPARSEFEATURESENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_DEGRADEDREASON']._serialized_start=956
-  _globals['_DEGRADEDREASON']._serialized_end=1068
+  _globals['_GETSTATSRESPONSE_GAUGESENTRY']._loaded_options = None
+  _globals['_GETSTATSRESPONSE_GAUGESENTRY']._serialized_options = b'8\001'
+  _globals['_DEGRADEDREASON']._serialized_start=1062
+  _globals['_DEGRADEDREASON']._serialized_end=1174
   _globals['_SPARSEFEATURE']._serialized_start=44
   _globals['_SPARSEFEATURE']._serialized_end=92
   _globals['_RECOMMENDREQUEST']._serialized_start=95
@@ -54,11 +56,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATSREQUEST']._serialized_start=760
   _globals['_GETSTATSREQUEST']._serialized_end=777
   _globals['_GETSTATSRESPONSE']._serialized_start=780
-  _globals['_GETSTATSRESPONSE']._serialized_end=954
-  _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._serialized_start=907
-  _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._serialized_end=954
-  _globals['_RECOMMENDER']._serialized_start=1070
-  _globals['_RECOMMENDER']._serialized_end=1159
-  _globals['_FRONTENDADMIN']._serialized_start=1161
-  _globals['_FRONTENDADMIN']._serialized_end=1249
+  _globals['_GETSTATSRESPONSE']._serialized_end=1060
+  _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._serialized_start=966
+  _globals['_GETSTATSRESPONSE_COUNTERSENTRY']._serialized_end=1013
+  _globals['_GETSTATSRESPONSE_GAUGESENTRY']._serialized_start=1015
+  _globals['_GETSTATSRESPONSE_GAUGESENTRY']._serialized_end=1060
+  _globals['_RECOMMENDER']._serialized_start=1176
+  _globals['_RECOMMENDER']._serialized_end=1265
+  _globals['_FRONTENDADMIN']._serialized_start=1267
+  _globals['_FRONTENDADMIN']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

@@ -87,7 +87,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("counters", "version", "shard_map_version")
+    __slots__ = ("counters", "version", "shard_map_version", "gauges")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,10 +95,19 @@ class GetStatsResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class GaugesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GAUGES_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
     version: int
     shard_map_version: int
-    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., version: _Optional[int] = ..., shard_map_version: _Optional[int] = ...) -> None: ...
+    gauges: _containers.ScalarMap[str, float]
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., version: _Optional[int] = ..., shard_map_version: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -14,16 +14,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core import wire
 from services.core.clients import make_channel
 from services.core.errors import DeadlineExceededError, UnavailableError
 from services.core.tls import TlsMaterial
+from services.core.tracing import inject
 from services.core.types import PoolingType, Version
 from services.frontend.lookup import LookupStats
 from services.frontend.lookup.grpc.replicas import HedgeBudget, ReplicaBoard
 from services.frontend.lookup.grpc.routing import Unit
+from services.frontend.observe import Observer
 from services.frontend.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -122,12 +126,13 @@ class ShardCalls:
     """Starts Lookup RPCs; shares the client's ``board``, ``budget`` and ``stats``."""
 
     def __init__(self, view: ClusterView, channels: ChannelPool, board: ReplicaBoard, budget: HedgeBudget,
-                 stats: LookupStats) -> None:
+                 stats: LookupStats, observer: Observer | None = None) -> None:
         self._view = view
         self._channels = channels
         self._board = board
         self._budget = budget
         self._stats = stats
+        self._obs = observer or Observer.off()
 
     def _request(self, units: list[Unit], version: Version, map_version: int, request_id: str) -> embedding_pb2.LookupRequest:
         req = embedding_pb2.LookupRequest(request_id=request_id, version=version, shard_map_version=map_version)
@@ -160,31 +165,68 @@ class ShardCalls:
         if timeout <= 0:
             raise DeadlineExceededError("deadline passed before the shard lookups were sent")
         stats = self._stats
+        kind = "stall_retry" if stall else "hedge" if hedge else "primary"
         if stall:
             stats.stall_retries += 1
         elif hedge:
             stats.hedges += 1
         else:
             stats.rpcs += 1
-        stats.per_node_rpcs[node] = stats.per_node_rpcs.get(node, 0) + 1
-        stats.request_bytes += req.ByteSize()
+        stats.count(stats.per_node_rpcs, node)
+        stats.count(stats.per_node_calls, (node, kind))
+        sent = req.ByteSize()
+        stats.request_bytes += sent
+        span, metadata = self._trace(node, units, kind, sent, call.request_id)
         try:
-            metadata = (("x-request-id", call.request_id), *self._channels.metadata())
+            metadata = (*metadata, *self._channels.metadata())  # the cluster token, if any
             resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as e:
+            stats.count(stats.per_node_errors, (node, e.code().name))
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, e.code().name))
+                span.end()
             if self._blame(node, e.code(), start) and self._board.failed(node, time.monotonic()):
                 self.ejected(node, describe(e))
             raise
+        except BaseException:  # cancelled (a hedge won, the batch is gone)
+            if span is not None:
+                span.set_attribute("shardrec.cancelled", True)
+                span.end()
+            raise
         now = time.monotonic()
         self._board.succeeded(node, now - start, now)
+        self._obs.metrics.lookup(node, now - start)
         out = []
+        received = 0
         for u, r in zip(units, resp.results, strict=True):
             pooled = wire.decode(r.pooled, "pooled", dtype="float32", ndim=2)
             counts = wire.decode(r.counts, "counts", dtype="int32", ndim=1)
-            stats.response_bytes += pooled.nbytes + counts.nbytes
+            received += pooled.nbytes + counts.nbytes
             stats.add_wire_bytes(u.side, u.request_bytes + pooled.nbytes + counts.nbytes)
             out.append((u, pooled, counts))
+        stats.response_bytes += received
+        if span is not None:
+            span.set_attribute("shardrec.response_bytes", received)
+            span.end()
         return out
+
+    def _trace(self, node: str, units: list[Unit], kind: str, sent: int, request_id: str):
+        """The Lookup's span (None unless its batch is traced) and its metadata: the batch's
+        tag and the W3C ``traceparent`` naming the Lookup span, or the batch span (not traced:
+        the shard then records nothing either)."""
+        parent = trace.get_current_span()
+        span = None
+        if parent.is_recording():
+            span = self._obs.tracer.start_span("Lookup", kind=SpanKind.CLIENT, attributes={
+                "shardrec.node": node,
+                "shardrec.partitions": sorted({f"{u.table}/{u.partition}" for u in units}),
+                "shardrec.request_bytes": sent,
+                "shardrec.hedged": kind != "primary",
+                "shardrec.lookup_kind": kind,
+            })  # fmt: skip
+        traceparent = inject(span or parent)
+        metadata = (("x-request-id", request_id),) if traceparent is None else (("x-request-id", request_id), traceparent)
+        return span, metadata
 
     def _blame(self, node: str, code: grpc.StatusCode, sent: float) -> bool:
         """Is ``node`` at fault for a call sent at ``sent`` that failed with ``code``? Unreachable
@@ -197,7 +239,7 @@ class ShardCalls:
     def ejected(self, node: str, why: str) -> None:
         """Count and log an ejection the board just decided."""
         self._stats.ejections += 1
-        self._stats.per_node_ejections[node] = self._stats.per_node_ejections.get(node, 0) + 1
+        self._stats.count(self._stats.per_node_ejections, node)
         until = self._board.stats(node).ejected_until or 0.0
         log.warning("ejected shard %s for %.2fs (%s)", node, until - time.monotonic(), why)
 

@@ -33,6 +33,7 @@ from services.frontend.lookup.grpc.calls import Call, ChannelPool, ShardCalls, c
 from services.frontend.lookup.grpc.hedging import Hedger
 from services.frontend.lookup.grpc.replicas import HedgeBudget, ReplicaBoard, ReplicaPolicy
 from services.frontend.lookup.grpc.routing import Avoid, Resplit, Router, Unit, split_units
+from services.frontend.observe import Observer
 from services.frontend.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class GrpcLookupClient:
     ``stats`` are its replica state, hedge budget and counters."""
 
     def __init__(self, view: ClusterView, channels: ChannelPool, *, dim: int, policy: ReplicaPolicy | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, observer: Observer | None = None) -> None:
         self._view = view
         self._dim = dim
         policy = policy or ReplicaPolicy()
@@ -55,7 +56,7 @@ class GrpcLookupClient:
         self._router = Router(view, self.board)
         self._channels = channels
         view.on_new_instance.append(self._renewed)
-        self._calls = ShardCalls(view, channels, self.board, self.budget, self.stats)
+        self._calls = ShardCalls(view, channels, self.board, self.budget, self.stats, observer)
         hedging = policy.hedge_budget > 0 and policy.hedge_delay_s != 0
         self._hedger = Hedger(view, self._router, self._calls, self.board, self.budget, self.stats, enabled=hedging)
 
@@ -109,9 +110,11 @@ class GrpcLookupClient:
                         continue
                     if avoid.note(node, exc, call.map_version, us):
                         self.stats.reroutes += 1
+                        self.stats.count(self.stats.per_node_reroutes, node)
                         log.info("shard %s refused a lookup at shard map %d (%s); re-routing", node, call.map_version, describe(exc))
                     else:
                         self.stats.failovers += 1
+                        self.stats.count(self.stats.per_node_failovers, node)
                         log.warning("lookup on %s failed (%s); trying another replica", node, describe(exc))
                     if time.monotonic() >= deadline:
                         raise DeadlineExceededError(f"shard lookups did not finish within the deadline (node {node}: {describe(exc)})")
