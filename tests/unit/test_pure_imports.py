@@ -21,6 +21,7 @@ PURE_CORE = (
     "services.core.checkpoint.delta",
     "services.core.checkpoint.reader",
     "services.core.checkpoint.writer",
+    "services.core.checkpoint.staging",
     "services.core.discovery.zk_paths",
     "services.core.discovery.records",
     "services.core.rpc.readiness",
