@@ -122,8 +122,9 @@ def test_open_loop_latency_counts_queueing_behind_a_stall_coordinated_omission()
     assert st.histogram.count_above_ms(100) >= in_stall // 2 - 10
     assert st.histogram.percentile_ms(95) >= 50
     assert st.send_lag.max_ms() >= 150
-    # Naive (from the actual send): only the call caught in flight saw the stall.
-    assert st.service_histogram.count_above_ms(100) <= 3
+    # Naive (from the actual send): only the call caught in flight saw the stall (on a busy
+    # machine a few others may be slow on their own: far fewer than the corrected count).
+    assert st.service_histogram.count_above_ms(100) <= max(3, st.histogram.count_above_ms(100) // 4)
     assert st.service_histogram.percentile_ms(95) < 50
 
 
