@@ -11,19 +11,22 @@ A ``PreparedBatch`` of R requests with C_r candidates each (S = sum C_r samples)
     user_bags[f]        Bags with U bags, for every user-side sparse feature f
     item_bags[f]        Bags with I bags, for every item-side sparse feature f
     dense               float32 [S, num_dense], manifest order, request overrides applied
-    scored              the D <= S samples the forward pass sees (``DistinctCandidates``)
+    scored              the D <= S samples the forward pass sees (``DistinctCandidates``): each
+                        distinct (user context, item) once, across the batch's requests
     feature_defaults    True when the feature store could not be read and every stored feature
                         took its default (only where the operator chose that over failing)
 
 A user context is a user id without request-time sparse overrides (shared by every request of
 that user in the batch) or one request's own overridden features: user-side bags are looked up
 once per request at most, never once per candidate. Items are unique per batch. A candidate
-repeated within a request has identical inputs at every position, so it is scored once and its
+repeated within a request, or asked for by two requests of one user context (neither
+overriding dense values), has identical inputs at every position, so it is scored once and its
 score copied to each position: bit-identical scores, ties then broken by position (top-k).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,12 +89,19 @@ class Bags:
 
 @dataclass(frozen=True)
 class DistinctCandidates:
-    """Each distinct (request, item) of a batch once: what the forward pass scores.
+    """Each distinct (scoring context, item) of a batch once: what the forward pass scores.
 
-    ``samples`` int64 [D]: the first sample of each distinct pair, grouped by request (request r
-    owns ``samples[offsets[r]:offsets[r+1]]``); ``of_sample`` int64 [S]: for every sample, the
-    index into ``samples`` whose score is its score. ``all_distinct`` when D == S (then
-    ``samples`` is ``arange(S)``, in sample order, and ``of_sample`` the same).
+    A scoring context is what, beside the item, decides a sample's inputs: by default the
+    request; ``PreparedBatch`` passes the user context of a request without dense overrides
+    (shared by every such request of that user in the batch) or the request itself when it
+    overrides dense values. So a candidate repeated within a request, or asked for by two
+    requests of one user in a batch, is scored once.
+
+    ``samples`` int64 [D]: the first sample of each distinct pair, grouped by the first request
+    that has it (request r first has ``samples[offsets[r]:offsets[r+1]]``); ``of_sample`` int64
+    [S]: for every sample, the index into ``samples`` whose score is its score.
+    ``all_distinct`` when D == S (then ``samples`` is ``arange(S)``, in sample order, and
+    ``of_sample`` the same).
     """
 
     samples: np.ndarray
@@ -103,24 +113,58 @@ class DistinctCandidates:
         return len(self.samples) == len(self.of_sample)
 
     @classmethod
-    def of(cls, sample_offsets: np.ndarray, item_of_sample: np.ndarray) -> "DistinctCandidates":
-        """The distinct (request, item) pairs of samples ``sample_offsets`` x ``item_of_sample``.
+    def of(
+        cls, sample_offsets: np.ndarray, item_of_sample: np.ndarray, context_of_request: np.ndarray | None = None
+    ) -> "DistinctCandidates":
+        """The distinct (context, item) pairs of samples ``sample_offsets`` x ``item_of_sample``
+        (``context_of_request`` int [R] >= 0; None: each request its own context).
 
         >>> d = DistinctCandidates.of(np.array([0, 3, 5]), np.array([7, 2, 7, 2, 2]))
         >>> d.samples.tolist(), d.offsets.tolist(), d.of_sample.tolist()
         ([1, 0, 3], [0, 2, 3], [1, 0, 1, 2, 2])
+        >>> d = DistinctCandidates.of(np.array([0, 3, 5]), np.array([7, 2, 7, 2, 2]), np.array([0, 0]))
+        >>> d.samples.tolist(), d.offsets.tolist(), d.of_sample.tolist()
+        ([1, 0], [0, 2, 2], [1, 0, 1, 0, 0])
         """
         num_samples = len(item_of_sample)
         counts = np.diff(sample_offsets)
         request_of_sample = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        key = request_of_sample * (int(item_of_sample.max(initial=0)) + 1) + item_of_sample
+        context = request_of_sample
+        if context_of_request is not None:
+            context = np.repeat(np.asarray(context_of_request, dtype=np.int64), counts)
+        key = context * (int(item_of_sample.max(initial=0)) + 1) + item_of_sample
         unique, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         if len(unique) == num_samples:
             identity = np.arange(num_samples, dtype=np.int64)
             return cls(identity, np.asarray(sample_offsets, dtype=np.int64), identity)
+        inverse = inverse.reshape(-1)
+        owner = request_of_sample[first]
+        order = np.argsort(owner, kind="stable")  # grouped by the first request (identity per request)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
         offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(request_of_sample[first], minlength=len(counts)), out=offsets[1:])
-        return cls(first.astype(np.int64), offsets, inverse.reshape(-1).astype(np.int64))
+        np.cumsum(np.bincount(owner, minlength=len(counts)), out=offsets[1:])
+        return cls(first[order].astype(np.int64), offsets, rank[inverse].astype(np.int64))
+
+    def of_requests(self, sample_offsets: np.ndarray, keep: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The distinct samples the requests ``keep`` (indices) need, in ``samples`` order, and
+        for each of them, the index of each of its positions' sample in that selection."""
+        parts = [self.of_sample[int(sample_offsets[r]) : int(sample_offsets[r + 1])] for r in keep]
+        used, at = np.unique(np.concatenate(parts), return_inverse=True)
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        at = at.reshape(-1)
+        return self.samples[used], [at[bounds[i] : bounds[i + 1]] for i in range(len(keep))]
+
+
+def scoring_contexts(requests: Sequence[RecRequest], user_of_sample: np.ndarray, sample_offsets: np.ndarray) -> np.ndarray:
+    """int64 [R]: the scoring context of each request (``DistinctCandidates``): the user context
+    of its samples, or one of its own when it overrides dense values."""
+    first = np.minimum(sample_offsets[:-1], max(0, len(user_of_sample) - 1))
+    ctx = user_of_sample[first].astype(np.int64) if len(user_of_sample) else np.zeros(len(requests), dtype=np.int64)
+    own = [i for i, r in enumerate(requests) if r.dense_overrides]
+    if own:
+        ctx[own] = int(ctx.max(initial=-1)) + 1 + np.arange(len(own))
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -157,15 +201,17 @@ class PreparedBatch:
             return out
 
         item_of_sample = item_of_sample.reshape(-1).astype(np.int32)
+        user_of_sample = user_of_sample.reshape(-1).astype(np.int32)
+        requests = tuple(self.requests[r] for r in keep)
         return PreparedBatch(
-            requests=tuple(self.requests[r] for r in keep),
+            requests=requests,
             sample_offsets=offsets,
-            user_of_sample=user_of_sample.reshape(-1).astype(np.int32),
+            user_of_sample=user_of_sample,
             item_of_sample=item_of_sample,
             user_bags=take(self.user_bags, users),
             item_bags=take(self.item_bags, items),
             dense=self.dense[samples],
-            scored=DistinctCandidates.of(offsets, item_of_sample),
+            scored=DistinctCandidates.of(offsets, item_of_sample, scoring_contexts(requests, user_of_sample, offsets)),
             feature_defaults=self.feature_defaults,
         )
 

@@ -6,8 +6,8 @@ batch in ONE Redis round trip (one MGET of the store's marker, the unique user k
 unique candidate item keys: ``feature_store.FeatureStoreClient``), applies request overrides,
 maps raw values to table rows and deduplicates: items are unique per batch; user-side bags are built once per user context (a user id without
 request-time sparse overrides, shared by the batch, or one request's own overridden features),
-never once per candidate; a candidate repeated within a request is scored once
-(``DistinctCandidates``).
+never once per candidate; a candidate repeated within a request, or named by two requests of
+one user context without dense overrides, is scored once (``DistinctCandidates``).
 
 Everything over ids is vectorized (``np.unique``, ``np.repeat``, CSR gathers); only the R
 requests of a batch are looped over.
@@ -26,7 +26,7 @@ from services.core.errors import ShardrecError
 from services.core.feature_store import StoreKeys
 from services.core.features import FeatureLayout, RawBags, map_to_rows, unmappable
 from services.core.types import FeatureSide, FeatureSource, MappingKind, SparseFeatureSpec
-from services.frontend.batch import Bags, DistinctCandidates, PreparedBatch, RecRequest, ragged_take
+from services.frontend.batch import Bags, DistinctCandidates, PreparedBatch, RecRequest, ragged_take, scoring_contexts
 from services.frontend.feature_store import FeatureStoreClient, FeatureStoreConfig
 from services.frontend.validate import FeatureLimits, RequestValidator
 
@@ -179,6 +179,8 @@ class FeaturePrep:
                     if d.name in requests[i].dense_overrides:
                         dense[sample_offsets[i] : sample_offsets[i + 1], j] = requests[i].dense_overrides[d.name]
 
+        user_of_sample = np.repeat(ctx_of_request, counts)
+        contexts = scoring_contexts(requests, user_of_sample, sample_offsets)
         self.batches += 1
         self.requests += nreq
         self.item_ids_requested += num_samples
@@ -187,12 +189,12 @@ class FeaturePrep:
         return PreparedBatch(
             requests=tuple(requests),
             sample_offsets=sample_offsets,
-            user_of_sample=np.repeat(ctx_of_request, counts),
+            user_of_sample=user_of_sample,
             item_of_sample=item_of_sample,
             user_bags=user_bags,
             item_bags=item_bags,
             dense=dense,
-            scored=DistinctCandidates.of(sample_offsets, item_of_sample),
+            scored=DistinctCandidates.of(sample_offsets, item_of_sample, contexts),
             feature_defaults=got.defaults,
         )
 

@@ -1,8 +1,9 @@
 """Scoring: the pooled vectors of a micro-batch gathered per scored sample, scored by the
 ranker's ``Scorer``, then each request's top-k (``services.ranker.topk``).
 
-The forward pass sees each distinct (request, item) once (``PreparedBatch.scored``): for D such
-samples and F sparse features of dim D_e, the scorer gets float32 [D, num_dense] and the gathered
+The forward pass sees each distinct (scoring context, item) of a batch once
+(``PreparedBatch.scored``: a request, or a user context shared by requests without dense
+overrides): for D such samples and F sparse features of dim D_e, the scorer gets float32 [D, num_dense] and the gathered
 float32 [D, F, D_e], and returns float32 [D] scores, copied back to every candidate position, so
 a repeated candidate gets bit-identical scores (docs/features.md, "Repeated candidates").
 """
@@ -57,24 +58,22 @@ async def score_and_rank(
     position then gets its candidate's score. A request whose scores are not finite fails alone
     (INVALID_ARGUMENT when its own request-time values may be the cause, INTERNAL otherwise),
     never an OK answer in arbitrary order."""
-    scored = batch.scored
+    scored, offsets = batch.scored, batch.sample_offsets
     rows = range(len(batch.requests)) if keep is None else keep
-    bounds = [(int(scored.offsets[r]), int(scored.offsets[r + 1])) for r in rows]
     samples: np.ndarray | None = None  # all, in sample order
     if keep is not None:
-        samples = scored.samples[np.concatenate([np.arange(lo, hi) for lo, hi in bounds])]
-    elif not scored.all_distinct:
-        samples = scored.samples
+        samples, positions = scored.of_requests(offsets, keep)
+    else:
+        # each request's positions, each pointing at its distinct candidate's score
+        positions = [scored.of_sample[int(offsets[r]) : int(offsets[r + 1])] for r in rows]
+        if not scored.all_distinct:
+            samples = scored.samples
     sparse = gather(spec, batch, result.pooled, twins, samples)
     scores = await scorer.score(batch.dense if samples is None else batch.dense[samples], sparse)
     out: list[Recommendation | BaseException] = []
-    start = 0
-    for r, (lo, hi) in zip(rows, bounds, strict=True):
+    for r, at in zip(rows, positions, strict=True):
         req = batch.requests[r]
-        # this request's positions, each pointing at its distinct candidate's score
-        at = scored.of_sample[int(batch.sample_offsets[r]) : int(batch.sample_offsets[r + 1])]
-        s = scores[start - lo + at]
-        start += hi - lo
+        s = scores[at]
         if not np.isfinite(s).all():
             out.append(_not_finite(req))
             continue

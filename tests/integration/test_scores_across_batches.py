@@ -168,3 +168,25 @@ def test_the_same_item_twice_gets_one_score_and_the_earlier_position_ranks_first
     # the answer: item 2 is this user's best candidate, and position 2 is returned
     assert alone_full[1].tolist()[0] == 2
     assert alone_top1[1].tolist() == [2]
+
+
+def test_requests_of_one_user_in_a_batch_share_their_items_scores_and_match_the_reference(checkpoint, features) -> None:
+    plain = [pb.RecommendRequest(request_id=f"u42-{i}", user_id=42, candidate_item_ids=c, top_k=len(c))
+             for i, c in enumerate(([0, 1, 2, 3], [3, 2, 7], [2, 9, 9]))]  # fmt: skip
+    dense = pb.RecommendRequest(request_id="u42-dense", user_id=42, candidate_item_ids=[2, 3], top_k=2)
+    dense.dense_features["user_activity"] = 1.5
+    sparse = pb.RecommendRequest(request_id="u42-sparse", user_id=42, candidate_item_ids=[2, 3], top_k=2)
+    sparse.sparse_features["user_history"].values.extend([5, 6, 7])
+    batch = [*plain, dense, sparse, *requests(5, seed=7)]
+    rows: list[int] = []
+    (answers,) = serve(checkpoint, features, [batch], rows)
+    # user 42 without overrides: items {0, 1, 2, 3, 7, 9} once; the overriding requests their own
+    distinct = 6 + 2 + 2 + sum(len(set(r.candidate_item_ids)) for r in batch[5:])
+    assert rows == [distinct]
+    (a, _), (b, _), (c, _) = answers[:3]
+    assert a[2].tobytes() == b[1].tobytes() == c[0].tobytes() and a[3].tobytes() == b[0].tobytes()
+    reference = ReferenceRecommender(checkpoint)
+    for r, (scores, _) in zip(batch, answers, strict=True):
+        overrides = {name: (list(f.values), list(f.weights) or None) for name, f in r.sparse_features.items()}
+        want = reference.scores(r.user_id, list(r.candidate_item_ids), dict(r.dense_features), overrides)
+        np.testing.assert_allclose(scores, want, rtol=RTOL, atol=ATOL, err_msg=r.request_id)

@@ -1,5 +1,6 @@
 """The repeated-candidate rule, pure (docs/features.md, "Repeated candidates"): each distinct
-(request, item) of a batch goes through the forward pass once and its score is copied to every
+(scoring context, item) of a batch goes through the forward pass once (a request, or a user
+context shared by requests that override no dense values) and its score is copied to every
 position, so identical inputs get bit-identical scores and ties go to the earlier position.
 
 The scorer here is a numpy stand-in whose last bit depends on a row's place in the batch, as
@@ -121,8 +122,9 @@ def test_ties_go_to_the_earlier_position_whatever_the_candidate_order():
 def test_every_request_of_a_batch_follows_the_rule_with_keep_and_subset():
     requests = [req(1, [4, 4, 8], rid="a"), req(2, [8, 3, 8, 3], rid="b"), req(1, [4, 5], rid="c")]
     recs, scorer, batch = score(requests)
-    assert scorer.batch_rows == [2 + 2 + 2]
-    assert batch.num_samples == 9 and len(batch.scored.samples) == 6
+    assert scorer.batch_rows == [2 + 2 + 1]  # "a" and "c" are user 1's: item 4 is scored once
+    assert batch.num_samples == 9 and len(batch.scored.samples) == 5
+    assert scores_by_position(recs[0])[0].tobytes() == scores_by_position(recs[2])[0].tobytes()
     for r, rec in zip(requests, recs):
         s, ranked, c = scores_by_position(rec), rec.positions.tolist(), list(r.candidate_item_ids)
         for a in range(len(c)):
@@ -135,10 +137,37 @@ def test_every_request_of_a_batch_follows_the_rule_with_keep_and_subset():
     assert sorted(rec_b.positions.tolist()) == [0, 1, 2, 3]
     # a subset (dead requests dropped) keeps the rule
     (rec_a, rec_c), scorer, sub = score(requests, subset=[0, 2])
-    assert scorer.batch_rows == [2 + 2] and sub.num_samples == 5
+    assert scorer.batch_rows == [2 + 1] and sub.num_samples == 5
     assert scores_by_position(rec_a)[0] == scores_by_position(rec_a)[1]
     ranked = rec_a.positions.tolist()
     assert ranked.index(0) < ranked.index(1) and rec_c.request_id == "c"
+
+
+def test_one_user_context_across_requests_is_scored_once_unless_dense_values_differ():
+    same_a, same_b = req(7, [1, 2, 3], rid="a"), req(7, [3, 2, 9], rid="b")
+    dense = req(7, [1, 2], rid="dense")
+    dense.dense_features["user_activity"] = 0.5
+    sparse = req(7, [1, 3], rid="sparse")
+    sparse.sparse_features["user_history"].values.extend([4, 5])
+    other = req(8, [1, 2], rid="other")
+    recs, scorer, batch = score([same_a, same_b, dense, sparse, other])
+    # a and b share user 7's context: {1, 2, 3, 9}; dense, sparse and other score their own
+    assert scorer.batch_rows == [4 + 2 + 2 + 2]
+    a, b = scores_by_position(recs[0]), scores_by_position(recs[1])
+    assert a[1].tobytes() == b[1].tobytes() and a[2].tobytes() == b[0].tobytes()
+    # keep one request whose pairs the batch first met in another: its own three rows only
+    (rec_b,), scorer, _ = score([same_a, same_b, dense, sparse, other], keep=[1])
+    assert scorer.batch_rows == [3] and rec_b.request_id == "b"
+    np.testing.assert_allclose(scores_by_position(rec_b), b, rtol=1e-6)  # the stand-in's last bit is the row's
+
+
+def test_distinct_candidates_across_requests_of_one_context():
+    d = DistinctCandidates.of(np.array([0, 3, 5, 6]), np.array([7, 2, 7, 2, 4, 7]), np.array([0, 0, 1]))
+    # the pairs (0, 2), (0, 7), (0, 4) first met in request 0 or 1; (1, 7) in request 2
+    assert d.samples.tolist() == [1, 0, 4, 5] and d.offsets.tolist() == [0, 2, 3, 4]
+    assert d.of_sample.tolist() == [1, 0, 1, 0, 2, 3]
+    samples, positions = d.of_requests(np.array([0, 3, 5, 6]), [1, 2])
+    assert samples.tolist() == [1, 4, 5] and [p.tolist() for p in positions] == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("candidates", [[0, 1, 2, 3], [17]])
