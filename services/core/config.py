@@ -304,6 +304,10 @@ class FrontendConfig:
     max_batch: int = setting(64, "requests per micro-batch at most", check=positive)
     max_wait_s: float = setting(0.002, "how long a batch may wait for more requests while another is in flight", name="max_wait_ms",
                                 ms=True, check=non_negative)  # fmt: skip
+    adaptive_wait_s: float = setting(0.0, "adaptive batch window instead of --max-wait-ms: while another batch is in flight, wait "
+                                     "for the requests expected in one batch's time (0 at low load, growing with it), at most this "
+                                     "long and never past the batch's deadline slack; 0 = off", name="adaptive_wait_ms", ms=True,
+                                     check=non_negative)  # fmt: skip
     max_queue: int = setting(1024, "queued requests before RESOURCE_EXHAUSTED", check=positive)
     max_in_flight_batches: int = setting(2, "batches in the pipeline at once (one's lookups overlap another's scoring)", check=positive)
     max_candidates: int = setting(1000, "candidates per request at most", check=positive)

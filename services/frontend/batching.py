@@ -2,8 +2,10 @@
 
 Requests queue (bounded: a full queue answers RESOURCE_EXHAUSTED at once). A batch forms when
 a processing slot is free: it takes every queued request (up to ``max_batch``); only while
-another batch is still in flight does it wait up to ``max_wait_s`` for more, so an idle server
-never delays a lone request. At most ``max_in_flight`` batches run at once.
+another batch is still in flight does it wait for more, so an idle server never delays a lone
+request: up to ``max_wait_s``, or with ``adaptive_wait_s`` set, for a window that grows with
+load (``AdaptiveWindow``; docs/configuration.md, docs/benchmarks.md). At most
+``max_in_flight`` batches run at once.
 
 All methods run on the event loop thread.
 """
@@ -11,6 +13,8 @@ All methods run on the event loop thread.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -29,6 +33,50 @@ class BatcherStats:
     largest_batch: int = 0
     rejected_full: int = 0
     dropped_gone: int = 0  # queued requests whose callers were gone before a batch formed
+
+
+class AdaptiveWindow:
+    """How long a forming batch waits for more requests while another is in flight: for the
+    requests expected to arrive during one batch's service time (EWMAs of the gap between
+    arrivals and of a batch's time), so the window is 0 at low load and grows with it, up to
+    ``ceiling_s``, and never past the batch's slack: its earliest deadline less one batch's
+    time. Times are ``time.monotonic()`` seconds."""
+
+    def __init__(self, ceiling_s: float, max_batch: int, *, alpha: float = 0.1, longest_gap_s: float = 1.0) -> None:
+        self.ceiling_s = ceiling_s
+        self.max_batch = max_batch
+        self._alpha = alpha
+        self._longest_gap_s = longest_gap_s  # an idle spell counts as this long a gap
+        self._gap_s: float | None = None
+        self._batch_s: float | None = None
+        self._last: float | None = None
+
+    def _ewma(self, prev: float | None, x: float) -> float:
+        return x if prev is None else (1 - self._alpha) * prev + self._alpha * x
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            self._gap_s = self._ewma(self._gap_s, min(max(0.0, now - self._last), self._longest_gap_s))
+        self._last = now
+
+    def served(self, seconds: float) -> None:
+        self._batch_s = self._ewma(self._batch_s, max(0.0, seconds))
+
+    def target(self) -> int:
+        """The batch size the load fills in one batch's time (1 until both are measured)."""
+        if not self._gap_s or self._batch_s is None:
+            return 1
+        return max(1, min(self.max_batch, math.ceil(self._batch_s / self._gap_s - 1e-9)))
+
+    def wait_s(self, size: int, now: float, earliest_deadline: float | None = None) -> float:
+        """Seconds a batch of ``size`` may still wait (0: dispatch it now)."""
+        missing = self.target() - size
+        if missing <= 0 or not self._gap_s:
+            return 0.0
+        wait = min(self.ceiling_s, missing * self._gap_s)
+        if earliest_deadline is not None:
+            wait = min(wait, earliest_deadline - now - (self._batch_s or 0.0))
+        return max(0.0, wait)
 
 
 @dataclass
@@ -52,12 +100,18 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         max_in_flight: int = 2,
+        adaptive_wait_s: float = 0.0,
+        deadline_of: Callable[[T], float] | None = None,
     ) -> None:
+        """``adaptive_wait_s`` > 0: the adaptive window up to that long instead of
+        ``max_wait_s``, bounded by the slack of ``deadline_of(item)`` (``time.monotonic()``)."""
         if max_batch < 1 or max_queue < 1 or max_in_flight < 1:
             raise ValueError("max_batch, max_queue and max_in_flight must be >= 1")
         self._process = process
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.window = AdaptiveWindow(adaptive_wait_s, max_batch) if adaptive_wait_s > 0 else None
+        self._deadline_of = deadline_of
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue(maxsize=max_queue)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight = 0
@@ -89,7 +143,16 @@ class MicroBatcher(Generic[T, R]):
             raise ResourceExhaustedError(
                 f"frontend queue is full ({self._queue.maxsize} requests waiting); retry with backoff"
             ) from None
+        if self.window is not None:
+            self.window.arrived(time.monotonic())
         return await fut
+
+    def _wait_s(self, batch: list[_Pending[T, R]]) -> float:
+        """How much longer ``batch`` may wait for more requests."""
+        if self.window is None:
+            return self.max_wait_s
+        earliest = min(self._deadline_of(p.item) for p in batch) if self._deadline_of is not None else None
+        return self.window.wait_s(len(batch), time.monotonic(), earliest)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -98,8 +161,8 @@ class MicroBatcher(Generic[T, R]):
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            if self._in_flight > 0 and self.max_wait_s > 0:
-                deadline = loop.time() + self.max_wait_s
+            if self._in_flight > 0 and (wait := self._wait_s(batch)) > 0:
+                deadline = loop.time() + wait
                 while len(batch) < self.max_batch:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -108,6 +171,8 @@ class MicroBatcher(Generic[T, R]):
                         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                     except TimeoutError:
                         break
+                    if self.window is not None:  # a fuller batch, or a nearer deadline, waits less
+                        deadline = min(deadline, loop.time() + self._wait_s(batch))
             live = [p for p in batch if not p.future.done()]  # callers that gave up are dropped
             self.stats.dropped_gone += len(batch) - len(live)
             if not live:
@@ -125,6 +190,7 @@ class MicroBatcher(Generic[T, R]):
         s.largest_batch = max(s.largest_batch, len(batch))
         if len(batch) > 1:
             s.multi_item_batches += 1
+        t0 = time.monotonic()
         try:
             results = await self._process([p.item for p in batch])
         except BaseException as e:  # noqa: BLE001 - delivered to every caller of the batch
@@ -132,6 +198,8 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._in_flight -= 1
             self._slots.release()
+            if self.window is not None:
+                self.window.served(time.monotonic() - t0)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue

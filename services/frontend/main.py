@@ -241,6 +241,8 @@ async def serve(config: FrontendConfig) -> int:
         max_wait_s=config.max_wait_s,
         max_queue=config.max_queue,
         max_in_flight=config.max_in_flight_batches,
+        adaptive_wait_s=config.adaptive_wait_s,
+        deadline_of=lambda p: p.deadline,
     )
     batcher.start()
     recommender = Recommender(
