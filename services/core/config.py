@@ -305,8 +305,8 @@ class FrontendConfig:
     max_wait_s: float = setting(0.002, "how long a batch may wait for more requests while another is in flight", name="max_wait_ms",
                                 ms=True, check=non_negative)  # fmt: skip
     adaptive_wait_s: float = setting(0.0, "adaptive batch window instead of --max-wait-ms: while another batch is in flight, wait "
-                                     "for the requests expected in one batch's time (0 at low load, growing with it), at most this "
-                                     "long and never past the batch's deadline slack; 0 = off", name="adaptive_wait_ms", ms=True,
+                                     "this long times the load (the share of time a batch is in flight: near 0 when idle, 1 towards "
+                                     "saturation), never past the batch's deadline slack; 0 = off", name="adaptive_wait_ms", ms=True,
                                      check=non_negative)  # fmt: skip
     max_queue: int = setting(1024, "queued requests before RESOURCE_EXHAUSTED", check=positive)
     max_in_flight_batches: int = setting(2, "batches in the pipeline at once (one's lookups overlap another's scoring)", check=positive)

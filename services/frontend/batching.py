@@ -4,8 +4,7 @@ Requests queue (bounded: a full queue answers RESOURCE_EXHAUSTED at once). A bat
 a processing slot is free: it takes every queued request (up to ``max_batch``); only while
 another batch is still in flight does it wait for more, so an idle server never delays a lone
 request: up to ``max_wait_s``, or with ``adaptive_wait_s`` set, for a window that grows with
-load (``AdaptiveWindow``; docs/configuration.md, docs/benchmarks.md). At most
-``max_in_flight`` batches run at once.
+load (``AdaptiveWindow``; docs/configuration.md). At most ``max_in_flight`` batches run at once.
 
 All methods run on the event loop thread.
 """
@@ -13,7 +12,6 @@ All methods run on the event loop thread.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,11 +34,12 @@ class BatcherStats:
 
 
 class AdaptiveWindow:
-    """How long a forming batch waits for more requests while another is in flight: for the
-    requests expected to arrive during one batch's service time (EWMAs of the gap between
-    arrivals and of a batch's time), so the window is 0 at low load and grows with it, up to
-    ``ceiling_s``, and never past the batch's slack: its earliest deadline less one batch's
-    time. Times are ``time.monotonic()`` seconds."""
+    """How long a forming batch waits for more requests while another is in flight: the
+    ceiling times the load, the share of time a batch is in flight (batches per second x a
+    batch's time, from EWMAs of the gap between arrivals, of batch sizes and of batch times; at
+    most 1). So the window is near 0 at low load and grows to the ceiling towards saturation,
+    and never reaches past the batch's slack: its earliest deadline less one batch's time.
+    Times are ``time.monotonic()`` seconds."""
 
     def __init__(self, ceiling_s: float, max_batch: int, *, alpha: float = 0.1, longest_gap_s: float = 1.0) -> None:
         self.ceiling_s = ceiling_s
@@ -49,6 +48,7 @@ class AdaptiveWindow:
         self._longest_gap_s = longest_gap_s  # an idle spell counts as this long a gap
         self._gap_s: float | None = None
         self._batch_s: float | None = None
+        self._size: float | None = None
         self._last: float | None = None
 
     def _ewma(self, prev: float | None, x: float) -> float:
@@ -59,21 +59,21 @@ class AdaptiveWindow:
             self._gap_s = self._ewma(self._gap_s, min(max(0.0, now - self._last), self._longest_gap_s))
         self._last = now
 
-    def served(self, seconds: float) -> None:
+    def served(self, seconds: float, size: int) -> None:
         self._batch_s = self._ewma(self._batch_s, max(0.0, seconds))
+        self._size = self._ewma(self._size, max(1, size))
 
-    def target(self) -> int:
-        """The batch size the load fills in one batch's time (1 until both are measured)."""
-        if not self._gap_s or self._batch_s is None:
-            return 1
-        return max(1, min(self.max_batch, math.ceil(self._batch_s / self._gap_s - 1e-9)))
+    def load(self) -> float:
+        """The share of time a batch is in flight, 0 to 1 (0 until measured)."""
+        if not self._gap_s or self._batch_s is None or self._size is None:
+            return 0.0
+        return min(1.0, self._batch_s / (self._size * self._gap_s))
 
     def wait_s(self, size: int, now: float, earliest_deadline: float | None = None) -> float:
-        """Seconds a batch of ``size`` may still wait (0: dispatch it now)."""
-        missing = self.target() - size
-        if missing <= 0 or not self._gap_s:
+        """Seconds a batch of ``size`` may wait, from ``now`` (0: dispatch it now)."""
+        if size >= self.max_batch:
             return 0.0
-        wait = min(self.ceiling_s, missing * self._gap_s)
+        wait = self.ceiling_s * self.load()
         if earliest_deadline is not None:
             wait = min(wait, earliest_deadline - now - (self._batch_s or 0.0))
         return max(0.0, wait)
@@ -171,7 +171,7 @@ class MicroBatcher(Generic[T, R]):
                         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                     except TimeoutError:
                         break
-                    if self.window is not None:  # a fuller batch, or a nearer deadline, waits less
+                    if self.window is not None:  # a nearer deadline waits less
                         deadline = min(deadline, loop.time() + self._wait_s(batch))
             live = [p for p in batch if not p.future.done()]  # callers that gave up are dropped
             self.stats.dropped_gone += len(batch) - len(live)
@@ -199,7 +199,7 @@ class MicroBatcher(Generic[T, R]):
             self._in_flight -= 1
             self._slots.release()
             if self.window is not None:
-                self.window.served(time.monotonic() - t0)
+                self.window.served(time.monotonic() - t0, len(batch))
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue

@@ -110,33 +110,31 @@ def test_unique_bags_pool_each_distinct_bag_once():
     assert unique_bags(weighted)[1] is None
 
 
-def loaded(gap_s: float, batch_s: float, *, ceiling_s: float = 0.010, max_batch: int = 64) -> AdaptiveWindow:
-    """A window that saw arrivals ``gap_s`` apart and batches of ``batch_s``."""
+def loaded(gap_s: float, batch_s: float, size: int = 1, *, ceiling_s: float = 0.010, max_batch: int = 64) -> AdaptiveWindow:
+    """A window that saw arrivals ``gap_s`` apart and batches of ``size`` taking ``batch_s``."""
     w = AdaptiveWindow(ceiling_s, max_batch)
     for i in range(200):
         w.arrived(i * gap_s)
-        w.served(batch_s)
+        w.served(batch_s, size)
     return w
 
 
-def test_adaptive_window_is_zero_at_low_load_and_grows_with_load():
+def test_adaptive_window_is_zero_when_idle_and_grows_with_load():
     assert AdaptiveWindow(0.010, 64).wait_s(1, 0.0) == 0.0  # nothing measured yet
-    assert loaded(0.020, 0.005).wait_s(1, 0.0) == 0.0  # fewer than one arrival per batch time
-    waits = [loaded(gap, 0.006).wait_s(1, 0.0) for gap in (0.003, 0.002, 0.001)]
-    targets = [loaded(gap, 0.006).target() for gap in (0.003, 0.002, 0.001)]
-    assert targets == [2, 3, 6] and waits == sorted(waits) and waits[0] > 0
-    assert waits[-1] == pytest.approx(5 * 0.001)  # the five requests still expected
-    assert loaded(0.001, 0.006).wait_s(6, 0.0) == 0.0  # full at the target: go
-    assert loaded(0.0005, 0.050).wait_s(1, 0.0) == 0.010  # at most the ceiling
-    assert loaded(0.0001, 0.050, max_batch=8).target() == 8
-    w = loaded(0.001, 0.006)
+    # a batch in flight 10%, 50%, 100% of the time (batches per second x a batch's time)
+    loads = [loaded(gap, 0.005, size) for gap, size in ((0.050, 1), (0.005, 2), (0.001, 4))]
+    assert [w.load() for w in loads] == pytest.approx([0.1, 0.5, 1.0])
+    assert [w.wait_s(1, 0.0) for w in loads] == pytest.approx([0.001, 0.005, 0.010])
+    assert loaded(0.0001, 0.050).wait_s(1, 0.0) == pytest.approx(0.010)  # at most the ceiling
+    assert loaded(0.001, 0.005, max_batch=8).wait_s(8, 0.0) == 0.0  # full: go
+    w = loaded(0.001, 0.005)
     w.arrived(1e6)  # a long idle spell counts as a 1 s gap, not more
-    assert w.target() == 1
+    assert w.load() < 1.0
 
 
 def test_adaptive_window_stays_within_the_deadline_slack():
     w = loaded(0.0001, 0.004, ceiling_s=0.050)
-    assert w.wait_s(1, 10.0, earliest_deadline=10.100) == pytest.approx(min(0.050, 39 * 0.0001))
+    assert w.wait_s(1, 10.0, earliest_deadline=10.100) == pytest.approx(0.050)
     assert w.wait_s(1, 10.0, earliest_deadline=10.005) == pytest.approx(0.001)  # 5 ms left, 4 ms to serve
     assert w.wait_s(1, 10.0, earliest_deadline=10.003) == 0.0
     assert w.wait_s(1, 10.0, earliest_deadline=9.0) == 0.0
@@ -160,12 +158,12 @@ def test_adaptive_batcher_fills_under_load_and_never_waits_past_the_slack():
                          adaptive_wait_s=far, deadline_of=lambda d: d)  # fmt: skip
         for i in range(50):  # the load it saw: arrivals 1 s apart, batches of 100 s
             b.window.arrived(time.monotonic() - 50 + i)
-            b.window.served(100.0)
+            b.window.served(100.0, 1)
         b.start()
         first = asyncio.ensure_future(b.submit(time.monotonic() + far))
         while not seen:
             await asyncio.sleep(0)
-        # one batch in flight: the next waits for the batch the load fills (4), not for the ceiling
+        # one batch in flight, full load: the next waits until it is full (4), not for the ceiling
         full = [asyncio.ensure_future(b.submit(time.monotonic() + far)) for _ in range(4)]
         await asyncio.wait_for(asyncio.gather(*full), 30)
         assert [len(x) for x in seen] == [1, 4]
