@@ -332,6 +332,9 @@ class FrontendConfig:
     kv_prefix: str = setting("kv:", "redis-kv: key prefix of the rows")
     cache_bytes: int = setting(0, "embedding cache in front of the shards or redis-kv, at most this many bytes (e.g. 64M, 1G; "
                                "0 = off; docs/cache.md)", parse=_bytes, metavar="BYTES", check=non_negative)  # fmt: skip
+    pooled_dtype: str = setting("float32", "dtype of the pooled vectors the shards send back: float16 halves those bytes, within "
+                                "the error bound of docs/fanout.md (requests with weighted bags stay float32)",
+                                choices=("float32", "float16"))  # fmt: skip
     # Replica choice (shards): a node that errors or times out is ejected, doubled per failure in a row.
     eject_s: float = setting(1.0, "first ejection of a shard that errors or times out; doubles per failure in a row", check=positive)
     eject_max_s: float = setting(10.0, "longest ejection", check=positive)

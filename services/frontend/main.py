@@ -86,7 +86,8 @@ async def _connect_cluster(config: FrontendConfig, loop, observer: Observer, tls
 
     keepalive = keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=False)
     channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth), options=keepalive)
-    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy, observer=observer)
+    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy, observer=observer,
+                              float16=config.pooled_dtype == "float16")  # fmt: skip
     return zk, paths, view, reader, lookup
 
 

@@ -16,7 +16,7 @@ from services.core.config import ZkConfig
 from services.core.discovery.zk_paths import ZkPaths
 from tests.support.cluster import LENIENT_ADMISSION, start_cluster
 from tests.support.processes import ProcessFactory
-from tests.support.recommend import check_response, random_requests
+from tests.support.recommend import FLOAT16_ATOL, check_response, random_requests
 from tests.support.waiting import wait_for
 
 CONCURRENCY = 16
@@ -116,6 +116,33 @@ def test_concurrent_requests_match_reference(served, reference):
     assert delta["bags_looked_up"] < delta["bags_requested"], f"no identical bag was pooled once: {delta}"
     assert delta["lookup_rpcs"] <= 3 * delta["batches"], "more than one Lookup per node per batch"
     assert delta["wire_bytes_user"] > 0 and delta["wire_bytes_item"] > delta["wire_bytes_user"], delta
+
+
+@pytest.mark.parametrize("served", ["mixed"], indirect=True)
+def test_float16_pooled_vectors_stay_within_the_stated_bound(served, reference, zk_server, features, tmp_path):
+    _, address, _, paths = served
+    url, prefix = features
+    spawn = ProcessFactory(tmp_path)
+    try:
+        fe = spawn(
+            "frontend", "serve", "--zk", zk_server.hosts, "--cluster", paths.cluster, "--redis", url, "--redis-prefix", prefix,
+            "--pooled-dtype", "float16", "--default-timeout-ms", "5000", *LENIENT_ADMISSION, name="frontend-float16",
+        )  # fmt: skip
+        line = wait_for(lambda: next((ln for ln in fe.log_text().splitlines() if ln.startswith("READY frontend")), None), 90, "the frontend to be ready")
+        half = line.split()[2]
+        requests = random_requests(100, seed=16)
+        received = {}
+        for name, where in (("float32", address), ("float16", half)):
+            before = stats(where)
+            responses = asyncio.run(send_all(where, requests, 1))  # one request a batch: the same Lookups on both
+            received[name] = stats(where)["lookup_response_bytes"] - before.get("lookup_response_bytes", 0)
+            for req, resp in zip(requests, responses, strict=True):
+                if name == "float16":
+                    check_response(reference, req, resp, rtol=0.0, atol=FLOAT16_ATOL)
+        # pooled vectors at 2 bytes a value instead of 4 (the int32 counts stay)
+        assert received["float16"] <= 0.55 * received["float32"], received
+    finally:
+        spawn.close()
 
 
 @pytest.mark.parametrize("served", ["mixed"], indirect=True)

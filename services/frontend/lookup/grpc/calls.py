@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
+from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
 from services.core import wire
 from services.core.clients import make_channel
 from services.core.errors import DeadlineExceededError, UnavailableError
@@ -123,11 +124,15 @@ class Call:
 
 
 class ShardCalls:
-    """Starts Lookup RPCs; shares the client's ``board``, ``budget`` and ``stats``."""
+    """Starts Lookup RPCs; shares the client's ``board``, ``budget`` and ``stats``. With
+    ``float16``, a request none of whose bags is weighted asks for float16 pooled vectors (half
+    the answer's bytes; docs/fanout.md gives the error bound), widened to float32 on arrival; a
+    weighted bag could pool beyond float16's range, so its request stays float32."""
 
     def __init__(self, view: ClusterView, channels: ChannelPool, board: ReplicaBoard, budget: HedgeBudget,
-                 stats: LookupStats, observer: Observer | None = None) -> None:
+                 stats: LookupStats, observer: Observer | None = None, *, float16: bool = False) -> None:
         self._view = view
+        self._float16 = float16
         self._channels = channels
         self._board = board
         self._budget = budget
@@ -136,6 +141,8 @@ class ShardCalls:
 
     def _request(self, units: list[Unit], version: Version, map_version: int, request_id: str) -> embedding_pb2.LookupRequest:
         req = embedding_pb2.LookupRequest(request_id=request_id, version=version, shard_map_version=map_version)
+        if self._float16 and all(u.sub.weights is None for u in units):
+            req.output_dtype = tensor_pb2.DTYPE_FLOAT16
         for u in units:
             g = req.groups.add(table=u.table, partition=u.partition, pooling=_POOLING[u.pooling])
             wire.encode(u.sub.ids, g.ids)
@@ -198,12 +205,13 @@ class ShardCalls:
         self._obs.metrics.lookup(node, now - start)
         out = []
         received = 0
+        dtype = "float16" if req.output_dtype == tensor_pb2.DTYPE_FLOAT16 else "float32"
         for u, r in zip(units, resp.results, strict=True):
-            pooled = wire.decode(r.pooled, "pooled", dtype="float32", ndim=2)
+            pooled = wire.decode(r.pooled, "pooled", dtype=dtype, ndim=2)
             counts = wire.decode(r.counts, "counts", dtype="int32", ndim=1)
             received += pooled.nbytes + counts.nbytes
             stats.add_wire_bytes(u.side, u.request_bytes + pooled.nbytes + counts.nbytes)
-            out.append((u, pooled, counts))
+            out.append((u, pooled.astype(np.float32) if dtype == "float16" else pooled, counts))
         stats.response_bytes += received
         if span is not None:
             span.set_attribute("shardrec.response_bytes", received)

@@ -43,10 +43,11 @@ _REFUSED_RETRY_S, _REFUSED_RETRY_MAX_S = 0.005, 0.1
 
 class GrpcLookupClient:
     """The ``LookupClient`` over the shards of ``view``'s cluster; ``board``, ``budget`` and
-    ``stats`` are its replica state, hedge budget and counters."""
+    ``stats`` are its replica state, hedge budget and counters. ``float16``: pooled vectors
+    come back as float16 (``ShardCalls``)."""
 
     def __init__(self, view: ClusterView, channels: ChannelPool, *, dim: int, policy: ReplicaPolicy | None = None,
-                 rng: random.Random | None = None, observer: Observer | None = None) -> None:
+                 rng: random.Random | None = None, observer: Observer | None = None, float16: bool = False) -> None:
         self._view = view
         self._dim = dim
         policy = policy or ReplicaPolicy()
@@ -56,7 +57,7 @@ class GrpcLookupClient:
         self._router = Router(view, self.board)
         self._channels = channels
         view.on_new_instance.append(self._renewed)
-        self._calls = ShardCalls(view, channels, self.board, self.budget, self.stats, observer)
+        self._calls = ShardCalls(view, channels, self.board, self.budget, self.stats, observer, float16=float16)
         hedging = policy.hedge_budget > 0 and policy.hedge_delay_s != 0
         self._hedger = Hedger(view, self._router, self._calls, self.board, self.budget, self.stats, enabled=hedging)
 
