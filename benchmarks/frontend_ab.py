@@ -63,12 +63,15 @@ def start_variants(cluster: LocalCluster, variants: list[Variant]) -> dict[str, 
     shards = cluster.pids(ROLE_SHARD)
     redis = cluster.pids(ROLE_REDIS)
     out = {}
+    loaded = False
     for v in variants:
         args = list(v.args)
         remote = True
         if "redis-kv" in args:
-            cluster.run_job("load-kv", "loading embedding rows into Redis for redis-kv",
-                            ["bench", "load-kv", "--checkpoint", ck, "--redis", cluster.state.redis_url])  # fmt: skip
+            if not loaded:  # once for every redis-kv variant
+                cluster.run_job("load-kv", "loading embedding rows into Redis for redis-kv",
+                                ["bench", "load-kv", "--checkpoint", ck, "--redis", cluster.state.redis_url])  # fmt: skip
+                loaded = True
             args += ["--checkpoint", ck]
             remote = False
         elif "inproc" in args:
