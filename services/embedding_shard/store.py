@@ -159,6 +159,8 @@ class TableStore:
         """Serve ``version`` from its own full ``weights`` (the first load, or a new base); the
         versions already held keep theirs until dropped."""
         versions = self._copy()
+        for pid, w in weights.items():
+            self._table(pid).hold(w)
         versions[version] = {pid: PartitionVersion(self._table(pid), w) for pid, w in weights.items()}
         self._publish(version if primary or not self._state.primary else self._state.primary, versions)
 
@@ -185,6 +187,10 @@ class TableStore:
                 f"the node holds {sorted(held)} (primary {state.primary})"
             )
         table = self._table(pid)
+        for w in weights.values():
+            table.hold(w)
+        for _, rows in overlays.values():
+            table.hold(rows)
         base = weights[state.primary]
         versions = self._copy()
         for v in held:
@@ -220,6 +226,7 @@ class TableStore:
             pv = state.versions[a][key]
             if len(local) == 0:
                 continue
+            pv.table.hold(rows)
             index = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64))
             old = pv.weight[index].clone()
             for v, parts in versions.items():
