@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grace-s", type=float, default=5.0, help="drain period for in-flight calls on SIGTERM")
     serve.add_argument("--session-timeout-s", type=float, default=10.0)
     serve.add_argument("--load-rate-bytes-s", type=int, default=0, help="throttle loading (0 = as fast as the disk)")
+    serve.add_argument("--swap-cpu-share", type=_share, default=ShardConfig.swap_cpu_share,
+                       help="applying a delta takes at most this share of one core (1 = unpaced; docs/checkpoint.md)")
     serve.add_argument("--version-drain-s", type=float, default=2.0, help="drop a version this long after no frontend serves it")
     serve.add_argument(
         "--partition-drain-s", type=float, default=5.0,
@@ -36,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-verify", action="store_true", help="skip sha256 verification of checkpoint files")
     add_observability_args(serve)
     serve.set_defaults(func=_serve)
+
+
+def _share(raw: str) -> float:
+    try:
+        share = float(raw)
+    except ValueError:
+        share = 0.0
+    if not share > 0:
+        raise argparse.ArgumentTypeError(f"a share of one core must be a number > 0 (1 = unpaced), got {raw!r}")
+    return share
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -56,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         verify_checksums=not args.no_verify,
         load_rate_bytes_s=args.load_rate_bytes_s,
+        swap_cpu_share=args.swap_cpu_share,
         version_drain_s=args.version_drain_s,
         partition_drain_s=args.partition_drain_s,
         stats_interval_s=args.stats_interval_s,

@@ -67,6 +67,9 @@ class ShardConfig:
     verify_checksums: bool = True
     # Load throttle (bytes/s, 0 = unthrottled), used to make moves observable in tests.
     load_rate_bytes_s: int = 0
+    # Applying a delta (verify, read, write in place) takes at most this share of one core, so
+    # serving on the node barely notices a swap (docs/checkpoint.md, "Paced swaps"); 1 = unpaced.
+    swap_cpu_share: float = 0.25
     # A version no live frontend serves any more is dropped this long after it became unused.
     version_drain_s: float = 2.0
     # A partition no shard map gives this node any more is dropped this long after that
