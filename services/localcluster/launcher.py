@@ -149,7 +149,7 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *cfg.service_args],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *cfg.service_args, *cfg.shard_args],
                     metrics=cfg.metrics,
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
