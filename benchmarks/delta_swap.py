@@ -66,7 +66,7 @@ def cmd_apply(args: argparse.Namespace) -> dict:
 
     from services.core.checkpoint.reader import CheckpointReader
     from services.core.checkpoint.writer import next_version, write_delta
-    from services.core.synth import drift_ids, drift_rows
+    from services.core.synth_deltas import drift_ids, drift_rows
     from services.core.types import PartitionId
     from services.embedding_shard.loader import load_changes, load_rows, loaders_for
     from services.embedding_shard.store import TableStore
@@ -139,7 +139,7 @@ def cmd_during(args: argparse.Namespace) -> dict:
 
     from benchmarks.harness import OpenLoop, RequestMix, run, run_recommender
     from services.control.cluster import open_cluster
-    from services.core.synth import synthesize_deltas
+    from services.core.synth_deltas import synthesize_deltas
     from services.localcluster.config import LocalClusterConfig, resolve_spec
     from services.localcluster.launcher import LocalCluster
     from services.localcluster.processes import SignalGuard

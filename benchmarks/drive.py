@@ -32,19 +32,31 @@ class DriveConfig:
     label: str = "shardrec"
     out_dir: Path = Path("bench-results/run")
     seed: int = 0
+    # Authentication on (docs/security.md): a caller token for Recommend, an admin token for
+    # GetStats (the counters), the CA of a TLS frontend.
+    token: str | None = None
+    admin_token: str | None = None
+    tls_ca: str = ""
 
 
-def cluster_target(workdir: Path, address: str = "") -> tuple[str, dict[int, str]]:
-    """The frontend to drive (``address``, else the one of the local cluster in ``workdir``) and
-    the pids of that cluster's shards, frontend and Redis. ConfigError when there is neither."""
-    pids: dict[int, str] = {}
+def cluster_target(workdir: Path, address: str = "") -> dict:
+    """What to drive: ``address`` (else the frontend of the local cluster in ``workdir``), the
+    pids of that cluster's shards, frontend and Redis, and, for a cluster started with --tls or
+    --auth, its CA and caller and admin tokens: DriveConfig's fields. ConfigError when there is
+    no address."""
+    from services.localcluster.security import read_token
+
+    target: dict = {"address": address, "pids": {}}
     state = read_state(workdir)
     if state is not None:
-        address = address or state.frontend
-        pids = {p.pid: p.name for p in state.processes if p.role in (ROLE_SHARD, ROLE_FRONTEND, ROLE_REDIS)}
-    if not address:
+        target["address"] = address or state.frontend
+        target["pids"] = {p.pid: p.name for p in state.processes if p.role in (ROLE_SHARD, ROLE_FRONTEND, ROLE_REDIS)}
+        target["tls_ca"] = state.tls_ca
+        target["token"] = read_token(state.token_file) if state.token_file else None
+        target["admin_token"] = read_token(state.admin_token_file) if state.admin_token_file else None
+    if not target["address"]:
         raise ConfigError(f"no --address and no running cluster in {workdir} (start one with `shardrec cluster up`)")
-    return address, pids
+    return target
 
 
 def drive(cfg: DriveConfig, out: IO[str] | None = None) -> dict:
@@ -64,9 +76,9 @@ def drive(cfg: DriveConfig, out: IO[str] | None = None) -> dict:
         out.flush()
 
     async def once(load, label):
-        cpu, counters = CpuMeter(dict(cfg.pids)), CounterMeter(cfg.address)
+        cpu, counters = CpuMeter(dict(cfg.pids)), CounterMeter(cfg.address, token=cfg.admin_token, tls_ca=cfg.tls_ca)
         stats = await run_recommender(cfg.address, mix, load, deadline_s=cfg.deadline_ms / 1000, progress=progress,
-                                      meters=[cpu, counters])  # fmt: skip
+                                      meters=[cpu, counters], token=cfg.token, tls_ca=cfg.tls_ca)  # fmt: skip
         out.write("\n")
         return run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
 

@@ -9,7 +9,7 @@ them when it closes (after warm-up, before the drain).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -123,9 +123,12 @@ def snapshot_counters(frontend_address: str, *, timeout_s: float = 5.0) -> dict[
     return dict(resp.counters)
 
 
-async def read_counters(channel: grpc.aio.Channel, *, timeout_s: float = 5.0) -> dict[str, int]:
-    """``FrontendAdmin.GetStats`` counters over an open grpc.aio channel."""
-    resp = await recommend_pb2_grpc.FrontendAdminStub(channel).GetStats(recommend_pb2.GetStatsRequest(), timeout=timeout_s)
+async def read_counters(channel: grpc.aio.Channel, *, timeout_s: float = 5.0, token: str | None = None) -> dict[str, int]:
+    """``FrontendAdmin.GetStats`` counters over an open grpc.aio channel; ``token``: an admin
+    token, sent as ``authorization: Bearer`` (GetStats needs one when authentication is on)."""
+    metadata = None if token is None else (("authorization", f"Bearer {token}"),)
+    stub = recommend_pb2_grpc.FrontendAdminStub(channel)
+    resp = await stub.GetStats(recommend_pb2.GetStatsRequest(), timeout=timeout_s, metadata=metadata)
     return dict(resp.counters)
 
 
@@ -155,25 +158,40 @@ def wire_bytes_per_request(delta: Mapping[str, int], requests: int | None = None
 class CounterMeter:
     """The frontend's counters over a window: ``start`` and ``stop`` read ``GetStats`` (async,
     on the caller's loop, over one channel opened at ``start`` and closed at ``stop``);
-    ``delta`` is the difference. Fits ``run_load(..., meters=[...])``."""
+    ``delta`` is the difference. Fits ``run_load(..., meters=[...])``. With authentication on
+    (docs/security.md), ``token`` is an admin token (a string, or a callable asked at each read,
+    so a rotated one is picked up) and ``tls_ca`` the CA of a TLS frontend's certificate."""
 
-    def __init__(self, frontend_address: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, frontend_address: str, *, timeout_s: float = 5.0, token: str | Callable[[], str] | None = None, tls_ca: str = ""
+    ) -> None:
         self.address = frontend_address
         self.timeout_s = timeout_s
+        self._token = (lambda: token) if isinstance(token, str) else token
+        self._tls_ca = tls_ca
         self.before: dict[str, int] | None = None
         self.after: dict[str, int] | None = None
         self._channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
-        self._channel = make_channel(self.address)
+        credentials = None
+        if self._tls_ca:
+            from services.core.tls import client_credentials
+
+            credentials = client_credentials(self._tls_ca)
+        self._channel = make_channel(self.address, credentials=credentials)
         self.after = None
-        self.before = await read_counters(self._channel, timeout_s=self.timeout_s)
+        self.before = await self._read()
+
+    async def _read(self) -> dict[str, int]:
+        assert self._channel is not None
+        return await read_counters(self._channel, timeout_s=self.timeout_s, token=None if self._token is None else self._token())
 
     async def stop(self) -> None:
         if self._channel is None:
             raise RuntimeError("CounterMeter.stop() before start()")
         try:
-            self.after = await read_counters(self._channel, timeout_s=self.timeout_s)
+            self.after = await self._read()
         finally:
             ch, self._channel = self._channel, None
             await ch.close()

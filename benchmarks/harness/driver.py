@@ -543,7 +543,10 @@ class RecommenderClient:
             stats = await run_load(client, mix, OpenLoop(200, 10, 2), deadline_s=1.0)
 
     Several channels open separate TCP connections (a local subchannel pool each), which
-    spreads the client's HTTP/2 framing when one connection is the bottleneck.
+    spreads the client's HTTP/2 framing when one connection is the bottleneck. With
+    authentication on (docs/security.md), ``token`` is sent as ``authorization: Bearer`` (a
+    callable is asked per call, so a rotated token is picked up) and ``tls_ca`` is the CA that
+    signs the frontend's certificate (TLS on).
     """
 
     def __init__(
@@ -553,6 +556,8 @@ class RecommenderClient:
         channels: int = 1,
         deadline_s: float = DEFAULT_DEADLINE_S,
         options: Sequence[tuple[str, Any]] = (),
+        token: str | Callable[[], str] | None = None,
+        tls_ca: str = "",
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -563,6 +568,8 @@ class RecommenderClient:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[Any] = []
         self._next = itertools.cycle(range(channels))
+        self._token = (lambda: token) if isinstance(token, str) else token
+        self._tls_ca = tls_ca
 
     async def connect(self, timeout_s: float = 10.0) -> RecommenderClient:
         """Open the channels and wait until each is READY (TimeoutError after ``timeout_s``)."""
@@ -571,7 +578,12 @@ class RecommenderClient:
         opts = list(self._options)
         if self._n > 1:
             opts.append(("grpc.use_local_subchannel_pool", 1))
-        self._channels = [make_channel(self.address, options=opts) for _ in range(self._n)]
+        creds = None
+        if self._tls_ca:
+            from services.core.tls import client_credentials
+
+            creds = client_credentials(self._tls_ca)
+        self._channels = [make_channel(self.address, options=opts, credentials=creds) for _ in range(self._n)]
         self._stubs = [recommend_pb2_grpc.RecommenderStub(ch) for ch in self._channels]
         try:
             async with asyncio.timeout(timeout_s):
@@ -582,7 +594,8 @@ class RecommenderClient:
         return self
 
     async def __call__(self, request: Request) -> recommend_pb2.RecommendResponse:
-        return await self._stubs[next(self._next)].Recommend(request, timeout=self.deadline_s)
+        metadata = None if self._token is None else (("authorization", f"Bearer {self._token()}"),)
+        return await self._stubs[next(self._next)].Recommend(request, timeout=self.deadline_s, metadata=metadata)
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = self._channels, [], []
@@ -607,9 +620,12 @@ async def run_recommender(
     progress_interval_s: float = 1.0,
     meters: Sequence[WindowMeter] = (),
     connect_timeout_s: float = 10.0,
+    token: str | None = None,
+    tls_ca: str = "",
 ) -> RunStats:
-    """``run_load`` against the Recommender at ``address`` (channels opened and closed here)."""
-    client = RecommenderClient(address, channels=channels, deadline_s=deadline_s)
+    """``run_load`` against the Recommender at ``address`` (channels opened and closed here;
+    ``token`` and ``tls_ca`` as ``RecommenderClient``'s)."""
+    client = RecommenderClient(address, channels=channels, deadline_s=deadline_s, token=token, tls_ca=tls_ca)
     await client.connect(connect_timeout_s)
     try:
         return await run_load(

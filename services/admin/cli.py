@@ -17,6 +17,7 @@ GROUPS = (
     "services.admin.cmd_features",
     "services.admin.cmd_frontend",
     "services.admin.cmd_cluster",
+    "services.admin.cmd_config",
     "services.admin.cmd_kv",
     "services.admin.cmd_bench",
 )

@@ -92,6 +92,9 @@ def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
     p.add_argument("--port", type=int, default=0, help="frontend port (default 0: any free port)")
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="deadline of each start step (default 300)")
     p.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL (default 15)")
+    p.add_argument("--tls", action="store_true", help="TLS on every port, mTLS between frontends and shards: a local CA and certificates in <workdir>/pki")
+    p.add_argument("--auth", action="store_true",
+                   help="bearer tokens, the cluster token, ZooKeeper ACLs and a Redis password (secrets in <workdir>/secrets)")
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
@@ -111,6 +114,8 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
         start_timeout_s=args.start_timeout_s,
         stop_grace_s=args.stop_grace_s,
         shards_only=getattr(args, "shards_only", False),
+        tls=args.tls,
+        auth=args.auth,
         prometheus=getattr(args, "prometheus", False),
         scrape_interval_s=getattr(args, "scrape_interval_s", 5.0),
     )
@@ -136,7 +141,8 @@ def _run(args: argparse.Namespace, *, mode: str) -> int:
         try:
             cluster.start()
             failures = send_sample_requests(
-                cluster.state.frontend, config.checkpoint, args.requests, args.seed, cluster.progress, features=config.features
+                cluster.state.frontend, config.checkpoint, args.requests, args.seed, cluster.progress, features=config.features,
+                tls_ca=cluster.state.tls_ca, token_file=cluster.state.token_file,
             )
             if failures:
                 cluster.progress.line(f"{failures} of {args.requests} requests failed")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from services.admin.flags import redis_auth_args, redis_auth_config
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     feats = subparsers.add_parser("features", help="stored user / item features in Redis")
@@ -31,19 +33,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--features", default=None, metavar="ROOT", help="read features/{users,items}.npz below this folder instead (e.g. another checkpoint root)"
     )
+    redis_auth_args(load)
     load.set_defaults(func=_load)
     status = sub.add_parser("status", help="the feature store's live generation, or that it is lost")
     status.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint root: a folder or file:// URI (for the model's layouts)")
     status.add_argument("--redis", required=True, metavar="URL", help="Redis URL (redis:// or redis+sentinel://)")
     status.add_argument("--prefix", default="", help="key prefix (as loaded); default none")
     status.add_argument("--version", type=int, default=None, help="manifest version to read the model from (default: latest complete)")
+    redis_auth_args(status)
     status.set_defaults(func=_status)
 
 
 def _load(args: argparse.Namespace) -> int:
     from services.control.features import load_features
 
-    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version, features=args.features)
+    result = load_features(args.checkpoint, args.redis, prefix=args.prefix, batch=args.batch, version=args.version,
+                           features=args.features, redis_auth=redis_auth_config(args))  # fmt: skip
     load, keys = result["load"], result["keys"]
     replaced = "none" if load.replaced is None else f"generation {load.replaced.generation}"  # type: ignore[attr-defined]
     print(f"model {result['model']!r} version {result['version']} -> {args.redis} (prefix {args.prefix!r}): "
@@ -67,7 +72,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from services.control.features import feature_store_status
 
-    st = feature_store_status(args.checkpoint, args.redis, prefix=args.prefix, version=args.version)
+    st = feature_store_status(args.checkpoint, args.redis, prefix=args.prefix, version=args.version, redis_auth=redis_auth_config(args))
     keys, marker = st["keys"], st["marker"]
     print(f"feature store {keys.marker} at {args.redis}")  # type: ignore[attr-defined]
     if marker is None:

@@ -101,12 +101,12 @@ def _drift(args: argparse.Namespace) -> int:
 def _synth_deltas(
     args: argparse.Namespace, store: CheckpointStore, parent: int, progress: Callable[[str], None] | None
 ) -> None:
-    from services.core import synth
+    from services.core import synth_deltas
     from services.core.checkpoint.manifest import DENSE_FILE
     from services.core.checkpoint.reader import CheckpointReader
 
     t0 = time.perf_counter()
-    versions = synth.synthesize_deltas(store, args.preset, args.deltas, args.drift, args.seed, parent, progress=progress)
+    versions = synth_deltas.synthesize_deltas(store, args.preset, args.deltas, args.drift, args.seed, parent, progress=progress)
     reader = CheckpointReader(store)
     print(f"{len(versions)} drift deltas (drift {args.drift}) in {time.perf_counter() - t0:.1f} s:")
     for v in versions:

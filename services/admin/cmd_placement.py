@@ -12,11 +12,14 @@ import argparse
 
 
 def zk_args(q: argparse.ArgumentParser) -> None:
-    """``--zk`` and ``--cluster``, defaulting to ``$SHARDREC_ZK`` and ``$SHARDREC_CLUSTER``."""
-    from services.core.config import default_cluster, default_zk
+    """``--zk``, ``--cluster`` and ``--zk-auth`` as the processes declare them
+    (``services.core.config.ZkConfig``), defaulting to ``$SHARDREC_ZK``, ``$SHARDREC_CLUSTER``
+    and ``$SHARDREC_ZK_AUTH``."""
+    from services.core.config import ZK_SETTINGS, env_default
 
-    q.add_argument("--zk", default=default_zk(), help="ZooKeeper hosts (default $SHARDREC_ZK or 127.0.0.1:2181)")
-    q.add_argument("--cluster", default=default_cluster(), help="cluster name (default $SHARDREC_CLUSTER or 'default')")
+    for name in ("zk", "cluster", "zk_auth"):
+        s = ZK_SETTINGS[name]
+        q.add_argument(s.flag, default=env_default(s), metavar=s.metavar, help=f"{s.help} (default ${s.env} or {s.shown(s.default)})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +51,7 @@ def _init(args: argparse.Namespace) -> int:
     from services.core.placement import load_placement_spec
 
     initial = initial_placement(args.checkpoint, load_placement_spec(args.spec), args.nodes, args.version)
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         smap, cleared = init_cluster(store, initial, force=args.force)
     if cleared:
         print("cleared the target shard map of a rebalance in progress")
@@ -65,7 +68,7 @@ def _show(args: argparse.Namespace) -> int:
     from services.control.cluster import open_cluster
     from services.control.placement import format_view, read_placement
 
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         view = read_placement(store)
     print(format_view(args.cluster, view))
     return 0

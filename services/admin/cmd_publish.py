@@ -46,7 +46,7 @@ def _with_cluster(args: argparse.Namespace, action: Callable[["ClusterStore", "C
     from services.control.publish import model_reader
     from services.core.errors import ShardrecError
 
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         try:
             print(action(store, model_reader(store)))
         except ShardrecError as e:

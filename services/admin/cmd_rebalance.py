@@ -113,7 +113,7 @@ def _show(args: argparse.Namespace) -> int:
     from services.control.rebalance import read_overview
     from services.control.rebalance_report import format_show
 
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         view = read_overview(store)
     print(format_show(args.cluster, view))
     return 0
@@ -130,7 +130,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = PlannerConfig(
         replicate_max_bytes=args.replicate_max_bytes, min_replicas=args.min_replicas, load_tolerance=args.load_tolerance
     )
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         result = plan_rebalance(store, request, node_memory_bytes=args.node_memory_bytes, config=config)
     print(format_plan(result))
     result.plan.save(args.out)
@@ -159,7 +159,7 @@ def _apply(args: argparse.Namespace) -> int:
     plan = RebalancePlan.load(args.plan)
     if plan.cluster != args.cluster:
         raise ConfigError(f"{args.plan} was made for cluster {plan.cluster!r}, not {args.cluster!r}")
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         applied = apply_plan(store, plan, timeout_s=args.timeout_s, confirm=None if args.yes else _confirm)
     return 0 if applied else 1
 
@@ -169,7 +169,7 @@ def _status(args: argparse.Namespace) -> int:
     from services.control.rebalance import read_status
     from services.control.rebalance_report import format_status
 
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         status = read_status(store)
     print(format_status(status))
     return 0
@@ -179,7 +179,7 @@ def _abort(args: argparse.Namespace) -> int:
     from services.control.cluster import open_cluster
     from services.control.rebalance import abort_rebalance
 
-    with open_cluster(args.zk, args.cluster) as (_client, store):
+    with open_cluster(args.zk, args.cluster, auth_file=args.zk_auth) as (_client, store):
         active, aborted = abort_rebalance(store)
     if aborted is None:
         print(f"no rebalance in progress (active shard map version {active.version}): nothing to abort")

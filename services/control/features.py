@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.core.config import RedisAuth
 
 
 def load_features(
@@ -14,6 +18,7 @@ def load_features(
     version: int | None = None,
     progress: bool = True,
     features: str | None = None,
+    redis_auth: "RedisAuth | None" = None,
 ) -> dict[str, object]:
     """Validate ``features/{users,items}.npz`` of ``checkpoint`` (or of the root ``features``,
     e.g. another checkpoint's) against the model of the checkpoint's latest complete version
@@ -63,7 +68,7 @@ def load_features(
                 print(line, file=sys.stderr, flush=True)
 
     keys = StoreKeys.of(prefix, sides[0][0], sides[1][0])
-    client = make_redis(redis_url)
+    client = make_redis(redis_url, auth=redis_auth)
     try:
         result = load_generation(client, keys, sides, source=source.uri, version=v, batch=batch, progress=say)
     finally:
@@ -75,7 +80,9 @@ def load_features(
     return out
 
 
-def feature_store_status(checkpoint: str, redis_url: str, *, prefix: str = "", version: int | None = None) -> dict[str, object]:
+def feature_store_status(
+    checkpoint: str, redis_url: str, *, prefix: str = "", version: int | None = None, redis_auth: "RedisAuth | None" = None
+) -> dict[str, object]:
     """What ``shardrec features status`` prints: for the model of ``checkpoint`` (latest
     complete version, or ``version``) under ``prefix``, the store's keys, its live marker (None:
     the store is lost or was never loaded), the generations that may have records, and how long
@@ -89,7 +96,7 @@ def feature_store_status(checkpoint: str, redis_url: str, *, prefix: str = "", v
     reader = CheckpointReader(checkpoint)
     spec = reader.manifest(reader.latest_version() if version is None else version).model
     keys = StoreKeys.of(prefix, FeatureLayout(spec, FeatureSide.USER), FeatureLayout(spec, FeatureSide.ITEM))
-    client = make_redis(redis_url, timeout_s=5.0)
+    client = make_redis(redis_url, timeout_s=5.0, auth=redis_auth)
     try:
         lock_ms = int(client.pttl(keys.lock))
         return {

@@ -91,6 +91,7 @@ def init_cluster(store: "ClusterStore", initial: InitialPlacement, *, force: boo
                 "use --force to replace it"
             )
         smap = initial.shard_map(version=old.version + 1)
+    store.ensure_members()  # made by the admin: with ACLs, shards and frontends may only add children
     store.write_model(initial.checkpoint, initial.manifest.model.name)
     store.write_target_version(initial.manifest.version)
     store.write_serving_version(initial.manifest.version)

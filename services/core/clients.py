@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.core.config import ZkConfig
+from services.core.config import RedisAuth, ZkConfig
 from services.core.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
@@ -45,15 +45,22 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) ->
     from kazoo.retry import KazooRetry
 
     max_delay_s = min(2.0, max(0.1, zk.session_timeout_s / 3))
-    client = KazooClient(
+    acl = {}
+    if zk.auth is not None:
+        from services.core.discovery.acls import ZnodeAcls
+
+        acl = {"auth_data": [("digest", f"{zk.auth.user}:{zk.auth.password}")]}
+        client_class = _acl_client_class(ZnodeAcls(zk.auth.digests).acl_for)
+    else:
+        client_class = KazooClient
+    client = client_class(
         hosts=zk.hosts,
         timeout=zk.session_timeout_s,
         read_only=read_only,
         connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
         command_retry=KazooRetry(max_tries=5, delay=0.05, backoff=2, max_jitter=0.2, max_delay=max_delay_s),
         logger=_quiet_logger() if quiet else None,  # None: kazoo's own logger
-        # TLS: use_ssl=..., certfile=..., keyfile=..., ca=..., verify_certs=...
-        # ACLs: auth_data=[("digest", "user:password")], default_acl=[...]
+        **acl,
     )
     try:
         client.start(timeout=zk.connect_timeout_s)
@@ -66,17 +73,37 @@ def make_kazoo(zk: ZkConfig, *, read_only: bool = False, quiet: bool = False) ->
     return client
 
 
-def make_redis(url: str, *, timeout_s: float | None = None, retries: int | None = None) -> "redis.Redis":
+def _acl_client_class(acl_for):  # noqa: ANN001, ANN202
+    """A KazooClient whose every create (``makepath`` parents and ``ensure_path`` included: they
+    all go through ``create_async``) gets the ACL of its path from the one table
+    (``services.core.discovery.acls``), whatever ACL the caller passed."""
+    from kazoo.client import KazooClient
+
+    class AclKazooClient(KazooClient):
+        def create_async(self, path, value=b"", acl=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return super().create_async(path, value, acl_for(path), *args, **kwargs)
+
+    return AclKazooClient
+
+
+def make_redis(
+    url: str, *, timeout_s: float | None = None, retries: int | None = None, auth: RedisAuth | None = None
+) -> "redis.Redis":
     """A Redis client for ``url`` that speaks bytes (``decode_responses=False``). Connections are
     made lazily, on the first command, from the client's pool; it is thread-safe.
 
     ``url`` is ``redis://[user:pass@]host:port/db`` (``rediss://`` selects TLS) or, for a primary
     watched by Redis Sentinel, ``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]``
-    (the sentinels' addresses and the master's name; ``parse_sentinel_url``): the client asks the
-    sentinels where the primary is on every new connection, so it follows a failover.
-    ``timeout_s`` bounds connecting and every reply (default: 5 s to connect, replies unbounded).
-    ``retries`` is how often redis-py itself retries a command after a connection error or
-    timeout (None: its default; 0 for callers that bound and retry calls themselves).
+    (``rediss+sentinel://``: TLS to the sentinels and the primary; ``parse_sentinel_url``): the
+    client asks the sentinels where the primary is on every new connection, so it follows a
+    failover. ``timeout_s`` bounds connecting and every reply (default: 5 s to connect, replies
+    unbounded). ``retries`` is how often redis-py itself retries a command after a connection
+    error or timeout (None: its default; 0 for callers that bound and retry calls themselves).
+
+    AUTH: the URL's password, else ``auth.password`` (from a file or the environment,
+    ``core.config.redis_auth``); TLS is verified against ``auth.ca_file``. Behind Sentinel the
+    primary gets that password and the sentinels ``AUTH default <password>``, which a sentinel
+    with that ``requirepass`` checks and one without a password accepts (docs/security.md).
     """
     import redis
 
@@ -84,11 +111,21 @@ def make_redis(url: str, *, timeout_s: float | None = None, retries: int | None 
     options = {**_REDIS_OPTIONS, "socket_connect_timeout": connect_s, "socket_timeout": timeout_s, **_retry(retries, aio=False)}
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
-        return redis.Redis.from_url(url, **options)
+        return redis.Redis.from_url(url, **options, **_redis_auth(url, auth))
     from redis.sentinel import Sentinel
 
-    watchers = Sentinel(list(sentinel.sentinels), sentinel_kwargs=_sentinel_options(options))
-    return watchers.master_for(sentinel.master, db=sentinel.db, username=sentinel.username, password=sentinel.password, **options)
+    master, sentinels = _sentinel_options(sentinel, options, auth)
+    return Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinels).master_for(sentinel.master, **master)
+
+
+def _redis_auth(url: str, auth: RedisAuth | None) -> dict[str, Any]:
+    """AUTH and TLS options of a ``redis://`` / ``rediss://`` URL (the URL's own password wins)."""
+    opts: dict[str, Any] = {}
+    if auth is not None and auth.password:
+        opts["password"] = auth.password
+    if auth is not None and auth.ca_file and url.lower().startswith("rediss://"):
+        opts["ssl_ca_certs"] = auth.ca_file
+    return opts
 
 
 def _quiet_logger() -> "logging.Logger":
@@ -100,10 +137,12 @@ def _quiet_logger() -> "logging.Logger":
     return log
 
 
-def make_async_redis(url: str, *, timeout_s: float | None = None, retries: int | None = None) -> "redis.asyncio.Redis":
-    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms, Sentinel included, and
-    settings; ``timeout_s`` also bounds connecting when given), for an event loop: use and close
-    it (``await client.aclose()``) on the loop that first uses it."""
+def make_async_redis(
+    url: str, *, timeout_s: float | None = None, retries: int | None = None, auth: RedisAuth | None = None
+) -> "redis.asyncio.Redis":
+    """The ``redis.asyncio`` twin of ``make_redis`` (same URL forms, Sentinel included, AUTH, TLS
+    and settings; ``timeout_s`` also bounds connecting when given), for an event loop: use and
+    close it (``await client.aclose()``) on the loop that first uses it."""
     import redis.asyncio
 
     options: dict[str, Any] = {**_REDIS_OPTIONS, **_retry(retries, aio=True)}
@@ -111,31 +150,32 @@ def make_async_redis(url: str, *, timeout_s: float | None = None, retries: int |
         options.update(socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
-        return redis.asyncio.Redis.from_url(url, **options)
+        return redis.asyncio.Redis.from_url(url, **options, **_redis_auth(url, auth))
     from redis.asyncio.sentinel import Sentinel
 
-    watchers = Sentinel(list(sentinel.sentinels), sentinel_kwargs=_sentinel_options(options))
-    return watchers.master_for(sentinel.master, db=sentinel.db, username=sentinel.username, password=sentinel.password, **options)
+    master, sentinels = _sentinel_options(sentinel, options, auth)
+    return Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinels).master_for(sentinel.master, **master)
 
 
 _REDIS_OPTIONS: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5.0, "health_check_interval": 30}
-SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # the second: TLS
 
 
 @dataclass(frozen=True)
 class SentinelUrl:
-    """A ``redis+sentinel://`` URL: the sentinels, the name of the primary they watch, the db
-    and the primary's credentials (the sentinels are asked without)."""
+    """A ``redis+sentinel://`` URL: the sentinels, the name of the primary they watch, the db,
+    the primary's credentials and whether both are reached over TLS (``rediss+sentinel://``)."""
 
     sentinels: tuple[tuple[str, int], ...]
     master: str
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl | None:
-    """``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]`` -> SentinelUrl;
+    """``redis[s]+sentinel://[user:pass@]host:port[,host:port...]/master[/db]`` -> SentinelUrl;
     None for any other scheme; ConfigError naming what is wrong otherwise.
 
     >>> parse_sentinel_url("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/features/2").db
@@ -144,8 +184,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
     from urllib.parse import unquote
 
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != SENTINEL_SCHEME:
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
         return None
+    want = f"want {scheme}://host:port[,host:port...]/master[/db]"
     netloc, _, path = rest.partition("/")
     creds, at, hosts = netloc.rpartition("@")
     username = password = None
@@ -156,17 +197,33 @@ def parse_sentinel_url(url: str) -> SentinelUrl | None:
     for part in hosts.split(","):
         host, colon, port = part.strip().rpartition(":")
         if not colon or not host or not port.isdigit():
-            raise ConfigError(f"{url!r}: sentinel {part!r} is not host:port (want {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db])")
+            raise ConfigError(f"{url!r}: sentinel {part!r} is not host:port ({want})")
         sentinels.append((host.strip("[]"), int(port)))
     master, _, db = path.strip("/").partition("/")
     if not master or (db and not db.isdigit()):
-        raise ConfigError(f"{url!r}: want {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db] (the primary's name as the sentinels know it)")
-    return SentinelUrl(tuple(sentinels), unquote(master), int(db or 0), username, password)
+        raise ConfigError(f"{url!r}: {want} (the primary's name as the sentinels know it)")
+    tls = scheme.lower() == SENTINEL_SCHEMES[1]
+    return SentinelUrl(tuple(sentinels), unquote(master), int(db or 0), username, password, tls)
 
 
-def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options of the connections to the sentinels themselves: the same timeouts and retries."""
-    return {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+def _sentinel_options(
+    url: SentinelUrl, options: dict[str, Any], auth: RedisAuth | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options of the primary's connections and of the sentinels' (the same timeouts and
+    retries). The primary's password is the URL's, else ``auth``'s; the sentinels get it as
+    ``AUTH default <password>``, which works whether or not they require one (Redis 6+: the
+    two-argument AUTH of a user without a password succeeds). TLS (``rediss+sentinel``) to both,
+    verified against ``auth.ca_file``."""
+    password = url.password or (auth.password if auth is not None else None)
+    sentinels = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
+    master = {**options, "db": url.db, "username": url.username, "password": password}
+    if password:
+        sentinels.update(username="default", password=password)
+    if url.tls:
+        tls = {"ssl": True, **({"ssl_ca_certs": auth.ca_file} if auth is not None and auth.ca_file else {})}
+        master.update(tls)
+        sentinels.update(tls)
+    return master, sentinels
 
 
 def _retry(retries: int | None, *, aio: bool) -> dict[str, Any]:
@@ -183,15 +240,21 @@ def _retry(retries: int | None, *, aio: bool) -> dict[str, Any]:
 
 
 def make_channel(
-    address: str, *, max_message_bytes: int | None = None, options: Sequence[tuple[str, Any]] = (), aio: bool = True
+    address: str,
+    *,
+    max_message_bytes: int | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    aio: bool = True,
+    credentials: "grpc.ChannelCredentials | None" = None,
 ) -> "grpc.aio.Channel | grpc.Channel":
     """A gRPC channel to ``address`` (``host:port``): ``grpc.aio`` (default) or, ``aio=False``,
     a blocking one. The caller owns it and closes it (``await ch.close()`` / ``ch.close()``).
 
     ``max_message_bytes`` sets both message caps (``services.core.rpc.server.channel_options``,
     what shardrec servers use); None keeps gRPC's defaults (4 MiB received), enough for
-    Recommend and admin calls. ``options`` are added after those. Plaintext today; channel
-    credentials (TLS) land here.
+    Recommend and admin calls. ``options`` are added after those. ``credentials`` (from
+    ``services.core.tls``: the process's ``TlsMaterial.channel_credentials()``, or
+    ``client_credentials(ca)`` outside the cluster) make it TLS; None is plaintext.
     """
     import grpc
 
@@ -204,5 +267,9 @@ def make_channel(
     if aio:
         import grpc.aio
 
+        if credentials is not None:
+            return grpc.aio.secure_channel(address, credentials, options=opts or None)
         return grpc.aio.insecure_channel(address, options=opts or None)
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=opts or None)
     return grpc.insecure_channel(address, options=opts or None)

@@ -28,20 +28,36 @@ class ShardrecError(Exception):
     """Base of every error shardrec raises on purpose.
 
     ``retry_after_s``: when set, the status carries a google.rpc ``RetryInfo`` with that delay
-    (how long a caller should back off before trying again)."""
+    (how long a caller should back off before trying again). ``field``: when set, the request
+    field at fault (e.g. ``candidate_item_ids[3]``), carried as a google.rpc ``BadRequest``
+    field violation."""
 
     grpc_code: str = "INTERNAL"
     retryable: bool = False
 
-    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+    def __init__(self, *args: object, retry_after_s: float | None = None, field: str | None = None) -> None:
         super().__init__(*args)
         self.retry_after_s = retry_after_s
+        self.field = field
 
 
 class InvalidArgumentError(ShardrecError):
     """The caller sent something malformed; the message names the field and value."""
 
     grpc_code = "INVALID_ARGUMENT"
+
+
+class UnauthenticatedError(ShardrecError):
+    """No credentials, or credentials this server does not know (a missing or unknown token)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(ShardrecError):
+    """Known credentials that may not call this method (a caller token on an admin RPC, a
+    client certificate that is not a frontend's on Lookup)."""
+
+    grpc_code = "PERMISSION_DENIED"
 
 
 class ResourceExhaustedError(ShardrecError):

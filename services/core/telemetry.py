@@ -9,6 +9,7 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from services.core.config import ObservabilityConfig
+from services.core.hostport import join_host_port
 from services.core.tracing import Tracing, TracingConfig, make_tracing
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class Telemetry:
 
         server, _thread = start_http_server(self.config.metrics_port or 0, self.config.metrics_host, registry=self.registry)
         self._server = server
-        host = self.config.metrics_host
-        self.metrics_address = f"[{host}]:{server.server_port}" if ":" in host else f"{host}:{server.server_port}"
+        self.metrics_address = join_host_port(self.config.metrics_host, server.server_port)
         log.info("metrics on http://%s/metrics", self.metrics_address)
         return self.metrics_address
 

@@ -32,11 +32,14 @@ from services.core.discovery.records import FrontendRecord, NodeRecord
 from services.core.discovery.registry import NodeRegistration
 from services.core.discovery.zk_paths import ZkPaths
 from services.core.placement import ShardMap
+from services.core.auth import access_policy
+from services.core.hostport import join_host_port
 from services.core.metrics import ShardMetrics
 from services.core.rpc.probe import holder_probe
 from services.core.rpc.readiness import Readiness
-from services.core.rpc.server import new_instance_id, start_sync_server, tune_allocator
+from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_sync_server, tune_allocator
 from services.core.telemetry import Telemetry
+from services.core.tls import TlsMaterial
 from services.embedding_shard.limits import LookupLimits
 from services.embedding_shard.loader import Throttle, load_rows, loaders_for, verify_all
 from services.embedding_shard.meter import LoadMeter
@@ -131,6 +134,9 @@ def run(config: ShardConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
+    tls = TlsMaterial(config.tls) if config.tls.enabled else None
+    # mTLS: Lookup only from a frontend's certificate; else the cluster token when one is set
+    security = Security(access_policy(config.auth, mtls=tls is not None), tls, require_client_auth=tls is not None)
     paths = ZkPaths(config.zk.cluster)
     zk = make_kazoo(config.zk)
     maps = ClusterStore(zk, paths)
@@ -175,9 +181,11 @@ def run(config: ShardConfig) -> int:
         add_servicers=[lambda s: add_to_server(servicer, s)],
         service_names=["shardrec.v1.EmbeddingShard"],
         instance_id=instance_id,
+        security=security,
+        options=keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=True),
     )
     server.follow(readiness)
-    address = f"{config.advertise_host or config.host}:{server.port}"
+    address = join_host_port(config.advertise_host or config.host, server.port)
     log.info("node %s (instance %s) listening on %s, loading %d partition(s) at version %d", config.node_id, instance_id, address,
              len(pids), version)
     print(f"LISTENING {config.node_id} {address}", flush=True)
@@ -204,7 +212,7 @@ def run(config: ShardConfig) -> int:
     def record() -> NodeRecord:
         return node_record(config, address, store, view.version(), versions, partitions, meter, instance_id)
 
-    registration = NodeRegistration(zk, paths.node(config.node_id), record(), probe=holder_probe(NodeRecord.from_bytes))
+    registration = NodeRegistration(zk, paths.node(config.node_id), record(), probe=holder_probe(NodeRecord.from_bytes, tls=tls))
     registration.register()
     log.info("node %s registered at %s", config.node_id, paths.node(config.node_id))
     print(f"READY {config.node_id} {address}", flush=True)

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from services.core.config import RedisAuth
 from services.core.errors import ShardrecError
 from services.core.feature_store import LoadBusyError, LoadResult
 from services.frontend.feature_store import FeatureStoreClient, FeatureStoreState
@@ -29,14 +30,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReloadSource:
     """What a reload loads and where: the checkpoint and manifest version the frontend serves
-    (its layouts), the root of the feature files (``features/{users,items}.npz``), Redis and
-    the key prefix."""
+    (its layouts), the root of the feature files (``features/{users,items}.npz``), Redis, the
+    key prefix and Redis AUTH / TLS (handed to the spawned process in its pickled arguments,
+    never on a command line)."""
 
     checkpoint: str
     version: int
     features: str
     redis_url: str
     prefix: str
+    redis_auth: RedisAuth = RedisAuth()
 
 
 def reload_lost_store(source: ReloadSource, min_generation: int) -> LoadResult | None:
@@ -55,7 +58,7 @@ def reload_lost_store(source: ReloadSource, min_generation: int) -> LoadResult |
     spec = reader.manifest(source.version).model
     layouts = (FeatureLayout(spec, FeatureSide.USER), FeatureLayout(spec, FeatureSide.ITEM))
     keys = StoreKeys.of(source.prefix, *layouts)
-    client = make_redis(source.redis_url, timeout_s=10.0)
+    client = make_redis(source.redis_url, timeout_s=10.0, auth=source.redis_auth)
     try:
         if read_marker(client, keys) is not None:
             return None

@@ -23,11 +23,14 @@ from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.config import FrontendConfig
 from services.core.discovery.zk_paths import ZkPaths
+from services.core.auth import access_policy
 from services.core.errors import ShardrecError
+from services.core.hostport import join_host_port
 from services.core.metrics import FrontendMetrics
 from services.core.rpc.readiness import Readiness
-from services.core.rpc.server import new_instance_id, start_aio_server, tune_allocator
+from services.core.rpc.server import Security, keepalive_options, new_instance_id, start_aio_server, tune_allocator
 from services.core.telemetry import Telemetry
+from services.core.tls import TlsMaterial
 from services.frontend.admission import Admission, CallerLimitsConfig, ServiceEstimate
 from services.frontend.batch import Pending, Recommendation
 from services.frontend.batching import MicroBatcher
@@ -52,7 +55,7 @@ LIVE = ("shardrec.v1.FrontendAdmin",)
 FEATURE_STORE_HEALTH = "shardrec.feature_store"
 
 
-async def _connect_cluster(config: FrontendConfig, loop, observer: Observer):
+async def _connect_cluster(config: FrontendConfig, loop, observer: Observer, tls):  # noqa: ANN001
     """ZooKeeper client, the cluster view (ready: map, version, a live replica everywhere), and
     the gRPC lookup client."""
     from services.core.clients import make_kazoo
@@ -79,8 +82,11 @@ async def _connect_cluster(config: FrontendConfig, loop, observer: Observer):
         hedge_min_delay_s=config.hedge_min_delay_s,
         hedge_budget=config.hedge_budget,
     )
-    lookup = GrpcLookupClient(view, ChannelPool(config.max_message_bytes), dim=spec.dense_arch.embedding_dim, policy=policy,
-                              observer=observer)
+    from services.core.auth import cluster_token_sender
+
+    keepalive = keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=False)
+    channels = ChannelPool(config.max_message_bytes, tls=tls, token=cluster_token_sender(config.auth), options=keepalive)
+    lookup = GrpcLookupClient(view, channels, dim=spec.dense_arch.embedding_dim, policy=policy, observer=observer)
     return zk, paths, view, reader, lookup
 
 
@@ -92,7 +98,7 @@ async def _baseline_lookup(config: FrontendConfig, reader: CheckpointReader, ver
         from services.core.clients import make_async_redis
         from services.frontend.lookup.baselines.redis_kv import RedisKvLookupClient
 
-        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url)
+        kv_redis = make_async_redis(config.kv_redis_url or config.redis_url, auth=config.redis_auth)
         lookup = RedisKvLookupClient(kv_redis, config.kv_prefix, spec)
         try:
             await lookup.verify_loaded(version)
@@ -163,6 +169,8 @@ async def serve(config: FrontendConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    tls = TlsMaterial(config.tls) if config.tls.enabled else None
+    access = access_policy(config.auth, mtls=False)  # files read now: a bad one fails the start
     telemetry = Telemetry(config.observability, role="frontend", node=config.frontend_id)
     metrics = FrontendMetrics(telemetry.registry, enabled=telemetry.metrics_on)
     observer = Observer(metrics, telemetry.tracing.tracer)
@@ -177,7 +185,7 @@ async def serve(config: FrontendConfig) -> int:
         version = reader.latest_version()
         lookup, kv_redis = await _baseline_lookup(config, reader, version)
     else:
-        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, observer)
+        zk, paths, view, reader, lookup = await _connect_cluster(config, loop, observer, tls)
         version = view.serving_version
     spec = reader.manifest(version).model
     scorer = await loop.run_in_executor(None, lambda: build_scorer(spec.dense_arch, reader.dense_state(version), config.device))
@@ -185,7 +193,7 @@ async def serve(config: FrontendConfig) -> int:
     if config.redis_url:
         from services.core.clients import make_async_redis
 
-        redis = make_async_redis(config.redis_url, timeout_s=config.redis_timeout_s, retries=0)
+        redis = make_async_redis(config.redis_url, timeout_s=config.redis_timeout_s, retries=0, auth=config.redis_auth)
     limits = FeatureLimits(max_candidates=config.max_candidates, max_abs_dense=config.max_abs_dense, max_abs_weight=config.max_abs_weight)
     defaults_on_loss = config.on_feature_loss == "defaults"
     store_config = FeatureStoreConfig(config.redis_timeout_s, defaults_on_loss, reloads=config.feature_sync and redis is not None)
@@ -231,6 +239,9 @@ async def serve(config: FrontendConfig) -> int:
         config.host,
         config.port,
         max_message_bytes=config.max_message_bytes,
+        max_receive_bytes=config.max_request_bytes,
+        security=Security(access, tls),
+        options=keepalive_options(config.keepalive.time_s, config.keepalive.timeout_s, server=True),
         add_servicers=[
             lambda s: add_recommender_to_server(servicer, s),
             lambda s: recommend_pb2_grpc.add_FrontendAdminServicer_to_server(admin, s),
@@ -240,8 +251,16 @@ async def serve(config: FrontendConfig) -> int:
         instance_id=instance_id,
     )
     server.follow(readiness)
-    address = f"{config.advertise_host or config.host}:{server.port}"
+    address = join_host_port(config.advertise_host or config.host, server.port)
     print(f"LISTENING frontend {address}", flush=True)
+    rest = None
+    if config.http_port is not None:
+        from services.frontend.http import RestEndpoint
+
+        ready = lambda: server.is_serving(SERVICES[0])  # noqa: E731 - /readyz is the Recommender's health
+        rest = RestEndpoint(recommender, ready, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
+        http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
+        print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
     metrics_address = telemetry.serve_metrics()
     if metrics_address:
         print(f"METRICS frontend {metrics_address}", flush=True)
@@ -252,7 +271,11 @@ async def serve(config: FrontendConfig) -> int:
         tasks.append(asyncio.create_task(view_readiness.run()))
     if redis is not None:
         features = config.features_root or reader.store.uri
-        source = ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix) if config.feature_sync else None
+        source = (
+            ReloadSource(reader.store.uri, version, features, config.redis_url, config.redis_prefix, config.redis_auth)
+            if config.feature_sync
+            else None
+        )
         sync = FeatureSync(prep.store, _publish_health(server, readiness, defaults_on_loss), source, check_s=config.feature_check_s)
         await sync.publish_state()
         tasks.append(asyncio.create_task(sync.run()))
@@ -264,7 +287,7 @@ async def serve(config: FrontendConfig) -> int:
         from services.core.rpc.probe import holder_probe
 
         record = FrontendRecord(frontend_id=config.frontend_id, address=address, version=version, pid=os.getpid(), instance_id=instance_id)
-        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record, probe=holder_probe(FrontendRecord.from_bytes))
+        registration = NodeRegistration(zk, paths.frontend(config.frontend_id), record, probe=holder_probe(FrontendRecord.from_bytes, tls=tls))
         await loop.run_in_executor(None, registration.register)
     if view is not None:
         tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop)))
@@ -280,11 +303,13 @@ async def serve(config: FrontendConfig) -> int:
     log.info("frontend stopping: deregister, NOT_SERVING for %.1fs, then drain %.1fs", config.lame_duck_s, config.grace_s)
     if registration is not None:
         await loop.run_in_executor(None, registration.deregister)
-    # Lame duck: health says NOT_SERVING while calls are still taken, so balancers and callers'
-    # health checks move away before new calls are refused (a call that arrives as the server
-    # stops would be cancelled, not refused, and not retried elsewhere).
+    # Lame duck: health (and /readyz) says NOT_SERVING while calls are still taken, so balancers
+    # and callers' health checks move away before new calls are refused (a call that arrives as
+    # the server stops would be cancelled, not refused, and not retried elsewhere).
     await server.stop_serving()
     await asyncio.sleep(config.lame_duck_s)
+    if rest is not None:
+        await rest.stop()
     await server.stop(config.grace_s)
     await batcher.stop()
     await lookup.close()

@@ -9,12 +9,15 @@ from google.protobuf.message import DecodeError
 from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc
 from services.core.errors import InvalidArgumentError
 from services.core.metrics import LEGACY_GAUGES, frontend_stats
+from services.core.rpc.auth import current_caller
 from services.core.rpc.errors import handle_errors
 from services.core.tracing import extract
+from services.frontend.batch import Recommendation
 from services.frontend.recommender import ANONYMOUS, Recommender
 from services.frontend.validate import clean_request_id
 
-# The caller identity per-caller limits apply to; trusted as sent while authentication is off.
+# The caller identity per-caller limits apply to; trusted as sent while authentication is off
+# (with tokens on, the token's caller: ``services.core.rpc.auth.current_caller``).
 CALLER_KEY = "x-shardrec-caller"
 
 
@@ -43,19 +46,25 @@ class RecommenderServicer(recommend_pb2_grpc.RecommenderServicer):
     @handle_errors
     async def Recommend(self, request: bytes, context) -> recommend_pb2.RecommendResponse:
         metadata = context.invocation_metadata()
+        caller = current_caller() or caller_of(metadata)
         rec = await self._recommender.recommend(
-            parse_request(request), timeout_s=context.time_remaining(), caller=caller_of(metadata), parent=extract(metadata)
+            parse_request(request), timeout_s=context.time_remaining(), caller=caller, parent=extract(metadata)
         )
-        resp = recommend_pb2.RecommendResponse(
-            request_id=rec.request_id,
-            version=rec.version,
-            shard_map_version=rec.shard_map_version,
-            degraded=bool(rec.degraded_reasons),
-            degraded_reasons=rec.degraded_reasons,
-        )
-        for pos, item, score in zip(rec.positions.tolist(), rec.item_ids.tolist(), rec.scores.tolist()):
-            resp.items.add(item_id=item, score=score, position=pos)
-        return resp
+        return to_response(rec)
+
+
+def to_response(rec: Recommendation) -> recommend_pb2.RecommendResponse:
+    """The RecommendResponse of one answer (gRPC and the REST endpoint alike)."""
+    resp = recommend_pb2.RecommendResponse(
+        request_id=rec.request_id,
+        version=rec.version,
+        shard_map_version=rec.shard_map_version,
+        degraded=bool(rec.degraded_reasons),
+        degraded_reasons=rec.degraded_reasons,
+    )
+    for pos, item, score in zip(rec.positions.tolist(), rec.item_ids.tolist(), rec.scores.tolist()):
+        resp.items.add(item_id=item, score=score, position=pos)
+    return resp
 
 
 def add_recommender_to_server(servicer: RecommenderServicer, server) -> None:

@@ -80,7 +80,8 @@ class RequestValidator:
             where = f"{field}[{i}]" if indexed else field
             raise InvalidArgumentError(
                 f"{where} = {int(values[i])} is not a row of table {f.table!r}: feature {f.name!r} maps ids "
-                f"by identity, so they must be in [0, {rows})"
+                f"by identity, so they must be in [0, {rows})",
+                field=where,
             )
 
     def validate(self, req: recommend_pb2.RecommendRequest) -> RecRequest:
@@ -91,20 +92,21 @@ class RequestValidator:
         """
         spec = self.spec
         if req.model and req.model != spec.name:
-            raise InvalidArgumentError(f"unknown model {req.model!r} (serving {spec.name!r})")
+            raise InvalidArgumentError(f"unknown model {req.model!r} (serving {spec.name!r})", field="model")
         n = len(req.candidate_item_ids)
         if n == 0:
-            raise InvalidArgumentError("candidate_item_ids is empty: give at least one candidate item id")
+            raise InvalidArgumentError("candidate_item_ids is empty: give at least one candidate item id", field="candidate_item_ids")
         if n > self.limits.max_candidates:
             raise ResourceExhaustedError(
                 f"candidate_item_ids has {n} ids, more than max_candidates {self.limits.max_candidates}; "
-                f"split the request"
+                f"split the request",
+                field="candidate_item_ids",
             )
         top_k = req.top_k
         if top_k == 0 and self.limits.default_top_k > 0:
             top_k = min(self.limits.default_top_k, n)
         if top_k <= 0 or top_k > n:
-            raise InvalidArgumentError(f"top_k = {req.top_k} must be between 1 and the number of candidates ({n})")
+            raise InvalidArgumentError(f"top_k = {req.top_k} must be between 1 and the number of candidates ({n})", field="top_k")
         candidates = np.fromiter(req.candidate_item_ids, dtype=np.int64, count=n)
         if self._item_entity is not None:
             self._check_rows(candidates, self._item_entity, "candidate_item_ids")
@@ -117,11 +119,13 @@ class RequestValidator:
             if d is None:
                 raise InvalidArgumentError(
                     f"dense_features[{name!r}]: unknown dense feature of model {spec.name!r} "
-                    f"(known: {', '.join(self._dense)})"
+                    f"(known: {', '.join(self._dense)})",
+                    field=f"dense_features[{name!r}]",
                 )
             if not math.isfinite(value) or abs(value) > self.limits.max_abs_dense:
                 raise InvalidArgumentError(
-                    f"dense_features[{name!r}] = {value}: must be a finite number of magnitude at most {self.limits.max_abs_dense:g}"
+                    f"dense_features[{name!r}] = {value}: must be a finite number of magnitude at most {self.limits.max_abs_dense:g}",
+                    field=f"dense_features[{name!r}]",
                 )
             dense[name] = float(value)
 
@@ -139,28 +143,32 @@ class RequestValidator:
                 )
                 raise InvalidArgumentError(
                     f"{field}: {what} of model {spec.name!r}; only stored user-side features can be given "
-                    f"in a request ({', '.join(self._overridable) or 'none'})"
+                    f"in a request ({', '.join(self._overridable) or 'none'})",
+                    field=field,
                 )
             m = len(sf.values)
             if m > f.max_bag_len:
-                raise InvalidArgumentError(f"{field}.values has {m} values, more than max_bag_len {f.max_bag_len}")
+                raise InvalidArgumentError(f"{field}.values has {m} values, more than max_bag_len {f.max_bag_len}", field=f"{field}.values")
             values = np.fromiter(sf.values, dtype=np.int64, count=m)
             weights: np.ndarray | None = None
             if len(sf.weights):
                 if len(sf.weights) != m:
                     raise InvalidArgumentError(
-                        f"{field}.weights has {len(sf.weights)} weights for {m} values; give one weight per value or none"
+                        f"{field}.weights has {len(sf.weights)} weights for {m} values; give one weight per value or none",
+                        field=f"{field}.weights",
                     )
                 if f.pooling is not PoolingType.SUM:
                     raise InvalidArgumentError(
-                        f"{field}.weights: feature {name!r} pools by {f.pooling.value}; per-value weights need sum pooling"
+                        f"{field}.weights: feature {name!r} pools by {f.pooling.value}; per-value weights need sum pooling",
+                        field=f"{field}.weights",
                     )
                 weights = np.fromiter(sf.weights, dtype=np.float32, count=m)
                 bad = np.flatnonzero(~(np.abs(weights) <= self.limits.max_abs_weight))  # NaN fails too
                 if bad.size:
                     i = int(bad[0])
                     raise InvalidArgumentError(
-                        f"{field}.weights[{i}] = {weights[i]}: weights must be finite, of magnitude at most {self.limits.max_abs_weight:g}"
+                        f"{field}.weights[{i}] = {weights[i]}: weights must be finite, of magnitude at most {self.limits.max_abs_weight:g}",
+                        field=f"{field}.weights[{i}]",
                     )
             self._check_rows(values, f, f"{field}.values")
             sparse[name] = (values, weights)

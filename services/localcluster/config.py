@@ -40,6 +40,10 @@ class LocalClusterConfig:
     python: str = sys.executable
     checkpoint_uri: str | None = None
     features_root: str | None = None
+    # docs/security.md: TLS on every port (a local CA under <workdir>/pki), and tokens, the
+    # cluster token, ZooKeeper ACLs and a Redis password (under <workdir>/secrets).
+    tls: bool = False
+    auth: bool = False
     # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
     # admission settings for every system compared), and ``shard serve`` flags for every shard.
     frontend_args: tuple[str, ...] = ()
@@ -71,6 +75,14 @@ class LocalClusterConfig:
             raise ConfigError("--prometheus needs the processes' /metrics endpoints")
         if self.scrape_interval_s <= 0:
             raise ConfigError(f"--scrape-interval-s must be > 0, got {self.scrape_interval_s}")
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.workdir / "pki"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.workdir / "secrets"
 
     @property
     def logs_dir(self) -> Path:

@@ -111,12 +111,14 @@ def format_response(
 
 
 def send_sample_requests(
-    frontend: str, checkpoint: Path | str, n: int, seed: int, progress: Progress, *, features: Path | str | None = None
+    frontend: str, checkpoint: Path | str, n: int, seed: int, progress: Progress, *, features: Path | str | None = None,
+    tls_ca: str = "", token_file: str = "",
 ) -> int:
     """Send ``n`` Recommend calls (power-law users, up to ``NUM_CANDIDATES`` candidates each,
     drawn from the model at ``checkpoint`` by ``model_requests``, with stored ids below
     ``features``, default the checkpoint's) to the frontend at ``frontend`` and print each
-    response on ``progress``. Returns the number of failed calls."""
+    response on ``progress``; over TLS trusting ``tls_ca`` and with the token of
+    ``token_file`` when given. Returns the number of failed calls."""
     if n <= 0:
         return 0
     import grpc
@@ -130,7 +132,15 @@ def send_sample_requests(
     requests = model_requests(model, checkpoint if features is None else features, n, seed)
     failures = 0
     progress.line()
-    with make_channel(frontend, aio=False) as channel:
+    from services.core.tls import client_credentials
+
+    metadata = ()
+    if token_file:
+        from services.localcluster.security import read_token
+
+        metadata = (("authorization", f"Bearer {read_token(token_file)}"),)
+    credentials = client_credentials(tls_ca) if tls_ca else None
+    with make_channel(frontend, aio=False, credentials=credentials) as channel:
         stub = recommend_pb2_grpc.RecommenderStub(channel)
         for i, req in enumerate(requests, 1):
             msg = recommend_pb2.RecommendRequest(
@@ -141,7 +151,7 @@ def send_sample_requests(
             )
             t0 = time.perf_counter()
             try:
-                reply = stub.Recommend(msg, timeout=REQUEST_TIMEOUT_S)
+                reply = stub.Recommend(msg, timeout=REQUEST_TIMEOUT_S, metadata=metadata)
             except grpc.RpcError as e:
                 failures += 1
                 progress.line(f"request {i}/{n}: user {req.user_id}: FAILED {e.code().name}: {e.details()}")
@@ -160,21 +170,38 @@ def call_instructions(state: ClusterState, workdir_arg: str) -> str:
     lines = []
     if state.frontend:
         addr = state.frontend
+        flags = f"-cacert {state.tls_ca}" if state.tls_ca else "-plaintext"
+        if state.token_file:  # reflection needs the admin token: give grpcurl the proto
+            flags += f" -H \"authorization: Bearer $(cat {state.token_file})\" -import-path protos -proto shardrec/v1/recommend.proto"
         lines += [
             f"Recommender at {addr} (cluster {state.cluster!r}, ZooKeeper {state.zk}, Redis {state.redis_url})",
             "",
-            "call it with grpcurl (reflection is on):",
-            f"  grpcurl -plaintext -d '{{\"user_id\": 42, \"candidate_item_ids\": [1, 2, 3, 5, 8, 13, 21], \"top_k\": 5}}' \\",
+            "call it with grpcurl:",
+            f"  grpcurl {flags} \\",
+            f"    -d '{{\"user_id\": 42, \"candidate_item_ids\": [1, 2, 3, 5, 8, 13, 21], \"top_k\": 5}}' \\",
             f"    {addr} shardrec.v1.Recommender/Recommend",
             "",
-            "or from Python (.venv/bin/python in the repository):",
-            "  import grpc",
-            "  from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc",
-            f"  stub = recommend_pb2_grpc.RecommenderStub(grpc.insecure_channel(\"{addr}\"))",
-            "  reply = stub.Recommend(recommend_pb2.RecommendRequest(user_id=42, candidate_item_ids=range(100), top_k=10), timeout=5)",
-            "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
-            "",
         ]
+        if not (state.tls_ca or state.token_file):
+            lines += [
+                "or from Python (.venv/bin/python in the repository):",
+                "  import grpc",
+                "  from services._proto.shardrec.v1 import recommend_pb2, recommend_pb2_grpc",
+                f"  stub = recommend_pb2_grpc.RecommenderStub(grpc.insecure_channel(\"{addr}\"))",
+                "  reply = stub.Recommend(recommend_pb2.RecommendRequest(user_id=42, candidate_item_ids=range(100), top_k=10), timeout=5)",
+                "  print([(i.item_id, round(i.score, 4)) for i in reply.items], reply.version, reply.shard_map_version)",
+                "",
+            ]
+        if state.http:
+            scheme = "https" if state.tls_ca else "http"
+            curl = f"--cacert {state.tls_ca} " if state.tls_ca else ""
+            curl += f"-H \"Authorization: Bearer $(cat {state.token_file})\" " if state.token_file else ""
+            lines += [
+                f"or over HTTP/JSON (docs/http.md; the OpenAPI document is at {scheme}://{state.http}/openapi.json):",
+                f"  curl -s {curl}-X POST {scheme}://{state.http}/v1/recommend \\",
+                "    -d '{\"userId\": 42, \"candidateItemIds\": [1, 2, 3, 5, 8, 13, 21], \"topK\": 5}'",
+                "",
+            ]
     else:
         lines += [f"cluster {state.cluster!r} without a frontend: ZooKeeper {state.zk}, Redis {state.redis_url} (prefix {state.redis_prefix!r})", ""]
     scraped = [p for p in state.processes if p.metrics]

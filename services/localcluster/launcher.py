@@ -8,7 +8,6 @@ Main thread only. Heavy imports (kazoo, grpc, numpy, psutil) happen inside funct
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -22,10 +21,14 @@ from services.localcluster.config import LocalClusterConfig, existing_model
 from services.localcluster.console import Progress
 from services.localcluster.prometheus import PrometheusServer, write_targets
 from services.localcluster.model import SPEC_FILE, describe_checkpoint, feature_files, write_planned_spec
+from services.localcluster.security import LocalSecurity
 from services.localcluster.processes import (
     SignalGuard,
+    parse_http,
+    parse_ready,
     process_alive,
     process_start_time,
+    read_log,
     shardrec_argv,
     stop_processes,
     stop_recorded,
@@ -54,19 +57,6 @@ if TYPE_CHECKING:
 LOG_TAIL_CHARS = 3000
 # Step of the polling loops below (each checks a condition; none waits for time to pass).
 _POLL_S = 0.05
-
-
-def parse_ready(text: str, role: str) -> str | None:
-    """The address in the first ``READY <role> <addr>`` line of a process's output, or None."""
-    m = re.search(rf"^READY {re.escape(role)} (\S+)\s*$", text, re.MULTILINE)
-    return m.group(1) if m else None
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 class LocalCluster:
@@ -103,6 +93,7 @@ class LocalCluster:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._zk: "KazooClient | None" = None
         self._state_written = False
+        self.security = LocalSecurity(config)
         self._targets: Path | None = None  # Prometheus's file_sd targets, rewritten with the state
         self._feature_store = True  # False: the model has no feature files, frontends get no --redis
 
@@ -117,6 +108,10 @@ class LocalCluster:
         self._save()
         self._ensure_model()
         spec = self._placement_spec()
+        for made in self.security.prepare():
+            self.progress.line(f"made {made}")
+        for key, value in self.security.client().items():
+            setattr(self.state, key, value)
 
         from services.localcluster.servers import RedisServer, ZkServer
 
@@ -127,7 +122,7 @@ class LocalCluster:
         self.state.zk = zk.hosts
         redis_dir = cfg.workdir / "redis"
         shutil.rmtree(redis_dir, ignore_errors=True)  # fresh, like ZooKeeper: no features of a past run
-        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"))
+        redis = RedisServer(redis_dir, persistence=True, log_path=self._fresh_log("redis"), password=self.security.redis_password)
         self._start_server(redis, f"starting Redis on 127.0.0.1:{redis.port}", ROLE_REDIS, f"127.0.0.1:{redis.port}")
         self.state.redis_url = redis.url
         if cfg.prometheus:
@@ -138,9 +133,10 @@ class LocalCluster:
         self._save()
 
         from services.core.clients import make_kazoo
-        from services.core.config import ZkConfig
+        from services.core.config import ZkConfig, load_zk_auth
 
-        self._zk = make_kazoo(ZkConfig(hosts=zk.hosts, cluster=cfg.cluster, connect_timeout_s=10.0))
+        self._zk = make_kazoo(ZkConfig(hosts=zk.hosts, cluster=cfg.cluster, connect_timeout_s=10.0,
+                                       auth=load_zk_auth(self.security.admin_zk_auth)))  # fmt: skip
 
         shard_ids = [f"shard-{k}" for k in range(cfg.nodes)]
         t_shards = time.monotonic()
@@ -149,7 +145,8 @@ class LocalCluster:
                 pid = self._spawn(
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
-                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *cfg.service_args, *cfg.shard_args],
+                     "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard", node),
+                     *cfg.service_args, *cfg.shard_args],
                     metrics=cfg.metrics,
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
@@ -157,7 +154,7 @@ class LocalCluster:
             "placement-init",
             f"placement init ({spec.name}, {cfg.nodes} nodes, cluster {cfg.cluster!r})",
             ["placement", "init", "--checkpoint", str(cfg.checkpoint), "--nodes", str(cfg.nodes),
-             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster],
+             "--spec", str(spec), "--zk", zk.hosts, "--cluster", cfg.cluster, *self.security.job_flags("placement")],
         )  # fmt: skip
         self._wait_shards(shard_ids, t_shards)
 
@@ -231,7 +228,8 @@ class LocalCluster:
         self._run_job(
             "features-load",
             f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source],
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source,
+             *self.security.job_flags("features")],
         )
 
     def _start_server(self, server: "ServerProcess", head: str, role: str, address: str) -> None:
@@ -278,6 +276,7 @@ class LocalCluster:
     def _start_frontend(self, zk_hosts: str, redis_url: str) -> None:
         address = self.start_frontend("frontend")
         self.state.frontend = address
+        self.state.http = parse_http(read_log(self.config.logs_dir / "frontend.log"))
         self._save()
 
     def start_frontend(self, name: str, extra_args: Sequence[str] = (), port: int | None = None) -> str:
@@ -292,16 +291,16 @@ class LocalCluster:
         with self.progress.step(f"starting {name}") as note:
             pid = self._spawn(
                 name, ROLE_FRONTEND,
-                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store,
-                 "--redis-prefix", cfg.redis_prefix, "--host", "127.0.0.1",
-                 "--port", str(cfg.frontend_port if port is None else port), "--torch-threads", "1",
-                 "--frontend-id", name, *cfg.service_args, *cfg.frontend_args, *extra_args],
+                ["frontend", "serve", "--zk", self.state.zk, "--cluster", cfg.cluster, *store, "--redis-prefix", cfg.redis_prefix,
+                 "--host", "127.0.0.1", "--port", str(cfg.frontend_port if port is None else port), "--http-port", "0",
+                 "--torch-threads", "1", "--frontend-id", name, *self.security.serve_flags("frontend", name), *cfg.service_args,
+                 *cfg.frontend_args, *extra_args],
                 metrics=cfg.metrics,
             )  # fmt: skip
             deadline = time.monotonic() + cfg.start_timeout_s
             log = cfg.logs_dir / f"{name}.log"
             while True:
-                address = parse_ready(_read(log), "frontend")
+                address = parse_ready(read_log(log), "frontend")
                 if address:
                     break
                 self._check_alive(name, f"{name} exited before it was READY")
@@ -385,7 +384,7 @@ class LocalCluster:
 
     def _tail(self, name: str) -> str:
         path = self.config.logs_dir / f"{name}.log"
-        text = _read(path)[-LOG_TAIL_CHARS:]
+        text = read_log(path)[-LOG_TAIL_CHARS:]
         return f"----- last lines of {path}:\n{text.rstrip() or '(empty)'}\n-----"
 
     # -- state file ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Processes of a local cluster by pid: liveness (pid + start time), stopping and reaping
 (SIGTERM, grace, SIGKILL to the process group), the stop order, and ``SignalGuard``, which turns
-SIGINT, SIGTERM and SIGHUP into ``Interrupted`` (docs/local-cluster.md, "Signals").
+SIGINT, SIGTERM and SIGHUP into ``Interrupted`` (docs/local-cluster.md, "Signals"); the lines a
+child prints when it is up (``parse_ready``, ``parse_http``).
 
 Main thread only. psutil is imported inside the functions.
 """
@@ -8,6 +9,7 @@ Main thread only. psutil is imported inside the functions.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -243,3 +245,23 @@ def stop_recorded(state: ClusterState, grace_s: float, progress: Progress) -> bo
     if left:
         progress.line(f"still running: {', '.join(left)}")
     return not left
+
+
+def parse_ready(text: str, role: str) -> str | None:
+    """The address in the first ``READY <role> <addr>`` line of a process's output, or None."""
+    m = re.search(rf"^READY {re.escape(role)} (\S+)\s*$", text, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def parse_http(text: str) -> str:
+    """The REST address in a frontend's ``HTTP frontend <addr>`` line, or ""."""
+    m = re.search(r"^HTTP frontend (\S+)\s*$", text, re.MULTILINE)
+    return m.group(1) if m else ""
+
+
+def read_log(path: Path) -> str:
+    """A child's log so far ("" when it cannot be read yet)."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -323,7 +323,8 @@ class RedisServer(ServerProcess):
     read at each start, so a test may change it between restarts. ``replica_of`` (a port on
     127.0.0.1) starts it as a replica of that primary.
 
-    ``url`` is ``redis://127.0.0.1:PORT/0``. Raises MissingServerError when redis-server is
+    ``url`` is ``redis://127.0.0.1:PORT/0``; with ``password`` the server requires AUTH (set in
+    its config file, not on its command line). Raises MissingServerError when redis-server is
     not on PATH.
     """
 
@@ -339,14 +340,21 @@ class RedisServer(ServerProcess):
         log_path: Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         kill_at_exit: bool = False,
+        password: str | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise MissingServerError(f"Redis cannot start: redis-server not found; {self.install_hint}")
         self._binary = binary
+        self.password = password
         self.persistence = persistence
         self.replica_of = replica_of
         super().__init__(work_dir, port, log_path=log_path, ready_timeout_s=ready_timeout_s, kill_at_exit=kill_at_exit)
+        self._conf = self.work_dir / "redis.conf"
+        fd = os.open(self._conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            if password:  # a replica shows the primary the same password
+                f.write(f'requirepass "{password}"\nmasterauth "{password}"\n')
 
     @property
     def url(self) -> str:
@@ -357,6 +365,7 @@ class RedisServer(ServerProcess):
         replica = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
         return [
             self._binary,
+            str(self._conf),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -368,16 +377,17 @@ class RedisServer(ServerProcess):
         ]  # fmt: skip
 
     def _probe(self, timeout_s: float) -> bool:
-        return redis_pings(self.url, timeout_s)
+        return redis_pings(self.url, timeout_s, self.password)
 
 
-def redis_pings(url: str, timeout_s: float) -> bool:
+def redis_pings(url: str, timeout_s: float, password: str | None = None) -> bool:
     """True when the Redis (or Sentinel) at ``url`` answers PING within ``timeout_s``."""
     import redis
 
     from services.core.clients import make_redis
+    from services.core.config import RedisAuth
 
-    client = make_redis(url, timeout_s=timeout_s, retries=0)
+    client = make_redis(url, timeout_s=timeout_s, retries=0, auth=RedisAuth(password))
     try:
         return bool(client.ping())
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # not up, or busy loading its data

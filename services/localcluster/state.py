@@ -67,6 +67,12 @@ class ClusterState:
     redis_prefix: str = ""
     checkpoint: str = ""
     frontend: str = ""
+    http: str = ""  # the frontend's REST endpoint, host:port
+    # docs/security.md: the CA clients trust (TLS on), the caller and admin token files (auth on)
+    tls_ca: str = ""
+    token_file: str = ""
+    admin_token_file: str = ""
+    zk_auth: str = ""  # the admin's ZooKeeper credentials (auth on)
     prometheus: str = ""  # the Prometheus server's URL (``cluster up --prometheus``)
     ready: bool = False
     launcher: ProcessRecord | None = None
@@ -92,6 +98,11 @@ class ClusterState:
                 redis_prefix=str(d.get("redis_prefix", "")),
                 checkpoint=str(d.get("checkpoint", "")),
                 frontend=str(d.get("frontend", "")),
+                http=str(d.get("http", "")),
+                tls_ca=str(d.get("tls_ca", "")),
+                token_file=str(d.get("token_file", "")),
+                admin_token_file=str(d.get("admin_token_file", "")),
+                zk_auth=str(d.get("zk_auth", "")),
                 prometheus=str(d.get("prometheus", "")),
                 ready=bool(d.get("ready", False)),
                 launcher=None if d.get("launcher") is None else ProcessRecord.from_json(d["launcher"]),

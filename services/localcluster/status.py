@@ -67,11 +67,13 @@ def format_zk_view(view: ZkView) -> str:
     return "\n".join(lines)
 
 
-def read_zk_view(zk_hosts: str, cluster: str, connect_timeout_s: float = 5.0) -> ZkView:
+def read_zk_view(zk_hosts: str, cluster: str, connect_timeout_s: float = 5.0, auth_file: str = "") -> ZkView:
     """Read a cluster's view from ZooKeeper. UnavailableError when it does not answer."""
     from services.control.cluster import maybe, open_cluster
 
-    with open_cluster(zk_hosts, cluster, session_timeout_s=5.0, connect_timeout_s=connect_timeout_s) as (_client, store):
+    with open_cluster(zk_hosts, cluster, session_timeout_s=5.0, connect_timeout_s=connect_timeout_s, auth_file=auth_file) as (
+        _client, store,
+    ):  # fmt: skip
         found = maybe(store.read_active)
         smap = found[0] if found else None
         return ZkView(
@@ -101,7 +103,7 @@ def cluster_status(workdir: Path, workdir_arg: str, out: IO[str]) -> int:
     print(file=out)
     if state.zk and alive.get("zookeeper"):
         try:
-            view = read_zk_view(state.zk, state.cluster)
+            view = read_zk_view(state.zk, state.cluster, auth_file=state.zk_auth)
         except ShardrecError as e:
             print(f"ZooKeeper {state.zk}: not readable: {e}", file=out)
         else:

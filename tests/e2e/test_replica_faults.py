@@ -45,7 +45,7 @@ from tests.support.cluster import start_cluster, start_frontend, start_shard, zk
 from tests.support.health import SERVING, HealthWatch, health
 from tests.support.processes import ProcessFactory, ServiceProcess
 from tests.support.servers import free_port
-from tests.support.waiting import wait_for
+from tests.support.waiting import until, wait_for
 
 SPEC = {
     "default": {"sharding": "replicated", "replicas": 2},
@@ -188,15 +188,6 @@ def test_kill_one_replica_loses_no_request(served, reference):  # noqa: F811
     if after.get(f"node_rpcs_{victim}", 0) > sent_before_kill:  # calls reached the dead node: each was failed over
         assert d["lookup_failovers"] + d["lookup_stall_retries"] + d["lookup_hedge_wins"] >= 1, d
     assert d["lookup_hedges"] <= HEDGE_BUDGET * d["lookup_rpcs"] + HEDGE_BURST, d
-
-
-async def until(predicate, timeout_s: float, what: str) -> None:
-    """``wait_for`` for a test running on an event loop: poll without blocking the loop."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_refusals_are_rerouted_on_the_current_view(served, checkpoint):  # noqa: F811

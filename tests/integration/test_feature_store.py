@@ -21,7 +21,7 @@ from services.core.features import FeatureLayout
 from services.core.types import FeatureSide
 from services.frontend.feature_store import FeatureStoreClient, FeatureStoreConfig, FeatureStoreState
 from tests.support.servers import RedisServer
-from tests.support.waiting import wait_for
+from tests.support.waiting import until, wait_for
 
 SPEC = synth.model_spec("small")
 USER, ITEM = FeatureLayout(SPEC, FeatureSide.USER), FeatureLayout(SPEC, FeatureSide.ITEM)
@@ -261,10 +261,10 @@ def test_racing_frontends_reload_a_lost_store_once_and_publish_readiness(checkpo
         syncs = [FeatureSync(store, publisher(i), source, check_s=0.05) for i, store in enumerate(stores)]
         tasks = [asyncio.create_task(s.run()) for s in syncs]
         try:
-            await until(lambda: all(p == [FeatureStoreState.OK] for p in published), 10)
+            await until(lambda: all(p == [FeatureStoreState.OK] for p in published), 10, "every frontend to see the store OK")
             redis_client.delete(keys.marker)
             done = [FeatureStoreState.OK, FeatureStoreState.LOST, FeatureStoreState.OK]
-            await until(lambda: all(p == done for p in published), 60)
+            await until(lambda: all(p == done for p in published), 60, "every frontend to see the reload done")
         finally:
             for t in tasks:
                 t.cancel()
@@ -278,10 +278,3 @@ def test_racing_frontends_reload_a_lost_store_once_and_publish_readiness(checkpo
     assert sum(s.reloads for s in syncs) == 1 and sum(s.reload_failures for s in syncs) == 0
     marker = read_marker(redis_client, keys)
     assert all(s.marker == marker for s in stores) and marker.generation > 1 and (marker.users, marker.items) == (2000, 5000)
-
-
-async def until(predicate, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not true within {timeout_s} s"
-        await asyncio.sleep(0.01)

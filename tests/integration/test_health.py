@@ -25,7 +25,7 @@ from services.core.types import TableSpec
 from services.frontend.readiness import CLUSTER_VIEW, LOADED, ViewReadiness
 from services.frontend.view import ClusterView
 from tests.support.servers import free_port
-from tests.support.waiting import wait_for
+from tests.support.waiting import until
 
 SERVICE = "shardrec.v1.EmbeddingShard"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -202,20 +202,20 @@ def test_cluster_view_readiness_with_grace(zk: KazooClient, member: KazooClient,
         readiness.set(LOADED, True)
         task = asyncio.ensure_future(ViewReadiness(view, readiness, lambda: 1, grace_s).run())
         try:
-            await until(lambda: readiness.ready, "ready")
+            await until(lambda: readiness.ready, 10.0, "ready")
             left = time.monotonic()
             await loop.run_in_executor(None, regs["shard-1"].deregister)
-            await until(lambda: not readiness.ready, "NOT ready once the grace ended")
+            await until(lambda: not readiness.ready, 10.0, "NOT ready once the grace ended")
             assert time.monotonic() - left >= grace_s
             assert readiness.failing() == {CLUSTER_VIEW: "no replica ready at version 1 in the view for items/1, users/1"}
             await loop.run_in_executor(None, regs["shard-1"].register)
-            await until(lambda: readiness.ready, "ready again")
-            await until(lambda: "shard-1" in view.nodes, "shard-1 back in the view")
+            await until(lambda: readiness.ready, 10.0, "ready again")
+            await until(lambda: "shard-1" in view.nodes, 10.0, "shard-1 back in the view")
             left = time.monotonic()
             await loop.run_in_executor(None, regs["shard-0"].deregister)
-            await until(lambda: "shard-0" in view.departed, "shard-0 to leave the view")
+            await until(lambda: "shard-0" in view.departed, 10.0, "shard-0 to leave the view")
             await loop.run_in_executor(None, regs["shard-0"].register)
-            await until(lambda: "shard-0" in view.nodes, "shard-0 back in the view")
+            await until(lambda: "shard-0" in view.nodes, 10.0, "shard-0 back in the view")
             assert time.monotonic() - left < grace_s, "shard-0 was away longer than the grace: the test proves nothing"
             assert "shard-0" not in view.departed  # back within the grace: readiness never flipped
             return flips
@@ -224,13 +224,6 @@ def test_cluster_view_readiness_with_grace(zk: KazooClient, member: KazooClient,
 
     flips = asyncio.run(main())
     assert [ready for ready, _ in flips] == [False, True, False, True]
-
-
-async def until(predicate, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)  # step of the polling loop
 
 
 @pytest.fixture
@@ -260,12 +253,12 @@ def test_view_announces_a_node_back_as_another_process(zk: KazooClient, member: 
         renewed: list[tuple[str, str]] = []
         view.on_new_instance.append(lambda node, previous: renewed.append((node, previous)))
         await loop.run_in_executor(None, view.start_blocking)
-        await until(lambda: "shard-0" in view.nodes, "shard-0 in the view")
+        await until(lambda: "shard-0" in view.nodes, 10.0, "shard-0 in the view")
         for record in (NodeRecord(node_id="shard-0", address="h:1", instance_id="a", versions_ready=(1,)),  # same process
                        NodeRecord(node_id="shard-0", address="h:1", instance_id="b"),  # restarted in place
                        NodeRecord(node_id="shard-0", address="h:2", instance_id="c")):  # restarted elsewhere
             await loop.run_in_executor(None, reg.update, record)
-            await until(lambda: view.nodes["shard-0"] == record, f"{record} in the view")
+            await until(lambda: view.nodes["shard-0"] == record, 10.0, f"{record} in the view")
         return renewed
 
     assert asyncio.run(main()) == [("shard-0", "h:1"), ("shard-0", "h:1")]

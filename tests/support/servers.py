@@ -68,8 +68,11 @@ class RedisServer(local_servers.RedisServer):
 
     install_hint = _INSTALL_HINT
 
-    def __init__(self, work_dir: Path, port: int | None = None, *, persistence: bool = False, replica_of: int | None = None) -> None:
-        super().__init__(work_dir, port, persistence=persistence, replica_of=replica_of, kill_at_exit=True)
+    def __init__(
+        self, work_dir: Path, port: int | None = None, *, persistence: bool = False, replica_of: int | None = None,
+        password: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(work_dir, port, persistence=persistence, replica_of=replica_of, kill_at_exit=True, password=password)
 
 
 class SentinelServer(local_servers.ServerProcess):
@@ -77,14 +80,16 @@ class SentinelServer(local_servers.ServerProcess):
     ``127.0.0.1:primary_port`` as ``master``, quorum 1, so the test's failovers are quick: the
     primary is down after ``down_after_ms`` without an answer, and a failover that stalls is
     retried after ``failover_timeout_ms``. ``url`` is the ``redis+sentinel://`` URL of the
-    primary it watches. Killed at interpreter exit if the session ends without teardown."""
+    primary it watches. ``password``: the primary's (``sentinel auth-pass``), and with
+    ``requirepass`` the sentinel's own too. Killed at interpreter exit if the session ends
+    without teardown."""
 
     name = "sentinel"
     install_hint = _INSTALL_HINT
 
     def __init__(
         self, work_dir: Path, primary_port: int, *, master: str = "features", down_after_ms: int = 500,
-        failover_timeout_ms: int = 2000, port: int | None = None,
+        failover_timeout_ms: int = 2000, port: int | None = None, password: str | None = None, requirepass: bool = False,
     ) -> None:  # fmt: skip
         import shutil
 
@@ -94,6 +99,10 @@ class SentinelServer(local_servers.ServerProcess):
         self._binary = binary
         super().__init__(work_dir, port, kill_at_exit=True)
         self.master = master
+        self.password = password
+        self._own_password = password if requirepass else None
+        auth = [f'sentinel auth-pass {master} "{password}"'] if password else []
+        auth += [f'requirepass "{password}"'] if requirepass and password else []
         self.config_path = self.work_dir / "sentinel.conf"  # sentinel rewrites it: its own copy
         self.config_path.write_text(
             "\n".join(
@@ -106,6 +115,7 @@ class SentinelServer(local_servers.ServerProcess):
                     f"sentinel down-after-milliseconds {master} {down_after_ms}",
                     f"sentinel failover-timeout {master} {failover_timeout_ms}",
                     f"sentinel parallel-syncs {master} 1",
+                    *auth,
                     "",
                 ]
             )
@@ -120,11 +130,12 @@ class SentinelServer(local_servers.ServerProcess):
 
     def _client(self, timeout_s: float):  # noqa: ANN202
         from services.core.clients import make_redis
+        from services.core.config import RedisAuth
 
-        return make_redis(f"redis://127.0.0.1:{self.port}/0", timeout_s=timeout_s, retries=0)
+        return make_redis(f"redis://127.0.0.1:{self.port}/0", timeout_s=timeout_s, retries=0, auth=RedisAuth(self._own_password))
 
     def _probe(self, timeout_s: float) -> bool:
-        return local_servers.redis_pings(f"redis://127.0.0.1:{self.port}/0", timeout_s)
+        return local_servers.redis_pings(f"redis://127.0.0.1:{self.port}/0", timeout_s, self._own_password)
 
     def primary_port(self) -> int | None:
         """The port of the primary the sentinel names now (None when it names none)."""
@@ -281,10 +292,12 @@ class DockerZkServer(_DockerServer):
 
 
 class DockerRedisServer(_DockerServer):
-    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``."""
+    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``; no
+    AUTH (``password`` None: the session's Redis of ``RedisServer`` has none either)."""
 
     image = "shardrec-redis:7"
     container_port = 6379
+    password: str | None = None
 
     def _configure(self, container) -> None:  # noqa: ANN001
         container.with_command(["redis-server", "--save", "", "--appendonly", "no"])

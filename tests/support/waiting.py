@@ -7,6 +7,7 @@ never became true.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable, TypeVar
 
@@ -39,3 +40,13 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s
             detail = f"last exception: {last_error!r}" if last_error is not None else f"last value: {last_value!r}"
             raise AssertionError(f"timed out after {timeout_s:.2f}s ({attempts} attempts) waiting for {what}; {detail}")
         time.sleep(interval_s)
+
+
+async def until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.01) -> None:
+    """``wait_for`` for a test running on an event loop: poll ``predicate()`` (no exceptions
+    swallowed) without blocking the loop, AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        await asyncio.sleep(interval_s)  # step of the polling loop

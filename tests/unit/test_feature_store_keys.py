@@ -54,3 +54,25 @@ def test_sentinel_urls():
     for bad in ("redis+sentinel://h/m", "redis+sentinel://h:1", "redis+sentinel://h:1/m/x", "redis+sentinel://:1/m"):
         with pytest.raises(ConfigError, match="redis\\+sentinel://"):
             parse_sentinel_url(bad)
+
+
+def test_sentinel_clients_take_the_password_and_tls():
+    """The primary gets the URL's password, else the configured one; the sentinels ``AUTH default
+    <password>`` (accepted by a sentinel without one); ``rediss+sentinel`` is TLS to both."""
+    from services.core.clients import make_async_redis, make_redis
+    from services.core.config import RedisAuth
+
+    assert parse_sentinel_url("rediss+sentinel://h:1/m").tls and not parse_sentinel_url("redis+sentinel://h:1/m").tls
+    auth = RedisAuth("pw", "/ca.pem")
+    for make in (make_redis, make_async_redis):
+        client = make("rediss+sentinel://h:1/m/2", timeout_s=0.5, retries=0, auth=auth)  # nothing connects yet
+        pool = client.connection_pool
+        assert (pool.connection_kwargs["password"], pool.connection_kwargs["db"]) == ("pw", 2)
+        assert "SSL" in pool.connection_class.__name__ and pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+        sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+        assert (sentinel.connection_kwargs["username"], sentinel.connection_kwargs["password"]) == ("default", "pw")
+        assert "SSL" in sentinel.connection_class.__name__ and sentinel.connection_kwargs["socket_timeout"] == 0.5
+        in_url = make("redis+sentinel://:url@h:1/m", auth=auth).connection_pool
+        assert in_url.connection_kwargs["password"] == "url" and "SSL" not in in_url.connection_class.__name__
+        without = make("redis+sentinel://h:1/m").connection_pool.sentinel_manager.sentinels[0].connection_pool
+        assert without.connection_kwargs.get("password") is None

@@ -122,8 +122,9 @@ def test_open_loop_latency_counts_queueing_behind_a_stall_coordinated_omission()
     assert st.histogram.count_above_ms(100) >= in_stall // 2 - 10
     assert st.histogram.percentile_ms(95) >= 50
     assert st.send_lag.max_ms() >= 150
-    # Naive (from the actual send): only the call caught in flight saw the stall.
-    assert st.service_histogram.count_above_ms(100) <= 3
+    # Naive (from the actual send): only the call caught in flight saw the stall (on a busy
+    # machine a few others may be slow on their own: far fewer than the corrected count).
+    assert st.service_histogram.count_above_ms(100) <= max(3, st.histogram.count_above_ms(100) // 4)
     assert st.service_histogram.percentile_ms(95) < 50
 
 
@@ -404,3 +405,25 @@ def test_a_failing_meter_ends_the_run_at_once():
     with pytest.raises(RuntimeError, match="meter broke"):
         asyncio.run(run_load(call, _req, ClosedLoop(2, 30.0), meters=[Broken()]))
     assert time.perf_counter() - t < 5.0  # not after the 30 s window
+
+
+def test_recommender_client_sends_its_token():
+    seen: list[str | None] = []
+
+    async def handle(request, context):
+        seen.append(dict(context.invocation_metadata()).get("authorization"))
+
+    tokens = iter(["first", "second"])
+
+    async def main():
+        async with _serve(handle) as (addr, _):
+            async with RecommenderClient(addr, deadline_s=1.0, token="fixed") as client:
+                await client(_req(0))
+            async with RecommenderClient(addr, deadline_s=1.0, token=lambda: next(tokens)) as client:
+                await client(_req(1))
+                await client(_req(2))
+            async with RecommenderClient(addr, deadline_s=1.0) as client:
+                await client(_req(3))
+
+    asyncio.run(main())
+    assert seen == ["Bearer fixed", "Bearer first", "Bearer second", None]

@@ -21,7 +21,7 @@ from services.localcluster.demo import (
     format_response,
     sample_requests,
 )
-from services.localcluster.launcher import parse_ready
+from services.localcluster.processes import parse_ready
 from services.localcluster.processes import Interrupted, SignalGuard, stop_groups
 from services.localcluster.state import (
     ROLE_FRONTEND,

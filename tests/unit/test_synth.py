@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from services.core import synth
+from services.core import synth, synth_deltas
 from services.core.checkpoint.reader import CheckpointReader
 from services.core.errors import CheckpointError, ConfigError
 from services.core.types import FeatureSide, FeatureSource, MappingKind
@@ -128,7 +128,7 @@ def drift_root(tmp_path_factory):
     """The small model (seed 0) with 4 drift deltas of 2% (versions 2..5)."""
     root = tmp_path_factory.mktemp("drift")
     synth.synthesize(root, "small", seed=0)
-    assert synth.synthesize_deltas(root, "small", 4, drift=0.02, seed=0) == [2, 3, 4, 5]
+    assert synth_deltas.synthesize_deltas(root, "small", 4, drift=0.02, seed=0) == [2, 3, 4, 5]
     return root
 
 
@@ -141,7 +141,7 @@ def test_drift_deltas_chain_and_change_the_drift_fraction_of_every_table(drift_r
         assert m.lists("dense.safetensors") == (v % 2 == 0), "every other delta replaces the dense weights"
         for name, rows in SMALL.table_rows:
             ids, values = reader.delta_rows(v, name)
-            assert len(ids) == synth.drift_rows(rows, 0.02) == max(1, round(0.02 * rows))
+            assert len(ids) == synth_deltas.drift_rows(rows, 0.02) == max(1, round(0.02 * rows))
             assert len(np.unique(ids)) == len(ids) and np.all(np.diff(ids) > 0) and 0 <= ids[0] and ids[-1] < rows
             assert values.dtype == np.float32 and values.shape == (len(ids), SMALL.dim)
     changed = reader.rows_at(3, "items", reader.delta_rows(3, "items")[0])
@@ -162,7 +162,7 @@ def test_drift_deltas_are_deterministic_per_seed(drift_root, tmp_path):
     for seed, same in ((0, True), (1, False)):
         root = tmp_path / f"seed{seed}"
         synth.synthesize(root, "small", seed=0)
-        synth.synthesize_deltas(root, "small", 4, drift=0.02, seed=seed)
+        synth_deltas.synthesize_deltas(root, "small", 4, drift=0.02, seed=seed)
         for v in (2, 3, 4, 5):
             want = {f.path: f.sha256 for f in CheckpointReader(drift_root).manifest(v).files}
             got = {f.path: f.sha256 for f in CheckpointReader(root).manifest(v).files}
@@ -172,19 +172,19 @@ def test_drift_deltas_are_deterministic_per_seed(drift_root, tmp_path):
 def test_drift_deltas_on_an_existing_root_can_branch(drift_root, tmp_path):
     root = tmp_path / "branch"
     shutil.copytree(drift_root, root)
-    assert synth.synthesize_deltas(root, "small", 2, first_parent=3) == [6, 7]
+    assert synth_deltas.synthesize_deltas(root, "small", 2, first_parent=3) == [6, 7]
     reader = CheckpointReader(root)
     assert [m.version for m in reader.chain(7)] == [1, 2, 3, 6, 7]
     assert reader.changed_ids(5, 7, "users") is not None
     with pytest.raises(ConfigError, match="drift must be in"):
-        synth.synthesize_deltas(root, "small", 1, drift=0.0)
+        synth_deltas.synthesize_deltas(root, "small", 1, drift=0.0)
     with pytest.raises(CheckpointError, match="model spec differs from parent 7's"):
-        synth.synthesize_deltas(root, "demo", 1)
+        synth_deltas.synthesize_deltas(root, "demo", 1)
 
 
 @pytest.mark.parametrize("k, rows", [(0, 10), (1, 1), (4900, 5000), (5000, 5000)])
 def test_drift_ids_edges(k, rows):
-    ids = synth.drift_ids(np.random.default_rng(0), k, rows)
+    ids = synth_deltas.drift_ids(np.random.default_rng(0), k, rows)
     assert ids.dtype == np.int64 and len(ids) == k and len(np.unique(ids)) == k and np.all(np.diff(ids) > 0)
     assert k == 0 or (ids[0] >= 0 and ids[-1] < rows)
 

@@ -49,6 +49,9 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "services/admin/cmd_rebalance.py": (frozenset({"partitions"}), "--set builds a placement spec entry"),
     "services/frontend/lookup/baselines/redis_kv.py": (frozenset({"version"}), "the redis-kv baseline's meta key in Redis"),
     "services/frontend/lookup/baselines/redis_kv_store.py": (frozenset({"version"}), "the redis-kv baseline's meta key in Redis"),
+    "services/core/rpc/errors.py": (frozenset({"error"}), "Google's JSON error body of the REST endpoint"),
+    "services/frontend/http.py": (frozenset({"error"}), "Google's JSON error body of the REST endpoint"),
+    "services/frontend/openapi.py": (frozenset({"name", "version", "error"}), "the OpenAPI document"),
 }
 
 

@@ -185,6 +185,12 @@ class ClusterStore:
         return self._watch(path, lambda data: VersionRecord.from_bytes(data, f"znode {path}").version, callback)
 
     # -- membership ---------------------------------------------------------------------------
+    def ensure_members(self) -> None:
+        """Create the parents of the members' znodes (``nodes``, ``frontends``) if missing."""
+        for path in (self._paths.nodes, self._paths.frontends):
+            with unavailable_when_unreachable(f"create {path}"):
+                self._wait(f"create {path}", self._client.ensure_path_async(path), write=True)
+
     def live_nodes(self) -> dict[str, NodeRecord]:
         """Every registered shard node: node id -> its record (a malformed one is skipped)."""
         return self._live_children(self._paths.nodes, NodeRecord.from_bytes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,19 +19,24 @@ from services.core.clients import make_channel
 from services.core.discovery.records import MemberRecord, RecordError
 from services.core.rpc.server import INSTANCE_ID_KEY, LIVENESS
 
+if TYPE_CHECKING:
+    from services.core.tls import TlsMaterial
+
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def answering_instance(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+def answering_instance(address: str, timeout_s: float = PROBE_TIMEOUT_S, credentials=None) -> str | None:  # noqa: ANN001
     """The instance id of the process answering gRPC health at ``address`` ("" when it names
     none: an older process, or not a shardrec server), or None when nothing answers within
-    ``timeout_s`` (refused, unreachable, or frozen). Blocks; any thread but an event loop's."""
+    ``timeout_s`` (refused, unreachable, or frozen). ``credentials``: TLS channel credentials
+    when the cluster's ports are TLS (the prober's own, so an mTLS port lets it in). Blocks;
+    any thread but an event loop's."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = make_channel(address, aio=False)
+    channel = make_channel(address, aio=False, credentials=credentials)
     try:
         check = health_pb2_grpc.HealthStub(channel).Check
         _reply, call = check.with_call(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=timeout_s)
@@ -44,12 +50,12 @@ def answering_instance(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str 
     return next((value for key, value in metadata or () if key == INSTANCE_ID_KEY), "")
 
 
-def answers_as(record: MemberRecord, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+def answers_as(record: MemberRecord, timeout_s: float = PROBE_TIMEOUT_S, credentials=None) -> bool:  # noqa: ANN001
     """Whether the process that wrote ``record`` still answers at its address as itself. A
     record with no address cannot be checked: True (its session decides)."""
     if not record.address:
         return True
-    instance = answering_instance(record.address, timeout_s)
+    instance = answering_instance(record.address, timeout_s, credentials)
     if instance is None:
         log.info("%s does not answer within %.1fs", record.address, timeout_s)
         return False
@@ -59,9 +65,13 @@ def answers_as(record: MemberRecord, timeout_s: float = PROBE_TIMEOUT_S) -> bool
     return True
 
 
-def holder_probe(parse: Callable[[bytes], MemberRecord], timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[bytes], bool]:
+def holder_probe(
+    parse: Callable[[bytes], MemberRecord], timeout_s: float = PROBE_TIMEOUT_S, tls: "TlsMaterial | None" = None
+) -> Callable[[bytes], bool]:
     """``probe(data)`` for ``NodeRegistration``: does the process whose znode holds ``data``
-    (parsed by ``parse``) still answer as itself? Data it cannot parse: True (unknown)."""
+    (parsed by ``parse``) still answer as itself? Data it cannot parse: True (unknown). With
+    ``tls`` (the prober's TLS files: the cluster's ports are TLS) it dials over TLS with its
+    current certificate."""
 
     def probe(data: bytes) -> bool:
         try:
@@ -69,6 +79,6 @@ def holder_probe(parse: Callable[[bytes], MemberRecord], timeout_s: float = PROB
         except RecordError as e:
             log.warning("cannot probe the holder of a malformed znode: %s", e)
             return True
-        return answers_as(record, timeout_s)
+        return answers_as(record, timeout_s, None if tls is None else tls.channel_credentials())
 
     return probe

@@ -1,4 +1,5 @@
-"""gRPC server bootstrap: message limits, health, reflection, port binding, graceful stop.
+"""gRPC server bootstrap: message limits, health, reflection, port binding (TLS, IPv6), the
+authentication interceptor (``services.core.rpc.auth``), graceful stop.
 
 Health (docs/health.md): ``""`` and the serving services carry readiness: NOT_SERVING until the
 process's ``Readiness`` holds (``follow``), and first thing on a graceful stop. ``LIVENESS``
@@ -20,7 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core.auth import AccessPolicy
+from services.core.hostport import join_host_port
 from services.core.rpc.readiness import Readiness
+from services.core.tls import TlsMaterial
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -31,6 +35,22 @@ INSTANCE_ID_KEY = "shardrec-instance-id"  # trailing metadata of every health Ch
 def new_instance_id() -> str:
     """A random token naming this process (its znode's ``instance_id``, its health answers)."""
     return secrets.token_hex(8)
+
+
+def keepalive_options(time_s: float, timeout_s: float, *, server: bool) -> list[tuple[str, int]]:
+    """gRPC keepalive (``KeepaliveConfig``; 0: gRPC's defaults). A client pings a connection
+    idle ``time_s``, with or without calls; a server does too and accepts pings up to twice that
+    often (a margin for timers), so give servers and their clients the same ``time_s``: a server
+    that accepts fewer closes the connection (GOAWAY ``too_many_pings``). ``timeout_s``: an
+    unanswered ping closes the connection after this long."""
+    opts: list[tuple[str, int]] = []
+    if time_s > 0:
+        ms = int(time_s * 1000)
+        opts += [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_permit_without_calls", 1)]
+        opts += [("grpc.http2.min_ping_interval_without_data_ms", ms // 2)] if server else [("grpc.http2.max_pings_without_data", 0)]
+    if timeout_s > 0:
+        opts.append(("grpc.keepalive_timeout_ms", int(timeout_s * 1000)))
+    return opts
 
 
 def channel_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
@@ -79,10 +99,35 @@ def _register(server, add_servicers, service_names: tuple[str, ...], health_serv
     reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
 
-def _bind(server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+@dataclass(frozen=True)
+class Security:
+    """What a server checks: ``policy`` (an interceptor is installed only when it checks
+    something), ``tls`` (TLS on the port when set; mTLS with ``require_client_auth``)."""
+
+    policy: AccessPolicy | None = None
+    tls: TlsMaterial | None = None
+    require_client_auth: bool = False
+
+    def interceptors(self, aio: bool) -> list:
+        if self.policy is None or not self.policy.enabled:
+            return []
+        from services.core.rpc.auth import AioAuthInterceptor, AuthInterceptor
+
+        return [AioAuthInterceptor(self.policy) if aio else AuthInterceptor(self.policy)]
+
+
+NO_SECURITY = Security()
+
+
+def _bind(server, host: str, port: int, security: Security = NO_SECURITY) -> int:
+    """Bind ``host:port`` (an IPv6 host such as ``::`` is bracketed), with TLS when asked."""
+    address = join_host_port(host, port)
+    if security.tls is not None:
+        bound = server.add_secure_port(address, security.tls.server_credentials(require_client_auth=security.require_client_auth))
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}")
     return bound
 
 
@@ -141,6 +186,8 @@ def start_sync_server(
     max_receive_bytes: int | None = None,
     instance_id: str = "",
     live_names: Iterable[str] = (),
+    security: Security = NO_SECURITY,
+    options: Iterable[tuple[str, int]] = (),
 ) -> SyncServer:
     """Bind ``host:port`` (0 = any free port), register servicers, health (liveness and the
     ``live_names`` SERVING, readiness NOT_SERVING until ``set_serving(True)`` or a followed
@@ -148,12 +195,13 @@ def start_sync_server(
     ``max_message_bytes``) is refused by gRPC itself, RESOURCE_EXHAUSTED."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        options=channel_options(max_message_bytes, max_receive_bytes),
+        options=[*channel_options(max_message_bytes, max_receive_bytes), *options],
+        interceptors=security.interceptors(aio=False),
     )
     health_servicer = _Health(instance_id)
     services, ready, live = _health_names(service_names, live_names)
     _register(server, add_servicers, services, health_servicer)
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, security)
     s = SyncServer(server, bound, health_servicer, services, instance_id, ready, live)
     s.set_serving(False)
     s.set_health(live, True)
@@ -177,6 +225,7 @@ class AioServer:
     _wanted: bool = field(default=False, repr=False)
     _applied: bool = field(default=False, repr=False)
     _applier: "asyncio.Task | None" = field(default=None, repr=False)
+    _statuses: dict[str, bool] = field(default_factory=dict, repr=False)  # the health last set per name
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness (liveness is not touched); ignored once stopping."""
@@ -189,6 +238,11 @@ class AioServer:
         status = SERVING if serving else NOT_SERVING
         for name in names:
             await self.health.set(name, status)
+            self._statuses[name] = serving
+
+    def is_serving(self, name: str = "") -> bool:
+        """Whether health ``name`` was last set SERVING (what a health Check of it answers)."""
+        return self._statuses.get(name, False)
 
     def follow(self, readiness: Readiness) -> None:
         """Serving services SERVING exactly while ``readiness`` holds (until ``stop``). Call on
@@ -228,14 +282,19 @@ async def start_aio_server(
     service_names: Iterable[str],
     instance_id: str = "",
     live_names: Iterable[str] = (),
+    max_receive_bytes: int | None = None,
+    security: Security = NO_SECURITY,
+    options: Iterable[tuple[str, int]] = (),
 ) -> AioServer:
     """The asyncio twin of ``start_sync_server`` (liveness SERVING, readiness NOT_SERVING until
     ``set_serving`` or a followed readiness)."""
-    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    server = grpc.aio.server(
+        options=[*channel_options(max_message_bytes, max_receive_bytes), *options], interceptors=security.interceptors(aio=True)
+    )
     health_servicer = _aio_health(instance_id)
     services, ready, live = _health_names(service_names, live_names)
     _register(server, add_servicers, services, health_servicer)
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, security)
     s = AioServer(server, bound, health_servicer, services, instance_id, ready, live)
     await s.set_serving(False)
     await s.set_health(live, True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +21,7 @@ from services._proto.shardrec.v1 import embedding_pb2, embedding_pb2_grpc
 from services.core import wire
 from services.core.clients import make_channel
 from services.core.errors import DeadlineExceededError, UnavailableError
+from services.core.tls import TlsMaterial
 from services.core.tracing import inject
 from services.core.types import PoolingType, Version
 from services.frontend.lookup import LookupStats
@@ -40,12 +42,25 @@ _RENEW_GRACE_S = 5.0
 
 class ChannelPool:
     """One grpc.aio channel (and stub) per node address, reused for the process's life, or
-    until another process registers at that address (``renew``)."""
+    until another process registers at that address (``renew``); TLS (mTLS: the frontend's
+    certificate is its client certificate) when ``tls`` is given, and the cluster token on
+    every call when ``token`` is. When the TLS files are rotated (``tls.generation`` moves),
+    new calls get new channels; the old ones close after ``drain_s``, once their calls have
+    ended. ``options``: more channel options (keepalive)."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(
+        self, max_message_bytes: int, *, tls: TlsMaterial | None = None, token: Callable[[], str] | None = None,
+        drain_s: float = 60.0, options: Sequence[tuple[str, int]] = (),
+    ) -> None:  # fmt: skip
         self._max_message_bytes = max_message_bytes
+        self._options = tuple(options)
+        self._tls = tls
+        self._token = token
+        self._drain_s = drain_s
+        self._generation = tls.generation if tls is not None else 0
         self._stubs: dict[str, embedding_pb2_grpc.EmbeddingShardStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []
         self._closing: set[asyncio.Task] = set()
 
     def renew(self, address: str) -> None:
@@ -61,15 +76,40 @@ class ChannelPool:
             task.add_done_callback(self._closing.discard)
 
     def stub(self, address: str) -> embedding_pb2_grpc.EmbeddingShardStub:
+        if self._tls is not None and self._tls.generation != self._generation:
+            self._retire()
         stub = self._stubs.get(address)
         if stub is None:
-            channel = make_channel(address, max_message_bytes=self._max_message_bytes)
+            creds = self._tls.channel_credentials() if self._tls is not None else None
+            channel = make_channel(address, max_message_bytes=self._max_message_bytes, options=self._options, credentials=creds)
             self._channels[address] = channel
             stub = self._stubs[address] = embedding_pb2_grpc.EmbeddingShardStub(channel)
         return stub
 
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every Lookup carries besides its request id: the cluster token, if any."""
+        return (("authorization", f"Bearer {self._token()}"),) if self._token is not None else ()
+
+    def _retire(self) -> None:
+        assert self._tls is not None
+        self._generation = self._tls.generation
+        old = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        self._retired += old
+        log.info("TLS files changed: new shard channels; %d old ones close in %.0fs", len(old), self._drain_s)
+
+        async def close_later() -> None:
+            await asyncio.sleep(self._drain_s)  # calls on them end within their deadlines
+            for ch in old:
+                self._retired.remove(ch)
+            await asyncio.gather(*(c.close() for c in old), return_exceptions=True)
+
+        asyncio.get_running_loop().create_task(close_later())
+
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self._channels.values()), *self._closing, return_exceptions=True)
+        channels = [*self._channels.values(), *self._retired]
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -138,6 +178,7 @@ class ShardCalls:
         stats.request_bytes += sent
         span, metadata = self._trace(node, units, kind, sent, call.request_id)
         try:
+            metadata = (*metadata, *self._channels.metadata())  # the cluster token, if any
             resp = await self._channels.stub(address).Lookup(req, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             stats.count(stats.per_node_errors, (node, e.code().name))
