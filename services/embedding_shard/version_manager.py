@@ -115,6 +115,11 @@ class VersionManager:
             self._reach(target)
         return self._drop_unused()
 
+    @property
+    def last_paced_s(self) -> float:
+        """Seconds the last swap (load or promote) slept to keep to ``swap_cpu_share``."""
+        return self._pacer.slept_s
+
     def _reach(self, target: Version) -> None:
         self._pacer.begin()
         if target in self._store.versions_ready:

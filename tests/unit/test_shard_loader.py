@@ -173,3 +173,26 @@ def test_a_pacer_holds_the_thread_to_its_share_of_a_core():
     t0 = time.monotonic()
     stopped.step()  # would sleep ~1 s: a stopping node does not wait
     assert time.monotonic() - t0 < 0.1
+
+
+def test_a_version_manager_paces_a_swap_and_a_rollback_and_serves_each_version_exactly(ckpt, monkeypatch):
+    """With a small CPU share and a step per row, the swap to 2 and the rollback to 1 sleep to
+    keep to the share, and each version's rows are then the reference's at that version."""
+    from services.embedding_shard import store as store_module
+
+    root, tables = ckpt
+    monkeypatch.setattr(loader_module, "PACE_ROWS", 1)
+    monkeypatch.setattr(store_module, "_WRITE_ROWS", 1)
+    reader = CheckpointReader(root)
+    store = TableStore({t.name: t for t in SPEC.tables}, {"users": 2, "items": 1})
+    store.install(1, load_rows(loaders_for(reader, 1, USERS + ITEMS)))
+    node = VersionManager(store, reader, stop=threading.Event(), swap_cpu_share=0.05)
+    for target in (2, 1):
+        node.set_target(target)
+        node.reconcile()
+        assert store.primary == target and node.load_error is None
+        assert node.last_paced_s > 0, f"the swap to {target} was not paced"
+        with store.reading() as snapshot:
+            for pid in USERS + ITEMS:
+                part, _ = snapshot.resolve(target, pid.table, pid.partition, np.empty(0, np.int64), strict=True)
+                np.testing.assert_array_equal(part.weight.numpy(), tables[target][pid.table][pid.partition :: pid.num_partitions])
