@@ -75,7 +75,7 @@ class CheckpointReader:
         # version -> (manifest bytes, COMPLETE marker, the Manifest checked from them). A hit
         # needs both files byte-identical to what was checked (outside ``one_view``).
         self._checked: dict[Version, tuple[bytes, str, Manifest]] = {}
-        self._views = threading.local()  # ``rows``: this thread's deltas opened in ``one_view``
+        self._views = threading.local()  # ``rows``: manifests and delta files this thread's ``one_view`` saw
 
     @property
     def store(self) -> CheckpointStore:
@@ -106,8 +106,7 @@ class CheckpointReader:
     # ---------------------------------------------------------------- manifest
     @contextlib.contextmanager
     def one_view(self) -> Iterator[None]:
-        """Within the block, on the calling thread, a manifest checked once is not read again,
-        nor a delta's ids and rows opened again: one load sees one view of the checkpoint."""
+        """Within the block, on this thread, each manifest is read and each delta file opened once."""
         outer = getattr(self._views, "rows", None)
         self._views.rows = {} if outer is None else outer
         try:
@@ -117,8 +116,9 @@ class CheckpointReader:
 
     def manifest(self, version: Version) -> Manifest:
         """The checked manifest of ``version`` (see the module docstring for the refusals)."""
-        if getattr(self._views, "rows", None) is not None and (cached := self._checked.get(version)):
-            return cached[2]
+        view = getattr(self._views, "rows", None)
+        if view is not None and (seen := view.get(version)) is not None:
+            return seen  # checked in this view
         where = self._where(version)
         if not self._store.exists(version_dir(version)):
             raise CheckpointError(f"{where} does not exist")
@@ -126,12 +126,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self._store.uri}: version {version} has no COMPLETE marker (partial write?)")
         data = self._store.read_bytes(self._rel(version, MANIFEST_FILE))
         marker = self._store.read_bytes(self._rel(version, COMPLETE_FILE)).decode("ascii", "replace").strip().lower()
-        cached = self._checked.get(version)
-        if cached is not None and cached[0] == data and cached[1] == marker:
-            return cached[2]  # the very bytes already checked: skip parsing and validating again
-        m = self._check_manifest(version, data, marker)
-        self._checked[version] = (data, marker, m)
-        return m
+        cached = self._checked.get(version)  # the very bytes already checked: not parsed again
+        if cached is None or cached[0] != data or cached[1] != marker:
+            cached = self._checked[version] = (data, marker, self._check_manifest(version, data, marker))
+        if view is not None:
+            view[version] = cached[2]
+        return cached[2]
 
     def _check_manifest(self, version: Version, data: bytes, marker: str) -> Manifest:
         where = self._where(version)
