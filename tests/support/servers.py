@@ -292,10 +292,12 @@ class DockerZkServer(_DockerServer):
 
 
 class DockerRedisServer(_DockerServer):
-    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``."""
+    """``shardrec-redis:7`` (deploy/images/) without persistence, like ``RedisServer``; no
+    AUTH (``password`` None: the session's Redis of ``RedisServer`` has none either)."""
 
     image = "shardrec-redis:7"
     container_port = 6379
+    password: str | None = None
 
     def _configure(self, container) -> None:  # noqa: ANN001
         container.with_command(["redis-server", "--save", "", "--appendonly", "no"])
