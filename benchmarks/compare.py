@@ -13,16 +13,20 @@ Per system: an open loop at a low rate (latency), an open loop at a fixed modera
 per request summed over the system's processes, bytes on the wire), and optionally a sweep
 to the saturation point (p99 <= SLO). Requests and arrival schedules are identical for every
 system (same seeds). Writes ``<out>/compare.json``, ``latency_cdf.png``, ``sweep.png`` and
-prints one table plus the issue's target ratios.
+prints one table plus the issue's target ratios. With ``network`` (``--network dc``) it all runs
+in a network namespace of its own where every shard node and Redis sits behind a capped link
+and a delay proxy (``benchmarks/network/``); the proxy's CPU is recorded apart.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from benchmarks.network.emulated import EmulatedNetwork, NetworkConfig, report_lines, server_ports
 from services.localcluster.config import LocalClusterConfig
 from services.localcluster.launcher import LocalCluster
 from services.localcluster.processes import SignalGuard
@@ -50,31 +54,35 @@ class CompareConfig:
     deadline_s: float = 1.0
     seed: int = 0
     prime_s: float = 5.0
+    network: NetworkConfig | None = None  # None: plain loopback
 
 
-def start_systems(cluster: LocalCluster, systems: tuple[str, ...]) -> dict[str, dict]:
-    """Start the frontends of ``systems`` over a started cluster: name -> {address, pids}."""
+def start_systems(cluster: LocalCluster, systems: tuple[str, ...], extra_args: Sequence[str] = ()) -> dict[str, dict]:
+    """Start the frontends of ``systems`` over a started cluster (``extra_args``: further
+    flags of each; the cluster's own frontend is used for shardrec when it has one): name ->
+    {address, pids}."""
     ck = str(cluster.config.checkpoint)
     common = {name: pid for name, pid in cluster.pids(ROLE_REDIS).items()}
     shards = cluster.pids(ROLE_SHARD)
     out: dict[str, dict] = {}
     for system in systems:
         if system == "shardrec":
-            address, name = cluster.state.frontend, "frontend"
+            name = "frontend"
+            address = cluster.state.frontend or cluster.start_frontend(name, extra_args)
         elif system == "shardrec-nobatch":
             name = "frontend-nobatch"
-            address = cluster.start_frontend(name, ["--max-batch", "1"])
+            address = cluster.start_frontend(name, ["--max-batch", "1", *extra_args])
         elif system == "monolith":
             name = "frontend-monolith"
-            address = cluster.start_frontend(name, ["--lookup", "inproc", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "inproc", "--checkpoint", ck, *extra_args])
         elif system == "redis-kv":
             cluster.run_job("load-kv", "loading embedding rows into Redis for redis-kv",
                             ["bench", "load-kv", "--checkpoint", ck, "--redis", cluster.state.redis_url])  # fmt: skip
             name = "frontend-redis-kv"
-            address = cluster.start_frontend(name, ["--lookup", "redis-kv", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "redis-kv", "--checkpoint", ck, *extra_args])
         elif system == "torchrec":
             name = "frontend-torchrec"
-            address = cluster.start_frontend(name, ["--lookup", "torchrec", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "torchrec", "--checkpoint", ck, *extra_args])
         else:
             raise ValueError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
         pids = {pid: n for n, pid in {**common, name: cluster.pids()[name]}.items()}
@@ -84,7 +92,8 @@ def start_systems(cluster: LocalCluster, systems: tuple[str, ...]) -> dict[str, 
     return out
 
 
-async def measure_system(cfg: CompareConfig, system: str, address: str, pids: dict[int, str], result, out: IO[str]) -> None:
+async def measure_system(cfg: CompareConfig, system: str, address: str, pids: dict[int, str], result, out: IO[str],
+                         network: EmulatedNetwork | None = None) -> None:
     from benchmarks.harness import CounterMeter, CpuMeter, OpenLoop, RequestMix, run_recommender, run_record
     from benchmarks.harness.sweep import sweep_async
 
@@ -96,14 +105,19 @@ async def measure_system(cfg: CompareConfig, system: str, address: str, pids: di
 
     async def at_rate(rate: float, duration_s: float, label: str) -> dict:
         cpu, counters = CpuMeter(pids), CounterMeter(address)
+        net = network.meter() if network is not None else None
         stats = await run_recommender(
             address, mix, OpenLoop(rate, duration_s, cfg.warmup_s, seed=cfg.seed),
-            deadline_s=cfg.deadline_s, progress=progress, meters=[cpu, counters],
+            deadline_s=cfg.deadline_s, progress=progress, meters=[cpu, counters, *([net] if net else [])],
         )  # fmt: skip
         out.write("\n")
-        return run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
+        record = run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
+        if net is not None:  # the network's own cost, apart from the system's CPU
+            record["network"] = net.to_dict(record["requests_in_window"])
+        return record
 
-    result.system(system, description={"address": address, "processes": sorted(set(pids.values()))})
+    description = {"address": address, "processes": sorted(set(pids.values()))}
+    result.system(system, description={**description, **({"network": network.describe()} if network else {})})
     if cfg.prime_s > 0:  # touch the memory-mapped tables and warm caches; not recorded
         from benchmarks.harness import ClosedLoop
 
@@ -168,16 +182,33 @@ def compare(cfg: CompareConfig, out: IO[str] = sys.stdout) -> dict:
         notes=f"shardrec bench compare: placement {cfg.cluster.spec.name}, {cfg.cluster.nodes} shard nodes, "
         f"preset {cfg.cluster.preset}; every process on this machine",
     )
+    network = None
+    if cfg.network is not None:
+        from benchmarks.network.emulated import enter_private_network
+
+        enter_private_network()  # first: before any thread starts
+        network = EmulatedNetwork(cfg.network, cfg.cluster.logs_dir)
     with SignalGuard() as guard:
-        cluster = LocalCluster(cfg.cluster, out, guard, mode="bench")
+        cluster_cfg = cfg.cluster if network is None else replace(cfg.cluster, shards_only=True, shard_args=network.shard_args())
+        cluster = LocalCluster(cluster_cfg, out, guard, mode="bench")
         try:
             cluster.start()
-            systems = start_systems(cluster, cfg.systems)
+            extra: list[str] = []
+            if network is not None:
+                network.start(*server_ports(cluster))
+                out.write(f"emulated network: {network.describe()}\n")
+                cluster.load_features()
+                extra = network.frontend_args()
+            systems = start_systems(cluster, cfg.systems, extra)
+            if network is not None:
+                network.shape()
             for system in cfg.systems:
                 out.write(f"measuring {system} at {systems[system]['address']}\n")
-                run(measure_system(cfg, system, systems[system]["address"], systems[system]["pids"], result, out))
+                run(measure_system(cfg, system, systems[system]["address"], systems[system]["pids"], result, out, network))
         finally:
             cluster.stop()
+            if network is not None:
+                network.stop()
     doc = result.to_dict()
     doc["targets"] = [{"target": t, "measured": m, "goal": g, "met": ok} for t, m, g, ok in targets(doc)]
     from benchmarks.harness import plots, write_json
@@ -187,6 +218,8 @@ def compare(cfg: CompareConfig, out: IO[str] = sys.stdout) -> dict:
     if cfg.sweep:
         plots.sweep_plot(doc, cfg.out_dir / "sweep.png", slo_p99_ms=cfg.slo_p99_ms)
     out.write("\n" + format_table(doc) + "\n\n")
+    if network is not None:
+        out.write("\n".join(report_lines(doc)) + "\n\n")
     for t in doc["targets"]:
         mark = "ok  " if t["met"] else "MISS"
         out.write(f"  {mark} {t['target']:<48} {t['measured']:<32} (target {t['goal']})\n")
