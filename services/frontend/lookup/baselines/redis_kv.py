@@ -71,6 +71,9 @@ class _Plan:
         return len(self.arg_ends)
 
 
+REDIS_KV_NODE = "redis-kv"  # the node label of the store's round trips in the lookup metrics
+
+
 class RedisKvLookupClient:
     """The redis-kv baseline's lookup step (see the module docstring).
 
@@ -217,6 +220,8 @@ class RedisKvLookupClient:
             raise ShardrecError(f"redis-kv MGET of {plan.num_keys} rows failed: {e}") from e
         self.round_trips += 1
         self.stats.rpcs += 1
+        # exported as shardrec_lookup_rpcs{node="redis-kv"}, as a shard node's calls are
+        self.stats.count(self.stats.per_node_calls, (REDIS_KV_NODE, "primary"))
         return blobs
 
     # -- gathering and pooling (worker thread) -------------------------------------------------
