@@ -1,5 +1,5 @@
 """A TCP relay that adds a fixed delay in each direction: the latency half of the emulated data
-centre network (docs/benchmarks.md, "A network that looks like a data centre"; this kernel has
+centre network (docs/deploy.md, "The emulated-network benchmark"; this kernel has
 no ``netem``). Its own process, so its CPU is measured apart from the system under test.
 
     python -m benchmarks.network.delay_proxy --delay-ms 0.25 127.0.0.2:7001=127.0.0.1:7001 ...

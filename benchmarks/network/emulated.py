@@ -1,5 +1,5 @@
 """The emulated data centre network of ``shardrec bench compare --network dc``
-(docs/benchmarks.md, "A network that looks like a data centre").
+(docs/deploy.md, "The emulated-network benchmark").
 
 - ``enter_private_network``: the benchmark process moves into a network namespace of its own
   (``unshare(CLONE_NEWNET)``, root), with only a loopback device; everything it starts (the

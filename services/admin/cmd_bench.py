@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="further flags for every system's frontend, e.g. '--admission off' (CPU comparisons with nothing shed)")
     cmp_.add_argument("--network", choices=["off", "dc"], default="off",
                       help="dc: in a network namespace of its own (root), every shard node and Redis behind a link of --link-mbit "
-                      "and a proxy adding --delay-ms each way (docs/benchmarks.md)")  # fmt: skip
+                      "and a proxy adding --delay-ms each way (docs/deploy.md)")  # fmt: skip
     cmp_.add_argument("--link-mbit", type=float, default=1000.0, help="with --network dc: each server's link, each direction (0 = no cap)")
     cmp_.add_argument("--delay-ms", type=float, default=0.25, help="with --network dc: added one way by the delay proxy (0 = no proxy)")
     cmp_.set_defaults(func=_compare)
