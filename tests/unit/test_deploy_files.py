@@ -12,7 +12,7 @@ for real; no Kubernetes cluster runs here, so the manifests are checked without 
 - the frontends' disruption budget, autoscaler and preStop; the shard count in one place;
   addresses that do not assume IPv4; compose publishing on 127.0.0.1 only;
 - secrets: every Secret a workload reads is documented in docs/deploy.md and made by
-  deploy/k8s_secrets.py (the overlay it writes renders and validates, with the tls component);
+  deploy/k8s_secrets.py (the overlay it writes renders and validates, with the tls component and without);
   no secret value in a ConfigMap, an env literal or on a command line; secret files mounted
   read-only, without subPath (rotation), not world-readable; the TLS readiness probe passes
   against an mTLS server with the certificates made.
@@ -288,10 +288,13 @@ DOCS_DEPLOY = DEPLOY.parent / "docs" / "deploy.md"
 def with_secrets(tmp_path_factory) -> list[dict]:
     """The overlay deploy/k8s_secrets.py --tls writes (deploy/k8s, its tls component, every
     Secret generated), rendered by kustomize."""
+    return _secrets_overlay(tmp_path_factory.mktemp("k8s") / "overlay", "--tls")
+
+
+def _secrets_overlay(out: Path, *flags: str) -> list[dict]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (it renders the kustomization)")
-    out = tmp_path_factory.mktemp("k8s") / "overlay"
-    made = subprocess.run([sys.executable, str(DEPLOY / "k8s_secrets.py"), "--out", str(out), "--namespace", "recsys", "--tls"],
+    made = subprocess.run([sys.executable, str(DEPLOY / "k8s_secrets.py"), "--out", str(out), "--namespace", "recsys", *flags],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert made.returncode == 0, made.stderr
     rendered = subprocess.run(["kubectl", "kustomize", str(out)], capture_output=True, text=True, timeout=60)
@@ -413,6 +416,19 @@ def test_overlay_with_secrets_and_tls_validates(with_secrets: list[dict], versio
     assert len(pods) == 4
     for name, pod in pods:
         assert restricted_violations(pod) == [], name
+
+
+def test_overlay_without_tls_validates_and_mounts_no_tls(tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    docs = _secrets_overlay(tmp_path / "overlay")
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} == {
+        "shardrec-tokens", "shardrec-cluster-token", "shardrec-zookeeper-auth", "shardrec-redis-auth"}  # fmt: skip
+    for name, pod in _pod_templates(docs):
+        assert restricted_violations(pod) == [], name
+        assert "shardrec-tls" not in json.dumps(pod), f"{name} mounts TLS without the tls component"
 
 
 def test_tls_readiness_probe_passes_against_the_mtls_shard_port(with_secrets: list[dict], tmp_path: Path) -> None:
