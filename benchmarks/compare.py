@@ -19,7 +19,9 @@ targets are the medians of the runs' ratios. ``pin`` puts the frontends on one C
 shards, Redis and ZooKeeper on another (``pinning.py``); frontend-host CPU per Recommend is
 reported beside the total either way. Writes ``<out>/compare.json`` (the first run's systems,
 ``compare_runs`` with every run), ``latency_cdf.png``, ``sweep.png`` and prints the tables
-plus the issue's target ratios (docs/benchmarks.md).
+plus the issue's target ratios (docs/benchmarks.md). With ``network`` (``--network dc``) it all runs
+in a network namespace of its own where every shard node and Redis sits behind a capped link
+and a delay proxy (``benchmarks/network/``); the proxy's CPU is recorded apart.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from __future__ import annotations
 import itertools
 import statistics
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from benchmarks.network.emulated import EmulatedNetwork, NetworkConfig, report_lines, server_ports
 from services.localcluster.config import LocalClusterConfig
 from services.localcluster.launcher import LocalCluster
 from services.localcluster.processes import SignalGuard
@@ -63,6 +67,7 @@ class CompareConfig:
     prime_s: float = 5.0
     runs: int = 1  # interleaved runs of every system; targets are their medians
     pin: tuple[frozenset[int], frozenset[int]] | None = None  # (frontend CPUs, other CPUs)
+    network: NetworkConfig | None = None  # None: plain loopback
 
     @property
     def pin_text(self) -> str:
@@ -71,30 +76,32 @@ class CompareConfig:
         return f"{cpu_list(self.pin[0])}:{cpu_list(self.pin[1])}" if self.pin else ""
 
 
-def start_systems(cluster: LocalCluster, systems: tuple[str, ...]) -> dict[str, dict]:
-    """Start the frontends of ``systems`` over a started cluster: name -> {address, pids,
-    frontend (its process's name)}."""
+def start_systems(cluster: LocalCluster, systems: tuple[str, ...], extra_args: Sequence[str] = ()) -> dict[str, dict]:
+    """Start the frontends of ``systems`` over a started cluster (``extra_args``: further
+    flags of each; the cluster's own frontend is used for shardrec when it has one): name ->
+    {address, pids, frontend (its process's name)}."""
     ck = str(cluster.config.checkpoint)
     common = {name: pid for name, pid in cluster.pids(ROLE_REDIS).items()}
     shards = cluster.pids(ROLE_SHARD)
     out: dict[str, dict] = {}
     for system in systems:
         if system == "shardrec":
-            address, name = cluster.state.frontend, "frontend"
+            name = "frontend"
+            address = cluster.state.frontend or cluster.start_frontend(name, extra_args)
         elif system == "shardrec-nobatch":
             name = "frontend-nobatch"
-            address = cluster.start_frontend(name, ["--max-batch", "1"])
+            address = cluster.start_frontend(name, ["--max-batch", "1", *extra_args])
         elif system == "monolith":
             name = "frontend-monolith"
-            address = cluster.start_frontend(name, ["--lookup", "inproc", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "inproc", "--checkpoint", ck, *extra_args])
         elif system == "redis-kv":
             cluster.run_job("load-kv", "loading embedding rows into Redis for redis-kv",
                             ["bench", "load-kv", "--checkpoint", ck, "--redis", cluster.state.redis_url])  # fmt: skip
             name = "frontend-redis-kv"
-            address = cluster.start_frontend(name, ["--lookup", "redis-kv", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "redis-kv", "--checkpoint", ck, *extra_args])
         elif system == "torchrec":
             name = "frontend-torchrec"
-            address = cluster.start_frontend(name, ["--lookup", "torchrec", "--checkpoint", ck])
+            address = cluster.start_frontend(name, ["--lookup", "torchrec", "--checkpoint", ck, *extra_args])
         else:
             raise ValueError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
         pids = {pid: n for n, pid in {**common, name: cluster.pids()[name]}.items()}
@@ -118,7 +125,8 @@ def pin_cluster(cluster: LocalCluster, systems: dict[str, dict], pin: tuple[froz
 
 
 async def measure_system(
-    cfg: CompareConfig, system: str, address: str, pids: dict[int, str], result, out: IO[str], *, run_index: int = 0, frontend: str = ""
+    cfg: CompareConfig, system: str, address: str, pids: dict[int, str], result, out: IO[str], *, run_index: int = 0, frontend: str = "",
+    network: EmulatedNetwork | None = None,
 ) -> None:
     from benchmarks.harness import CounterMeter, CpuMeter, OpenLoop, RequestMix, run_recommender, run_record
     from benchmarks.harness.sweep import sweep_async
@@ -137,17 +145,21 @@ async def measure_system(
 
     async def at_rate(rate: float, duration_s: float, label: str) -> dict:
         cpu, counters = CpuMeter(pids), CounterMeter(address)
+        net = network.meter() if network is not None else None
         stats = await run_recommender(
             address, requests(), OpenLoop(rate, duration_s, cfg.warmup_s, seed=cfg.seed),
-            deadline_s=cfg.deadline_s, progress=progress, meters=[cpu, counters],
+            deadline_s=cfg.deadline_s, progress=progress, meters=[cpu, counters, *([net] if net else [])],
         )  # fmt: skip
         out.write("\n")
         record = run_record(stats, label=label, cpu=cpu, counters_delta=counters.delta)
         n, host = record["requests_in_window"], cpu.by_process.get(frontend)
         record["frontend_cpu_seconds_per_request"] = round(host / n, 9) if n and host is not None else None
+        if net is not None:  # the network's own cost, apart from the system's CPU
+            record["network"] = net.to_dict(n)
         return record
 
-    result.system(system, description={"address": address, "processes": sorted(set(pids.values())), "frontend": frontend})
+    description = {"address": address, "processes": sorted(set(pids.values())), "frontend": frontend}
+    result.system(system, description={**description, **({"network": network.describe()} if network else {})})
     if cfg.prime_s > 0:  # touch the memory-mapped tables and warm caches; not recorded
         from benchmarks.harness import ClosedLoop
 
@@ -260,11 +272,26 @@ def compare(cfg: CompareConfig, out: IO[str] = sys.stdout) -> dict:
         for r in range(cfg.runs)
     ]
     pinned = None
+    network = None
+    if cfg.network is not None:
+        from benchmarks.network.emulated import enter_private_network
+
+        enter_private_network()  # first: before any thread starts
+        network = EmulatedNetwork(cfg.network, cfg.cluster.logs_dir)
     with SignalGuard() as guard:
-        cluster = LocalCluster(cfg.cluster, out, guard, mode="bench")
+        cluster_cfg = cfg.cluster if network is None else replace(cfg.cluster, shards_only=True, shard_args=(*cfg.cluster.shard_args, *network.shard_args()))
+        cluster = LocalCluster(cluster_cfg, out, guard, mode="bench")
         try:
             cluster.start()
-            systems = start_systems(cluster, cfg.systems)
+            extra: list[str] = []
+            if network is not None:
+                network.start(*server_ports(cluster))
+                out.write(f"emulated network: {network.describe()}\n")
+                cluster.load_features()
+                extra = network.frontend_args()
+            systems = start_systems(cluster, cfg.systems, extra)
+            if network is not None:
+                network.shape()
             if cfg.pin:
                 pinned = pin_cluster(cluster, systems, cfg.pin)
                 out.write(f"pinned: {pinned}\n")
@@ -272,9 +299,11 @@ def compare(cfg: CompareConfig, out: IO[str] = sys.stdout) -> dict:
                 for system in cfg.systems:
                     s = systems[system]
                     out.write(f"run {r + 1}/{cfg.runs}: measuring {system} at {s['address']}\n")
-                    run(measure_system(cfg, system, s["address"], s["pids"], result, out, run_index=r, frontend=s["frontend"]))
+                    run(measure_system(cfg, system, s["address"], s["pids"], result, out, run_index=r, frontend=s["frontend"], network=network))
         finally:
             cluster.stop()
+            if network is not None:
+                network.stop()
     docs = [result.to_dict() for result in results]
     per_run = [target_rows(d) for d in docs]
     doc = docs[0]
@@ -289,6 +318,8 @@ def compare(cfg: CompareConfig, out: IO[str] = sys.stdout) -> dict:
         plots.sweep_plot(doc, cfg.out_dir / "sweep.png", slo_p99_ms=cfg.slo_p99_ms)
     for r, (d, rows) in enumerate(zip(docs, per_run)):
         out.write(f"\n=== run {r + 1} of {cfg.runs} ===\n" + format_table(d) + "\n\n")
+        if network is not None:
+            out.write("\n".join(report_lines(d)) + "\n\n")
         _print_frontend_cpu(d, out)
         _print_targets(rows, out)
     if cfg.runs > 1:

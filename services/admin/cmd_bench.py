@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--runs", type=int, default=3, help="interleaved runs of every system; targets are their medians")
     cmp_.add_argument("--pin", nargs="?", const="auto", default=None, metavar="FRONTEND_CPUS:OTHER_CPUS",
                       help="frontends on one CPU set, shards, Redis and ZooKeeper on another (e.g. 0:1; alone: halves of the CPUs)")
+    cmp_.add_argument("--network", choices=["off", "dc"], default="off",
+                      help="dc: in a network namespace of its own (root), every shard node and Redis behind a link of --link-mbit "
+                      "and a proxy adding --delay-ms each way (docs/deploy.md)")  # fmt: skip
+    cmp_.add_argument("--link-mbit", type=float, default=1000.0, help="with --network dc: each server's link, each direction (0 = no cap)")
+    cmp_.add_argument("--delay-ms", type=float, default=0.25, help="with --network dc: added one way by the delay proxy (0 = no proxy)")
     cmp_.set_defaults(func=_compare)
 
     sc = bench.add_parser("scaling", help="cost versus candidates, shard nodes or table size (shardrec vs monolith)")
@@ -106,6 +111,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from benchmarks.compare import CompareConfig, compare
+    from benchmarks.network.emulated import NetworkConfig
     from benchmarks.pinning import parse_pin
     from services.localcluster.config import LocalClusterConfig, resolve_spec
 
@@ -128,6 +134,7 @@ def _compare(args: argparse.Namespace) -> int:
         duration_s=args.duration_s, warmup_s=args.warmup_s, sweep=not args.no_sweep, sweep_start_rps=args.sweep_start,
         sweep_factor=args.sweep_factor, sweep_max_steps=args.sweep_steps, sweep_duration_s=args.sweep_duration_s,
         slo_p99_ms=args.slo_ms, seed=args.seed, prime_s=args.prime_s, runs=args.runs, pin=pin,
+        network=NetworkConfig(args.link_mbit, args.delay_ms) if args.network == "dc" else None,
     )  # fmt: skip
     compare(cfg)
     return 0
