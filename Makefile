@@ -68,9 +68,9 @@ cluster-down: venv
 protos: venv
 	$(PY) tools/gen_protos.py
 
-# A short comparison (under 5 minutes on 2 cores): the Lookup micro-benchmark, then every
-# system on the demo model (bench-results/: JSON and PNG plots; docs/benchmarks.md explains).
-BENCH_ARGS ?= --duration-s 5 --warmup-s 1 --sweep-duration-s 3 --sweep-steps 6
+# A short comparison (one run, about 5 minutes on 2 cores): the Lookup micro-benchmark, then
+# every system on the demo model (bench-results/: JSON and PNG plots; docs/benchmarks.md explains).
+BENCH_ARGS ?= --runs 1 --duration-s 5 --warmup-s 1 --sweep-duration-s 3 --sweep-steps 14
 bench: setup
 	$(PY) benchmarks/lookup_micro.py --out bench-results/lookup_micro.json
 	$(PY) -m services.admin.cli bench compare --out bench-results/compare $(BENCH_ARGS)

@@ -9,10 +9,12 @@ process's USS (``/proc/self/smaps_rollup``) before and after, while both version
 
 ``during``: a local cluster (``shardrec bench`` machinery), an open loop at ``--rate`` for
 ``--duration-s`` with no publishing, then the same open loop while ``--deltas`` drift deltas are
-published one after another (each once the previous one is served). Prints p50/p99/p99.9/max
-and errors for both windows and writes JSON::
+published one after another (each once the previous one is served); ``--pairs N`` repeats the
+two windows in turn. Each window sends its own requests of the mix. Prints p50/p99/p99.9/max and
+errors for every window, p99 during / steady per pair and its median, and writes JSON::
 
-    python benchmarks/delta_swap.py during --preset demo --rate 100 --deltas 3
+    python benchmarks/delta_swap.py during --preset demo --rate 100 --deltas 3 [--pairs 3]
+        [--frontend-args '--admission off'] [--shard-args '--swap-cpu-share 1']
 
 Deltas written to the cluster's checkpoint are removed at the end, so the next run starts from
 the base again.
@@ -132,6 +134,9 @@ def cmd_apply(args: argparse.Namespace) -> dict:
 
 
 def cmd_during(args: argparse.Namespace) -> dict:
+    import shlex
+    import statistics
+
     from benchmarks.harness import OpenLoop, RequestMix, run, run_recommender
     from services.control.cluster import open_cluster
     from services.core.synth_deltas import synthesize_deltas
@@ -140,13 +145,22 @@ def cmd_during(args: argparse.Namespace) -> dict:
     from services.localcluster.processes import SignalGuard
 
     workdir = pathlib.Path(args.workdir).resolve()
-    cfg = LocalClusterConfig(workdir=workdir, spec=resolve_spec(args.spec), preset=args.preset, nodes=args.nodes, cluster="delta-bench")
+    cfg = LocalClusterConfig(
+        workdir=workdir, spec=resolve_spec(args.spec), preset=args.preset, nodes=args.nodes, cluster="delta-bench",
+        frontend_args=tuple(shlex.split(args.frontend_args)), shard_args=tuple(shlex.split(args.shard_args)),
+    )  # fmt: skip
     mix = RequestMix(args.preset, candidates=args.candidates, seed=0)
     written: list[int] = []
-    result: dict = {"benchmark": "delta_swap", "preset": args.preset, "rate_rps": args.rate, "duration_s": args.duration_s}
+    result: dict = {"benchmark": "delta_swap", "preset": args.preset, "rate_rps": args.rate, "duration_s": args.duration_s,
+                    "frontend_args": args.frontend_args, "shard_args": args.shard_args, "pairs": []}  # fmt: skip
+    address: list[str] = []
+    offset = [0]
 
     def window(label: str) -> dict:
-        stats = run(run_recommender(cfg_address[0], mix, OpenLoop(args.rate, args.duration_s, 2.0, seed=0), deadline_s=1.0))
+        # Each window sends its own requests of the mix (never one it sent already).
+        start = offset[0]
+        offset[0] += 1 << 20
+        stats = run(run_recommender(address[0], lambda i: mix.request(start + i), OpenLoop(args.rate, args.duration_s, 2.0, seed=0), deadline_s=1.0))
         h = stats.histogram
         row = {
             "label": label,
@@ -158,33 +172,44 @@ def cmd_during(args: argparse.Namespace) -> dict:
         print(f"  {label:<22} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "label"), flush=True)
         return row
 
-    cfg_address: list[str] = []
     with SignalGuard() as guard:
         cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
         try:
             cluster.start()
-            cfg_address.append(cluster.state.frontend)
+            address.append(cluster.state.frontend)
             with open_cluster(cluster.state.zk, cfg.cluster) as (_zk, store):
                 serving = store.read_serving_version()
-            print(f"writing {args.deltas} drift deltas of {args.drift:.1%} over version {serving} ...", flush=True)
-            written = synthesize_deltas(cfg.checkpoint, args.preset, args.deltas, drift=args.drift, seed=7, first_parent=serving)
-            result["steady"] = window("steady")
-            # The publisher is its own process (as an operator's CLI would be), so its work
-            # never competes with the load client's event loop for this process's GIL.
-            publisher = subprocess.Popen(
-                [sys.executable, __file__, "publish-chain", "--zk", cluster.state.zk, "--cluster", cfg.cluster,
-                 "--start-delay-s", "2", "--interval-s", str(args.interval_s), *map(str, written)],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            result["during"] = window(f"during {len(written)} swaps")
-            out, _ = publisher.communicate(timeout=120)
-            publish_log = json.loads(out.strip().splitlines()[-1])
-            result["swaps"] = publish_log
-            print(f"  swaps: {publish_log}")
+            total = args.deltas * args.pairs
+            print(f"writing {total} drift deltas of {args.drift:.1%} over version {serving} ...", flush=True)
+            written = synthesize_deltas(cfg.checkpoint, args.preset, total, drift=args.drift, seed=7, first_parent=serving)
+            for k in range(args.pairs):
+                versions = written[k * args.deltas : (k + 1) * args.deltas]
+                steady = window("steady")
+                # The publisher is its own process (as an operator's CLI would be), so its work
+                # never competes with the load client's event loop for this process's GIL.
+                publisher = subprocess.Popen(
+                    [sys.executable, __file__, "publish-chain", "--zk", cluster.state.zk, "--cluster", cfg.cluster,
+                     "--start-delay-s", "2", "--interval-s", str(args.interval_s), *map(str, versions)],
+                    stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                during = window(f"during {len(versions)} swaps")
+                out, _ = publisher.communicate(timeout=120)
+                swaps = json.loads(out.strip().splitlines()[-1])
+                ratio = during["p99_ms"] / steady["p99_ms"] if steady["p99_ms"] else None
+                result["pairs"].append({"steady": steady, "during": during, "swaps": swaps, "p99_during_over_steady": ratio})
+                print(f"  swaps: {[s['publish_to_served_s'] for s in swaps]} s publish to served; p99 during / steady {ratio:.2f}", flush=True)
         finally:
             cluster.stop()
             for v in written:
                 shutil.rmtree(cfg.checkpoint / "versions" / str(v), ignore_errors=True)
+    pairs = result["pairs"]
+    result["steady"], result["during"], result["swaps"] = pairs[0]["steady"], pairs[0]["during"], [s for p in pairs for s in p["swaps"]]
+    ratios = [p["p99_during_over_steady"] for p in pairs if p["p99_during_over_steady"] is not None]
+    result["median_p99_during_over_steady"] = statistics.median(ratios) if ratios else None
+    served = [s["publish_to_served_s"] for s in result["swaps"]]
+    result["publish_to_served_s"] = {"min": min(served), "median": statistics.median(served), "max": max(served)} if served else None
+    print(f"p99 during / steady per pair: {[round(r, 2) for r in ratios]}, median {result['median_p99_during_over_steady']}; "
+          f"publish to served {result['publish_to_served_s']}")  # fmt: skip
     return result
 
 
@@ -206,12 +231,12 @@ def cmd_publish_chain(args: argparse.Namespace) -> None:
         store.watch_serving_version(on_served)
         time.sleep(args.start_delay_s)  # a pause in the load generator's measured window, by design
         for v in args.versions:
-            t0 = time.monotonic()
+            t0, published = time.monotonic(), time.time()
             publish_version(store, reader, v)
             with served:
                 if not served.wait_for(lambda v=v: latest[0] == v, 60):
                     raise SystemExit(f"version {v} was not served within 60 s")
-            log.append({"version": v, "publish_to_served_s": round(time.monotonic() - t0, 3)})
+            log.append({"version": v, "published_unix": round(published, 3), "publish_to_served_s": round(time.monotonic() - t0, 3)})
             time.sleep(max(0.0, t0 + args.interval_s - time.monotonic()))
     print(json.dumps(log))
 
@@ -237,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--deltas", type=int, default=3)
     d.add_argument("--drift", type=float, default=0.01)
     d.add_argument("--interval-s", type=float, default=3.0, help="at least this long from one publish to the next (0: back to back)")
+    d.add_argument("--pairs", type=int, default=1, help="steady and during windows, in turn, this many times (the ratio's median)")
+    d.add_argument("--frontend-args", default="", help="further frontend flags, e.g. '--admission off' (nothing shed)")
+    d.add_argument("--shard-args", default="", help="further shard flags, e.g. '--swap-cpu-share 1' (unpaced swaps)")
     d.set_defaults(func=cmd_during)
     pc = sub.add_parser("publish-chain", help=argparse.SUPPRESS)
     pc.add_argument("--zk", required=True)

@@ -31,13 +31,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--prime-s", type=float, default=5.0, help="unrecorded closed-loop load per system first (cold caches)")
     cmp_.add_argument("--no-sweep", action="store_true", help="skip the saturation sweeps")
     cmp_.add_argument("--sweep-start", type=float, default=100.0, help="first rate of a sweep (req/s)")
-    cmp_.add_argument("--sweep-factor", type=float, default=1.5, help="rate multiplier between sweep steps")
-    cmp_.add_argument("--sweep-steps", type=int, default=8, help="most steps of a sweep")
+    cmp_.add_argument("--sweep-factor", type=float, default=1.15, help="rate multiplier between sweep steps")
+    cmp_.add_argument("--sweep-steps", type=int, default=16, help="most steps of a sweep")
     cmp_.add_argument("--sweep-duration-s", type=float, default=5.0, help="length of each sweep step")
     cmp_.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO that defines saturation")
     cmp_.add_argument("--seed", type=int, default=0, help="seed of the model and the request mix")
     cmp_.add_argument("--frontend-args", default="",
                       help="further flags for every system's frontend, e.g. '--admission off' (CPU comparisons with nothing shed)")
+    cmp_.add_argument("--runs", type=int, default=3, help="interleaved runs of every system; targets are their medians")
+    cmp_.add_argument("--pin", nargs="?", const="auto", default=None, metavar="FRONTEND_CPUS:OTHER_CPUS",
+                      help="frontends on one CPU set, shards, Redis and ZooKeeper on another (e.g. 0:1; alone: halves of the CPUs)")
+    cmp_.add_argument("--network", choices=["off", "dc"], default="off",
+                      help="dc: in a network namespace of its own (root), every shard node and Redis behind a link of --link-mbit "
+                      "and a proxy adding --delay-ms each way (docs/deploy.md)")  # fmt: skip
+    cmp_.add_argument("--link-mbit", type=float, default=1000.0, help="with --network dc: each server's link, each direction (0 = no cap)")
+    cmp_.add_argument("--delay-ms", type=float, default=0.25, help="with --network dc: added one way by the delay proxy (0 = no proxy)")
     cmp_.set_defaults(func=_compare)
 
     sc = bench.add_parser("scaling", help="cost versus candidates, shard nodes or table size (shardrec vs monolith)")
@@ -103,9 +111,18 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from benchmarks.compare import CompareConfig, compare
+    from benchmarks.network.emulated import NetworkConfig
+    from benchmarks.pinning import parse_pin
     from services.localcluster.config import LocalClusterConfig, resolve_spec
 
     import shlex
+
+    if args.runs < 1:
+        raise SystemExit(f"--runs must be >= 1, got {args.runs}")
+    try:
+        pin = parse_pin(args.pin) if args.pin is not None else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     cfg = CompareConfig(
         cluster=LocalClusterConfig(
@@ -116,7 +133,8 @@ def _compare(args: argparse.Namespace) -> int:
         out_dir=Path(args.out), candidates=args.candidates, low_rate_rps=args.low_rate, cpu_rate_rps=args.cpu_rate,
         duration_s=args.duration_s, warmup_s=args.warmup_s, sweep=not args.no_sweep, sweep_start_rps=args.sweep_start,
         sweep_factor=args.sweep_factor, sweep_max_steps=args.sweep_steps, sweep_duration_s=args.sweep_duration_s,
-        slo_p99_ms=args.slo_ms, seed=args.seed, prime_s=args.prime_s,
+        slo_p99_ms=args.slo_ms, seed=args.seed, prime_s=args.prime_s, runs=args.runs, pin=pin,
+        network=NetworkConfig(args.link_mbit, args.delay_ms) if args.network == "dc" else None,
     )  # fmt: skip
     compare(cfg)
     return 0

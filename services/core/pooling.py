@@ -13,6 +13,7 @@ Shapes, for ``bags`` bags holding ``n`` ids in total over a ``[rows, dim]`` part
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,11 +35,30 @@ def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
+def concat_bags(
+    parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The bags of several ``(ids, lengths, weights | None)`` in turn, as one ``(ids, lengths,
+    weights)`` to pool at once (one ``embedding_bag``; cut its rows back by each part's bag
+    count). Weights are all given or all None. One part is handed back as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    ids = np.concatenate([p[0] for p in parts])
+    lengths = np.concatenate([p[1] for p in parts])
+    weights = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+    return ids, lengths, weights
+
+
 def as_weight(table: np.ndarray) -> torch.Tensor:
     """A ``[rows, dim]`` float32 numpy table (memory-mapped included) as the ``weight`` that
     ``pool`` reads, sharing its memory (no copy). Lets numpy-only callers (the frontend's
     lookup baselines) pool without touching torch themselves."""
     return torch.from_numpy(table)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a``, or an aligned copy when it is a view at an odd offset of a request's bytes."""
+    return a if a.flags.aligned else a.copy()
 
 
 def pool(
@@ -59,10 +79,10 @@ def pool(
     if bags == 0:
         return np.zeros((0, weight.shape[1]), dtype=np.float32)
     out = F.embedding_bag(
-        torch.from_numpy(local_ids),
+        torch.from_numpy(_aligned(local_ids)),
         weight,
         torch.from_numpy(offsets_from_lengths(lengths)),
         mode=_MODES[pooling],
-        per_sample_weights=None if weights is None else torch.from_numpy(weights),
+        per_sample_weights=None if weights is None else torch.from_numpy(_aligned(weights)),
     )
     return out.numpy()

@@ -2,7 +2,8 @@
 
 Decoding is zero-copy (``np.frombuffer`` over the message's bytes, read-only) and validates that
 the bytes agree with the declared dtype and shape; a mismatch raises InvalidArgumentError naming
-the field.
+the field. It reads a ``Tensor`` message or a ``lookup_request.RawTensor`` (a request's tensor
+read without protobuf) alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from services._proto.shardrec.v1 import tensor_pb2
 from services.core.errors import InvalidArgumentError
+from services.core.lookup_request import RawTensor
 
 _TO_NP = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -38,7 +40,7 @@ def encode(array: np.ndarray, out: tensor_pb2.Tensor | None = None) -> tensor_pb
     return t
 
 
-def declared_shape(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> tuple[int, ...]:
+def declared_shape(t: tensor_pb2.Tensor | RawTensor, field: str, *, dtype: str, ndim: int) -> tuple[int, ...]:
     """The shape ``t`` declares, after checking its dtype is ``dtype``, it has ``ndim``
     dimensions and none is negative, without touching its bytes (so a caller can check caps
     before anything is copied). InvalidArgumentError naming ``field`` otherwise."""
@@ -46,7 +48,7 @@ def declared_shape(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -
     got = _TO_NP.get(t.dtype)
     if got != want:
         raise InvalidArgumentError(f"{field}: dtype must be {want.name}, got {tensor_pb2.DType.Name(t.dtype) if t.dtype in _TO_NP else t.dtype}")
-    shape = tuple(d.size for d in t.dims)
+    shape = t.shape if isinstance(t, RawTensor) else tuple(d.size for d in t.dims)
     if len(shape) != ndim:
         raise InvalidArgumentError(f"{field}: expected {ndim} dimension(s), got shape {list(shape)}")
     if any(n < 0 for n in shape):
@@ -54,7 +56,7 @@ def declared_shape(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -
     return shape
 
 
-def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.ndarray:
+def decode(t: tensor_pb2.Tensor | RawTensor, field: str, *, dtype: str, ndim: int) -> np.ndarray:
     """Decode ``t`` as a read-only array of ``dtype`` with ``ndim`` dimensions.
 
     Raises InvalidArgumentError naming ``field`` when the dtype, rank or byte count is wrong.
@@ -70,7 +72,7 @@ def decode(t: tensor_pb2.Tensor, field: str, *, dtype: str, ndim: int) -> np.nda
     return np.frombuffer(data, dtype=want).reshape(shape)
 
 
-def is_set(t: tensor_pb2.Tensor) -> bool:
+def is_set(t: tensor_pb2.Tensor | RawTensor) -> bool:
     """True when the optional tensor field carries a value (a dtype was given)."""
     return t.dtype != tensor_pb2.DTYPE_UNSPECIFIED
 
@@ -81,7 +83,13 @@ def is_set(t: tensor_pb2.Tensor) -> bool:
 # wire format directly copies them once. Byte-for-byte what upb writes (tests/unit/test_wire.py).
 
 
+_SMALL = [bytes([n]) for n in range(0x80)]  # one-byte varints, the common case
+_DTYPE_HEAD = {np.dtype(k).newbyteorder("="): b"\x08" + bytes([v]) for k, v in _FROM_NP.items()}
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
@@ -92,22 +100,19 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _tensor_parts(array: np.ndarray) -> list:
+def _tensor(tag: bytes, array: np.ndarray) -> list:
+    """A Tensor field (``tag`` and length first), its data as a view of ``array``'s bytes."""
     arr = np.ascontiguousarray(array)
-    dt = _FROM_NP[arr.dtype.newbyteorder("<")]
-    head = bytearray(b"\x08" + _varint(dt))
+    head = _DTYPE_HEAD.get(arr.dtype)
+    if head is None:  # a byte order other than this machine's
+        head = b"\x08" + _varint(_FROM_NP[arr.dtype.newbyteorder("<")])
     for n in arr.shape:
-        dim = b"\x08" + _varint(n) if n else b""
-        head += b"\x12" + _varint(len(dim)) + dim
-    parts = [bytes(head)]
-    if arr.nbytes:
-        parts += [b"\x1a" + _varint(arr.nbytes), memoryview(arr).cast("B")]
-    return parts
-
-
-def _message(tag: int, parts: list) -> list:
-    size = sum(len(p) for p in parts)
-    return [bytes([tag]) + _varint(size), *parts]
+        head += b"\x12\x00" if n == 0 else b"\x12" + _varint(1 + len(_varint(n))) + b"\x08" + _varint(n)
+    n = arr.nbytes
+    if not n:
+        return [tag + _varint(len(head)) + head]
+    head += b"\x1a" + _varint(n)
+    return [tag + _varint(len(head) + n) + head, memoryview(arr).cast("B")]
 
 
 def encode_lookup_response(version: int, shard_map_version: int, results: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
@@ -118,6 +123,7 @@ def encode_lookup_response(version: int, shard_map_version: int, results: list[t
     if shard_map_version:
         parts.append(b"\x10" + _varint(shard_map_version))
     for pooled, counts in results:
-        group = _message(0x0A, _tensor_parts(pooled)) + _message(0x12, _tensor_parts(counts))
-        parts += _message(0x1A, group)
+        group = _tensor(b"\x0a", pooled) + _tensor(b"\x12", counts)
+        parts.append(b"\x1a" + _varint(sum(len(p) for p in group)))
+        parts += group
     return b"".join(parts)

@@ -13,7 +13,9 @@ Before loading it can ``verify`` exactly the files it needs: the manifests of th
 their COMPLETE markers always, then its own table's files (the base file and every delta's
 files of the table for rows; the version's own files of the table for changes). A node that
 holds only ``users`` never hashes ``items``. ``estimate_bytes`` says what loading will cost
-before it happens; ``Throttle`` paces loads (``--load-rate-bytes-s``).
+before it happens; ``Throttle`` paces loads (``--load-rate-bytes-s``); ``Pacer`` holds a
+version's verification and changes to a share of one core (``--swap-cpu-share``), so serving on
+the same node barely notices them (docs/checkpoint.md, "Paced swaps").
 
 Runs on the node's reconciler thread (or the start-up thread in ``main.py``); blocking I/O.
 """
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # A throttled wait checks ``stop`` and whether the load is still wanted this often.
 _THROTTLE_SLICE_S = 0.1
+# Changed rows read at a time by a paced ``load_changes`` (4 MiB at dim 64).
+PACE_ROWS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,42 @@ class Throttle:
             if self._stop.wait(min(left, _THROTTLE_SLICE_S)) or not still_wanted():
                 return False
         return still_wanted()
+
+
+class Pacer:
+    """Holds the calling thread to ``share`` of one core while it works in chunks: ``begin()``,
+    then ``step()`` after each chunk, which sleeps until the thread's CPU time since ``begin``
+    is at most ``share`` x the wall time since. ``share`` >= 1: no pacing. The sleeps end at
+    once when ``stop`` is set (the work then finishes unpaced). One thread uses it at a time.
+
+        pacer = Pacer(0.25, stop); pacer.begin()
+        for chunk in work: do(chunk); pacer.step()   # ~4x the CPU time in wall time
+    """
+
+    def __init__(self, share: float = 1.0, stop: threading.Event | None = None) -> None:
+        if not share > 0:
+            raise ValueError(f"share must be > 0, got {share}")
+        self.share = share
+        self._stop = stop or threading.Event()
+        self._cpu0 = self._wall0 = 0.0
+        self.slept_s = 0.0  # since ``begin``
+
+    def begin(self) -> None:
+        self._cpu0, self._wall0, self.slept_s = time.thread_time(), time.monotonic(), 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of this thread since ``begin``."""
+        return time.thread_time() - self._cpu0
+
+    def step(self) -> None:
+        if self.share >= 1 or self._stop.is_set():
+            return
+        wait = self._wall0 + self.cpu_s / self.share - time.monotonic()
+        if wait > 0:
+            self.slept_s += wait
+            self._stop.wait(wait)
+
 
 
 class PartitionLoader:
@@ -129,13 +169,22 @@ class PartitionLoader:
         log.info("loaded %s v%d: %d rows x %d (%.1f MiB)", pid, self.version, rows.shape[0], rows.shape[1], rows.nbytes / 2**20)
         return torch.from_numpy(rows)
 
-    def load_changes(self) -> Changes:
-        """The rows that may differ from ``over``, at ``version`` (``full`` must be False)."""
+    def load_changes(self, pacer: Pacer | None = None) -> Changes:
+        """The rows that may differ from ``over``, at ``version`` (``full`` must be False), read
+        ``PACE_ROWS`` at a time when paced."""
         if self.full:
             raise ValueError(f"{self.pid} v{self.version} has another base than v{self.over}: load its rows")
         mine = self._changed_ids()
-        rows = self.reader.rows_at(self.version, self.pid.table, mine)
-        return Changes(mine // self.pid.num_partitions, torch.from_numpy(np.ascontiguousarray(rows)))
+        pacer = pacer or Pacer()
+        if pacer.share >= 1 or len(mine) <= PACE_ROWS:
+            rows = self.reader.rows_at(self.version, self.pid.table, mine)
+        else:
+            rows = np.empty((len(mine), self.spec.dim), dtype=TABLE_DTYPE)
+            for start in range(0, len(mine), PACE_ROWS):
+                rows[start : start + PACE_ROWS] = self.reader.rows_at(self.version, self.pid.table, mine[start : start + PACE_ROWS])
+                pacer.step()
+        pacer.step()
+        return Changes(mine // self.pid.num_partitions, torch.from_numpy(rows))
 
 
 def loaders_for(reader: CheckpointReader, version: Version, pids: Iterable[PartitionId], *, over: Version | None = None) -> list[PartitionLoader]:
@@ -144,14 +193,15 @@ def loaders_for(reader: CheckpointReader, version: Version, pids: Iterable[Parti
     return [PartitionLoader(reader, pid, version, over=over, changed=changed) for pid in pids]
 
 
-def verify_all(loaders: Sequence[PartitionLoader]) -> None:
-    """Verify the files of every loader, each file once (CheckpointError on the first bad one)."""
+def verify_all(loaders: Sequence[PartitionLoader], pacer: Pacer | None = None) -> None:
+    """Verify the files of every loader, each file once (CheckpointError on the first bad one),
+    a step of ``pacer`` after each MiB hashed."""
     done: set[tuple[Version, str]] = set()
     for loader in loaders:
         for version, paths in loader.files().items():
             todo = [p for p in paths if (version, p) not in done]
             if todo:
-                loader.reader.verify_files(version, todo, full=True)
+                loader.reader.verify_files(version, todo, full=True, pace=pacer.step if pacer else None)
                 done.update((version, p) for p in todo)
 
 
@@ -166,6 +216,6 @@ def load_rows(loaders: Sequence[PartitionLoader], throttle: Throttle | None = No
     return out
 
 
-def load_changes(loaders: Sequence[PartitionLoader]) -> dict[PartitionId, tuple[np.ndarray, torch.Tensor]]:
+def load_changes(loaders: Sequence[PartitionLoader], pacer: Pacer | None = None) -> dict[PartitionId, tuple[np.ndarray, torch.Tensor]]:
     """Every loader's changes as ``TableStore.apply`` takes them."""
-    return {loader.pid: loader.load_changes().pair() for loader in loaders}
+    return {loader.pid: loader.load_changes(pacer).pair() for loader in loaders}

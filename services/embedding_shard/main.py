@@ -157,7 +157,7 @@ def run(config: ShardConfig) -> int:
     reconciler = Reconciler(stop=stop)
     versions = VersionManager(
         store, reader, stop=stop, wake=reconciler.wake, verify=config.verify_checksums, load_rate_bytes_s=config.load_rate_bytes_s,
-        drain_s=config.version_drain_s,
+        swap_cpu_share=config.swap_cpu_share, drain_s=config.version_drain_s,
     )
     partitions = PartitionManager(
         config.node_id, store, reader, stop=stop, read_maps=_read_maps(maps), wake=reconciler.wake,

@@ -1,9 +1,10 @@
 """``shardrec.v1.EmbeddingShard``: decode, make one call into the TableStore, encode.
 
 A Lookup is checked in the order that keeps a bad request cheap (docs/overload.md, "Shard
-Lookup limits"): the body is parsed here (a malformed one is INVALID_ARGUMENT), then every
-group's declared shapes, then the caps on ids, bags and answer size over all groups (nothing
-copied yet), then each group's arrays; only then does the store pool.
+Lookup limits"): the body is parsed here (``core.lookup_request``: its arrays stay views of the
+request's bytes; a malformed one is INVALID_ARGUMENT), then every group's declared shapes, then
+the caps on ids, bags and answer size over all groups (nothing copied yet), then each group's
+arrays; only then does the store pool.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from google.protobuf.message import DecodeError
 from services._proto.shardrec.v1 import embedding_pb2, tensor_pb2
 from services.core import wire
 from services.core.errors import InvalidArgumentError
+from services.core.lookup_request import RawGroup, parse_lookup_request
 from services.core.placement import partition_rows
 from services.core.rpc.errors import handle_errors
 from services.core.types import PoolingType
@@ -41,7 +43,7 @@ def parse(message_type, payload: bytes):  # noqa: ANN001, ANN201 - a generated m
         raise InvalidArgumentError(f"malformed {message_type.DESCRIPTOR.name}: {e}") from None
 
 
-def declare_group(group: embedding_pb2.BagGroup, index: int) -> DeclaredGroup:
+def declare_group(group: RawGroup, index: int) -> DeclaredGroup:
     """One group's pooling and declared shapes (dtype, rank, no negative size, as many weights
     as ids), without reading its arrays; errors name the group's table and the bad value."""
     where = f"groups[{index}] (table {group.table!r} partition {group.partition})"
@@ -60,7 +62,7 @@ def declare_group(group: embedding_pb2.BagGroup, index: int) -> DeclaredGroup:
     return DeclaredGroup(group.table, group.partition, pooling, ids, bags, weighted)
 
 
-def decode_group(group: embedding_pb2.BagGroup, declared: DeclaredGroup, index: int) -> BagGroup:
+def decode_group(group: RawGroup, declared: DeclaredGroup, index: int) -> BagGroup:
     """One group's arrays (its shapes declared and checked): bytes that match the shapes, bag
     lengths that add up to the ids, finite weights within +-MAX_ABS_WEIGHT."""
     where = declared.where(index)
@@ -106,7 +108,7 @@ class EmbeddingShardServicer:
             return answer
 
     def _lookup(self, payload: bytes, scope: LookupScope) -> bytes:
-        request = parse(embedding_pb2.LookupRequest, payload)
+        request = parse_lookup_request(payload)
         out_dtype = _OUTPUT.get(request.output_dtype)
         if out_dtype is None:
             raise InvalidArgumentError(f"output_dtype must be FLOAT32 or FLOAT16, got {request.output_dtype}")

@@ -19,19 +19,27 @@ import torch
 from services.core import pooling, sharding
 from services.core.errors import FailedPreconditionError, InvalidArgumentError
 from services.core.types import PartitionId, PoolingType, TableSpec, Version
+from services.embedding_shard.finite import all_finite, cannot_overflow, not_finite, rows_bound
 
 
 @dataclass
 class HeldPartition:
     """One partition this node holds, whatever the version: global row ``r`` is local row
     ``r // num_partitions``, and only rows with ``r % num_partitions == pid.partition`` belong
-    to it. Its load counters (bag groups and ids served) are best-effort."""
+    to it. Its load counters (bag groups and ids served) are best-effort. ``max_abs`` bounds
+    |value| over every row it has held at any version (``hold``: raised before rows are served,
+    never lowered), so an answer that cannot overflow needs no finite check."""
 
     pid: PartitionId
     spec: TableSpec
     lookups: int = 0
     ids: int = 0
     bags: int = 0
+    max_abs: float = 0.0
+
+    def hold(self, rows: torch.Tensor) -> None:
+        """Raise ``max_abs`` to cover ``rows`` (inf when one is not finite)."""
+        self.max_abs = max(self.max_abs, rows_bound(rows))
 
     @property
     def num_partitions(self) -> int:
@@ -100,11 +108,14 @@ class PartitionVersion:
     overlay: Overlay | None = None
     mark: np.ndarray | None = None  # bool [local_rows]
 
-    def pool_local(self, local: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None) -> np.ndarray:
-        """Pool bags of LOCAL rows (validated by the caller, ``Snapshot.resolve``). At an
-        overlaid version: the ids the overlay replaces and the others are pooled apart and
-        merged (sums add, means divide once, max is elementwise)."""
-        self.table.lookups += 1
+    def pool_local(
+        self, local: np.ndarray, lengths: np.ndarray, pooling_type: PoolingType, weights: np.ndarray | None, *, groups: int = 1
+    ) -> np.ndarray:
+        """Pool bags of LOCAL rows (validated by the caller, ``Snapshot.resolve``): ``groups``
+        bag groups of one request, concatenated. At an overlaid version: the ids the overlay
+        replaces and the others are pooled apart and merged (sums add, means divide once, max
+        is elementwise)."""
+        self.table.lookups += groups
         self.table.ids += len(local)
         self.table.bags += len(lengths)
         ov = self.overlay
@@ -154,28 +165,6 @@ class Pooled:
 
     version: Version
     results: list[tuple[np.ndarray, np.ndarray]]
-
-
-# ``_all_finite`` checks this many values at a time (a bounded temporary, whatever the answer).
-_FINITE_CHUNK = 1 << 18
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """True when no value of ``a`` is NaN or infinite."""
-    flat = a.reshape(-1)
-    return all(np.isfinite(flat[i : i + _FINITE_CHUNK]).all() for i in range(0, flat.size, _FINITE_CHUNK))
-
-
-def _not_finite(index: int, group: BagGroup, pooled: np.ndarray, out: np.ndarray) -> Exception:
-    where = group.where(index)
-    if _all_finite(pooled):  # finite in float32, not in the float16 asked for
-        peak = float(np.abs(pooled).max())
-        return InvalidArgumentError(f"{where}: pooled values reach {peak:g}, beyond float16's range: ask for FLOAT32 output")
-    if group.weights is not None:
-        peak = float(np.abs(group.weights).max()) if len(group.weights) else 0.0
-        return InvalidArgumentError(f"{where}: pooled output is not finite; the cause is the per-id weights (largest |w| {peak:g})")
-    # The table's own rows overflow: not the caller's doing. An INTERNAL answer with an incident id.
-    return FloatingPointError(f"{where}: pooled output is not finite (the table's rows overflow float32)")
 
 
 @dataclass
@@ -263,21 +252,97 @@ class Snapshot:
 
     def lookup(self, groups: Sequence[BagGroup], *, version: Version, map_version: int, out_dtype: type = np.float32) -> Pooled:
         """Pool every group at ``version`` (0: the primary): every group is resolved before any
-        is pooled, and every answer is checked finite (``out_dtype`` float32 or float16)."""
+        is pooled, the groups of one partition are pooled together (``batches``), and every
+        answer is checked finite (``out_dtype`` float32 or float16)."""
         if version < 0:
             raise InvalidArgumentError(f"version must be >= 0 (0 = the version this node serves), got {version}")
         served = self.primary if version == 0 else version
-        strict = map_version == 0
-        resolved = [self.resolve(version, g.table, g.partition, g.ids, strict=strict) for g in groups]
-        results = []
-        for i, (group, (part, local)) in enumerate(zip(groups, resolved)):
-            pooled = part.pool_local(local, group.lengths, group.pooling, group.weights)
+        results: list = [None] * len(groups)
+        finite = True
+        for batch in self.batches(groups, version, strict=map_version == 0):
+            pooled = batch.part.pool_local(batch.local, batch.lengths, batch.pooling, batch.weights, groups=len(batch.indices))
             with np.errstate(over="ignore"):  # a float16 overflow is checked just below
                 out = pooled.astype(out_dtype, copy=False)
-            if not _all_finite(out):
-                raise _not_finite(i, group, pooled, out)
-            results.append((out, group.lengths))
-        return Pooled(served, results)
+            finite = finite and (cannot_overflow(batch.part.table.max_abs, batch.lengths, batch.weights, out_dtype) or all_finite(out))
+            for i, rows, mine in zip(batch.indices, batch.split(pooled), batch.split(out)):
+                results[i] = (mine, groups[i].lengths, rows)
+        if not finite:  # the first group, in the request's order, whose answer is not finite
+            for i, (out, _, pooled) in enumerate(results):
+                if not all_finite(out):
+                    raise not_finite(groups[i].where(i), groups[i].weights, pooled)
+        return Pooled(served, [(out, counts) for out, counts, _ in results])
+
+    def batches(self, groups: Sequence[BagGroup], version: Version, *, strict: bool) -> list[Batch]:
+        """The groups resolved (``resolve``) and gathered into one ``Batch`` per held partition,
+        pooling and weighting, so each is one ``embedding_bag``. Each batch's ids are checked
+        at once; when a check fails, every group is resolved in turn, so the error raised is the
+        one the first bad group gets alone."""
+        if not groups:
+            return []
+        keyed: dict[tuple, list[int]] = {}
+        for i, g in enumerate(groups):
+            keyed.setdefault((g.table, g.partition, g.pooling, g.weights is not None), []).append(i)
+        parts = self.versions.get(self.primary if version == 0 else version)
+        batches = []
+        for (table, partition, pooling_type, _), indices in keyed.items():
+            batch = None if parts is None else self._batch(parts, table, partition, pooling_type, [groups[i] for i in indices], indices, strict)
+            if batch is None:
+                return self._batches_in_turn(groups, version, strict)
+            batches.append(batch)
+        return batches
+
+    def _batch(self, parts, table, partition, pooling_type, members, indices, strict) -> Batch | None:  # noqa: ANN001
+        """One batch when every id is in range and the first partition that may serve them
+        holds them all (then each group alone resolves to it too); None otherwise."""
+        spec = self.specs.get(table)
+        n = (self.layout.get(table, 1) if strict else self._most.get(table, 1)) if spec is not None else 0
+        if not 0 <= partition < n:
+            return None
+        ids, lengths, weights = pooling.concat_bags([(g.ids, g.lengths, g.weights) for g in members])
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= spec.rows):
+            return None
+        for pid in self.by_table.get(table, ()):
+            if pid.partition != partition and pid.num_partitions != 1:
+                continue
+            pv = parts.get(pid)
+            if pv is None:
+                continue
+            local = pv.table.covered(ids)
+            return None if local is None else Batch(pv, pooling_type, tuple(indices), tuple(len(g.lengths) for g in members), local, lengths, weights)
+        return None
+
+    def _batches_in_turn(self, groups: Sequence[BagGroup], version: Version, strict: bool) -> list[Batch]:
+        resolved = [self.resolve(version, g.table, g.partition, g.ids, strict=strict) for g in groups]
+        keyed: dict[tuple, list[int]] = {}
+        for i, (g, (pv, _)) in enumerate(zip(groups, resolved)):
+            keyed.setdefault((id(pv), g.pooling, g.weights is not None), []).append(i)
+        batches = []
+        for indices in keyed.values():
+            local, lengths, weights = pooling.concat_bags([(resolved[i][1], groups[i].lengths, groups[i].weights) for i in indices])
+            bags = tuple(len(groups[i].lengths) for i in indices)
+            batches.append(Batch(resolved[indices[0]][0], groups[indices[0]].pooling, tuple(indices), bags, local, lengths, weights))
+        return batches
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Groups of one request pooled with one ``embedding_bag``: their bags over one held
+    partition, concatenated in the request's order (``indices``), pooled the same way."""
+
+    part: PartitionVersion
+    pooling: PoolingType
+    indices: tuple[int, ...]
+    bags: tuple[int, ...]  # per group
+    local: np.ndarray  # int64 [n] LOCAL rows
+    lengths: np.ndarray  # int32 [sum(bags)], every group's bags in turn
+    weights: np.ndarray | None
+
+    def split(self, pooled: np.ndarray) -> list[np.ndarray]:
+        """``pooled [sum(bags), dim]`` cut into each group's rows (views)."""
+        if len(self.bags) == 1:
+            return [pooled]
+        ends = np.cumsum(self.bags).tolist()
+        return [pooled[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
 def with_marks(versions: Mapping[Version, Mapping[PartitionId, PartitionVersion]]) -> dict[Version, dict[PartitionId, PartitionVersion]]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -39,6 +39,12 @@ from services.embedding_shard.snapshot import BagGroup, HeldPartition, Overlay, 
 
 # How long ``apply`` waits for lookups on the previous snapshot before it writes rows in place.
 _QUIESCE_TIMEOUT_S = 30.0
+# ``apply`` writes rows in place this many at a time, pacing between (4 MiB at dim 64).
+_WRITE_ROWS = 1 << 14
+
+
+def _unpaced() -> None:
+    pass
 
 
 class TableStore:
@@ -159,6 +165,8 @@ class TableStore:
         """Serve ``version`` from its own full ``weights`` (the first load, or a new base); the
         versions already held keep theirs until dropped."""
         versions = self._copy()
+        for pid, w in weights.items():
+            self._table(pid).hold(w)
         versions[version] = {pid: PartitionVersion(self._table(pid), w) for pid, w in weights.items()}
         self._publish(version if primary or not self._state.primary else self._state.primary, versions)
 
@@ -185,6 +193,10 @@ class TableStore:
                 f"the node holds {sorted(held)} (primary {state.primary})"
             )
         table = self._table(pid)
+        for w in weights.values():
+            table.hold(w)
+        for _, rows in overlays.values():
+            table.hold(rows)
         base = weights[state.primary]
         versions = self._copy()
         for v in held:
@@ -205,11 +217,15 @@ class TableStore:
         self._publish(self._state.primary, versions)
         self._tables.pop(pid, None)
 
-    def apply(self, target: Version, changes: Mapping[PartitionId, tuple[np.ndarray, torch.Tensor]]) -> None:
+    def apply(
+        self, target: Version, changes: Mapping[PartitionId, tuple[np.ndarray, torch.Tensor]], *, pace: Callable[[], None] = _unpaced
+    ) -> None:
         """Make ``target`` the primary by writing ``changes`` (per partition: LOCAL row ids,
         strictly increasing, and their rows at ``target``) into the primary's weights in place.
         Every other version held on those weights keeps the overwritten rows in its overlay.
-        A partition absent from ``changes`` has the same rows at both versions."""
+        A partition absent from ``changes`` has the same rows at both versions. ``pace`` is
+        called after each partition's overlays and each ``_WRITE_ROWS`` rows written (a paced
+        apply: ``loader.Pacer``); lookups meanwhile are served from the overlays."""
         state = self._state
         a = state.primary
         if a == target:
@@ -220,6 +236,7 @@ class TableStore:
             pv = state.versions[a][key]
             if len(local) == 0:
                 continue
+            pv.table.hold(rows)
             index = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64))
             old = pv.weight[index].clone()
             for v, parts in versions.items():
@@ -229,12 +246,16 @@ class TableStore:
                 ov = Overlay(np.asarray(local, dtype=np.int64), old) if other.overlay is None else other.overlay.extended(local, old)
                 parts[key] = replace(other, overlay=ov)
             writes.append((pv.weight, index, rows))
+            pace()
         # 1. publish the overlays that keep every other version exact, 2. wait for lookups that
-        # may read the primary's rows directly, 3. write in place, 4. target becomes primary.
+        # may read the primary's rows directly, 3. write in place (every version but the target
+        # now reads these rows from its overlay), 4. target becomes primary.
         # (A target already held keeps its overlay until step 4: it stays exact throughout.)
         self._quiesce(self._publish(a, versions))
         for weight, index, rows in writes:
-            weight[index] = rows
+            for start in range(0, len(index), _WRITE_ROWS):
+                weight[index[start : start + _WRITE_ROWS]] = rows[start : start + _WRITE_ROWS]
+                pace()
         versions[target] = {key: PartitionVersion(pv.table, pv.weight) for key, pv in state.versions[a].items()}
         self._publish(target, versions)
 
@@ -249,16 +270,16 @@ class TableStore:
             return None
         return {k: (pv.overlay.local_ids, pv.overlay.rows) for k, pv in parts.items() if pv.overlay is not None}
 
-    def promote(self, version: Version) -> None:
-        """Make a held version the primary: in place from its overlay, or (own weights) by
-        switching the snapshot."""
+    def promote(self, version: Version, *, pace: Callable[[], None] = _unpaced) -> None:
+        """Make a held version the primary: in place from its overlay (paced like ``apply``),
+        or (own weights) by switching the snapshot."""
         if version == self._state.primary:
             return
         changes = self.overlay_changes(version)
         if changes is None:
             self._publish(version, self._copy())
         else:
-            self.apply(version, changes)
+            self.apply(version, changes, pace=pace)
 
     def drop(self, version: Version) -> None:
         """Stop serving ``version`` (never the primary) and free what only it used."""

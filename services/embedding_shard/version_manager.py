@@ -3,9 +3,10 @@
 ZooKeeper publishes desired state; this one reconciler acts on it (STYLE #2):
 
 - ``model/target_version`` T: load T in the background while serving (only the changed rows of
-  this node's partitions when T shares a base with the primary; a full load for a new base),
-  then report it ready. A target already held (a rollback to the previous version) is promoted
-  from the rows the node still holds, reading nothing.
+  this node's partitions when T shares a base with the primary, paced to ``swap_cpu_share`` of
+  one core; a full load for a new base), then report it ready. A target already held (a
+  rollback to the previous version) is promoted from the rows the node still holds, reading
+  nothing.
 - ``model/serving_version`` S and the versions live frontends serve: a version no one serves
   any more (not the primary, not T, not S) is dropped after ``drain_s``, freeing its overlay.
 
@@ -37,7 +38,7 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.discovery.records import LoadError
 from services.core.errors import ShardrecError
 from services.core.types import Version
-from services.embedding_shard.loader import Throttle, load_changes, load_rows, loaders_for, verify_all
+from services.embedding_shard.loader import Pacer, Throttle, load_changes, load_rows, loaders_for, verify_all
 from services.embedding_shard.store import TableStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class VersionManager:
         on_change: Callable[[], None] = lambda: None,
         verify: bool = True,
         load_rate_bytes_s: int = 0,
+        swap_cpu_share: float = 1.0,
         drain_s: float = 2.0,
     ) -> None:
         self._store = store
@@ -63,6 +65,7 @@ class VersionManager:
         self._stop = stop
         self._verify = verify
         self._throttle = Throttle(load_rate_bytes_s, stop)
+        self._pacer = Pacer(swap_cpu_share, stop)
         self._drain_s = drain_s
         self._lock = threading.Lock()
         self._target: Version | None = None
@@ -112,17 +115,24 @@ class VersionManager:
             self._reach(target)
         return self._drop_unused()
 
+    @property
+    def last_paced_s(self) -> float:
+        """Seconds the last swap (load or promote) slept to keep to ``swap_cpu_share``."""
+        return self._pacer.slept_s
+
     def _reach(self, target: Version) -> None:
+        self._pacer.begin()
         if target in self._store.versions_ready:
             log.info("promoting held version %d to primary", target)
-            self._store.promote(target)
+            self._store.promote(target, pace=self._pacer.step)
             self.on_change()
             return
         self.loading = target
         self.on_change()
         t0 = time.monotonic()
         try:
-            self._load(target)
+            with self._reader.one_view():  # the chains are walked many times: manifests read once
+                self._load(target)
         except (ShardrecError, OSError, ValueError) as e:
             with self._lock:
                 self._refused = target
@@ -135,7 +145,8 @@ class VersionManager:
             self.last_load_s = time.monotonic() - t0
             self.loads += 1
             self.on_load_time(self.last_load_s)
-            log.info("version %d ready in %.2fs (versions held: %s)", target, self.last_load_s, self._store.versions_ready)
+            log.info("version %d ready in %.2fs, %.3fs of CPU, %.2fs paced (versions held: %s)", target, self.last_load_s,
+                     self._pacer.cpu_s, self._pacer.slept_s, self._store.versions_ready)  # fmt: skip
         finally:
             self.loading = None
             self.on_change()
@@ -147,11 +158,14 @@ class VersionManager:
         lineage.check_follow([m.version for m in self._reader.chain(target)], serving_chain)
 
     def _load(self, target: Version) -> None:
+        """Verify, read and apply ``target``: changes are paced (``Pacer``) at every step, so the
+        node's serving threads keep most of its CPU; a new base is loaded whole (``Throttle``)."""
         self.check_lineage(target)
         a = self._store.primary
         loaders = loaders_for(self._reader, target, self._store.held(), over=a)
+        self._pacer.step()
         if self._verify:
-            verify_all(loaders)
+            verify_all(loaders, self._pacer)
         if any(loader.full for loader in loaders):
             log.info("version %d has another base than %d: loading it whole", target, a)
             weights = load_rows(loaders, self._throttle)
@@ -159,13 +173,16 @@ class VersionManager:
                 return
             self._store.install(target, weights)
             return
-        size = sum(loader.estimate_bytes() for loader in loaders)
+        size = 0
+        for loader in loaders:
+            size += loader.estimate_bytes()  # reads the deltas' ids
+            self._pacer.step()
         if not self._throttle.spend(size):
             return
-        changes = load_changes(loaders)
+        changes = load_changes(loaders, self._pacer)
         rows = sum(len(ids) for ids, _ in changes.values())
         log.info("applying version %d over %d: %d rows (%.1f MiB)", target, a, rows, size / 2**20)
-        self._store.apply(target, changes)
+        self._store.apply(target, changes, pace=self._pacer.step)
 
     def _drop_unused(self) -> float | None:
         keep = {self._store.primary, self._target, self._serving, *self._frontend_versions}

@@ -45,8 +45,9 @@ class LocalClusterConfig:
     tls: bool = False
     auth: bool = False
     # Further ``frontend serve`` flags for every frontend it starts (benchmarks: e.g. the same
-    # admission settings for every system compared).
+    # admission settings for every system compared), and ``shard serve`` flags for every shard.
     frontend_args: tuple[str, ...] = ()
+    shard_args: tuple[str, ...] = ()
     # Observability (docs/observability.md): every shard and frontend serves /metrics; with
     # ``prometheus`` a Prometheus server scrapes them every ``scrape_interval_s``;
     # ``service_args`` are further flags for every shard and frontend (e.g. tracing).

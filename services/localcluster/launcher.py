@@ -146,7 +146,7 @@ class LocalCluster:
                     node, ROLE_SHARD,
                     ["shard", "serve", "--node-id", node, "--zk", zk.hosts, "--cluster", cfg.cluster,
                      "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1", *self.security.serve_flags("shard", node),
-                     *cfg.service_args],
+                     *cfg.service_args, *cfg.shard_args],
                     metrics=cfg.metrics,
                 )  # fmt: skip
                 note["detail"] = f"(pid {pid})"
@@ -162,7 +162,7 @@ class LocalCluster:
             self.state.ready = True
             self._save()
             return
-        self._load_features(redis.url)
+        self.load_features()
         self._start_frontend(zk.hosts, redis.url)
         self.state.ready = True
         self._save()
@@ -215,10 +215,10 @@ class LocalCluster:
         self.progress.line(f"placement planned for {cfg.nodes} nodes (no --spec), written to {path}: {shapes}")
         return path
 
-    def _load_features(self, redis_url: str) -> None:
-        """``features load`` of the model's feature files; none at all: a note, and the
-        frontends run without a feature store, every entity with the manifest's defaults
-        (docs/features.md)."""
+    def load_features(self) -> None:
+        """``features load`` of the model's feature files (``start`` does it; with ``shards_only``
+        the caller may); none at all: a note, and the frontends run without a feature store,
+        every entity with the manifest's defaults (docs/features.md)."""
         cfg = self.config
         if not feature_files(cfg.features):
             self.progress.line(f"no features/users.npz or features/items.npz below {cfg.features}: serving every user and item with the defaults")
@@ -228,7 +228,7 @@ class LocalCluster:
         self._run_job(
             "features-load",
             f"loading feature rows into Redis (prefix {cfg.redis_prefix!r})",
-            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", redis_url, "--prefix", cfg.redis_prefix, *source,
+            ["features", "load", "--checkpoint", str(cfg.checkpoint), "--redis", self.state.redis_url, "--prefix", cfg.redis_prefix, *source,
              *self.security.job_flags("features")],
         )
 

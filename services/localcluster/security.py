@@ -9,6 +9,7 @@ shards (when TLS is off; with TLS the shards check the frontend's certificate).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from services.core.auth import new_token, render_tokens
@@ -59,7 +60,10 @@ class LocalSecrets:
         """The ZooKeeper credentials of ``user``: admin, frontend, or a shard's node id."""
         return self.root / f"zk-{user}.toml"
 
-    def create(self, *, cluster_token: bool, shards: int) -> "LocalSecrets":
+    def create(self, *, cluster_token: bool, shard_users: Sequence[str]) -> "LocalSecrets":
+        """Fresh secrets; ``shard_users``: the shards' ZooKeeper users (one per node id, so no
+        shard can write another's znode, or one shared user where a node cannot be given its
+        own file, as in a Kubernetes StatefulSet)."""
         caller, admin = new_token(), new_token()
         write_secret(self.caller_token_file, caller + "\n")
         write_secret(self.admin_token_file, admin + "\n")
@@ -69,8 +73,7 @@ class LocalSecrets:
         write_secret(self.redis_password_file, new_token() + "\n")
         from kazoo.security import make_digest_acl_credential
 
-        # one ZooKeeper user per shard node, so no shard can write another's znode
-        users = {ADMIN_ROLE: ["admin"], "frontend": ["frontend"], "shard": [f"shard-{k}" for k in range(shards)]}
+        users = {ADMIN_ROLE: ["admin"], "frontend": ["frontend"], "shard": list(shard_users)}
         passwords = {user: new_token() for role in ROLES for user in users[role]}
         digests = "".join(
             f"{role} = [{', '.join(repr(make_digest_acl_credential(u, passwords[u])) for u in users[role])}]\n" for role in ROLES
@@ -111,7 +114,7 @@ class LocalSecurity:
             self.pki.create()
             made.append(f"a local CA and certificates in {self.pki.root}")
         if self.secrets is not None:
-            self.secrets.create(cluster_token=self.pki is None, shards=self._nodes)
+            self.secrets.create(cluster_token=self.pki is None, shard_users=[f"shard-{k}" for k in range(self._nodes)])
             made.append(f"tokens{' and a cluster token' if self.pki is None else ''} in {self.secrets.root}")
         return made
 

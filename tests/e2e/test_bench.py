@@ -18,7 +18,7 @@ def test_tiny_compare_writes_result_and_plots(tmp_path, spawn):
         "bench", "compare", "--preset", "small", "--workdir", str(tmp_path / "work"), "--out", str(out),
         "--systems", "monolith,shardrec", "--duration-s", "1.5", "--warmup-s", "0.5", "--low-rate", "30",
         "--cpu-rate", "60", "--prime-s", "0.5", "--sweep-start", "40", "--sweep-steps", "2", "--sweep-duration-s", "1",
-        name="bench",
+        "--runs", "1", name="bench",
     )  # fmt: skip
     assert proc.wait(240) == 0, proc.log_text()[-4000:]
     doc = json.loads((out / "compare.json").read_text())

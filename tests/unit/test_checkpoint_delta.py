@@ -330,6 +330,20 @@ def test_missing_complete_of_a_delta_or_its_parent(root):
     reader.verify(5)  # the branch that does not need 3
 
 
+def test_one_view_reads_what_it_checked_once_and_only_within_the_block(root):
+    """A shard applying a version walks the same chains many times inside ``one_view``: the
+    manifests and delta files it checked there are taken as they were; outside, every call
+    looks again, so a marker removed meanwhile is caught."""
+    reader = CheckpointReader(root)
+    with reader.one_view():
+        want = reader.rows_at(4, "users", np.array([2, 10, 45]))
+        (root / "versions/3/COMPLETE").unlink()
+        np.testing.assert_array_equal(reader.rows_at(4, "users", np.array([2, 10, 45])), want)
+        np.testing.assert_array_equal(reader.changed_ids(2, 4, "users"), [2, 10, 11, 45, 49])
+    with pytest.raises(CheckpointError, match="version 3 has no COMPLETE marker"):
+        reader.chain(4)
+
+
 def test_missing_parent_is_named(root):
     shutil.rmtree(root / "versions/2")
     with pytest.raises(CheckpointError, match="version 5: broken chain: delta 5 has parent 2, which is unusable: .*version 2 does not exist"):

@@ -14,7 +14,8 @@ from services.core.checkpoint.reader import CheckpointReader
 from services.core.checkpoint.writer import write_base, write_delta
 from services.core.errors import CheckpointError
 from services.core.types import PartitionId
-from services.embedding_shard.loader import PartitionLoader, load_changes, load_rows, loaders_for, verify_all
+from services.embedding_shard import loader as loader_module
+from services.embedding_shard.loader import Pacer, PartitionLoader, load_changes, load_rows, loaders_for, verify_all
 from services.embedding_shard.store import TableStore
 from services.embedding_shard.version_manager import VersionManager
 from tests.support.tiny_checkpoint import DIM, tiny_dense, tiny_spec, tiny_tables
@@ -132,3 +133,66 @@ def test_changes_apply_like_the_old_path(ckpt):
     with store.reading() as snapshot:
         part, _ = snapshot.resolve(1, "items", 0, np.empty(0, np.int64), strict=True)
         np.testing.assert_array_equal(part.weight.numpy(), tables[1]["items"])
+
+
+def test_paced_changes_equal_unpaced_ones(ckpt, monkeypatch):
+    root, _ = ckpt
+    reader = CheckpointReader(root)
+    loaders = loaders_for(reader, 2, USERS + ITEMS, over=1)
+    want = load_changes(loaders)
+    monkeypatch.setattr(loader_module, "PACE_ROWS", 1)  # a step per row
+    pacer = Pacer(0.9)
+    pacer.begin()
+    verify_all(loaders, pacer)
+    got = load_changes(loaders, pacer)
+    for pid, (ids, rows) in want.items():
+        np.testing.assert_array_equal(got[pid][0], ids)
+        np.testing.assert_array_equal(got[pid][1].numpy(), rows.numpy())
+
+
+def test_a_pacer_holds_the_thread_to_its_share_of_a_core():
+    import time
+
+    pacer = Pacer(0.25)
+    t0 = time.monotonic()
+    pacer.begin()
+    for _ in range(4):
+        end = time.thread_time() + 0.01
+        while time.thread_time() < end:  # 10 ms of CPU, then a step
+            pass
+        pacer.step()
+    wall = time.monotonic() - t0
+    assert pacer.cpu_s <= 0.25 * wall + 0.005 and pacer.slept_s > 0
+    stop = threading.Event()
+    stopped = Pacer(0.01, stop)
+    stopped.begin()
+    end = time.thread_time() + 0.01
+    while time.thread_time() < end:
+        pass
+    stop.set()
+    t0 = time.monotonic()
+    stopped.step()  # would sleep ~1 s: a stopping node does not wait
+    assert time.monotonic() - t0 < 0.1
+
+
+def test_a_version_manager_paces_a_swap_and_a_rollback_and_serves_each_version_exactly(ckpt, monkeypatch):
+    """With a small CPU share and a step per row, the swap to 2 and the rollback to 1 sleep to
+    keep to the share, and each version's rows are then the reference's at that version."""
+    from services.embedding_shard import store as store_module
+
+    root, tables = ckpt
+    monkeypatch.setattr(loader_module, "PACE_ROWS", 1)
+    monkeypatch.setattr(store_module, "_WRITE_ROWS", 1)
+    reader = CheckpointReader(root)
+    store = TableStore({t.name: t for t in SPEC.tables}, {"users": 2, "items": 1})
+    store.install(1, load_rows(loaders_for(reader, 1, USERS + ITEMS)))
+    node = VersionManager(store, reader, stop=threading.Event(), swap_cpu_share=0.05)
+    for target in (2, 1):
+        node.set_target(target)
+        node.reconcile()
+        assert store.primary == target and node.load_error is None
+        assert node.last_paced_s > 0, f"the swap to {target} was not paced"
+        with store.reading() as snapshot:
+            for pid in USERS + ITEMS:
+                part, _ = snapshot.resolve(target, pid.table, pid.partition, np.empty(0, np.int64), strict=True)
+                np.testing.assert_array_equal(part.weight.numpy(), tables[target][pid.table][pid.partition :: pid.num_partitions])

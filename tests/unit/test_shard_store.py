@@ -179,6 +179,56 @@ def test_lookups_during_a_swap_never_mix_versions():
     assert done[0] > 0 and not bad
 
 
+def test_a_paced_swap_serves_every_version_exactly_between_its_steps(monkeypatch):
+    """A paced apply (and a rollback by promote) writes rows a few at a time: at every step
+    between them, every held version pools exactly, from the primary's rows or its overlay,
+    while readers on other threads check the old version too (the Pacer sleeps in the steps)."""
+    from services.embedding_shard import store as store_module
+    from services.embedding_shard.loader import Pacer
+
+    monkeypatch.setattr(store_module, "_WRITE_ROWS", 16)  # many steps for a small table
+    rng = np.random.default_rng(6)
+    v1 = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    ids, v2 = _drift(rng, v1, 150)
+    store = _store(v1)
+    stop, bad, done = threading.Event(), [], [0]
+    hot, lengths = np.repeat(ids[:40], 2), np.full(40, 2, dtype=np.int32)
+    want = reference_pool(v1, hot, lengths, PoolingType.SUM)
+
+    def reader():
+        while not stop.is_set():
+            if not np.allclose(_pool(store, 1, hot, lengths, PoolingType.SUM), want, rtol=RTOL, atol=ATOL):
+                bad.append(1)
+            done[0] += 1
+
+    steps = [0]
+    pacer = Pacer(0.5)
+
+    def pace():
+        steps[0] += 1
+        for version, table in ((1, v1), (2, v2)):
+            if version in store.versions_ready:
+                _check(store, version, table, rng)
+        pacer.step()
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        pacer.begin()
+        store.apply(2, _changes(ids, v2), pace=pace)
+        assert steps[0] > len(KEYS) + 2  # overlays per partition, then the writes in steps
+        store.promote(1, pace=pace)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert done[0] > 0 and not bad
+    assert store.primary == 1
+    _check(store, 1, v1, rng)
+    _check(store, 2, v2, rng)
+
+
 def test_bad_requests_name_the_problem():
     rng = np.random.default_rng(6)
     store = _store(rng.standard_normal((ROWS, DIM)).astype(np.float32))

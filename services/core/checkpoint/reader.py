@@ -27,16 +27,18 @@ row-wise partition at a version) and ``table_chunks`` (a whole table at a versio
 
 Every refusal is a CheckpointError whose message names the version, file or table and the
 expected and actual values. The reader's only state is a cache of checked manifests, keyed by
-their exact bytes (single dict operations): any thread may call it (it does blocking file I/O,
-so not from an event loop).
+their exact bytes (single dict operations; read again on each call but inside ``one_view``):
+any thread may call it (it does blocking file I/O, so not from an event loop).
 
 Pure module: numpy and safetensors only (no torch, no grpc).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -71,9 +73,9 @@ class CheckpointReader:
     def __init__(self, store_or_uri: StoreOrUri) -> None:
         self._store = as_store(store_or_uri)
         # version -> (manifest bytes, COMPLETE marker, the Manifest checked from them). A hit
-        # needs both files to be byte-identical to what was checked, so a rewritten or removed
-        # file is still caught; resolving a chain per table no longer re-parses every manifest.
+        # needs both files byte-identical to what was checked (outside ``one_view``).
         self._checked: dict[Version, tuple[bytes, str, Manifest]] = {}
+        self._views = threading.local()  # ``rows``: manifests and delta files this thread's ``one_view`` saw
 
     @property
     def store(self) -> CheckpointStore:
@@ -102,8 +104,21 @@ class CheckpointReader:
         return complete[-1]
 
     # ---------------------------------------------------------------- manifest
+    @contextlib.contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Within the block, on this thread, each manifest is read and each delta file opened once."""
+        outer = getattr(self._views, "rows", None)
+        self._views.rows = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._views.rows = outer
+
     def manifest(self, version: Version) -> Manifest:
         """The checked manifest of ``version`` (see the module docstring for the refusals)."""
+        view = getattr(self._views, "rows", None)
+        if view is not None and (seen := view.get(version)) is not None:
+            return seen  # checked in this view
         where = self._where(version)
         if not self._store.exists(version_dir(version)):
             raise CheckpointError(f"{where} does not exist")
@@ -111,12 +126,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self._store.uri}: version {version} has no COMPLETE marker (partial write?)")
         data = self._store.read_bytes(self._rel(version, MANIFEST_FILE))
         marker = self._store.read_bytes(self._rel(version, COMPLETE_FILE)).decode("ascii", "replace").strip().lower()
-        cached = self._checked.get(version)
-        if cached is not None and cached[0] == data and cached[1] == marker:
-            return cached[2]  # the very bytes already checked: skip parsing and validating again
-        m = self._check_manifest(version, data, marker)
-        self._checked[version] = (data, marker, m)
-        return m
+        cached = self._checked.get(version)  # the very bytes already checked: not parsed again
+        if cached is None or cached[0] != data or cached[1] != marker:
+            cached = self._checked[version] = (data, marker, self._check_manifest(version, data, marker))
+        if view is not None:
+            view[version] = cached[2]
+        return cached[2]
 
     def _check_manifest(self, version: Version, data: bytes, marker: str) -> Manifest:
         where = self._where(version)
@@ -198,7 +213,7 @@ class CheckpointReader:
         return chain
 
     # ---------------------------------------------------------------- checks
-    def _check_file(self, m: Manifest, path: str, *, full: bool) -> None:
+    def _check_file(self, m: Manifest, path: str, *, full: bool, pace: Callable[[], None] | None = None) -> None:
         entry = m.file(path)
         rel = self._rel(m.version, path)
         where = f"{self._where(m.version)}: {path}"
@@ -208,7 +223,7 @@ class CheckpointReader:
         if size != entry.size_bytes:
             raise CheckpointError(f"{where}: size {size} bytes, manifest says {entry.size_bytes} (truncated or rewritten?)")
         if full:
-            digest = self._store.sha256(rel)
+            digest = self._store.sha256(rel, pace)
             if digest != entry.sha256:
                 raise CheckpointError(f"{where}: sha256 {digest}, manifest says {entry.sha256} (corrupt file)")
 
@@ -221,16 +236,16 @@ class CheckpointReader:
         m = self.chain(version)[-1]
         return self._verify_files(m, [f.path for f in m.files], full=full)
 
-    def verify_files(self, version: Version, paths: Iterable[str], *, full: bool = True) -> Manifest:
+    def verify_files(self, version: Version, paths: Iterable[str], *, full: bool = True, pace: Callable[[], None] | None = None) -> Manifest:
         """``verify`` restricted to the named files of ``version`` (e.g. one table's, from
         ``Manifest.table_files``): the manifests of its whole chain and their COMPLETE markers
         always, then only those files (a file the manifest does not list is a CheckpointError).
-        A shard holding some tables of a model hashes only theirs."""
-        return self._verify_files(self.chain(version)[-1], list(paths), full=full)
+        A shard holding some tables of a model hashes only theirs (``pace``d after each MiB)."""
+        return self._verify_files(self.chain(version)[-1], list(paths), full=full, pace=pace)
 
-    def _verify_files(self, m: Manifest, paths: list[str], *, full: bool) -> Manifest:
+    def _verify_files(self, m: Manifest, paths: list[str], *, full: bool, pace: Callable[[], None] | None = None) -> Manifest:
         for path in paths:
-            self._check_file(m, path, full=full)
+            self._check_file(m, path, full=full, pace=pace)
         for table in m.delta_tables:
             if set(m.table_files(table)) & set(paths):  # sizes and sha256 done above
                 self._delta_rows(m, self._table_spec(m, table), verify=False)
@@ -257,12 +272,17 @@ class CheckpointReader:
     def _delta_rows(self, m: Manifest, spec: TableSpec, *, verify: bool) -> DeltaRows | None:
         if not m.lists(delta_ids_file(spec.name)):
             return None
+        opened = getattr(self._views, "rows", None)
+        if opened is not None and not verify and (hit := opened.get((m.version, spec.name))):
+            return hit  # checked already in this view
         ids_path = delta_ids_file(spec.name)
         ids = self._open_npy(m, ids_path, spec.name, ID_DTYPE, None, verify=verify)
         problem = delta_ids_problem(ids, spec.rows)
         if problem:
             raise CheckpointError(f"{self._where(m.version)}: table {spec.name!r} ({ids_path}): {problem}")
         rows = self._open_npy(m, delta_rows_file(spec.name), spec.name, TABLE_DTYPE, (len(ids), spec.dim), verify=verify)
+        if opened is not None:
+            opened[(m.version, spec.name)] = (ids, rows)
         return ids, rows
 
     def _layers(self, version: Version, table: str, *, verify: bool) -> tuple[TableSpec, np.ndarray, list[DeltaRows]]:

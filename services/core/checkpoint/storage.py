@@ -23,6 +23,7 @@ import os
 import pathlib
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import BinaryIO
 
 from services.core.errors import CheckpointError
@@ -152,12 +153,14 @@ class CheckpointStore:
         with self.open_read(relpath) as f:
             return f.read()
 
-    def sha256(self, relpath: str) -> str:
-        """sha256 hex of the file ``relpath``, read in 1 MiB chunks."""
+    def sha256(self, relpath: str, pace: Callable[[], None] | None = None) -> str:
+        """sha256 hex of the file ``relpath``, read in 1 MiB chunks (``pace`` called after each)."""
         h = hashlib.sha256()
         with self.open_read(relpath) as f:
             while chunk := f.read(HASH_CHUNK_BYTES):
                 h.update(chunk)
+                if pace is not None:
+                    pace()
         return h.hexdigest()
 
     def list_versions(self) -> list[Version]:
