@@ -70,10 +70,13 @@ protos: venv
 
 # A short comparison (one run, about 5 minutes on 2 cores): the Lookup micro-benchmark, then
 # every system on the demo model (bench-results/: JSON and PNG plots; docs/benchmarks.md explains).
+# The remote systems (shardrec, redis-kv) run with the embedding cache at 5% of the demo model's
+# embedding bytes and the adaptive batch window (docs/cache.md, docs/benchmarks.md).
 BENCH_ARGS ?= --runs 1 --duration-s 5 --warmup-s 1 --sweep-duration-s 3 --sweep-steps 14
+BENCH_FRONTEND_ARGS ?= --cache-bytes 19485107 --adaptive-wait-ms 10
 bench: setup
 	$(PY) benchmarks/lookup_micro.py --out bench-results/lookup_micro.json
-	$(PY) -m services.admin.cli bench compare --out bench-results/compare $(BENCH_ARGS)
+	$(PY) -m services.admin.cli bench compare --out bench-results/compare $(BENCH_ARGS) --frontend-args "$(BENCH_FRONTEND_ARGS)"
 
 clean:
 	@if [ -x $(PY) ] && [ -f $(WORKDIR)/cluster.json ]; then $(PY) -m services.admin.cli cluster down --workdir $(WORKDIR); fi

@@ -74,7 +74,7 @@ def measure(cluster, worker):
     return (cpu(ps) - c0) / N * 1e6, N / (time.perf_counter() - t0)
 
 def config(name, secure):
-    return LocalClusterConfig(workdir=pathlib.Path(f"var/security-overhead/{name}"), spec=resolve_spec(DEFAULT_SPEC), preset="small",
+    return LocalClusterConfig(workdir=pathlib.Path(f"var/security-overhead/{name}").resolve(), spec=resolve_spec(DEFAULT_SPEC), preset="small",
                               nodes=3, cluster=name, tls=secure, auth=secure, stop_grace_s=5)
 res = {"off_grpc": [], "on_grpc": [], "off_rest": []}
 with SignalGuard() as guard:
