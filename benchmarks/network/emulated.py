@@ -128,11 +128,12 @@ class LinkShaper:
         return {name: sent.get(classid, 0) for name, classid in self.classes.items()}
 
 
-class _Echo:
-    """A TCP echo server on ``SERVER_HOST`` (a thread): the far end of the proxy's calibration."""
+class EchoServer:
+    """A TCP echo server (a thread per connection): the far end of the proxy's calibration,
+    and of the proxy in its tests."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server((SERVER_HOST, 0))
+    def __init__(self, host: str = SERVER_HOST) -> None:
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -142,9 +143,13 @@ class _Echo:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
 
     def close(self) -> None:
         self.listener.close()
@@ -190,7 +195,7 @@ class EmulatedNetwork:
         self.redis_url = f"redis://{host}:{redis_port}/0"
         if not self.config.proxied:
             return
-        echo = _Echo()
+        echo = EchoServer()
         routes = [f"{PROXY_HOST}:{p}={SERVER_HOST}:{p}" for p in [*self.servers.values(), echo.port]]
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log = self.logs_dir / "delay-proxy.log"

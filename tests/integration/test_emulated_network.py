@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.network.emulated import PROXY_HOST, EmulatedNetwork, NetworkConfig, NetworkMeter, enter_private_network, report_lines
+from benchmarks.network.emulated import PROXY_HOST, EchoServer, EmulatedNetwork, NetworkConfig, NetworkMeter, enter_private_network, report_lines
 from services.core.errors import ConfigError, FailedPreconditionError
 from services.core.hostport import split_host_port
 from tests.support.waiting import wait_for
@@ -27,33 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DELAY_MS = 20.0
 
 
-class _Echo:
-    """A TCP echo server on loopback (threads), the far end of the proxy."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-
-
 @pytest.fixture
 def proxy():
     """(proxy address, echo port, the proxy's process) with DELAY_MS each way."""
-    echo = _Echo()
+    echo = EchoServer("127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.network.delay_proxy", "--delay-ms", str(DELAY_MS),
                              f"127.0.0.1:0=127.0.0.1:{echo.port}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -161,7 +138,7 @@ def test_network_config_and_report_without_proxy_or_cap(tmp_path: Path) -> None:
 def test_emulated_network_proxies_every_server_and_calibrates(tmp_path: Path) -> None:
     """With a delay, the proxy stands on PROXY_HOST at each server's port; its added round trip
     is measured at start, and its CPU is metered apart; stop() ends it."""
-    shard, redis = _Echo(), _Echo()
+    shard, redis = EchoServer("127.0.0.1"), EchoServer("127.0.0.1")
     network = EmulatedNetwork(NetworkConfig(link_mbit=0, delay_ms=2.0), tmp_path)
     try:
         network.start({"shard-0": shard.port}, redis.port)
