@@ -129,15 +129,15 @@ def test_requests_that_die_queued_or_after_their_features_cost_no_lookup(single:
 @pytest.fixture(scope="module")
 def replicated(zk_server, tmp_path_factory, checkpoint, features):  # noqa: F811
     """Three shards, every partition on two of them; a frontend with a tight latency target and
-    at most 64 requests admitted."""
+    at most 16 requests admitted."""
     zk_server.ensure_running()
     spawn = ProcessFactory(tmp_path_factory.mktemp("logs-overload-3"))
     with zk_namespace(zk_server.hosts, "o-") as (zk, paths):
         try:
             shards = start_cluster(zk, paths, spawn, zk_server.hosts, checkpoint, TWO_REPLICAS, 3).processes
-            # the limit starts at 64 and never grows past --max-queue: a burst of 400 at once
+            # the limit never grows past --max-queue (16): a burst of 400 at once
             # exceeds it even on a machine fast enough to answer the first ones meanwhile
-            address = start_frontend(spawn, zk_server.hosts, paths.cluster, *features, "--latency-target-ms", "30", "--max-queue", "64")
+            address = start_frontend(spawn, zk_server.hosts, paths.cluster, *features, "--latency-target-ms", "30", "--max-queue", "16")
             yield Cluster(address, shards, next(p for p in spawn.processes if p.name == "frontend"))
         finally:
             spawn.close()
