@@ -332,7 +332,8 @@ def test_every_documented_metric_moves(obs: Obs):
         # wait on the store (timeouts open its breaker), the rest queue, are shed, or die
         # waiting; then, the breaker open, answers from defaults, degraded for both reasons.
         small = obs.cluster.start_frontend("frontend-small", [
-            "--max-queue", "8", "--max-batch", "1", "--degrade-max-candidates", "10", "--on-feature-loss", "defaults"])
+            "--max-queue", "8", "--max-batch", "1", "--degrade-max-candidates", "10", "--on-feature-loss", "defaults",
+            "--latency-target-ms", "1"])
         wait_for(lambda: any(t["labels"].get("process") == "frontend-small" and t["health"] == "up" for t in targets(obs.prometheus)),
                  20, "Prometheus to scrape a frontend started later", interval_s=0.2)  # fmt: skip
         redis = obs.cluster.server("redis")
@@ -347,6 +348,11 @@ def test_every_documented_metric_moves(obs: Obs):
             redis.resume()
         assert "RESOURCE_EXHAUSTED" in codes, codes
         assert "OK" in degraded, degraded
+        # Admitted requests slower than the small frontend's 1 ms target (none is that fast): a
+        # closed window (half a second, 20 requests) shrinks its concurrency limit.
+        asyncio.run(open_loop(small, obs.requests, 60.0, 1.5))
+        wait_for(lambda: rec() or any(v < 8 for v in values(rec, "shardrec_admission_limit")), 10,
+                 "a scrape with a shrunk admission limit", interval_s=0.1)  # fmt: skip
 
         # A stopped shard: hedges, stall retries, an ejection.
         victim = obs.cluster.state.record("shard-1")
