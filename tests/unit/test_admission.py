@@ -50,6 +50,21 @@ def test_limit_stays_within_its_bounds():
     assert limit.value == 9
 
 
+def test_limit_never_shrinks_below_what_carried_recent_throughput_within_the_target():
+    """Latency over the target that queueing does not cause (a loop busy refusing calls) must
+    not shrink the limit to a few requests: it holds at peak answers/s x target."""
+    limit = LatencyLimit(AdmissionPolicy(latency_target_s=0.05, initial_limit=64, capacity_horizon_s=10.0))
+    t = run_window(limit, 0.01, in_flight=10, t0=0.0, n=200)  # 200 answers in 0.5 s: 400/s
+    for _ in range(6):
+        t = run_window(limit, 0.5, in_flight=limit.value, t0=t) + 0.01  # slow, 40/s
+    assert limit.value == int(200 / (0.5 * 1.001) * 0.05) == 19  # ~400/s x 50 ms, not min_limit
+    assert limit.floor(t) == pytest.approx(20.0, rel=0.01)
+    t = 20.0  # the peak is older than the horizon: the floor follows recent windows only
+    for _ in range(4):
+        t = run_window(limit, 0.5, in_flight=limit.value, t0=t) + 0.01
+    assert limit.value == 4
+
+
 def test_service_estimate_floor_plus_share_of_the_queue():
     est = ServiceEstimate(in_flight_batches=2, alpha=1.0, horizon_s=5.0)
     assert est.expected_s(10, 0.0) == 0.0  # nothing measured yet: admit
