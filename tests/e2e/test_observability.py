@@ -139,16 +139,16 @@ def scraped_after(obs: Obs, t: float) -> bool:
     return len({r["metric"].get("process") for r in got}) == 1 + len(obs.metrics_of(ROLE_SHARD)) and min(float(r["value"][1]) for r in got) > t
 
 
-def p99_bucket(counts: dict[float, float]) -> int:
-    """Index of the bucket the 99th percentile falls in, from cumulative ``{le: count}``."""
+def quantile_bucket(counts: dict[float, float], q: float) -> int:
+    """Index of the bucket the ``q`` quantile falls in, from cumulative ``{le: count}``."""
     les = sorted(counts)
-    return next(i for i, le in enumerate(les) if counts[le] >= 0.99 * counts[les[-1]])
+    return next(i for i, le in enumerate(les) if counts[le] >= q * counts[les[-1]])
 
 
 def test_prometheus_agrees_with_the_client(obs: Obs):
     """Read from the Prometheus HTTP API at a scrape before and one after the timed calls (a
-    warm-up first): the frontend's request rate is within 10% of the client's, its p99 within
-    one bucket of (and not above) the client's, and every shard's Lookup rate within 10% of the
+    warm-up first): the frontend's request rate is within 10% of the client's, its p95 within
+    one bucket of the client's and its p99 not above the client's, and every shard's Lookup rate within 10% of the
     frontend's count of Lookups sent to it."""
     rate, duration = 25.0, 12.0
     asyncio.run(open_loop(obs.frontend, obs.requests, 2.0, 2.5))  # warm-up: not in the comparison
@@ -176,8 +176,14 @@ def test_prometheus_agrees_with_the_client(obs: Obs):
     assert abs(served / seconds - client_rate) <= 0.1 * client_rate, (served / seconds, client_rate)
 
     counts = {float(le): n for le, n in delta(f'sum by (le) ({m.RECOMMEND_LATENCY}_bucket{{process="frontend"}})', "le").items()}
-    client_p99 = float(np.quantile([lat for _, lat, _ in sent], 0.99))
-    assert bucket_of(client_p99) - 1 <= p99_bucket(counts) <= bucket_of(client_p99), (sorted(counts.items()), client_p99)
+    # The server sees less than the client (never the client's own stalls: 3 calls of 300 held
+    # 15 ms by the client's loop move its p99 two buckets), so: the p95 within one bucket of the
+    # client's, and neither quantile above the client's.
+    lat = [lat for _, lat, _ in sent]
+    for q in (0.95, 0.99):
+        client_q = float(np.quantile(lat, q))
+        low = bucket_of(client_q) - (1 if q == 0.95 else len(counts))
+        assert low <= quantile_bucket(counts, q) <= bucket_of(client_q), (q, sorted(counts.items()), client_q)
 
     handled = delta(f"sum by (process) ({m.SHARD_LOOKUP_LATENCY}_count)", "process")
     sent_to = delta(f'sum by (node) ({m.LOOKUP_RPCS}_total{{process="frontend"}})', "node")
