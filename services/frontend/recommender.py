@@ -1,8 +1,10 @@
 """``Recommender.recommend``: one Recommend call, from the decoded request to its
-``Recommendation``. It owns the request's deadline (the caller's, or the default), replaces a
-missing or unusable request id by a generated one, validates the request BEFORE batching
-(``validate``: a bad request fails alone), asks admission control whether it may queue
-(``admission``: refused at once with RESOURCE_EXHAUSTED and a retry hint when not), applies the
+``Recommendation``. It owns the request's deadline (the caller's, or the default), asks
+admission control first whether it may queue (``admission``: refused at once with
+RESOURCE_EXHAUSTED and a retry hint when not; a refusal is counted, timed and logged at a
+limited rate, but gets no span and no validation, so that refusing costs the event loop as
+little as it can), replaces a missing or unusable request id by a generated one, validates the
+request BEFORE batching (``validate``: a bad request fails alone), applies the
 operator's degraded mode under pressure, and waits for its answer from the micro-batcher
 (``batching``), whose batches run ``pipeline.RecommendPipeline``. docs/overload.md has the rules.
 
@@ -86,32 +88,45 @@ class Recommender:
         ResourceExhaustedError (shed; with ``retry_after_s``), and DeadlineExceededError when
         the deadline passes first; every error's message ends with the request and trace ids."""
         t0 = time.monotonic()
-        with self._obs.request(parent, t0) as scope:
-            remaining = self._default_timeout_s if timeout_s is None else timeout_s
-            if clean_request_id(request.request_id) is None:
-                if request.request_id:
-                    self.request_ids_replaced += 1
-                    log.info("replacing an unusable request id (%d chars, not printable ASCII or too long)", len(request.request_id))
-                request.request_id = uuid.uuid4().hex
-            scope.named(request.request_id)
-            req = self._validator.validate(request)  # bad input never joins a batch
-            shed = self._admission.check(caller, remaining, self._batcher.queued, t0)
-            if shed is not None:
-                self._admission.record_shed_time(time.monotonic() - t0)
-                raise ResourceExhaustedError(f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms", retry_after_s=shed.retry_after_s)
-            req, reasons = self._maybe_degrade(req, t0)
-            pending = Pending(req, t0 + remaining, arrived=t0, span=scope.span)
-            try:
-                rec = await asyncio.wait_for(self._batcher.submit(pending), remaining)
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"request {req.request_id!r} did not finish within its deadline of {remaining * 1e3:.0f} ms"
-                ) from None
-            finally:
+        remaining = self._default_timeout_s if timeout_s is None else timeout_s
+        shed = self._admission.check(caller, remaining, self._batcher.queued, t0)
+        if shed is not None:
+            raise self._refusal(request, shed, parent, t0)
+        pending: Pending | None = None
+        try:
+            with self._obs.request(parent, t0) as scope:
+                if clean_request_id(request.request_id) is None:
+                    if request.request_id:
+                        self.request_ids_replaced += 1
+                        log.info("replacing an unusable request id (%d chars, not printable ASCII or too long)", len(request.request_id))
+                    request.request_id = uuid.uuid4().hex
+                scope.named(request.request_id)
+                req = self._validator.validate(request)  # bad input never joins a batch
+                req, reasons = self._maybe_degrade(req, t0)
+                pending = Pending(req, t0 + remaining, arrived=t0, span=scope.span)
+                try:
+                    rec = await asyncio.wait_for(self._batcher.submit(pending), remaining)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"request {req.request_id!r} did not finish within its deadline of {remaining * 1e3:.0f} ms"
+                    ) from None
+                return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
+        finally:
+            if pending is not None:
                 pending.abandoned = True  # answered, failed, timed out or cancelled: nothing more to do for it
-                now = time.monotonic()
-                self._admission.finished(now - t0, now)
-            return replace(rec, degraded_reasons=(*reasons, *rec.degraded_reasons)) if reasons else rec
+            now = time.monotonic()
+            self._admission.finished(now - t0, now)
+
+    def _refusal(self, request: recommend_pb2.RecommendRequest, shed, parent: Context | None, t0: float) -> ResourceExhaustedError:
+        """The error of a request admission refused, counted and timed (``Observer.refused``)."""
+        rid = clean_request_id(request.request_id)
+        err = ResourceExhaustedError(
+            f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms{self._obs.ids_of(rid, parent)}", retry_after_s=shed.retry_after_s
+        )
+        elapsed = time.monotonic() - t0
+        self._admission.record_shed_time(elapsed)
+        self._obs.refused(err, rid, elapsed)
+        return err
 
     def _maybe_degrade(self, req: RecRequest, now: float) -> tuple[RecRequest, tuple[int, ...]]:
         d = self._degrade
