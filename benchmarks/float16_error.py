@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.frontend_ab import Variant, start_variants
-from services.localcluster.config import LocalClusterConfig, resolve_spec
-from services.localcluster.launcher import LocalCluster
-from services.localcluster.processes import SignalGuard
+from benchmarks.frontend_ab import Variant, with_variants, write_doc
 
 
 def scores_of(resp, n: int) -> np.ndarray:
@@ -77,20 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0, help="first request index of the seeded mix")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = LocalClusterConfig(workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
-                             nodes=args.nodes, seed=args.seed, cluster="bench")  # fmt: skip
     variants = [Variant("float32", ()), Variant("float16", ("--pooled-dtype", "float16"))]
-    with SignalGuard() as guard:
-        cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
-        try:
-            cluster.start()
-            systems = start_variants(cluster, variants)
-            doc = measure(args, {name: s["address"] for name, s in systems.items()}, str(cluster.config.checkpoint))
-        finally:
-            cluster.stop()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "float16.json").write_text(json.dumps(doc, indent=1))
+    doc = with_variants(args, variants, lambda cluster, systems: measure(
+        args, {name: s["address"] for name, s in systems.items()}, str(cluster.config.checkpoint)))  # fmt: skip
+    write_doc(args.out, "float16.json", doc)
     print(json.dumps(doc, indent=1))
     return 0
 

@@ -25,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,30 @@ def start_variants(cluster: LocalCluster, variants: list[Variant]) -> dict[str, 
             pids.update({pid: n for n, pid in shards.items()})
         out[v.name] = {"address": address, "pids": pids, "frontend_pid": frontend_pid}
     return out
+
+
+def with_variants(args, variants: list[Variant], measure: Callable[[LocalCluster, dict[str, dict]], dict]) -> dict:
+    """A bench cluster from ``args`` (``workdir``, ``spec``, ``preset``, ``nodes``, ``seed``),
+    one frontend per variant (``start_variants``), ``measure(cluster, systems)``; everything is
+    stopped after, whatever happens."""
+    cfg = LocalClusterConfig(workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
+                             nodes=args.nodes, seed=args.seed, cluster="bench")  # fmt: skip
+    with SignalGuard() as guard:
+        cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
+        try:
+            cluster.start()
+            return measure(cluster, start_variants(cluster, variants))
+        finally:
+            cluster.stop()
+
+
+def write_doc(out: str, name: str, doc: dict) -> Path:
+    """``doc`` as JSON in ``out/name`` (the folder made if needed)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    return path
 
 
 def summary(record: dict, frontend: str) -> dict:
@@ -204,19 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from benchmarks.harness import run
 
-    cfg = LocalClusterConfig(workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
-                             nodes=args.nodes, seed=args.seed, cluster="bench")  # fmt: skip
-    with SignalGuard() as guard:
-        cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
-        try:
-            cluster.start()
-            systems = start_variants(cluster, args.variant)
-            doc = run(measure(args, args.variant, systems, sys.stdout))
-        finally:
-            cluster.stop()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ab.json").write_text(json.dumps(doc, indent=1, default=str))
+    doc = with_variants(args, args.variant, lambda _cluster, systems: run(measure(args, args.variant, systems, sys.stdout)))
+    write_doc(args.out, "ab.json", doc)
     for name, m in doc["medians"].items():
         print(f"median {name:<12} " + " ".join(f"{k} {_fmt(x)}" for k, x in m.items()))
     return 0

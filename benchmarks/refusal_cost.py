@@ -18,13 +18,9 @@ import asyncio
 import json
 import statistics
 import sys
-from pathlib import Path
 
-from benchmarks.frontend_ab import Variant, start_variants
+from benchmarks.frontend_ab import Variant, with_variants, write_doc
 from benchmarks.harness.cpu import CpuMeter
-from services.localcluster.config import LocalClusterConfig, resolve_spec
-from services.localcluster.launcher import LocalCluster
-from services.localcluster.processes import SignalGuard
 
 REFUSING = Variant("refusing", ("--caller-rate-rps", "0.001", "--caller-burst", "1"))
 
@@ -102,19 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = LocalClusterConfig(workdir=Path(args.workdir).resolve(), spec=resolve_spec(args.spec), preset=args.preset,
-                             nodes=args.nodes, seed=args.seed, cluster="bench")  # fmt: skip
-    with SignalGuard() as guard:
-        cluster = LocalCluster(cfg, sys.stdout, guard, mode="bench")
-        try:
-            cluster.start()
-            system = start_variants(cluster, [REFUSING])["refusing"]
-            doc = measure(system["address"], system["frontend_pid"], args.calls, args.rounds)
-        finally:
-            cluster.stop()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "refusal.json").write_text(json.dumps(doc, indent=1))
+    doc = with_variants(args, [REFUSING], lambda _cluster, systems: measure(
+        systems["refusing"]["address"], systems["refusing"]["frontend_pid"], args.calls, args.rounds))  # fmt: skip
+    write_doc(args.out, "refusal.json", doc)
     print(json.dumps(doc, indent=1))
     return 0
 
