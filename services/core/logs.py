@@ -32,11 +32,12 @@ def current_request_id() -> str | None:
     return _REQUEST_ID.get()
 
 
-def current_trace_id() -> str | None:
-    """The trace id (32 hex digits) of the span current in this context, or None."""
+def current_trace_id(context=None) -> str | None:
+    """The trace id (32 hex digits) of the span current in this context (or in the
+    opentelemetry ``context`` given), or None."""
     from opentelemetry import trace
 
-    ctx = trace.get_current_span().get_span_context()
+    ctx = trace.get_current_span(context).get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
@@ -50,14 +51,14 @@ def request_scope(request_id: str | None) -> Iterator[None]:
         _REQUEST_ID.reset(token)
 
 
-def ids_suffix() -> str:
-    """`` (request id R, trace T)`` for an error message, from the current context ("" when
-    there is neither)."""
+def ids_suffix(request_id: str | None = None, trace_id: str | None = None) -> str:
+    """`` (request id R, trace T)`` for an error message: the ids given, else the current
+    context's ("" when there is neither)."""
     parts = []
-    rid = _REQUEST_ID.get()
+    rid = request_id or _REQUEST_ID.get()
     if rid:
         parts.append(f"request id {rid}")
-    tid = current_trace_id()
+    tid = trace_id or current_trace_id()
     if tid:
         parts.append(f"trace {tid}")
     return f" ({', '.join(parts)})" if parts else ""

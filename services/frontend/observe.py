@@ -92,15 +92,6 @@ class Observer:
         self.metrics.request_done(err.grpc_code, seconds)
         self.failures.failed(err.grpc_code, f"Recommend {request_id or '-'}", str(err))
 
-    @staticmethod
-    def ids_of(request_id: str | None, parent: Context | None) -> str:
-        """`` (request id R, trace T)`` of a call that got no span: the caller's trace, if any."""
-        parts = [f"request id {request_id}"] if request_id else []
-        ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
-        if ctx is not None and ctx.is_valid:
-            parts.append(f"trace {ctx.trace_id:032x}")
-        return f" ({', '.join(parts)})" if parts else ""
-
     def batch_span(self, spans: list) -> trace.Span:
         """A root span for one micro-batch, linked to the traced request spans it serves
         (sampled when one of them is: ``core.tracing.HeadSampler``)."""

@@ -2,8 +2,8 @@
 ``Recommendation``. It owns the request's deadline (the caller's, or the default), asks
 admission control first whether it may queue (``admission``: refused at once with
 RESOURCE_EXHAUSTED and a retry hint when not; a refusal is counted, timed and logged at a
-limited rate, but gets no span and no validation, so that refusing costs the event loop as
-little as it can), replaces a missing or unusable request id by a generated one, validates the
+limited rate, but gets no span and no validation: it is decided in tens of microseconds, and
+most of its cost is gRPC's own per-call work), replaces a missing or unusable request id by a generated one, validates the
 request BEFORE batching (``validate``: a bad request fails alone), applies the
 operator's degraded mode under pressure, and waits for its answer from the micro-batcher
 (``batching``), whose batches run ``pipeline.RecommendPipeline``. docs/overload.md has the rules.
@@ -23,6 +23,7 @@ from opentelemetry.context import Context
 
 from services._proto.shardrec.v1 import recommend_pb2
 from services.core.errors import DeadlineExceededError, ResourceExhaustedError
+from services.core.logs import current_trace_id, ids_suffix
 from services.core.metrics import FrontendReading
 from services.core.types import Version
 from services.frontend.admission import Admission
@@ -121,7 +122,7 @@ class Recommender:
         """The error of a request admission refused, counted and timed (``Observer.refused``)."""
         rid = clean_request_id(request.request_id)
         err = ResourceExhaustedError(
-            f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms{self._obs.ids_of(rid, parent)}", retry_after_s=shed.retry_after_s
+            f"{shed.message}; retry in {shed.retry_after_s * 1e3:.0f} ms{ids_suffix(rid, current_trace_id(parent) if parent else None)}", retry_after_s=shed.retry_after_s
         )
         elapsed = time.monotonic() - t0
         self._admission.record_shed_time(elapsed)

@@ -174,6 +174,8 @@ def test_a_burst_is_shed_at_once_with_a_retry_hint_and_no_healthy_shard_is_eject
     assert len(others) == len(late) and len(late) <= 0.05 * len(requests), [(e.code(), e.details()) for e in others[:3]]
     assert all(retry_delay_s(e) is not None and retry_delay_s(e) > 0 for e, _ in shed)
     assert all("retry in" in e.details() for e, _ in shed)
+    by_id = {r.request_id for r in requests}
+    assert all(e.details().rsplit("(request id ", 1)[-1].rstrip(")") in by_id for e, _ in shed)  # names the caller's id
     # refusals never wait for work: far faster than the deadline (generous: 2 noisy cores)
     assert np.percentile([dt for _, dt in shed], 99) < 0.5
     oracle = CachedReference(reference)
