@@ -307,9 +307,10 @@ class FrontendConfig:
     max_batch: int = setting(64, "requests per micro-batch at most", check=positive)
     max_wait_s: float = setting(0.002, "how long a batch may wait for more requests while another is in flight", name="max_wait_ms",
                                 ms=True, check=non_negative)  # fmt: skip
-    adaptive_wait_s: float = setting(0.0, "adaptive batch window instead of --max-wait-ms: while another batch is in flight, wait "
+    adaptive_wait_s: float = setting(0.010, "adaptive batch window instead of --max-wait-ms: while another batch is in flight, wait "
                                      "this long times the load (the share of time a batch is in flight: near 0 when idle, 1 towards "
-                                     "saturation), never past the batch's deadline slack; 0 = off", name="adaptive_wait_ms", ms=True,
+                                     "saturation), never past the batch's deadline slack; 0 = off (then --max-wait-ms)",
+                                     name="adaptive_wait_ms", ms=True,
                                      check=non_negative)  # fmt: skip
     max_queue: int = setting(1024, "queued requests before RESOURCE_EXHAUSTED", check=positive)
     max_in_flight_batches: int = setting(2, "batches in the pipeline at once (one's lookups overlap another's scoring)", check=positive)

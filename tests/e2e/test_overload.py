@@ -176,8 +176,9 @@ def test_a_burst_is_shed_at_once_with_a_retry_hint_and_no_healthy_shard_is_eject
     assert all("retry in" in e.details() for e, _ in shed)
     by_id = {r.request_id for r in requests}
     assert all(e.details().rsplit("(request id ", 1)[-1].rstrip(")") in by_id for e, _ in shed)  # names the caller's id
-    # refusals never wait for work: far faster than the deadline (generous: 2 noisy cores)
-    assert np.percentile([dt for _, dt in shed], 99) < 0.5
+    # refusals never wait for work: well before the 2 s deadline. Measured p99 alone 0.22-0.46 s
+    # (the loop reading 400 calls); 0.53 s once inside a full suite run on 2 noisy cores.
+    assert np.percentile([dt for _, dt in shed], 99) < 1.0
     oracle = CachedReference(reference)
     for i, resp in ok:
         check_response(oracle, requests[i], resp)
