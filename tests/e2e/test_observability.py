@@ -148,8 +148,8 @@ def quantile_bucket(counts: dict[float, float], q: float) -> int:
 def test_prometheus_agrees_with_the_client(obs: Obs):
     """Read from the Prometheus HTTP API at a scrape before and one after the timed calls (a
     warm-up first): the frontend's request rate is within 10% of the client's, its p95 within
-    one bucket of the client's and its p99 not above the client's, and every shard's Lookup rate within 10% of the
-    frontend's count of Lookups sent to it."""
+    one bucket of the client's and its p99 not above the client's, and every shard's Lookup
+    rate within 10% of the frontend's count of Lookups sent to it."""
     rate, duration = 25.0, 12.0
     asyncio.run(open_loop(obs.frontend, obs.requests, 2.0, 2.5))  # warm-up: not in the comparison
     warm = time.time()
@@ -180,10 +180,9 @@ def test_prometheus_agrees_with_the_client(obs: Obs):
     # 15 ms by the client's loop move its p99 two buckets), so: the p95 within one bucket of the
     # client's, and neither quantile above the client's.
     lat = [lat for _, lat, _ in sent]
-    for q in (0.95, 0.99):
-        client_q = float(np.quantile(lat, q))
-        low = bucket_of(client_q) - (1 if q == 0.95 else len(counts))
-        assert low <= quantile_bucket(counts, q) <= bucket_of(client_q), (q, sorted(counts.items()), client_q)
+    client_p95, client_p99 = (float(np.quantile(lat, q)) for q in (0.95, 0.99))
+    assert bucket_of(client_p95) - 1 <= quantile_bucket(counts, 0.95) <= bucket_of(client_p95), (sorted(counts.items()), client_p95)
+    assert quantile_bucket(counts, 0.99) <= bucket_of(client_p99), (sorted(counts.items()), client_p99)
 
     handled = delta(f"sum by (process) ({m.SHARD_LOOKUP_LATENCY}_count)", "process")
     sent_to = delta(f'sum by (node) ({m.LOOKUP_RPCS}_total{{process="frontend"}})', "node")
