@@ -53,6 +53,8 @@ class OverloadConfig:
     sweep_duration_s: float = 4.0
     frontend_args: tuple[str, ...] = ()  # further flags of the frontend under test
     seed: int = 0
+    channels: int = 8  # connections of the load client (frontend workers share the load per connection)
+    workers: int = 1  # ``frontend serve --workers`` of the frontend under test (its counters are summed)
     extra: dict = field(default_factory=dict)
 
 
@@ -67,7 +69,8 @@ def _start(cfg: OverloadConfig, out: IO[str]):
     cluster = LocalCluster(cfg.cluster, out, guard, mode="bench")
     try:
         cluster.start()
-        under_test = cluster.start_frontend("frontend-overload", list(cfg.frontend_args)) if cfg.frontend_args else cluster.state.frontend
+        args = [*cfg.frontend_args, *(["--workers", str(cfg.workers)] if cfg.workers > 1 else [])]
+        under_test = cluster.start_frontend("frontend-overload", args) if args else cluster.state.frontend
         off = cluster.start_frontend("frontend-noadmission", ["--admission", "off"])
     except BaseException:
         cluster.stop()
@@ -76,15 +79,42 @@ def _start(cfg: OverloadConfig, out: IO[str]):
     return cluster, guard, under_test, off, cluster.pids(ROLE_SHARD)
 
 
-async def _counters(address: str) -> dict[str, int]:
+async def _counters(address: str, workers: int = 1) -> dict[str, int]:
+    """The frontend's counters; with ``workers`` > 1 (``frontend serve --workers``), every
+    worker's, summed (maxima for the p99 and largest batch): connections are opened until each
+    worker, told apart by its instance id, has answered once."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from benchmarks.harness.cpu import read_counters
     from services.core.clients import make_channel
+    from services.core.rpc.server import INSTANCE_ID_KEY
 
-    ch = make_channel(address)
-    try:
-        return await read_counters(ch)
-    finally:
-        await ch.close()
+    per_worker: dict[str, dict[str, int]] = {}
+    for _attempt in range(20 * workers):
+        ch = make_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            call = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            await call
+            iid = dict(await call.trailing_metadata() or ()).get(INSTANCE_ID_KEY, "")
+            if iid not in per_worker:
+                per_worker[iid] = await read_counters(ch)
+        except grpc.RpcError as e:
+            raise RuntimeError(f"counters of {address}: {e.code().name} {e.details()}") from None
+        finally:
+            await ch.close()
+        if len(per_worker) >= workers:
+            break
+    else:
+        raise RuntimeError(f"counters of {address}: reached {len(per_worker)} of {workers} workers")
+    out: dict[str, int] = {}
+    for counters in per_worker.values():
+        for k, v in counters.items():
+            out[k] = max(out.get(k, v), v) if k in _MAXIMA else out.get(k, 0) + v
+    return out
+
+
+_MAXIMA = ("shed_p99_us", "largest_batch")
 
 
 async def _saturation(cfg: OverloadConfig, address: str, mix, label: str, out: IO[str]) -> float:
@@ -114,7 +144,7 @@ async def one_run(cfg: OverloadConfig, address: str, saturation: float, stop_pid
 
     def snap(i: int):
         async def read() -> None:
-            snapshots[i] = await _counters(address)
+            snapshots[i] = await _counters(address, cfg.workers)
 
         return read
 
@@ -124,13 +154,13 @@ async def one_run(cfg: OverloadConfig, address: str, saturation: float, stop_pid
         t_stop = starts[BURST] + cfg.stop_after_s
         events += [(t_stop, lambda: os.kill(stop_pid, signal.SIGSTOP)), (t_stop + cfg.stop_for_s, lambda: os.kill(stop_pid, signal.SIGCONT))]
         stopped = {"pid": stop_pid, "at_s": t_stop, "for_s": cfg.stop_for_s}
-    async with RecommenderClient(address, deadline_s=cfg.deadline_s, channels=2) as client:
+    async with RecommenderClient(address, deadline_s=cfg.deadline_s, channels=cfg.channels) as client:
         try:
             rec = await drive_phases(client, mix, cfg.phases, saturation, deadline_s=cfg.deadline_s, seed=cfg.seed, at=events)
         finally:
             if stop_pid is not None:
                 os.kill(stop_pid, signal.SIGCONT)
-    snapshots[len(cfg.phases)] = await _counters(address)
+    snapshots[len(cfg.phases)] = await _counters(address, cfg.workers)
     return summarize(rec, saturation, snapshots, stopped)
 
 

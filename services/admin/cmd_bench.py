@@ -85,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ov.add_argument("--saturation-rps", type=float, default=None, help="skip the sweep: the 1x rate")
     ov.add_argument("--stop-pid", type=int, default=None, help="with --address: the shard to SIGSTOP during the burst")
     ov.add_argument("--seed", type=int, default=0, help="seed of the model and the request mix")
+    ov.add_argument("--channels", type=int, default=8, help="connections the load client opens (the kernel spreads them over --workers)")
+    ov.add_argument("--workers", type=int, default=1, help="worker processes of the frontend under test (frontend serve --workers)")
     ov.set_defaults(func=_overload)
 
     run = bench.add_parser("run", help="drive a running frontend")
@@ -199,6 +201,6 @@ def _overload(args: argparse.Namespace) -> int:
         stop_pid=args.stop_pid, runs=args.runs, phases=phases, stop_after_s=min(8.0, args.burst_s / 3),
         stop_for_s=args.stop_s, deadline_s=args.deadline_ms / 1000.0, slo_ms=args.slo_ms,
         sweep_start_rps=args.sweep_start, frontend_args=tuple(shlex.split(args.frontend_args)), seed=args.seed,
-        extra={"preset": args.preset},
+        channels=args.channels, workers=args.workers, extra={"preset": args.preset},
     ))  # fmt: skip
     return 0

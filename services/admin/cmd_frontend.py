@@ -23,6 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = frontend_config(resolve(FRONTEND_SETTINGS, args))
     setup_logging("frontend", config.frontend_id, fmt=config.observability.log_format, level=config.observability.log_level)
+    if config.workers > 1:  # the supervisor imports no serving code (its workers are fresh interpreters)
+        from services.frontend.workers import run_workers
+
+        return run_workers(config)
     from services.frontend.main import run
 
     return run(config)

@@ -303,6 +303,9 @@ class FrontendConfig:
     host: str = setting("127.0.0.1", "address to bind (:: = every IPv6 and IPv4 address)")
     port: int = setting(0, "gRPC port (0 = any free port)", check=tcp_port)
     advertise_host: str = setting("", "host other processes dial", default_text="--host")
+    workers: int = setting(1, "frontend processes sharing the gRPC (and REST) port through SO_REUSEPORT, each a frontend of its own "
+                           "(admission limit, caller buckets, cache, ZooKeeper id <id>-w<i>); restarted when one dies (docs/workers.md)",
+                           check=positive)  # fmt: skip
     inproc_checkpoint: str = ""  # set = the monolith: every table in this process, no shards (from lookup)
     max_batch: int = setting(64, "requests per micro-batch at most", check=positive)
     max_wait_s: float = setting(0.002, "how long a batch may wait for more requests while another is in flight", name="max_wait_ms",

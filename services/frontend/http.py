@@ -103,16 +103,17 @@ class RestEndpoint:
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
-    async def start(self, host: str, port: int, *, grace_s: float = 5.0) -> int:
-        """Bind ``host:port`` (0 = any free port; ``::`` for every IPv6 and IPv4 address);
-        returns the bound port. A client that disconnects cancels its request (as gRPC does)."""
+    async def start(self, host: str, port: int, *, grace_s: float = 5.0, reuse_port: bool = False) -> int:
+        """Bind ``host:port`` (0 = any free port; ``::`` for every IPv6 and IPv4 address;
+        ``reuse_port``: shared with the other frontend workers); returns the bound port. A client
+        that disconnects cancels its request (as gRPC does)."""
         ssl_context = None
         if self._tls is not None:
             ssl_context = self._tls.ssl_context(server=True)
             self._reload_task = asyncio.get_running_loop().create_task(self._reload(ssl_context))
         runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=grace_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])

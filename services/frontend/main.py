@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.checkpoint.reader import CheckpointReader
@@ -180,7 +181,13 @@ def _admission(config: FrontendConfig, estimate: ServiceEstimate) -> Admission:
     return Admission(policy, CallerLimits(callers), estimate)
 
 
-async def serve(config: FrontendConfig) -> int:
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+async def serve(config: FrontendConfig, announce: Callable[[str], None] = _print) -> int:
+    """Serve until SIGTERM (or SIGINT); ``announce`` gets the status lines (``LISTENING``,
+    ``HTTP``, ``METRICS``, ``READY``: printed, or sent to the parent of a worker)."""
     set_threads(config.torch_threads)
     tune_allocator()
     loop = asyncio.get_running_loop()
@@ -271,21 +278,22 @@ async def serve(config: FrontendConfig) -> int:
         service_names=SERVICES,
         live_names=LIVE,
         instance_id=instance_id,
+        reuse_port=config.workers > 1,
     )
     server.follow(readiness)
     address = join_host_port(config.advertise_host or config.host, server.port)
-    print(f"LISTENING frontend {address}", flush=True)
+    announce(f"LISTENING frontend {address}")
     rest = None
     if config.http_port is not None:
         from services.frontend.http import RestEndpoint
 
         ready = lambda: server.is_serving(SERVICES[0])  # noqa: E731 - /readyz is the Recommender's health
         rest = RestEndpoint(recommender, ready, max_request_bytes=config.max_request_bytes, access=access, tls=tls)
-        http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s)
-        print(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}", flush=True)
+        http_port = await rest.start(config.host, config.http_port, grace_s=config.grace_s, reuse_port=config.workers > 1)
+        announce(f"HTTP frontend {join_host_port(config.advertise_host or config.host, http_port)}")
     metrics_address = telemetry.serve_metrics()
     if metrics_address:
-        print(f"METRICS frontend {metrics_address}", flush=True)
+        announce(f"METRICS frontend {metrics_address}")
     tasks = []
     if view is not None:
         view_readiness = ViewReadiness(view, readiness, lambda: pipeline.version, view_grace_s(config.zk.session_timeout_s))
@@ -315,7 +323,7 @@ async def serve(config: FrontendConfig) -> int:
         tasks.append(asyncio.create_task(_follow_versions(view, pipeline, reader, registration, loop, cache)))
     log.info("frontend %s (instance %s) serving model %s version %d on %s (device %s, %s lookups)", config.frontend_id,
              instance_id, spec.name, version, address, scorer.device, "inproc" if config.inproc_checkpoint else config.lookup)
-    print(f"READY frontend {address}", flush=True)
+    announce(f"READY frontend {address}")
 
     await stop.wait()
     for task in tasks:
@@ -348,4 +356,5 @@ async def serve(config: FrontendConfig) -> int:
 
 
 def run(config: FrontendConfig) -> int:
+    """Serve in this process (``--workers`` > 1: ``services.frontend.workers`` runs one per worker)."""
     return asyncio.run(serve(config))

@@ -285,11 +285,14 @@ async def start_aio_server(
     max_receive_bytes: int | None = None,
     security: Security = NO_SECURITY,
     options: Iterable[tuple[str, int]] = (),
+    reuse_port: bool = False,
 ) -> AioServer:
     """The asyncio twin of ``start_sync_server`` (liveness SERVING, readiness NOT_SERVING until
-    ``set_serving`` or a followed readiness)."""
+    ``set_serving`` or a followed readiness). ``reuse_port``: share the port with the other
+    processes bound to it with SO_REUSEPORT (frontend workers); off, a taken port fails the start."""
+    base = [o for o in channel_options(max_message_bytes, max_receive_bytes) if o[0] != "grpc.so_reuseport"]
     server = grpc.aio.server(
-        options=[*channel_options(max_message_bytes, max_receive_bytes), *options], interceptors=security.interceptors(aio=True)
+        options=[*base, ("grpc.so_reuseport", int(reuse_port)), *options], interceptors=security.interceptors(aio=True)
     )
     health_servicer = _aio_health(instance_id)
     services, ready, live = _health_names(service_names, live_names)
