@@ -62,7 +62,7 @@ class Hedger:
                         return await self._race(node, units, primary, hedges, started, hedge_call, avoid)
             return await primary
         finally:
-            primary.cancel()  # no-op when done; a cancelled batch cancels its RPC
+            cancel_pending([primary])  # a cancelled batch cancels its RPC; a late failure counts as seen
 
     def _hedge(self, node: str, units: list[Unit], call: Call, avoid: Avoid, *, budget: bool = True) -> tuple[Call, dict[str, asyncio.Task]]:
         """Send ``units`` to replicas other than ``node`` when every unit has a usable one and
