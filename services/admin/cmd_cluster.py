@@ -90,6 +90,8 @@ def _cluster_args(p: argparse.ArgumentParser, *, requests_default: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the demo model and of the sample requests (default 0)")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"cluster name in ZooKeeper (default {DEFAULT_CLUSTER})")
     p.add_argument("--port", type=int, default=0, help="frontend port (default 0: any free port)")
+    p.add_argument("--frontend-workers", type=int, default=1, metavar="N",
+                   help="frontend processes behind the one port (frontend serve --workers; docs/workers.md; default 1)")
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="deadline of each start step (default 300)")
     p.add_argument("--stop-grace-s", type=float, default=15.0, help="seconds each process gets after SIGTERM before SIGKILL (default 15)")
     p.add_argument("--tls", action="store_true", help="TLS on every port, mTLS between frontends and shards: a local CA and certificates in <workdir>/pki")
@@ -118,6 +120,7 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
         auth=args.auth,
         prometheus=getattr(args, "prometheus", False),
         scrape_interval_s=getattr(args, "scrape_interval_s", 5.0),
+        frontend_args=("--workers", str(args.frontend_workers)) if args.frontend_workers != 1 else (),
     )
 
 

@@ -208,7 +208,7 @@ def call_instructions(state: ClusterState, workdir_arg: str) -> str:
     if state.prometheus:
         lines += [f"Prometheus at {state.prometheus} (scraping {len(scraped)} processes; alert rules from deploy/prometheus/alerts.yml)", ""]
     elif scraped:
-        lines += [f"metrics: {', '.join(f'{p.name} http://{p.metrics}/metrics' for p in scraped)}", ""]
+        lines += [f"metrics: {', '.join(f'{p.name} http://{a}/metrics' for p in scraped for a in p.metrics_endpoints)}", ""]
     lines += [
         f"watch:   shardrec cluster top --workdir {workdir_arg}",
         f"inspect: shardrec cluster status --workdir {workdir_arg}",

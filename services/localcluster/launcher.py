@@ -25,6 +25,7 @@ from services.localcluster.security import LocalSecurity
 from services.localcluster.processes import (
     SignalGuard,
     parse_http,
+    parse_metrics,
     parse_ready,
     process_alive,
     process_start_time,
@@ -311,6 +312,9 @@ class LocalCluster:
                     )
                 time.sleep(_POLL_S)  # step of the polling loop
             self._set_address(name, address)
+            workers = parse_metrics(read_log(log), "frontend")
+            if len(workers) > 1:  # --workers: each worker serves its own /metrics
+                self._update(name, metrics=",".join(workers))
             note["detail"] = f"READY at {address} (pid {pid})"
         return address
 
@@ -402,7 +406,10 @@ class LocalCluster:
         self._save()
 
     def _set_address(self, name: str, address: str) -> None:
-        self.state.processes = [replace(p, address=address) if p.name == name else p for p in self.state.processes]
+        self._update(name, address=address)
+
+    def _update(self, name: str, **fields: str) -> None:
+        self.state.processes = [replace(p, **fields) if p.name == name else p for p in self.state.processes]
         self._save()
 
     def _save(self) -> None:

@@ -253,6 +253,11 @@ def parse_ready(text: str, role: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_metrics(text: str, role: str) -> list[str]:
+    """The addresses of every ``METRICS <role> <addr>`` line (one per frontend worker)."""
+    return re.findall(rf"^METRICS {re.escape(role)} (\S+)\s*$", text, re.MULTILINE)
+
+
 def parse_http(text: str) -> str:
     """The REST address in a frontend's ``HTTP frontend <addr>`` line, or ""."""
     m = re.search(r"^HTTP frontend (\S+)\s*$", text, re.MULTILINE)

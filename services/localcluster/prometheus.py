@@ -30,7 +30,7 @@ def targets(state: ClusterState) -> list[dict]:
     groups = []
     for p in state.processes:
         if p.metrics and p.role in JOBS:
-            groups.append({"targets": [p.metrics], "labels": {"job": JOBS[p.role], "process": p.name, "cluster": state.cluster}})
+            groups.append({"targets": list(p.metrics_endpoints), "labels": {"job": JOBS[p.role], "process": p.name, "cluster": state.cluster}})
     return groups
 
 

@@ -33,7 +33,12 @@ class ProcessRecord:
     started_at: float  # the process's start time (psutil create_time), guards against pid reuse
     log: str = ""
     address: str = ""  # host:port once known
-    metrics: str = ""  # host:port of its Prometheus /metrics endpoint, if it serves one
+    metrics: str = ""  # host:port of its Prometheus /metrics endpoint, if it serves one (a comma-separated list: frontend workers)
+
+    @property
+    def metrics_endpoints(self) -> tuple[str, ...]:
+        """Every /metrics endpoint of the process (one per worker of a ``--workers`` frontend)."""
+        return tuple(a for a in self.metrics.split(",") if a)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "ProcessRecord":

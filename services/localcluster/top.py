@@ -208,7 +208,12 @@ def cluster_top(workdir: Path, *, interval_s: float = 2.0, once: bool = False, o
     if state is None:
         console.print(f"no local cluster in {workdir}; start one with `shardrec cluster up`")
         return 2
-    procs = {p.name: (p.role, p.metrics) for p in state.processes if p.metrics}
+    procs = {
+        name: (p.role, addr)
+        for p in state.processes
+        for i, addr in enumerate(p.metrics_endpoints)
+        for name in [p.name if len(p.metrics_endpoints) == 1 else f"{p.name}/w{i}"]
+    }
     if not procs:
         console.print("no process of this cluster serves /metrics")
         return 1

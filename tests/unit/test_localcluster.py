@@ -21,7 +21,7 @@ from services.localcluster.demo import (
     format_response,
     sample_requests,
 )
-from services.localcluster.processes import parse_ready
+from services.localcluster.processes import parse_metrics, parse_ready
 from services.localcluster.processes import Interrupted, SignalGuard, stop_groups
 from services.localcluster.state import (
     ROLE_FRONTEND,
@@ -153,6 +153,24 @@ def test_format_response_shows_user_latency_versions_and_ranked_items() -> None:
 )
 def test_parse_ready(text: str, role: str, expected: str | None) -> None:
     assert parse_ready(text, role) == expected
+
+
+def test_a_frontend_with_workers_is_scraped_at_every_workers_endpoint() -> None:
+    from services.localcluster.prometheus import targets
+
+    log = "METRICS frontend 127.0.0.1:7\nx METRICS frontend 1:2\nMETRICS frontend 127.0.0.1:8\nREADY frontend 127.0.0.1:5\n"
+    assert parse_metrics(log, "frontend") == ["127.0.0.1:7", "127.0.0.1:8"]
+    state = ClusterState(cluster="c", workdir="/w", mode="up", created_at="t")
+    state.processes = [
+        ProcessRecord("frontend", ROLE_FRONTEND, 1, 0.0, metrics="127.0.0.1:7,127.0.0.1:8"),
+        ProcessRecord("shard-0", ROLE_SHARD, 2, 0.0, metrics="127.0.0.1:9"),
+        ProcessRecord("redis", "redis", 3, 0.0),
+    ]
+    assert [(g["labels"]["process"], g["targets"]) for g in targets(state)] == [
+        ("frontend", ["127.0.0.1:7", "127.0.0.1:8"]),
+        ("shard-0", ["127.0.0.1:9"]),
+    ]
+    assert ProcessRecord.from_json({"name": "r", "role": "redis", "pid": 3, "started_at": 0}).metrics_endpoints == ()
 
 
 def test_call_instructions_name_the_address_and_how_to_stop() -> None:
