@@ -25,7 +25,6 @@ from services.localcluster.security import LocalSecurity
 from services.localcluster.processes import (
     SignalGuard,
     parse_http,
-    parse_metrics,
     parse_ready,
     process_alive,
     process_start_time,
@@ -33,6 +32,7 @@ from services.localcluster.processes import (
     shardrec_argv,
     stop_processes,
     stop_recorded,
+    worker_metrics,
 )
 from services.localcluster.state import (
     ROLE_FRONTEND,
@@ -258,7 +258,7 @@ class LocalCluster:
                     d = live.get(node)
                     if d is not None:
                         pending.remove(node)
-                        self._set_address(node, d.address)
+                        self._update(node, address=d.address)
                         self.progress.line(
                             f"  {node} registered at {d.address or '?'} ({time.monotonic() - t0:.1f}s after start): "
                             f"{len(d.partitions)} partitions ({' '.join(d.partitions)}), versions ready {list(d.versions_ready)}"
@@ -311,10 +311,7 @@ class LocalCluster:
                         + self._tail(name)
                     )
                 time.sleep(_POLL_S)  # step of the polling loop
-            self._set_address(name, address)
-            workers = parse_metrics(read_log(log), "frontend")
-            if len(workers) > 1:  # --workers: each worker serves its own /metrics
-                self._update(name, metrics=",".join(workers))
+            self._update(name, address=address, **worker_metrics(read_log(log)))
             note["detail"] = f"READY at {address} (pid {pid})"
         return address
 
@@ -404,9 +401,6 @@ class LocalCluster:
     def _drop_record(self, name: str) -> None:
         self.state.processes = [p for p in self.state.processes if p.name != name]
         self._save()
-
-    def _set_address(self, name: str, address: str) -> None:
-        self._update(name, address=address)
 
     def _update(self, name: str, **fields: str) -> None:
         self.state.processes = [replace(p, **fields) if p.name == name else p for p in self.state.processes]

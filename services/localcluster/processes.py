@@ -258,6 +258,13 @@ def parse_metrics(text: str, role: str) -> list[str]:
     return re.findall(rf"^METRICS {re.escape(role)} (\S+)\s*$", text, re.MULTILINE)
 
 
+def worker_metrics(text: str) -> dict[str, str]:
+    """A ``--workers`` frontend's record update: every worker's /metrics endpoint, comma-separated
+    (``{}`` for a single process, whose endpoint the launcher chose)."""
+    workers = parse_metrics(text, "frontend")
+    return {"metrics": ",".join(workers)} if len(workers) > 1 else {}
+
+
 def parse_http(text: str) -> str:
     """The REST address in a frontend's ``HTTP frontend <addr>`` line, or ""."""
     m = re.search(r"^HTTP frontend (\S+)\s*$", text, re.MULTILINE)

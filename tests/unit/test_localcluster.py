@@ -21,7 +21,7 @@ from services.localcluster.demo import (
     format_response,
     sample_requests,
 )
-from services.localcluster.processes import parse_metrics, parse_ready
+from services.localcluster.processes import parse_metrics, parse_ready, worker_metrics
 from services.localcluster.processes import Interrupted, SignalGuard, stop_groups
 from services.localcluster.state import (
     ROLE_FRONTEND,
@@ -160,6 +160,8 @@ def test_a_frontend_with_workers_is_scraped_at_every_workers_endpoint() -> None:
 
     log = "METRICS frontend 127.0.0.1:7\nx METRICS frontend 1:2\nMETRICS frontend 127.0.0.1:8\nREADY frontend 127.0.0.1:5\n"
     assert parse_metrics(log, "frontend") == ["127.0.0.1:7", "127.0.0.1:8"]
+    assert worker_metrics(log) == {"metrics": "127.0.0.1:7,127.0.0.1:8"}
+    assert worker_metrics("METRICS frontend 127.0.0.1:7\n") == {}  # one process: the launcher's own port
     state = ClusterState(cluster="c", workdir="/w", mode="up", created_at="t")
     state.processes = [
         ProcessRecord("frontend", ROLE_FRONTEND, 1, 0.0, metrics="127.0.0.1:7,127.0.0.1:8"),
