@@ -249,7 +249,7 @@ class ShardConfig:
                                      convert=lambda v, _: not v)  # fmt: skip
     load_rate_bytes_s: int = setting(0, "throttle loading, bytes/s (0 = as fast as the disk)", check=non_negative)
     # Paced swaps (docs/checkpoint.md): verifying, reading and writing a delta's rows in chunks.
-    swap_cpu_share: float = setting(0.25, "applying a delta takes at most this share of one core (1 = unpaced)", check=positive,
+    swap_cpu_share: float = setting(0.05, "applying a delta takes at most this share of one core (1 = unpaced)", check=positive,
                                     metavar="SHARE")  # fmt: skip
     version_drain_s: float = setting(2.0, "drop a version this long after no frontend serves it", check=non_negative)
     partition_drain_s: float = setting(5.0, "drop a partition this long after no shard map gives it to this node (requests on the old "
