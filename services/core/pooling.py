@@ -52,8 +52,14 @@ def concat_bags(
 def as_weight(table: np.ndarray) -> torch.Tensor:
     """A ``[rows, dim]`` float32 numpy table (memory-mapped included) as the ``weight`` that
     ``pool`` reads, sharing its memory (no copy). Lets numpy-only callers (the frontend's
-    lookup baselines) pool without touching torch themselves."""
-    return torch.from_numpy(table)
+    lookup baselines) pool without touching torch themselves. A read-only table (a checkpoint
+    mapped read-only) is shared as it is: pooling never writes its weight, so torch's warning
+    about non-writable arrays does not apply and is not raised."""
+    if table.flags.writeable:
+        return torch.from_numpy(table)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(table)
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
