@@ -176,6 +176,36 @@ def test_hedges_lost_in_a_row_eject_a_stalled_node():
     assert b.stats("n").ejected_until == pytest.approx(3.6)
 
 
+def test_a_late_node_is_to_blame_only_when_a_peer_answered_a_later_call_in_time():
+    """``outpaced(node, sent, deadline)``: the evidence that a late call is the node's fault."""
+    b = board()
+    # a call to "slow" sent at t=1.0 with its deadline at 1.5; "peer" answered a call sent at
+    # 1.1 at 1.102: well before the deadline -> "slow" is slower than its peer
+    b.succeeded("peer", 0.002, 1.102)
+    assert b.outpaced("slow", 1.0, 1.5)
+    # a peer answer to a call sent BEFORE the late one proves nothing
+    b2 = board()
+    b2.succeeded("peer", 0.002, 0.952)  # sent 0.95
+    assert not b2.outpaced("slow", 1.0, 1.5)
+    # a frontend short of CPU: the peer's answer to a later call is noticed only after the late
+    # call's deadline (both at 1.9 when the process runs again): not the node's fault
+    b3 = board()
+    b3.succeeded("peer", 0.8, 1.9)  # sent 1.1, noticed at 1.9
+    assert not b3.outpaced("slow", 1.0, 1.5)
+    # ... unless the peer had answered a later call in time before that
+    b4 = board()
+    b4.succeeded("peer", 0.01, 1.2)  # sent 1.19, noticed 1.2 <= 1.5
+    b4.succeeded("peer", 0.8, 1.9)  # noticed after the deadline: skipped, the one before decides
+    assert b4.outpaced("slow", 1.0, 1.5)
+    # its own answers never count, and answers older than the memory are forgotten
+    b5 = board()
+    b5.succeeded("slow", 0.002, 1.2)
+    assert not b5.outpaced("slow", 1.0, 1.5)
+    b5.succeeded("peer", 0.002, 1.2)
+    b5.succeeded("peer", 0.002, 4.0)  # 2.8 s later: the 1.2 answer is dropped
+    assert len(b5.stats("peer").answered) == 1 and not b5.outpaced("slow", 1.0, 1.5)
+
+
 # -- hedge delay ------------------------------------------------------------------------------
 def test_latency_window_quantiles_nearest_rank():
     w = LatencyWindow(size=100)

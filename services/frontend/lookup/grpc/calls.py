@@ -192,7 +192,7 @@ class ShardCalls:
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, e.code().name))
                 span.end()
-            if self._blame(node, e.code(), start) and self._board.failed(node, time.monotonic()):
+            if self._blame(node, e.code(), start, call.deadline) and self._board.failed(node, time.monotonic()):
                 self.ejected(node, describe(e))
             raise
         except BaseException:  # cancelled (a hedge won, the batch is gone)
@@ -236,13 +236,14 @@ class ShardCalls:
         metadata = (("x-request-id", request_id),) if traceparent is None else (("x-request-id", request_id), traceparent)
         return span, metadata
 
-    def _blame(self, node: str, code: grpc.StatusCode, sent: float) -> bool:
+    def _blame(self, node: str, code: grpc.StatusCode, sent: float, deadline: float) -> bool:
         """Is ``node`` at fault for a call sent at ``sent`` that failed with ``code``? Unreachable
-        (UNAVAILABLE): yes. Late (DEADLINE_EXCEEDED): only when a peer answered a call sent
-        after it, so the frontend's own queueing never ejects a healthy shard."""
+        (UNAVAILABLE): yes. Late (DEADLINE_EXCEEDED at ``deadline``): only when a peer answered,
+        by that deadline, a call sent after it, so the frontend's own queueing or want of CPU
+        never ejects a healthy shard."""
         if code not in _EJECT:
             return False
-        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self._board.outpaced(node, sent)
+        return code is not grpc.StatusCode.DEADLINE_EXCEEDED or self._board.outpaced(node, sent, deadline)
 
     def ejected(self, node: str, why: str) -> None:
         """Count and log an ejection the board just decided."""

@@ -13,7 +13,7 @@ event loop is the only caller.
 
 A node's state::
 
-    HEALTHY --unreachable; late while a peer answered calls sent after it (``outpaced``);
+    HEALTHY --unreachable; late while a peer answered, in time, a call sent after it (``outpaced``);
               or N hedges lost in a row--> EJECTED (base * 2**k, capped)
     EJECTED --time passes--> PROBING (one call at a time) --success--> HEALTHY
                                                           --error-->   EJECTED (backoff doubled)
@@ -24,11 +24,15 @@ from __future__ import annotations
 import enum
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.core.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+
+
+_ANSWER_MEMORY_S = 2.0  # how long a node's answers are kept as evidence for ``outpaced``
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ class ReplicaStats:
     breaker: CircuitBreaker
     outstanding: int = 0
     hedges_lost: int = 0  # hedges lost in a row; 0 after a success
-    last_ok_sent: float | None = None  # when the latest call it answered was sent
+    answered: deque[tuple[float, float]] = field(default_factory=deque)  # (answered at, sent at) of recent answers, oldest first
 
     @property
     def failures(self) -> int:
@@ -212,7 +216,9 @@ class ReplicaBoard:
         s.ewma.observe(latency_s, now)
         s.window.add(latency_s)
         s.hedges_lost = 0
-        s.last_ok_sent = now - latency_s
+        s.answered.append((now, now - latency_s))
+        while now - s.answered[0][0] > _ANSWER_MEMORY_S:
+            s.answered.popleft()
         s.breaker.succeeded()
 
     def failed(self, node: str, now: float) -> bool:
@@ -231,12 +237,23 @@ class ReplicaBoard:
             s.breaker.succeeded()
             s.hedges_lost = 0
 
-    def outpaced(self, node: str, sent: float) -> bool:
-        """Did another node answer a call sent after ``sent``? Only then is a call to ``node``
-        sent at ``sent`` and still unanswered late because of ``node``: when no peer answered
-        anything sent since, every node is slow alike, and the cause is on this side (the
-        frontend's own queueing or CPU), never a shard to eject."""
-        return any(o.last_ok_sent is not None and o.last_ok_sent > sent for n, o in self.nodes.items() if n != node)
+    def outpaced(self, node: str, sent: float, deadline: float) -> bool:
+        """Did another node answer, by ``deadline``, a call sent after ``sent``? Only then is a
+        call to ``node`` sent at ``sent`` and unanswered at ``deadline`` late because of ``node``.
+        When no peer did, every node was slow alike, or this process was not running to see the
+        answers in time (a frontend short of CPU notices answers and expiries together, after
+        the deadline: such an answer proves nothing); the cause is on this side (the frontend's
+        own queueing or CPU), never a shard to eject. Each peer's latest answer noticed by the
+        deadline decides (answers are remembered for ``_ANSWER_MEMORY_S``)."""
+        for n, o in self.nodes.items():
+            if n == node:
+                continue
+            for at, peer_sent in reversed(o.answered):
+                if at <= deadline:
+                    if peer_sent > sent:
+                        return True
+                    break
+        return False
 
     def lost_hedge(self, node: str, elapsed_s: float, now: float) -> bool:
         """Another replica answered first and this call was cancelled after ``elapsed_s``: a
