@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services._proto.shardrec.v1 import recommend_pb2_grpc
 from services.core.clients import make_channel
-from services.core.rpc.server import INSTANCE_ID_KEY
+from services.core.rpc.probe import instance_on
 from tests.e2e.test_recommend import check_response, checkpoint, features, random_requests, reference  # noqa: F401
 from tests.support.cluster import start_cluster, start_frontend, zk_namespace
 from tests.support.processes import ProcessFactory
@@ -33,8 +32,9 @@ def fresh_channel(address: str) -> grpc.Channel:
 
 def instance_of(channel: grpc.Channel) -> str:
     """The instance id of the process at the other end of ``channel``'s connection."""
-    _resp, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(), timeout=5)
-    return dict(call.trailing_metadata())[INSTANCE_ID_KEY]
+    iid = instance_on(channel, 5.0)
+    assert iid, "no instance id: nothing answered, or not a shardrec server"
+    return iid
 
 
 def records(zk, paths) -> dict[str, dict]:

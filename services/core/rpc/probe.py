@@ -34,9 +34,19 @@ def answering_instance(address: str, timeout_s: float = PROBE_TIMEOUT_S, credent
     ``timeout_s`` (refused, unreachable, or frozen). ``credentials``: TLS channel credentials
     when the cluster's ports are TLS (the prober's own, so an mTLS port lets it in). Blocks;
     any thread but an event loop's."""
+    channel = make_channel(address, aio=False, credentials=credentials)
+    try:
+        return instance_on(channel, timeout_s)
+    finally:
+        channel.close()
+
+
+def instance_on(channel: grpc.Channel, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """``answering_instance`` over an open blocking channel: the process at the other end of its
+    connection (with several processes on one port, as frontend workers are, the one this
+    connection reached)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = make_channel(address, aio=False, credentials=credentials)
     try:
         check = health_pb2_grpc.HealthStub(channel).Check
         _reply, call = check.with_call(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=timeout_s)
@@ -45,8 +55,6 @@ def answering_instance(address: str, timeout_s: float = PROBE_TIMEOUT_S, credent
         if e.code() in _NO_ANSWER:
             return None
         metadata = e.trailing_metadata()  # it answered, with an error: still a process there
-    finally:
-        channel.close()
     return next((value for key, value in metadata or () if key == INSTANCE_ID_KEY), "")
 
 
